@@ -1,0 +1,22 @@
+"""dllm-jax: masked-diffusion language models (LLaDA, Nemotron-Diffusion) in JAX/Flax."""
+
+# ---- configs ---------------------------------------------------------------------------
+from dllm_jax.configs import (
+    LLaDAConfig,
+    NemotronDiffusionConfig,
+    TransformerSpec,
+    UnsupportedConfigError,
+    config_from_hf,
+)
+
+# ---- checkpoints -> model ----------------------------------------------------------------
+from dllm_jax.checkpoint import CheckpointError, load
+from dllm_jax.model import Model
+
+# ---- meshes ------------------------------------------------------------------------------
+from dllm_jax.sharding import make_mesh
+
+__all__ = [
+    "CheckpointError", "LLaDAConfig", "Model", "NemotronDiffusionConfig", "TransformerSpec",
+    "UnsupportedConfigError", "config_from_hf", "load", "make_mesh",
+]

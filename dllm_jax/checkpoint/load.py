@@ -1,0 +1,193 @@
+"""``dllm_jax.load``: an Orbax dir written by ``convert``, an HF dir, or a hub id -> Model.
+
+Parameters are created abstract-first: ``nnx.eval_shape`` gives shapes, the logical axis
+names give each one a ``NamedSharding`` on the mesh, and Orbax (or the safetensors stream)
+fills them straight into those shardings, one parameter at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from dllm_jax.configs import LLaDAConfig, ModelConfig, config_from_hf
+from dllm_jax.models import llada, nemotron
+from dllm_jax.models.keymap import CheckpointError, Target, assemble, check_source, is_ignorable
+from dllm_jax.models.transformer import Transformer
+from dllm_jax.sharding import make_mesh, named
+
+log = logging.getLogger(__name__)
+
+ORBAX_PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+MANIFEST = "manifest.json"
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(dtype) -> np.dtype:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    return np.dtype(dtype)
+
+
+def family_key_map(config: ModelConfig) -> dict[str, Target]:
+    return llada.hf_key_map(config) if isinstance(config, LLaDAConfig) else nemotron.hf_key_map(config)
+
+
+def read_hf_config(directory: str | os.PathLike) -> ModelConfig:
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"no config.json in {directory}")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    return config_from_hf(raw)
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a Hugging Face hub id, downloaded (config, weights, tokenizer)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = str(source)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(repo_id=text, allow_patterns=_HUB_PATTERNS))
+        except Exception as e:  # offline, unknown repo, no access ...
+            raise CheckpointError(f"{text!r} is not a local path and could not be fetched from the "
+                                  f"Hugging Face hub: {type(e).__name__}: {e}") from None
+    raise CheckpointError(f"{text!r} does not exist (expected a checkpoint directory or a hub id 'org/name')")
+
+
+def load_tokenizer(directory: str | os.PathLike | None):
+    """The checkpoint's tokenizer with its chat template, or None when the dir has none."""
+    if directory is None:
+        return None
+    directory = Path(directory)
+    if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def abstract_params(config: ModelConfig, dtype, mesh):
+    """(graphdef, abstract nnx.State whose leaves carry their NamedSharding on ``mesh``)."""
+    spec = config.spec()
+    abstract = nnx.eval_shape(lambda: Transformer(spec, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+
+    def attach(var):
+        sds = var.get_value()
+        sharding = named(mesh, var.get_metadata()["axes"], sds.shape)
+        return var.replace(jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding))
+
+    state = jax.tree.map(attach, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return graphdef, state
+
+
+def _shardings(state):
+    return jax.tree.map(lambda v: v.get_value().sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _nest(flat: dict[str, object]) -> dict:
+    out: dict = {}
+    for name, value in flat.items():
+        node = out
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _from_safetensors(directory: Path, config: ModelConfig, dtype, mesh):
+    from dllm_jax.checkpoint.safetensors_io import SafetensorsSource
+
+    source = SafetensorsSource(directory)
+    key_map = family_key_map(config)
+    check_source(source, key_map, config.spec(), ignore=is_ignorable)
+    if dtype is None:
+        first = source.tensors()[next(iter(key_map))].dtype
+        dtype = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}.get(first, np.float32)
+    graphdef, abstract = abstract_params(config, dtype, mesh)
+    shardings = _shardings(abstract).to_pure_dict()
+    flat = {}
+    for name, array in assemble(source, key_map, config.spec(), dtype):
+        sharding = shardings
+        for part in name.split("/"):
+            sharding = sharding[part]
+        flat[name] = jax.device_put(array, sharding)
+        del array
+    source.close()
+    state = abstract
+    nnx.replace_by_pure_dict(state, _nest(flat))
+    return graphdef, state
+
+
+def _from_orbax(directory: Path, config: ModelConfig, dtype, mesh):
+    import orbax.checkpoint as ocp
+
+    manifest = json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).exists() else {}
+    dtype = dtype or as_dtype(manifest.get("dtype", "float32"))
+    graphdef, abstract = abstract_params(config, dtype, mesh)
+    target = jax.tree.map(lambda v: v.get_value(), abstract,
+                          is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+    try:
+        restored = ocp.StandardCheckpointer().restore((directory / ORBAX_PARAMS_DIR).absolute(), target)
+    except Exception as e:
+        raise CheckpointError(f"could not restore Orbax params from {directory / ORBAX_PARAMS_DIR}: "
+                              f"{type(e).__name__}: {e}") from None
+    state = abstract
+    nnx.replace_by_pure_dict(state, restored)
+    return graphdef, state
+
+
+def load(path: str | os.PathLike, *, mesh=None, dtype=None):
+    """Load a model for inference.
+
+    Args:
+      path: an Orbax directory written by ``python -m convert.hf_to_orbax``, a Hugging Face
+        directory (config.json + model.safetensors or a sharded index), or a hub id.
+      mesh: a ``("data", "model")`` mesh (see ``dllm_jax.make_mesh``); default: one device.
+      dtype: parameter dtype ("float32", "bfloat16" or a numpy/jax dtype); default: the
+        checkpoint's own.
+
+    Returns:
+      dllm_jax.Model
+    """
+    from dllm_jax.model import Model
+
+    directory = resolve_source(path)
+    mesh = mesh if mesh is not None else make_mesh((1, 1))
+    dtype = as_dtype(dtype)
+    config = read_hf_config(directory)
+    if (directory / ORBAX_PARAMS_DIR).is_dir():
+        graphdef, state = _from_orbax(directory, config, dtype, mesh)
+        tokenizer = load_tokenizer(directory / TOKENIZER_DIR)
+    else:
+        graphdef, state = _from_safetensors(directory, config, dtype, mesh)
+        tokenizer = load_tokenizer(directory)
+    return Model(config, graphdef, state, tokenizer=tokenizer, mesh=mesh, source=str(path))

@@ -1,0 +1,157 @@
+"""``Model``: config + tokenizer + params on a mesh, with ``logits`` and ``generate``."""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dllm_jax.configs import LLaDAConfig, ModelConfig
+from dllm_jax.models import nemotron
+from dllm_jax.models.transformer import Transformer
+from dllm_jax.sharding import batch_sharding, make_mesh
+
+
+def padded_positions(attention_mask):
+    """RoPE positions of a left-padded batch: real tokens count from 0 in every row."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Model:
+    """A loaded diffusion LM. Build with ``dllm_jax.load`` (or ``Model.random`` for demos).
+
+    Attributes:
+      config: the family config (``LLaDAConfig`` or ``NemotronDiffusionConfig``).
+      tokenizer: a transformers tokenizer with the checkpoint's chat template (or None).
+      mesh: the ``("data", "model")`` mesh the params live on.
+      params: the parameters as an ``nnx.State`` (pass to jitted functions with ``graphdef``).
+      graphdef: the static half of the Flax NNX module.
+    """
+
+    def __init__(self, config: ModelConfig, graphdef, params, *, tokenizer=None, mesh=None, source=None):
+        self.config = config
+        self.spec = config.spec()
+        self.graphdef = graphdef
+        self.params = params
+        self.tokenizer = tokenizer
+        self.mesh = mesh if mesh is not None else make_mesh((1, 1))
+        self.source = source
+        self._samplers: dict = {}
+
+    # ---- construction ----------------------------------------------------------------
+
+    @classmethod
+    def random(cls, config: ModelConfig, *, seed: int = 0, dtype=jnp.float32, mesh=None, tokenizer=None):
+        """Random weights of the given shape, created directly in their shardings."""
+        from dllm_jax.checkpoint.load import abstract_params
+
+        mesh = mesh if mesh is not None else make_mesh((1, 1))
+        graphdef, abstract = abstract_params(config, dtype, mesh)
+        shardings = jax.tree.map(lambda v: v.get_value().sharding, abstract,
+                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+        @functools.partial(jax.jit, out_shardings=shardings)
+        def init():
+            return nnx.state(Transformer(config.spec(), dtype=dtype, rngs=nnx.Rngs(seed)))
+
+        return cls(config, graphdef, init(), tokenizer=tokenizer, mesh=mesh, source=f"random(seed={seed})")
+
+    # ---- properties ------------------------------------------------------------------
+
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    @property
+    def dtype(self):
+        return self.params["embed"].get_value().dtype
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_sequence_length
+
+    @functools.cached_property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Tokens that end a reply: EOS plus the chat template's end-of-turn token."""
+        ids = {self.config.eos_token_id}
+        tok = self.tokenizer
+        if tok is not None:
+            if tok.eos_token_id is not None:
+                ids.add(tok.eos_token_id)
+            vocab = tok.get_vocab()
+            for name in ("<|eot_id|>", "<|im_end|>", "<|endoftext|>"):
+                if name in vocab:
+                    ids.add(vocab[name])
+        ids.discard(self.config.mask_token_id)
+        return tuple(sorted(i for i in ids if i is not None and 0 <= i < self.spec.vocab))
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = getattr(self.config, "pad_token_id", None)
+        return pad if pad is not None else self.config.eos_token_id
+
+    def module(self) -> Transformer:
+        """The NNX module with the params bound (for interactive use)."""
+        return nnx.merge(self.graphdef, self.params)
+
+    # ---- forward ---------------------------------------------------------------------
+
+    @functools.cached_property
+    def _logits_fn(self):
+        graphdef = self.graphdef
+
+        @jax.jit
+        def fn(params, tokens, positions, mask):
+            return nnx.merge(graphdef, params)(tokens, positions, mask)
+
+        return fn
+
+    def logits(self, input_ids, attention_mask=None, *, layout: str | None = None,
+               block_size: int | None = None, split_len: int | None = None) -> np.ndarray:
+        """Logits of a (left-padded) batch: [B, L, V] float32.
+
+        Args:
+          input_ids: [B, L] int.
+          attention_mask: [B, L] 1 = real token, 0 = padding (keys at pads are masked; real
+            tokens get RoPE positions counting from 0, so padding does not shift them).
+          layout: Nemotron attention layout ('bidirectional', 'efficient_block_diff',
+            'prefix_bidirectional'); default bidirectional.
+          block_size / split_len: parameters of those layouts.
+        """
+        tokens = jnp.asarray(np.asarray(input_ids), jnp.int32)
+        if tokens.ndim != 2:
+            raise ValueError(f"input_ids must be [B, L], got shape {tokens.shape}")
+        b, length = tokens.shape
+        if length > self.max_length:
+            raise ValueError(f"sequence length {length} exceeds the model's context {self.max_length}")
+        valid = (jnp.ones((b, length), bool) if attention_mask is None
+                 else jnp.asarray(np.asarray(attention_mask)).astype(bool))
+        pattern = nemotron.layout_mask(layout or "bidirectional", length, block_size=block_size, split_len=split_len)
+        if layout not in (None, "bidirectional") and isinstance(self.config, LLaDAConfig):
+            raise ValueError(f"layout {layout!r} is a Nemotron-Diffusion attention layout; LLaDA is bidirectional")
+        mask = pattern[None] & valid[:, None, :]
+        positions = padded_positions(valid)
+        sharding = batch_sharding(self.mesh, 2, b)
+        tokens, positions = jax.device_put(tokens, sharding), jax.device_put(positions, sharding)
+        mask = jax.device_put(mask, batch_sharding(self.mesh, 3, b))
+        return np.asarray(self._logits_fn(self.params, tokens, positions, mask))
+
+    # ---- sampling --------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], **sampling):
+        """Diffusion generation; see ``dllm_jax.sampling.generate`` for the keywords."""
+        from dllm_jax.sampling import generate
+
+        return generate(self, prompts, **sampling)
+
+    def __repr__(self):
+        return (f"Model({self.family}, {self.spec.param_count() / 1e6:.1f}M params, dtype={self.dtype}, "
+                f"mesh={dict(self.mesh.shape)}, source={self.source!r})")

@@ -1,0 +1,225 @@
+"""The shared bidirectional transformer: RMSNorm, RoPE, GQA attention, SwiGLU, a scanned stack.
+
+LLaDA and Nemotron-Diffusion are both this stack (``llada.py`` / ``nemotron.py`` only map
+checkpoint names and pick ``qk_norm``). Layers are stored stacked along a leading ``layers``
+axis and run with ``lax.scan`` so a forward compiles once per shape, whatever the depth.
+
+One forward covers every way the samplers call the model:
+
+* a full forward over the canvas (``cache=None``), optionally returning each layer's
+  post-RoPE keys/values so a cache can be built from it;
+* a *window* forward: queries for ``T`` consecutive positions starting at a per-row
+  ``write_start``; their fresh keys/values are written into a copy of ``cache`` (only the
+  rows selected by ``write_mask``) and the queries attend over the whole cache under
+  ``mask``. The prefix cache, the dual cache and the Nemotron sliding block are all this.
+
+Shape letters: B batch, T query positions, S key positions, D model, F mlp, N query heads,
+K kv heads, G = N // K, H head dim, V vocab, NL layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dllm_jax.configs import TransformerSpec
+
+# Masked attention scores: large and finite, so a row with every key masked gives a
+# uniform (ignored) distribution instead of NaN.
+MASKED_SCORE = -1e30
+
+
+class KVCache(NamedTuple):
+    """Post-RoPE keys and values of every layer. k, v: [NL, B, S, K, H]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+# ---- numerics ------------------------------------------------------------------------
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm as upstream: normalise in float32, cast back, then scale by the gain."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * y.astype(x.dtype)
+
+
+def rope_tables(positions, head_dim: int, theta: float):
+    """cos/sin tables [B, T, H] in float32 (rotate-half layout: the angles repeated twice)."""
+    inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [B, T, H]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, T, n, H]; rotate-half RoPE computed in float32 and cast back."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention(q, k, v, mask):
+    """Grouped-query attention. q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B, T, S] bool."""
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    q = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]; query head i uses kv head i // G
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(h))
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
+    return out.reshape(b, t, n, h)
+
+
+def write_window(cache, fresh, start, write_mask=None):
+    """Write fresh [B, T, K, H] into cache [B, S, K, H] at per-row offsets start [B].
+
+    Rows of the window where ``write_mask`` [B, T] is False keep the cached value.
+    """
+    t = fresh.shape[1]
+    if write_mask is not None:
+        old = jax.vmap(lambda c, s: jax.lax.dynamic_slice_in_dim(c, s, t, axis=0))(cache, start)
+        fresh = jnp.where(write_mask[:, :, None, None], fresh, old)
+    return jax.vmap(lambda c, f, s: jax.lax.dynamic_update_slice_in_dim(c, f, s, axis=0))(cache, fresh, start)
+
+
+# ---- parameters ----------------------------------------------------------------------
+
+# Logical axis names of every parameter; dllm_jax.sharding maps them onto mesh axes.
+LAYER_AXES = {
+    "attn_norm": ("layers", "embed"),
+    "q_proj": ("layers", "embed", "heads", "head_dim"),
+    "k_proj": ("layers", "embed", "kv_heads", "head_dim"),
+    "v_proj": ("layers", "embed", "kv_heads", "head_dim"),
+    "o_proj": ("layers", "heads", "head_dim", "embed"),
+    "q_norm": ("layers", "head_dim"),
+    "k_norm": ("layers", "head_dim"),
+    "mlp_norm": ("layers", "embed"),
+    "gate_proj": ("layers", "embed", "mlp"),
+    "up_proj": ("layers", "embed", "mlp"),
+    "down_proj": ("layers", "mlp", "embed"),
+}
+
+
+def layer_shapes(spec: TransformerSpec) -> dict[str, tuple[int, ...]]:
+    nl, d, n, k, h, f = spec.n_layers, spec.d_model, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.mlp_dim
+    shapes = {
+        "attn_norm": (nl, d), "q_proj": (nl, d, n, h), "k_proj": (nl, d, k, h), "v_proj": (nl, d, k, h),
+        "o_proj": (nl, n, h, d), "mlp_norm": (nl, d), "gate_proj": (nl, d, f), "up_proj": (nl, d, f),
+        "down_proj": (nl, f, d),
+    }
+    if spec.qk_norm:
+        shapes["q_norm"] = (nl, h)
+        shapes["k_norm"] = (nl, h)
+    return shapes
+
+
+def _init(key, shape, dtype, kind: str, fan_in: int):
+    if kind == "norm":
+        return jnp.ones(shape, dtype)
+    std = 1.0 if kind == "embed" else 1.0 / math.sqrt(fan_in)
+    return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
+
+
+class Layers(nnx.Module):
+    """All blocks' weights, stacked along a leading layer axis."""
+
+    def __init__(self, spec: TransformerSpec, *, dtype, rngs: nnx.Rngs):
+        for name, shape in layer_shapes(spec).items():
+            kind = "norm" if name.endswith("norm") else "linear"
+            fan_in = shape[1] if name != "o_proj" else shape[1] * shape[2]
+            setattr(self, name, nnx.Param(_init(rngs.params(), shape, dtype, kind, fan_in), axes=LAYER_AXES[name]))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in LAYER_AXES if hasattr(self, name)}
+
+
+class Transformer(nnx.Module):
+    """Embedding, a stack of bidirectional blocks, final norm and an untied output head."""
+
+    def __init__(self, spec: TransformerSpec, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.spec = spec
+        v, d = spec.vocab, spec.d_model
+        self.embed = nnx.Param(_init(rngs.params(), (v, d), dtype, "embed", d), axes=("vocab_in", "embed"))
+        self.layers = Layers(spec, dtype=dtype, rngs=rngs)
+        self.final_norm = nnx.Param(jnp.ones((d,), dtype), axes=("embed",))
+        self.lm_head = nnx.Param(_init(rngs.params(), (d, v), dtype, "linear", d), axes=("embed", "vocab"))
+
+    # -- forward pieces ----------------------------------------------------------------
+
+    def hidden(self, tokens, positions, mask, *, cache: KVCache | None = None, write_start=None,
+               write_mask=None, return_kv: bool = False):
+        """Residual stream after the last block (before the final norm).
+
+        Args:
+          tokens: [B, T] int token ids of the query positions.
+          positions: [B, T] int RoPE positions.
+          mask: [B, T, S] bool, True where query t may attend key s. Without a cache S == T.
+          cache: keys/values [NL, B, S, K, H] to attend over; the fresh keys/values of the
+            window are written into (a copy of) it at ``write_start`` first.
+          write_start: [B] int, cache index of the window's first position.
+          write_mask: [B, T] bool, window positions whose fresh K/V enter the cache
+            (default: all).
+          return_kv: also return the keys/values (the updated cache, or the fresh ones).
+
+        Returns:
+          (x [B, T, D], KVCache or None)
+        """
+        spec = self.spec
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta)
+        eps = spec.norm_eps
+
+        def block(x, p, cache_kv):
+            h = rms_norm(x, p["attn_norm"], eps)
+            q = jnp.einsum("btd,dnh->btnh", h, p["q_proj"])
+            k = jnp.einsum("btd,dkh->btkh", h, p["k_proj"])
+            v = jnp.einsum("btd,dkh->btkh", h, p["v_proj"])
+            if spec.qk_norm:
+                q = rms_norm(q, p["q_norm"], eps)
+                k = rms_norm(k, p["k_norm"], eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if cache_kv is not None:
+                k = write_window(cache_kv[0], k, write_start, write_mask)
+                v = write_window(cache_kv[1], v, write_start, write_mask)
+            a = attention(q, k, v, mask)
+            x = x + jnp.einsum("btnh,nhd->btd", a, p["o_proj"])
+            h = rms_norm(x, p["mlp_norm"], eps)
+            gate = jnp.einsum("btd,df->btf", h, p["gate_proj"])
+            up = jnp.einsum("btd,df->btf", h, p["up_proj"])
+            x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"])
+            return x, (k, v)
+
+        params = self.layers.arrays()
+        if cache is None:
+            def body(x, p):
+                x, kv = block(x, p, None)
+                return x, (kv if return_kv else None)
+            x, kv = jax.lax.scan(body, x, params)
+        else:
+            def body(x, xs):
+                p, ck, cv = xs
+                x, kv = block(x, p, (ck, cv))
+                return x, (kv if return_kv else None)
+            x, kv = jax.lax.scan(body, x, (params, cache.k, cache.v))
+        return x, (KVCache(*kv) if return_kv else None)
+
+    def head(self, x):
+        """Final norm and output head: [..., D] -> [..., V] float32 logits."""
+        h = rms_norm(x, self.final_norm[...], self.spec.norm_eps)
+        return jnp.einsum("...d,dv->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, positions, mask):
+        x, _ = self.hidden(tokens, positions, mask)
+        return self.head(x)

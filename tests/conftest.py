@@ -1,0 +1,34 @@
+"""Test-wide setup: 8 simulated CPU devices, float32 matmuls at full precision, offline hub."""
+
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+LLADA_DIR = FIXTURES / "llada_tiny"
+NEMOTRON_DIR = FIXTURES / "nemotron_tiny"
+
+
+@pytest.fixture(scope="session")
+def llada_model():
+    import dllm_jax
+
+    return dllm_jax.load(LLADA_DIR / "model")
+
+
+@pytest.fixture(scope="session")
+def nemotron_model():
+    import dllm_jax
+
+    return dllm_jax.load(NEMOTRON_DIR / "model")
