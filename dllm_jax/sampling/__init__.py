@@ -1,0 +1,28 @@
+"""Diffusion sampling: jitted block programs with static schedules, driven block by block."""
+
+from dllm_jax.sampling import rules
+from dllm_jax.sampling.params import (
+    ALGORITHMS,
+    ALIASES,
+    DEFAULT_ALGORITHM,
+    Algorithm,
+    ProgramKey,
+    SamplingError,
+    SamplingParams,
+    resolve_algorithm,
+)
+from dllm_jax.sampling.session import (
+    DecodeSession,
+    GenerateOutput,
+    SlotUpdate,
+    final_prefix,
+    generate,
+    program_key,
+)
+from dllm_jax.sampling.state import DecodeState, Row
+
+__all__ = [
+    "ALGORITHMS", "ALIASES", "Algorithm", "DEFAULT_ALGORITHM", "DecodeSession", "DecodeState",
+    "GenerateOutput", "ProgramKey", "Row", "SamplingError", "SamplingParams", "SlotUpdate",
+    "final_prefix", "generate", "program_key", "resolve_algorithm", "rules",
+]

@@ -1,0 +1,238 @@
+"""Sampling parameters, the algorithm registry and validation.
+
+Names follow the upstream reference implementations (``gen_length``, ``steps``,
+``block_length``, ``temperature``, ``cfg_scale``, ``remasking``, ``threshold``, ``factor``)
+and the algorithm names of the PyTorch server this project replaces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from dllm_jax.sampling import rules
+
+
+class SamplingError(ValueError):
+    """Invalid sampling arguments (the message names the argument and its value)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """How an algorithm runs.
+
+    Attributes:
+      name: canonical name.
+      cache: 'none' (full canvas every step), 'prefix', 'dual' (Fast-dLLM caches) or
+        'sliding' (Nemotron static-block decoder).
+      rule: transfer rule fixed by the algorithm (rules.HIERARCHY/CREDIT/NEMOTRON), or None
+        when each row picks FIXED / THRESHOLD / FACTOR from its own threshold/factor.
+      run_empty_steps: run every scheduled step even when it commits nothing (the original
+        LLaDA ``generate``); Fast-dLLM leaves a block as soon as it is filled.
+      default_threshold: used by rules that need one when the request gives none.
+      description: one line for /v1/models and docs.
+    """
+
+    name: str
+    cache: str
+    rule: int | None = None
+    run_empty_steps: bool = False
+    default_threshold: float | None = None
+    description: str = ""
+
+
+ALGORITHMS = {a.name: a for a in [
+    Algorithm("basic", "none", run_empty_steps=True,
+              description="LLaDA reference generate(): full canvas every step, static schedule"),
+    Algorithm("no_cache", "none",
+              description="Fast-dLLM generate(): full canvas every step, leaves a block once filled"),
+    Algorithm("prefix_cache", "prefix", description="Fast-dLLM prefix KV cache, refreshed per block"),
+    Algorithm("dual_cache", "dual", description="Fast-dLLM dual (prefix+suffix) KV cache, refreshed per block"),
+    Algorithm("dinfer_blockwise", "dual", rule=rules.THRESHOLD, default_threshold=0.9,
+              description="dInfer threshold decoder on the dual cache"),
+    Algorithm("dinfer_hierarchy", "dual", rule=rules.HIERARCHY, default_threshold=0.9,
+              description="dInfer hierarchy decoder (run-wise best + threshold) on the dual cache"),
+    Algorithm("dinfer_credit", "dual", rule=rules.CREDIT, default_threshold=0.9,
+              description="dInfer credit-fused threshold decoder on the dual cache"),
+    Algorithm("static_block", "sliding", rule=rules.NEMOTRON,
+              description="NeMo-RL dllm_eval static-block sliding decoder (Nemotron-Diffusion)"),
+]}
+
+ALIASES = {
+    "simple": "basic", "llada": "basic", "fast_dllm": "no_cache",
+    "prefix": "prefix_cache", "cache": "prefix_cache",
+    "dual": "dual_cache", "double_cache": "dual_cache",
+    "dinfer": "dinfer_blockwise", "dinfer_block": "dinfer_blockwise", "blockwise": "dinfer_blockwise",
+    "dinfer_hierarchical": "dinfer_hierarchy", "dinfer_credit_threshold": "dinfer_credit",
+    "dllm_eval": "static_block", "nemotron": "static_block", "nemotron_native": "static_block",
+    "nemotron_diffusion": "static_block",
+}
+
+# What a plain call (no algorithm given) runs, per family.
+DEFAULT_ALGORITHM = {"llada": "basic", "nemotron": "static_block"}
+
+
+def resolve_algorithm(name: str | None, family: str) -> Algorithm:
+    if name is None:
+        name = DEFAULT_ALGORITHM[family]
+    canonical = ALIASES.get(name, name)
+    if canonical not in ALGORITHMS:
+        valid = sorted(ALGORITHMS) + sorted(ALIASES)
+        raise SamplingError(f"unknown algorithm {name!r}; valid: {', '.join(valid)}", "algorithm")
+    algo = ALGORITHMS[canonical]
+    if algo.cache == "sliding" and family != "nemotron":
+        raise SamplingError(f"algorithm {name!r} is the Nemotron-Diffusion decoder; this is a {family} model",
+                            "algorithm")
+    return algo
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """One request's sampling settings.
+
+    Attributes:
+      gen_length: canvas length (tokens generated).
+      steps: total denoising steps over the canvas (default gen_length); must be a multiple of
+        the number of blocks. Unused by threshold/factor rules except for that check.
+      block_length: semi-autoregressive block size; must divide gen_length.
+      temperature: 0 = greedy; > 0 Gumbel-max sampling.
+      cfg_scale: classifier-free guidance (full-canvas algorithms only).
+      remasking: 'low_confidence' or 'random'.
+      threshold: Fast-dLLM confidence threshold in (0, 1] (top-1 always + all >= threshold).
+      factor: Fast-dLLM factor rule (> 0) or the Nemotron acceptance factor (>= 0).
+      algorithm: name or alias (None = the family default).
+      seed: per-request RNG seed (T > 0 and random remasking).
+      early_stop: stop a row once a finished block contains a stop token (the text before
+        the first stop token is unchanged by this; the canvas after it becomes EOS).
+      shift_logits: read the prediction for position j from output j-1 (next-token
+        predictors such as the released Nemotron checkpoint). None = family default.
+      stop_token_ids: tokens that end a reply (None = the model's EOS / end-of-turn ids).
+    """
+
+    gen_length: int = 128
+    steps: int | None = None
+    block_length: int = 32
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    remasking: str = "low_confidence"
+    threshold: float | None = None
+    factor: float | None = None
+    algorithm: str | None = None
+    seed: int = 0
+    early_stop: bool = False
+    shift_logits: bool | None = None
+    stop_token_ids: tuple[int, ...] | None = None
+
+    def resolve(self, family: str) -> "SamplingParams":
+        """Validate and fill defaults; raises SamplingError naming the offending argument."""
+        algo = resolve_algorithm(self.algorithm, family)
+        g, lb = self.gen_length, self.block_length
+        _int_at_least(g, 1, "gen_length")
+        _int_at_least(lb, 1, "block_length")
+        if g % lb:
+            raise SamplingError(f"block_length={lb} must divide gen_length={g}", "block_length")
+        num_blocks = g // lb
+        steps = g if self.steps is None else self.steps
+        _int_at_least(steps, 1, "steps")
+        if algo.cache != "sliding" and steps % num_blocks:
+            raise SamplingError(f"steps={steps} must be a multiple of the number of blocks "
+                                f"(gen_length/block_length = {num_blocks})", "steps")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
+            raise SamplingError(f"temperature={self.temperature!r} must be a finite number >= 0", "temperature")
+        if self.remasking not in ("low_confidence", "random"):
+            raise SamplingError(f"remasking={self.remasking!r} must be 'low_confidence' or 'random'", "remasking")
+        if not (isinstance(self.cfg_scale, (int, float)) and 0 <= self.cfg_scale < float("inf")):
+            raise SamplingError(f"cfg_scale={self.cfg_scale!r} must be a finite number >= 0", "cfg_scale")
+        threshold, factor = self.threshold, self.factor
+        if threshold is not None and not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+            raise SamplingError(f"threshold={threshold!r} must be in (0, 1]", "threshold")
+        if factor is not None and not (isinstance(factor, (int, float)) and 0 <= factor < float("inf")):
+            raise SamplingError(f"factor={factor!r} must be a finite number >= 0", "factor")
+        if algo.cache == "sliding":
+            for name, bad in (("threshold", threshold is not None), ("temperature", self.temperature > 0),
+                              ("remasking", self.remasking != "low_confidence"), ("cfg_scale", self.cfg_scale > 0)):
+                if bad:
+                    raise SamplingError(f"{name} is not supported by algorithm 'static_block' (greedy, "
+                                        "confidence-factor acceptance only)", name)
+            factor = 1.0 if factor is None else factor
+        else:
+            if threshold is not None and factor is not None:
+                raise SamplingError("give either threshold or factor, not both", "factor")
+            if factor is not None and factor == 0 and algo.rule is None:
+                raise SamplingError("factor must be > 0 for the Fast-dLLM factor rule", "factor")
+            if algo.rule is not None and factor is not None:
+                raise SamplingError(f"factor is not used by algorithm {algo.name!r}", "factor")
+            if algo.rule is not None and threshold is None:
+                threshold = algo.default_threshold
+            if self.cfg_scale > 0 and algo.cache != "none":
+                raise SamplingError(f"cfg_scale > 0 needs a full-canvas algorithm ('basic' or 'no_cache'), "
+                                    f"not {algo.name!r}", "cfg_scale")
+            if algo.cache in ("prefix", "dual") and algo.rule is None and threshold is None \
+                    and factor is None and steps // num_blocks < 2:
+                raise SamplingError(f"{algo.name} with a fixed schedule needs at least 2 steps per block "
+                                    f"(got steps={steps} for {num_blocks} blocks); upstream Fast-dLLM fails "
+                                    "with IndexError here", "steps")
+        shift = self.shift_logits
+        if shift is None:
+            shift = family == "nemotron"
+        if algo.cache == "sliding" and self.shift_logits is False:
+            raise SamplingError("static_block always reads shifted predictions (shift_logits=False is not "
+                                "possible with it)", "shift_logits")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise SamplingError(f"seed={self.seed!r} must be a non-negative integer", "seed")
+        stops = None if self.stop_token_ids is None else tuple(int(t) for t in self.stop_token_ids)
+        return dataclasses.replace(self, algorithm=algo.name, steps=steps, threshold=threshold, factor=factor,
+                                   shift_logits=bool(shift), stop_token_ids=stops,
+                                   temperature=float(self.temperature), cfg_scale=float(self.cfg_scale))
+
+    @property
+    def rule(self) -> int:
+        """Per-row rule code for algorithms that let the row choose."""
+        if self.threshold is not None:
+            return rules.THRESHOLD
+        if self.factor is not None:
+            return rules.FACTOR
+        return rules.FIXED
+
+
+def _int_at_least(value, low: int, name: str):
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise SamplingError(f"{name}={value!r} must be an integer >= {low}", name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramKey:
+    """Everything that fixes a compiled program's shapes and control flow.
+
+    Requests with equal keys can share a batch (their other settings are per-row arrays).
+    """
+
+    algorithm: str
+    batch: int
+    prompt_len: int   # bucketed, left-padded prompt region
+    gen_length: int
+    block_length: int
+    steps_per_block: int
+    cfg: bool
+    shift: bool
+
+    @property
+    def canvas_len(self) -> int:
+        extra = 2 * self.block_length if ALGORITHMS[self.algorithm].cache == "sliding" else 0
+        return self.prompt_len + self.gen_length + extra
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket >= n (or n itself when it exceeds every bucket)."""
+    for b in sorted(buckets):
+        if b >= n:
+            return b
+    return n
+
+
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -1,0 +1,262 @@
+"""Host side of sampling: compiled programs per key, a slot-based session, ``generate``.
+
+A ``DecodeSession`` owns one compiled program and a device state of B slots. ``admit``
+puts requests into free slots, ``step`` runs one block program for every active slot (one
+host round trip) and reports, per slot, the tokens that became final and whether the row is
+done. ``generate`` is a session that admits everything at once and steps until all rows
+are done; the server drives sessions directly to stream blocks and refill slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from dllm_jax.sampling import blocks, sliding
+from dllm_jax.sampling.params import (
+    ALGORITHMS,
+    BATCH_BUCKETS,
+    PROMPT_BUCKETS,
+    ProgramKey,
+    SamplingError,
+    SamplingParams,
+    bucket,
+)
+from dllm_jax.sampling.state import DecodeState, Row, empty_state, merge_rows, row_arrays, state_shardings
+
+
+@dataclasses.dataclass
+class SlotUpdate:
+    """What one ``step`` changed for one slot.
+
+    Attributes:
+      slot: slot index.
+      tokens: the row's generated tokens that are final so far (prefix of the canvas up to the
+        first still-masked position, cut at the first stop token).
+      done: the row needs no more steps.
+      finish_reason: 'stop' (a stop token ended it) or 'length', when done.
+      nfe: forward passes this row took part in.
+    """
+
+    slot: int
+    tokens: np.ndarray
+    done: bool
+    finish_reason: str | None
+    nfe: int
+
+
+class Programs:
+    """Compiled block programs of one model, one per ProgramKey (thread-safe cache)."""
+
+    def __init__(self, model):
+        self.model = model
+        self._cache: dict[ProgramKey, tuple] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: ProgramKey):
+        with self._lock:
+            if key not in self._cache:
+                m = self.model
+                shardings = state_shardings(key, m.mesh, m.spec, m.dtype)
+                param_shardings = jax.tree.map(lambda x: x.sharding, m.params)
+                if ALGORITHMS[key.algorithm].cache == "sliding":
+                    fn = sliding.make_sliding_program(key, m.graphdef, mask_id=m.mask_token_id)
+                else:
+                    fn = blocks.make_block_program(key, m.graphdef, mask_id=m.mask_token_id,
+                                                   fill_id=m.config.eos_token_id)
+                program = jax.jit(fn, in_shardings=(param_shardings, shardings), out_shardings=shardings,
+                                  donate_argnums=(1,))
+                merge = jax.jit(merge_rows, out_shardings=shardings, donate_argnums=(0,))
+                self._cache[key] = (program, merge, shardings)
+            return self._cache[key]
+
+
+def programs_of(model) -> Programs:
+    if not hasattr(model, "_programs"):
+        model._programs = Programs(model)
+    return model._programs
+
+
+def program_key(model, prompt_len: int, params: SamplingParams, batch: int, *,
+                prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
+                batch_buckets: Sequence[int] = BATCH_BUCKETS) -> ProgramKey:
+    """The bucketed program key for a request (``params`` must be resolved)."""
+    algo = ALGORITHMS[params.algorithm]
+    extra = 2 * params.block_length if algo.cache == "sliding" else 0
+    limit = model.max_length - params.gen_length - extra
+    if prompt_len + params.gen_length + extra > model.max_length:
+        raise SamplingError(f"prompt ({prompt_len} tokens) + gen_length ({params.gen_length})"
+                            f"{f' + 2*block_length ({extra})' if extra else ''} exceeds the model's context "
+                            f"of {model.max_length} tokens", "gen_length")
+    lp = min(bucket(prompt_len, prompt_buckets), limit)
+    data = model.mesh.shape["data"]
+    b = bucket(batch, batch_buckets)
+    b = -(-b // data) * data
+    num_blocks = params.gen_length // params.block_length
+    spb = params.steps // num_blocks if algo.cache != "sliding" else 0
+    return ProgramKey(algorithm=params.algorithm, batch=b, prompt_len=lp, gen_length=params.gen_length,
+                      block_length=params.block_length, steps_per_block=spb, cfg=params.cfg_scale > 0,
+                      shift=bool(params.shift_logits))
+
+
+class DecodeSession:
+    """B slots sharing one compiled program (see module docstring)."""
+
+    def __init__(self, model, key: ProgramKey):
+        self.model, self.key = model, key
+        self.program, self.merge, self.shardings = programs_of(model).get(key)
+        self.state: DecodeState = empty_state(key, model.mesh, model.spec, model.dtype, mask_id=model.mask_token_id)
+        self.slots: dict[int, Row] = {}
+        self._host: dict[str, np.ndarray] | None = None
+
+    @property
+    def free_slots(self) -> list[int]:
+        return [i for i in range(self.key.batch) if i not in self.slots]
+
+    def admit(self, rows: dict[int, Row]) -> None:
+        """Put requests into free slots; they start at the next ``step``."""
+        for slot in rows:
+            if slot in self.slots:
+                raise ValueError(f"slot {slot} is busy")
+        m = self.model
+        arrays = row_arrays(self.key, rows, mask_id=m.mask_token_id, default_stops=m.stop_token_ids,
+                            d_model=m.spec.d_model)
+        self.state = self.merge(self.state, self._to_device(arrays))
+        self.slots.update(rows)
+
+    def release(self, slot: int) -> None:
+        """Forget a slot (finished or cancelled); its row is frozen until reused."""
+        self.slots.pop(slot, None)
+        arrays = row_arrays(self.key, {}, mask_id=self.model.mask_token_id, default_stops=(),
+                            d_model=self.model.spec.d_model)
+        arrays["replace"][slot] = True
+        self.state = self.merge(self.state, self._to_device(arrays))
+
+    def _to_device(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        sharding = {f: getattr(self.shardings, f) for f in arrays if f != "replace"}
+        sharding["replace"] = self.shardings.active
+        return {name: jax.device_put(value, sharding[name]) for name, value in arrays.items()}
+
+    def step(self) -> list[SlotUpdate]:
+        """Run one block program (one host round trip) and report every occupied slot."""
+        self.state = self.program(self.model.params, self.state)
+        host = jax.device_get({"canvas": self.state.canvas, "done": self.state.done, "nfe": self.state.nfe})
+        self._host = host
+        return [self._update(slot, host) for slot in sorted(self.slots)]
+
+    def _update(self, slot: int, host) -> SlotUpdate:
+        lp, g = self.key.prompt_len, self.key.gen_length
+        gen = host["canvas"][slot, lp:lp + g]
+        row = self.slots[slot]
+        stops = row.params.stop_token_ids if row.params.stop_token_ids is not None else self.model.stop_token_ids
+        final, reason = final_prefix(gen, self.model.mask_token_id, stops)
+        done = bool(host["done"][slot])
+        if done and reason is None:
+            reason = "length"
+        return SlotUpdate(slot, final, done, reason if done else None, int(host["nfe"][slot]))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.slots)
+
+
+def final_prefix(gen: np.ndarray, mask_id: int, stop_ids: Sequence[int]) -> tuple[np.ndarray, str | None]:
+    """Tokens before the first still-masked position, cut at the first stop token."""
+    masked = np.flatnonzero(gen == mask_id)
+    end = int(masked[0]) if masked.size else len(gen)
+    stop = np.flatnonzero(np.isin(gen[:end], np.asarray(stop_ids, np.int64)))
+    if stop.size:
+        return gen[: int(stop[0])], "stop"
+    return gen[:end], None
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """Result of ``Model.generate``.
+
+    Attributes:
+      tokens: [B, gen_length] int32, the generated canvas (prompt excluded).
+      nfe: forward passes of the batch program (the batch's model calls).
+      nfe_per_row: [B] forward passes each row took part in (equals upstream's NFE for it).
+      lengths: [B] tokens generated before the first stop token (or still-masked position).
+      finish_reasons: per row 'stop' or 'length'.
+      trace: with return_trace: {'commit_step': [B, G] (1-based forward pass that committed
+        each position, -1 = never), 'commit_conf': [B, G] its confidence}.
+    """
+
+    tokens: np.ndarray
+    nfe: int
+    nfe_per_row: np.ndarray
+    lengths: np.ndarray
+    finish_reasons: list[str]
+    trace: dict | None = None
+
+
+_PER_ROW = ("temperature", "threshold", "factor", "seed", "remasking", "cfg_scale", "early_stop", "stop_token_ids")
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, return_trace: bool = False, **sampling) -> GenerateOutput:
+    """Generate for a batch of (ragged) prompts.
+
+    Args:
+      prompts: list of token-id lists.
+      return_trace: include per-position commit step and confidence.
+      **sampling: ``SamplingParams`` fields. ``temperature``, ``threshold``, ``factor``,
+        ``seed``, ``remasking``, ``cfg_scale``, ``early_stop`` and ``stop_token_ids`` may also
+        be given per row as a list of len(prompts). ``eos_token_id`` (int) is accepted as
+        upstream's name for a single stop token.
+
+    Returns:
+      GenerateOutput.
+    """
+    if isinstance(prompts, np.ndarray):
+        prompts = prompts.tolist()
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise SamplingError("prompts must be a non-empty list of non-empty token lists", "prompts")
+    if "eos_token_id" in sampling:
+        eos = sampling.pop("eos_token_id")
+        sampling.setdefault("stop_token_ids", None if eos is None else (eos,))
+    unknown = set(sampling) - {f.name for f in dataclasses.fields(SamplingParams)}
+    if unknown:
+        raise SamplingError(f"unknown sampling arguments {sorted(unknown)}", sorted(unknown)[0])
+    n = len(prompts)
+    per_row = []
+    for i in range(n):
+        kwargs = {}
+        for name, value in sampling.items():
+            if name in _PER_ROW and isinstance(value, (list, tuple, np.ndarray)) and not (
+                    name == "stop_token_ids" and (len(value) == 0 or not isinstance(value[0], (list, tuple)))):
+                if len(value) != n:
+                    raise SamplingError(f"{name} has {len(value)} entries for {n} prompts", name)
+                value = value[i]
+            kwargs[name] = value
+        per_row.append(SamplingParams(**kwargs).resolve(model.family))
+    vocab = model.spec.vocab
+    for p in prompts:
+        if min(p) < 0 or max(p) >= vocab:
+            raise SamplingError(f"prompt token ids must be in [0, {vocab})", "prompts")
+        if model.mask_token_id in p:
+            raise SamplingError(f"prompt contains the mask token id {model.mask_token_id}", "prompts")
+    key = program_key(model, max(map(len, prompts)), per_row[0], n)
+    key = dataclasses.replace(key, cfg=any(p.cfg_scale > 0 for p in per_row))
+    session = DecodeSession(model, key)
+    session.admit({i: Row(prompts[i], per_row[i]) for i in range(n)})
+    while True:
+        updates = session.step()
+        if all(u.done for u in updates):
+            break
+    st = jax.device_get(session.state)
+    lp, g = key.prompt_len, key.gen_length
+    tokens = np.asarray(st.canvas[:n, lp:lp + g], np.int32)
+    lengths = np.array([len(u.tokens) for u in updates])
+    trace = None
+    if return_trace:
+        trace = {"commit_step": np.asarray(st.commit_step[:n]), "commit_conf": np.asarray(st.commit_conf[:n])}
+    return GenerateOutput(tokens=tokens, nfe=int(st.batch_nfe), nfe_per_row=np.asarray(st.nfe[:n]),
+                          lengths=lengths, finish_reasons=[u.finish_reason for u in updates], trace=trace)

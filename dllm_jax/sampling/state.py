@@ -1,0 +1,186 @@
+"""The decode state (a named pytree carried between block programs) and how rows enter it.
+
+A batch has B *slots*. Each slot holds one request (or nothing): its left-padded prompt,
+its canvas of masks, its own block position, knobs and RNG. Slots are filled from the host
+(``RowData``) and merged into the device state between programs, so a finished row's slot
+can take a waiting request at a block boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from dllm_jax.models.transformer import KVCache
+from dllm_jax.sampling.params import ALGORITHMS, ProgramKey, SamplingParams
+from dllm_jax.sharding import named
+
+MAX_STOP_IDS = 8
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything a block program reads and writes.
+
+    Attributes:
+      canvas: [B, L] tokens: left padding, prompt, generated region (mask ids until committed).
+      valid: [B, L] key validity (False at left padding).
+      positions: [B, L] RoPE positions (real tokens count from 0 in every row).
+      prompt: [B, L] real prompt positions (classifier-free guidance masks them).
+      active: [B] the slot holds a request.
+      done: [B] the row is finished (always True for empty slots).
+      block: [B] block index (block algorithms) or window start in the canvas (sliding).
+      nfe: [B] forward passes this row took part in.
+      batch_nfe: [] forward passes of the batch program.
+      rng: [B, 2] uint32 per-row PRNG key; step keys are fold_in(rng, nfe).
+      temperature, threshold, factor, cfg_scale: [B] float32 knobs.
+      rule: [B] int32 transfer rule (rules.FIXED / THRESHOLD / FACTOR) where the algorithm lets
+        rows choose.
+      random_remask, early_stop: [B] bool.
+      stop_ids: [B, MAX_STOP_IDS] int32 stop tokens (-1 = unused).
+      commit_step: [B, G] the row's forward pass (1-based) that committed each position; -1 never.
+      commit_conf: [B, G] confidence of that commit.
+      cache: KVCache [NL, B, L, K, H] for cached algorithms, else None.
+      prefix: [B] pending committed-prefix length (sliding decoder).
+      mblock: [B, Lb] tracked mask of the current window (sliding decoder).
+      ctx: [B, D] hidden state that predicts the window's first position (sliding decoder).
+    """
+
+    canvas: jax.Array
+    valid: jax.Array
+    positions: jax.Array
+    prompt: jax.Array
+    active: jax.Array
+    done: jax.Array
+    block: jax.Array
+    nfe: jax.Array
+    batch_nfe: jax.Array
+    rng: jax.Array
+    temperature: jax.Array
+    threshold: jax.Array
+    factor: jax.Array
+    cfg_scale: jax.Array
+    rule: jax.Array
+    random_remask: jax.Array
+    early_stop: jax.Array
+    stop_ids: jax.Array
+    commit_step: jax.Array
+    commit_conf: jax.Array
+    cache: KVCache | None
+    prefix: jax.Array
+    mblock: jax.Array
+    ctx: jax.Array
+
+
+# Per-row fields (everything with a leading batch axis except the cache).
+ROW_FIELDS = ("canvas", "valid", "positions", "prompt", "active", "done", "block", "nfe", "rng",
+              "temperature", "threshold", "factor", "cfg_scale", "rule", "random_remask", "early_stop",
+              "stop_ids", "commit_step", "commit_conf", "prefix", "mblock", "ctx")
+
+
+@dataclasses.dataclass
+class Row:
+    """One request entering a slot."""
+
+    prompt: Sequence[int]
+    params: SamplingParams  # resolved
+
+
+def uses_cache(key: ProgramKey) -> bool:
+    return ALGORITHMS[key.algorithm].cache in ("prefix", "dual", "sliding")
+
+
+def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_stops: Sequence[int],
+               d_model: int) -> dict[str, np.ndarray]:
+    """Host arrays for all B slots (rows not in ``rows`` are empty), plus 'replace' [B]."""
+    b, lp, g, lb, length = key.batch, key.prompt_len, key.gen_length, key.block_length, key.canvas_len
+    out = {
+        "canvas": np.full((b, length), mask_id, np.int32),
+        "valid": np.zeros((b, length), bool),
+        "positions": np.zeros((b, length), np.int32),
+        "prompt": np.zeros((b, length), bool),
+        "active": np.zeros(b, bool), "done": np.ones(b, bool), "block": np.zeros(b, np.int32),
+        "nfe": np.zeros(b, np.int32), "rng": np.zeros((b, 2), np.uint32),
+        "temperature": np.zeros(b, np.float32), "threshold": np.ones(b, np.float32),
+        "factor": np.ones(b, np.float32), "cfg_scale": np.zeros(b, np.float32),
+        "rule": np.zeros(b, np.int32), "random_remask": np.zeros(b, bool), "early_stop": np.zeros(b, bool),
+        "stop_ids": np.full((b, MAX_STOP_IDS), -1, np.int32),
+        "commit_step": np.full((b, g), -1, np.int32), "commit_conf": np.zeros((b, g), np.float32),
+        "prefix": np.zeros(b, np.int32), "mblock": np.ones((b, lb), bool),
+        "ctx": np.zeros((b, d_model), np.float32),
+        "replace": np.zeros(b, bool),
+    }
+    # Empty slots still get one valid token so no attention row is fully masked.
+    out["valid"][:, lp - 1] = True
+    for slot, row in rows.items():
+        p, n = row.params, len(row.prompt)
+        if not 0 < n <= lp:
+            raise ValueError(f"prompt of length {n} does not fit the program's prompt bucket {lp}")
+        pad = lp - n
+        out["canvas"][slot, pad:lp] = np.asarray(row.prompt, np.int32)
+        out["valid"][slot] = False
+        out["valid"][slot, pad:] = True
+        out["positions"][slot, pad:] = np.arange(length - pad, dtype=np.int32)
+        out["prompt"][slot, pad:lp] = True
+        out["active"][slot] = True
+        out["done"][slot] = False
+        out["block"][slot] = lp if ALGORITHMS[key.algorithm].cache == "sliding" else 0
+        out["rng"][slot] = (p.seed >> 32, p.seed & 0xFFFFFFFF)  # == jax.random.PRNGKey(seed) (threefry)
+        out["temperature"][slot] = p.temperature
+        out["threshold"][slot] = 1.0 if p.threshold is None else p.threshold
+        out["factor"][slot] = 1.0 if p.factor is None else p.factor
+        out["cfg_scale"][slot] = p.cfg_scale
+        out["rule"][slot] = p.rule
+        out["random_remask"][slot] = p.remasking == "random"
+        out["early_stop"][slot] = p.early_stop
+        stops = list(p.stop_token_ids if p.stop_token_ids is not None else default_stops)[:MAX_STOP_IDS]
+        out["stop_ids"][slot, :len(stops)] = stops
+        out["replace"][slot] = True
+    return out
+
+
+def state_shardings(key: ProgramKey, mesh, spec, dtype) -> DecodeState:
+    """NamedSharding of every field: batch over 'data', kv heads over 'model'."""
+    b = key.batch
+
+    def rows(ndim):
+        return named(mesh, ("batch",) + (None,) * (ndim - 1), (b,) + (1,) * (ndim - 1))
+
+    cache = None
+    if uses_cache(key):
+        kv = named(mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"),
+                   (spec.n_layers, b, key.canvas_len, spec.n_kv_heads, spec.head_dim))
+        cache = KVCache(kv, kv)
+    fields = {f: rows(2 if f in ("canvas", "valid", "positions", "prompt", "rng", "stop_ids", "commit_step",
+                                 "commit_conf", "mblock", "ctx") else 1) for f in ROW_FIELDS}
+    return DecodeState(**fields, batch_nfe=named(mesh, (), ()), cache=cache)
+
+
+def empty_state(key: ProgramKey, mesh, spec, dtype, *, mask_id: int) -> DecodeState:
+    """All slots empty (done), cache zeroed, placed on the mesh."""
+    arrays = row_arrays(key, {}, mask_id=mask_id, default_stops=(), d_model=spec.d_model)
+    arrays.pop("replace")
+    shardings = state_shardings(key, mesh, spec, dtype)
+    fields = {f: jax.device_put(arrays[f], getattr(shardings, f)) for f in ROW_FIELDS}
+    cache = None
+    if uses_cache(key):
+        shape = (spec.n_layers, key.batch, key.canvas_len, spec.n_kv_heads, spec.head_dim)
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=shardings.cache.k)
+        cache = KVCache(zeros(), zeros())
+    return DecodeState(**fields, batch_nfe=jax.device_put(np.int32(0), shardings.batch_nfe), cache=cache)
+
+
+def merge_rows(state: DecodeState, new: dict[str, jax.Array]) -> DecodeState:
+    """Replace the slots flagged in new['replace'] (jitted by the session)."""
+    replace = new["replace"]
+    updates = {}
+    for f in ROW_FIELDS:
+        old = getattr(state, f)
+        sel = replace.reshape((-1,) + (1,) * (old.ndim - 1))
+        updates[f] = jnp.where(sel, new[f].astype(old.dtype), old)
+    return state.replace(**updates)
