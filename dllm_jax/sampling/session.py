@@ -142,10 +142,16 @@ class DecodeSession:
         sharding["replace"] = self.shardings.active
         return {name: jax.device_put(value, sharding[name]) for name, value in arrays.items()}
 
+    def warmup(self) -> None:
+        """Compile this key's programs (runs one step and one admission on empty slots)."""
+        self.release(0)
+        self.state = self.program(self.model.params, self.state)
+        jax.block_until_ready(self.state.done)
+
     def step(self) -> list[SlotUpdate]:
         """Run one block program (one host round trip) and report every occupied slot."""
         self.state = self.program(self.model.params, self.state)
-        host = jax.device_get({"canvas": self.state.canvas, "done": self.state.done, "nfe": self.state.nfe})
+        host = fetch({"canvas": self.state.canvas, "done": self.state.done, "nfe": self.state.nfe})
         self._host = host
         return [self._update(slot, host) for slot in sorted(self.slots)]
 
@@ -163,6 +169,15 @@ class DecodeSession:
     @property
     def busy(self) -> bool:
         return bool(self.slots)
+
+
+def fetch(tree):
+    """Device -> host; under multi-process JAX every process gets the full arrays."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+    return jax.device_get(tree)
 
 
 def final_prefix(gen: np.ndarray, mask_id: int, stop_ids: Sequence[int]) -> tuple[np.ndarray, str | None]:
@@ -251,12 +266,14 @@ def generate(model, prompts: Sequence[Sequence[int]], *, return_trace: bool = Fa
         updates = session.step()
         if all(u.done for u in updates):
             break
-    st = jax.device_get(session.state)
+    st = session.state
+    st = fetch({"canvas": st.canvas, "batch_nfe": st.batch_nfe, "nfe": st.nfe, "commit_step": st.commit_step,
+                "commit_conf": st.commit_conf})
     lp, g = key.prompt_len, key.gen_length
-    tokens = np.asarray(st.canvas[:n, lp:lp + g], np.int32)
+    tokens = np.asarray(st["canvas"][:n, lp:lp + g], np.int32)
     lengths = np.array([len(u.tokens) for u in updates])
     trace = None
     if return_trace:
-        trace = {"commit_step": np.asarray(st.commit_step[:n]), "commit_conf": np.asarray(st.commit_conf[:n])}
-    return GenerateOutput(tokens=tokens, nfe=int(st.batch_nfe), nfe_per_row=np.asarray(st.nfe[:n]),
+        trace = {"commit_step": np.asarray(st["commit_step"][:n]), "commit_conf": np.asarray(st["commit_conf"][:n])}
+    return GenerateOutput(tokens=tokens, nfe=int(st["batch_nfe"]), nfe_per_row=np.asarray(st["nfe"][:n]),
                           lengths=lengths, finish_reasons=[u.finish_reason for u in updates], trace=trace)
