@@ -1,0 +1,222 @@
+"""A plain Python-loop reference of every sampling algorithm (one prompt at a time).
+
+Written the way the upstream PyTorch loops are: Python loops over blocks and steps, per-step
+sorting with NumPy, no padding, no batching, no jit of the loop. It shares only the model
+forward (``Transformer.hidden`` / ``head``) and the per-row RNG derivation with the library,
+so tests can check the jitted, batched, bucketed programs against it on random settings.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dllm_jax.sampling import rules
+from dllm_jax.sampling.params import ALGORITHMS, SamplingParams
+
+
+class Forward:
+    """Eager batch-1 forwards of a model: full canvas, or a window against a KV cache."""
+
+    def __init__(self, model):
+        self.module = model.module()
+
+    def full(self, tokens):
+        t = jnp.asarray(tokens, jnp.int32)[None]
+        n = t.shape[1]
+        h, kv = self.module.hidden(t, jnp.arange(n)[None], jnp.ones((1, n, n), bool), return_kv=True)
+        return h[0], kv
+
+    def window(self, tokens, start, cache, write_from, key_limit=None, hide_prefix=0):
+        t = jnp.asarray(tokens, jnp.int32)[None]
+        n, s = t.shape[1], cache.k.shape[2]
+        pos = jnp.arange(start, start + n)
+        mask = jnp.ones((n, s), bool)
+        if key_limit is not None:
+            mask &= jnp.arange(s)[None, :] < key_limit
+        if hide_prefix:
+            mask &= ~((jnp.arange(n)[:, None] < hide_prefix) & (jnp.arange(s)[None, :] >= start + hide_prefix))
+        h, kv = self.module.hidden(t, pos[None], mask[None], cache=cache, write_start=jnp.array([start]),
+                                   write_mask=(pos >= write_from)[None], return_kv=True)
+        return h[0], kv
+
+    def logits(self, h):
+        return np.asarray(self.module.head(h), np.float64)
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def propose(logits, temperature, rng_key, nfe, mask_id, random_remask):
+    """x0 and confidence for one row: same draws as the library (fold_in(key, nfe))."""
+    lb, v = logits.shape
+    k_gumbel, k_uniform = jax.random.split(jax.random.fold_in(rng_key, nfe), 2)
+    scores = logits.copy()
+    if temperature > 0:
+        scores = logits + temperature * np.asarray(jax.random.gumbel(k_gumbel, (lb, v), jnp.float32), np.float64)
+    scores[:, mask_id] = -np.inf
+    x0 = scores.argmax(-1)
+    conf = _softmax(logits)[np.arange(lb), x0]
+    if random_remask:
+        conf = np.asarray(jax.random.uniform(k_uniform, (lb,), jnp.float32), np.float64)
+    return x0, conf
+
+
+def choose(rule, conf, masked, *, k=0, threshold=1.0, factor=1.0, low=rules.HIERARCHY_LOW_THRESHOLD):
+    """Upstream-style selection with explicit sorting (indices of positions to commit)."""
+    cand = [i for i in np.argsort(-np.where(masked, conf, -np.inf), kind="stable") if masked[i]]
+    if not cand:
+        return []
+    if rule == rules.FIXED:
+        return cand[:k]
+    if rule in (rules.THRESHOLD, rules.CREDIT):
+        return [cand[0]] + [i for i in cand[1:] if conf[i] >= threshold]
+    if rule == rules.FACTOR:
+        n = 1
+        while n < len(cand) and conf[cand[n]] >= 1 - factor / (n + 2):
+            n += 1
+        return cand[:n]
+    if rule == rules.NEMOTRON:
+        return [cand[0]] + [i for r, i in enumerate(cand) if r >= 1 and (
+            conf[i] >= rules.NEMOTRON_HIGH or (conf[i] >= 1 - factor / (r + 2) and conf[i] >= rules.NEMOTRON_FLOOR))]
+    if rule == rules.HIERARCHY:
+        chosen = {cand[0]} | {i for i in cand if conf[i] >= threshold}
+        i = 0
+        while i < len(masked):
+            if masked[i]:
+                j = i
+                while j < len(masked) and masked[j]:
+                    j += 1
+                best = max(range(i, j), key=lambda p: (conf[p], -p))
+                if conf[best] >= low:
+                    chosen.add(best)
+                i = j
+            else:
+                i += 1
+        return sorted(chosen)
+    raise ValueError(rule)
+
+
+def reference_generate(model, prompt, params: SamplingParams, fwd: Forward | None = None):
+    """Returns (generated tokens [gen_length], nfe, commit_step [gen_length])."""
+    p = params.resolve(model.family)
+    fwd = fwd or Forward(model)
+    if ALGORITHMS[p.algorithm].cache == "sliding":
+        return _reference_sliding(model, prompt, p, fwd)
+    algo = ALGORITHMS[p.algorithm]
+    mask_id = model.mask_token_id
+    rule = algo.rule if algo.rule is not None else p.rule
+    plen, g, lb = len(prompt), p.gen_length, p.block_length
+    x = np.array(list(prompt) + [mask_id] * g)
+    spb = p.steps // (g // lb)
+    key = jnp.array([p.seed >> 32, p.seed & 0xFFFFFFFF], jnp.uint32)
+    shift = 1 if p.shift_logits else 0
+    stops = p.stop_token_ids if p.stop_token_ids is not None else model.stop_token_ids
+    nfe, commit = 0, np.full(g, -1)
+    for b in range(g // lb):
+        s, e = plen + b * lb, plen + (b + 1) * lb
+        n = int((x[s:e] == mask_id).sum())
+        sched = [n // spb + (i < n % spb) for i in range(spb)]
+        credit = np.zeros((lb, model.spec.vocab))
+        cache, i = None, 0
+        while True:
+            masked = x[s:e] == mask_id
+            if algo.cache == "none":
+                if algo.run_empty_steps and rule == rules.FIXED:
+                    if i >= spb:
+                        break
+                elif not masked.any():
+                    break
+                h, _ = fwd.full(x)
+                hb = h[s - shift:e - shift]
+                if p.cfg_scale > 0:
+                    un = x.copy()
+                    un[:plen] = mask_id
+                    hu, _ = fwd.full(un)
+                    cond, unc = fwd.logits(hb), fwd.logits(hu[s - shift:e - shift])
+                    logits = unc + (p.cfg_scale + 1) * (cond - unc)
+                else:
+                    logits = fwd.logits(hb)
+            elif i == 0:
+                h, cache = fwd.full(x)
+                logits = fwd.logits(h[s - shift:e - shift])
+            else:
+                if i > 1 and not masked.any():
+                    break
+                if algo.cache == "dual":
+                    h, cache = fwd.window(x[s - shift:e], s - shift, cache, write_from=s)
+                    logits = fwd.logits(h[:lb])
+                else:
+                    start = plen - shift
+                    h, _ = fwd.window(x[start:], start, cache, write_from=s)
+                    logits = fwd.logits(h[s - shift - start:e - shift - start])
+            if rule == rules.CREDIT:
+                if i > 0:
+                    credit *= rules.CREDIT_DECAY
+                probs = _softmax(logits)
+                top = probs.argmax(-1)
+                credit[np.arange(lb), top] += probs.max(-1) ** rules.CREDIT_BOOST * masked
+                logits = logits + rules.CREDIT_ALPHA * np.log1p(credit)
+            x0, conf = propose(logits, p.temperature, key, nfe, mask_id, p.remasking == "random")
+            chosen = choose(rule, conf, masked, k=sched[min(i, spb - 1)], threshold=p.threshold or 1.0,
+                            factor=p.factor or 1.0)
+            nfe += 1
+            for j in chosen:
+                x[s + j] = x0[j]
+                commit[s + j - plen] = nfe
+            i += 1
+        if p.early_stop and np.isin(x[s:e], stops).any():
+            x[e:] = model.config.eos_token_id
+            break
+    return x[plen:], nfe, commit
+
+
+def _reference_sliding(model, prompt, p, fwd):
+    """NeMo-RL generate_static_block_size, one prompt, written as its upstream loop."""
+    mask_id, plen, g, lb = model.mask_token_id, len(prompt), p.gen_length, p.block_length
+    stops = p.stop_token_ids if p.stop_token_ids is not None else (model.config.eos_token_id,)
+    x = np.array(list(prompt) + [mask_id] * (g + 2 * lb))
+    total = len(x)
+    h, kv = fwd.full(x[:plen])
+    cache = type(kv)(*(jnp.zeros(kv.k.shape[:2] + (total,) + kv.k.shape[3:], kv.k.dtype).at[:, :, :plen].set(a)
+                       for a in kv))
+    ctx = h[plen - 1]
+    s, prefix, nfe = plen, 0, 0
+    mblock = np.ones(lb, bool)
+    commit = np.full(g, -1)
+    while True:
+        h, cache = fwd.window(x[s:s + lb], s, cache, write_from=s, key_limit=s + lb, hide_prefix=prefix)
+        logits = fwd.logits(jnp.concatenate([ctx[None], h[:-1]]))
+        x0, conf = _greedy(logits, mask_id)
+        chosen = choose(rules.NEMOTRON, conf, mblock, factor=p.factor)
+        nfe += 1
+        for j in chosen:
+            x[s + j] = x0[j]
+            mblock[j] = False
+            if s + j - plen < g:
+                commit[s + j - plen] = nfe
+        if prefix > 0:
+            ctx = h[prefix]
+            s += prefix + 1
+            prefix = 0
+            mblock = x[s:s + lb] == mask_id
+        block = x[s:s + lb]
+        first = int(np.argmax(block == mask_id)) if (block == mask_id).any() else lb
+        if first > 0:
+            prefix = first - 1
+            if s + lb >= plen + g:
+                break
+            hits = np.flatnonzero(np.isin(block, stops))
+            if hits.size and not mblock[:hits[0]].any():
+                break
+    return x[plen:plen + g], nfe, commit
+
+
+def _greedy(logits, mask_id):
+    scores = logits.copy()
+    scores[:, mask_id] = -np.inf
+    x0 = scores.argmax(-1)
+    return x0, _softmax(logits)[np.arange(len(x0)), x0]
