@@ -11,38 +11,55 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from dllm_jax.sampling import rules
 from dllm_jax.sampling.params import ALGORITHMS, SamplingParams
 
 
 class Forward:
-    """Eager batch-1 forwards of a model: full canvas, or a window against a KV cache."""
+    """Batch-1 forwards of a model: full canvas, or a window against a KV cache.
+
+    Each forward is one jitted model call (compiled per shape); the sampling loop around
+    it stays plain Python.
+    """
 
     def __init__(self, model):
-        self.module = model.module()
+        graphdef, self.params = model.graphdef, model.params
+
+        @jax.jit
+        def full(params, tokens):
+            module = nnx.merge(graphdef, params)
+            n = tokens.shape[1]
+            return module.hidden(tokens, jnp.arange(n)[None], jnp.ones((1, n, n), bool), return_kv=True)
+
+        @jax.jit
+        def window(params, tokens, pos, mask, cache, start, write):
+            module = nnx.merge(graphdef, params)
+            return module.hidden(tokens, pos, mask, cache=cache, write_start=start, write_mask=write, return_kv=True)
+
+        self._full, self._window = full, window
+        self._head = jax.jit(lambda params, h: nnx.merge(graphdef, params).head(h))
 
     def full(self, tokens):
-        t = jnp.asarray(tokens, jnp.int32)[None]
-        n = t.shape[1]
-        h, kv = self.module.hidden(t, jnp.arange(n)[None], jnp.ones((1, n, n), bool), return_kv=True)
+        h, kv = self._full(self.params, jnp.asarray(tokens, jnp.int32)[None])
         return h[0], kv
 
     def window(self, tokens, start, cache, write_from, key_limit=None, hide_prefix=0):
         t = jnp.asarray(tokens, jnp.int32)[None]
         n, s = t.shape[1], cache.k.shape[2]
-        pos = jnp.arange(start, start + n)
-        mask = jnp.ones((n, s), bool)
+        pos = np.arange(start, start + n)
+        mask = np.ones((n, s), bool)
         if key_limit is not None:
-            mask &= jnp.arange(s)[None, :] < key_limit
+            mask &= np.arange(s)[None, :] < key_limit
         if hide_prefix:
-            mask &= ~((jnp.arange(n)[:, None] < hide_prefix) & (jnp.arange(s)[None, :] >= start + hide_prefix))
-        h, kv = self.module.hidden(t, pos[None], mask[None], cache=cache, write_start=jnp.array([start]),
-                                   write_mask=(pos >= write_from)[None], return_kv=True)
+            mask &= ~((np.arange(n)[:, None] < hide_prefix) & (np.arange(s)[None, :] >= start + hide_prefix))
+        h, kv = self._window(self.params, t, jnp.asarray(pos)[None], jnp.asarray(mask)[None], cache,
+                             jnp.array([start]), jnp.asarray(pos >= write_from)[None])
         return h[0], kv
 
     def logits(self, h):
-        return np.asarray(self.module.head(h), np.float64)
+        return np.asarray(self._head(self.params, h), np.float64)
 
 
 def _softmax(x):

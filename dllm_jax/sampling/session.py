@@ -27,7 +27,7 @@ from dllm_jax.sampling.params import (
     SamplingParams,
     bucket,
 )
-from dllm_jax.sampling.state import DecodeState, Row, empty_state, merge_rows, row_arrays, state_shardings
+from dllm_jax.sampling.state import DecodeState, Row, empty_state_fn, merge_rows, row_arrays, state_shardings
 
 
 @dataclasses.dataclass
@@ -72,7 +72,8 @@ class Programs:
                 program = jax.jit(fn, in_shardings=(param_shardings, shardings), out_shardings=shardings,
                                   donate_argnums=(1,))
                 merge = jax.jit(merge_rows, out_shardings=shardings, donate_argnums=(0,))
-                self._cache[key] = (program, merge, shardings)
+                empty = empty_state_fn(key, m.spec, m.dtype, shardings, mask_id=m.mask_token_id)
+                self._cache[key] = (program, merge, shardings, empty)
             return self._cache[key]
 
 
@@ -109,8 +110,8 @@ class DecodeSession:
 
     def __init__(self, model, key: ProgramKey):
         self.model, self.key = model, key
-        self.program, self.merge, self.shardings = programs_of(model).get(key)
-        self.state: DecodeState = empty_state(key, model.mesh, model.spec, model.dtype, mask_id=model.mask_token_id)
+        self.program, self.merge, self.shardings, empty = programs_of(model).get(key)
+        self.state: DecodeState = empty()
         self.slots: dict[int, Row] = {}
         self._host: dict[str, np.ndarray] | None = None
 

@@ -161,18 +161,21 @@ def state_shardings(key: ProgramKey, mesh, spec, dtype) -> DecodeState:
     return DecodeState(**fields, batch_nfe=named(mesh, (), ()), cache=cache)
 
 
-def empty_state(key: ProgramKey, mesh, spec, dtype, *, mask_id: int) -> DecodeState:
-    """All slots empty (done), cache zeroed, placed on the mesh."""
+def empty_state_fn(key: ProgramKey, spec, dtype, shardings: DecodeState, *, mask_id: int):
+    """A function creating the all-empty state (slots done, cache zeroed) on the mesh."""
     arrays = row_arrays(key, {}, mask_id=mask_id, default_stops=(), d_model=spec.d_model)
     arrays.pop("replace")
-    shardings = state_shardings(key, mesh, spec, dtype)
-    fields = {f: jax.device_put(arrays[f], getattr(shardings, f)) for f in ROW_FIELDS}
-    cache = None
+    zeros = None
     if uses_cache(key):
         shape = (spec.n_layers, key.batch, key.canvas_len, spec.n_kv_heads, spec.head_dim)
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=shardings.cache.k)
-        cache = KVCache(zeros(), zeros())
-    return DecodeState(**fields, batch_nfe=jax.device_put(np.int32(0), shardings.batch_nfe), cache=cache)
+
+    def make() -> DecodeState:
+        fields = {f: jax.device_put(arrays[f], getattr(shardings, f)) for f in ROW_FIELDS}
+        cache = KVCache(zeros(), zeros()) if zeros is not None else None
+        return DecodeState(**fields, batch_nfe=jax.device_put(np.int32(0), shardings.batch_nfe), cache=cache)
+
+    return make
 
 
 def merge_rows(state: DecodeState, new: dict[str, jax.Array]) -> DecodeState:
