@@ -1,0 +1,131 @@
+"""GPU benchmark: full-size random LLaDA-8B (bf16), dual cache, throughput and % of matmul peak.
+
+Needs only what a CUDA JAX install has (jax, flax, orbax-checkpoint, numpy; transformers is
+not used). Runs unattended; ``benchmarks/gpu.sh`` wraps it. Steps:
+
+1. a float32 parity check of the sampler on the tiny golden fixture (highest precision),
+2. the bf16 matmul peak of this device (8192^3),
+3. per batch size: generation with the chosen algorithm, median wall time, tokens/s,
+   requests/s, model FLOPs and the fraction of the measured peak.
+
+    python -m benchmarks.gpu_bench --batches 1,8,32,64 --gen 256 --block 32 --prompt 128
+    python -m benchmarks.gpu_bench --shape tiny --batches 1,2 --gen 64   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parity_check() -> str:
+    """Golden LLaDA cases on this device in float32 (matmul precision 'highest')."""
+    import jax
+
+    import dllm_jax
+
+    fixture = ROOT / "tests" / "fixtures" / "llada_tiny"
+    if not fixture.exists():
+        return "parity: fixture not found, skipped"
+    with jax.default_matmul_precision("highest"):
+        m = dllm_jax.load(fixture / "model", dtype="float32")
+        cases = json.loads((fixture / "golden_generate.json").read_text())["cases"]
+        passed = 0
+        for c in cases:
+            args = {k: v for k, v in c["args"].items() if k != "mask_id"}
+            prompts = c["prompt_ids"]
+            if c["attention_mask"] is not None:
+                prompts = [[t for t, k in zip(p, a) if k] for p, a in zip(prompts, c["attention_mask"])]
+            out = m.generate(prompts, algorithm="basic", **args)
+            passed += bool(np.array_equal(out.tokens, np.array(c["generated_ids"]))) and out.nfe == c["num_model_calls"]
+    return f"parity (float32, highest precision): {passed}/{len(cases)} golden LLaDA cases token- and NFE-identical"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=["llada_8b", "nemotron_4b", "tiny"], default="llada_8b")
+    ap.add_argument("--algorithm", default="dual_cache")
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=256)
+    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=None, help="default: gen (one token per step)")
+    ap.add_argument("--threshold", type=float, default=None)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--skip-parity", action="store_true")
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    import dllm_jax
+    from benchmarks.common import device_description, forward_flops, matmul_peak, median_time, print_table
+
+    t_start = time.perf_counter()
+    print(f"device: {device_description()}", flush=True)
+    if not args.skip_parity:
+        print(parity_check(), flush=True)
+    peak_n = 8192 if jax.devices()[0].platform == "gpu" else 1024
+    peak = matmul_peak(args.dtype, n=peak_n)
+    print(f"{args.dtype} matmul peak ({peak_n}^3): {peak / 1e12:.1f} TFLOP/s", flush=True)
+
+    config = {"llada_8b": dllm_jax.LLaDAConfig.llada_8b, "nemotron_4b": dllm_jax.NemotronDiffusionConfig.nemotron_4b,
+              "tiny": dllm_jax.LLaDAConfig.tiny}[args.shape]()
+    t0 = time.perf_counter()
+    model = dllm_jax.Model.random(config, dtype=getattr(jnp, args.dtype))
+    jax.block_until_ready(model.params)
+    spec = model.spec
+    print(f"model: random {args.shape} {spec.param_count() / 1e9:.2f}B params {args.dtype} "
+          f"(init {time.perf_counter() - t0:.1f}s)", flush=True)
+
+    steps = args.steps or args.gen
+    kw = dict(algorithm=args.algorithm, gen_length=args.gen, block_length=args.block, steps=steps)
+    if args.threshold is not None:
+        kw["threshold"] = args.threshold
+    if args.algorithm == "static_block":
+        kw.pop("steps")
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompts = rng.integers(0, min(config.mask_token_id, 30000), size=(batch, args.prompt))
+        try:
+            t0 = time.perf_counter()
+            out = model.generate(prompts, **kw)  # compile + first run
+            first = time.perf_counter() - t0
+            t, _ = median_time(lambda: model.generate(prompts, **kw), args.repeats)
+            out = model.generate(prompts, **kw)
+        except Exception as e:  # e.g. out of memory at the largest batch: report and go on
+            print(f"batch {batch}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            traceback.print_exc(limit=1)
+            continue
+        length = args.prompt + args.gen
+        blocks = args.gen // args.block
+        if args.algorithm in ("basic", "no_cache"):
+            flops = out.nfe * forward_flops(spec, batch=batch, q_tokens=length, kv_len=length, head_positions=args.block)
+        else:
+            full = forward_flops(spec, batch=batch, q_tokens=length, kv_len=length, head_positions=args.block)
+            cached = forward_flops(spec, batch=batch, q_tokens=args.block, kv_len=length, head_positions=args.block)
+            flops = blocks * full + max(out.nfe - blocks, 0) * cached
+        rows.append({"model": args.shape, "dtype": args.dtype, "algorithm": args.algorithm, "batch": batch,
+                     "prompt": args.prompt, "gen": args.gen, "block": args.block, "steps": steps,
+                     "NFE": out.nfe, "first call s": first, "median s": t, "tokens/s": batch * args.gen / t,
+                     "requests/s": batch / t, "ms/NFE": 1e3 * t / out.nfe, "TFLOP/s": flops / t / 1e12,
+                     "% of peak": 100 * flops / t / peak})
+        print(f"batch {batch}: {t:.2f}s median, {batch * args.gen / t:.0f} tokens/s, "
+              f"{100 * flops / t / peak:.1f}% of peak", flush=True)
+    print_table(rows, ["model", "dtype", "algorithm", "batch", "prompt", "gen", "block", "steps", "NFE",
+                       "first call s", "median s", "tokens/s", "requests/s", "ms/NFE", "TFLOP/s", "% of peak"],
+                title=f"GPU benchmark on {device_description()}, peak {peak / 1e12:.0f} TFLOP/s ({args.dtype})")
+    print(f"total wall time {time.perf_counter() - t_start:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
