@@ -1,0 +1,10 @@
+"""OpenAI-compatible HTTP server for dllm-jax (``python -m serve``).
+
+Layout (one concern per file): ``__main__`` CLI; ``app`` FastAPI factory, errors, auth;
+``routes`` thin endpoints; ``protocol`` request models and the field policy; ``params``
+request -> SamplingParams with per-family defaults; ``serving`` request -> engine -> response;
+``streaming`` SSE; ``detok`` incremental UTF-8-safe text with stop strings; ``responses``
+bodies from ``openai.types``; ``engine`` queue + scheduler thread; ``executor`` the
+device-facing command sequence; ``multihost`` jax.distributed + follower loop; ``metrics``
+Prometheus text; ``demo`` the random demo model.
+"""

@@ -1,0 +1,138 @@
+"""``python -m serve``: an OpenAI-compatible server for LLaDA / Nemotron-Diffusion.
+
+    python -m serve --model <orbax dir | hf dir | hub id> --mesh 8 --port 8000
+    python -m serve            # no --model: a tiny random-weight demo model, no download
+
+The HTTP server starts at once; /health answers 503 while the model loads and the
+configured buckets compile, then 200. See docs/api.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("serve")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="Orbax dir from convert, HF dir or hub id (default: the random demo model)")
+    p.add_argument("--mesh", default=None, help="'8' (data parallel) or '4x2' (data x model); default: all devices")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients use in 'model' (default: the checkpoint dir name or hub id)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("DLLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: env DLLM_API_KEY; prefer the env var)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="slots per compiled batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a new batch waits to fill before it starts")
+    p.add_argument("--max-queue", type=int, default=1024, help="waiting sequences before 429")
+    p.add_argument("--max-sessions", type=int, default=4, help="batches (decode sessions) in flight")
+    p.add_argument("--batch-buckets", default=None,
+                   help="compiled batch sizes, e.g. '1,8,32' (default: powers of two up to --max-batch-size)")
+    p.add_argument("--prompt-buckets", default=None, help="compiled prompt lengths, e.g. '64,256,1024'")
+    p.add_argument("--warmup-buckets", nargs="*", default=None,
+                   help="BATCHxPROMPTxGEN programs to compile before ready, e.g. 1x128x128 32x128x128 "
+                        "('none' for none; default: 1x128x128 and MAX_BATCHx128x128)")
+    p.add_argument("--compile-cache", default=None, help="directory for JAX's persistent compilation cache")
+    p.add_argument("--log-level", default="info")
+    g = p.add_argument_group("multi-host (SLURM is auto-detected)")
+    g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.max_batch_size < 1 or args.max_queue < 1 or args.max_sessions < 1 or args.max_wait_ms < 0:
+        p.error("--max-batch-size, --max-queue and --max-sessions must be >= 1, --max-wait-ms >= 0")
+    return args
+
+
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    return tuple(int(x) for x in text.split(",") if x.strip()) if text else None
+
+
+def warmup_buckets(spec, max_batch: int) -> tuple[tuple[int, int, int], ...]:
+    if spec is None:
+        spec = ["1x128x128", f"{max_batch}x128x128"]
+    if spec in (["none"], []):
+        return ()
+    out = []
+    for item in spec:
+        parts = item.lower().split("x")
+        if len(parts) != 3:
+            raise SystemExit(f"--warmup-buckets {item!r} must look like BATCHxPROMPTxGEN, e.g. 8x128x128")
+        out.append(tuple(int(x) for x in parts))
+    return tuple(dict.fromkeys(out))
+
+
+def default_name(model: str | None) -> str:
+    from serve.demo import DEMO_NAME
+
+    if model is None:
+        return DEMO_NAME
+    path = Path(model).expanduser()
+    return path.resolve().name if path.exists() else model
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from serve import multihost
+
+    multi = multihost.initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+    import jax
+
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+    import dllm_jax
+    from serve.demo import demo_model
+
+    mesh = dllm_jax.make_mesh(args.mesh)
+    log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size, jax.devices()[0].platform)
+
+    def load():
+        if args.model is None:
+            return demo_model(mesh=mesh)
+        log.info("loading %s (dtype=%s)", args.model, args.dtype or "checkpoint")
+        return dllm_jax.load(args.model, mesh=mesh, dtype=args.dtype)
+
+    if multi and jax.process_index() != 0:
+        multihost.follow(load())
+        return
+
+    import uvicorn
+
+    from serve.app import create_app
+    from serve.engine import Engine, EngineOptions
+    from serve.metrics import Metrics
+
+    names = args.served_model_name or [default_name(args.model)]
+    options = EngineOptions(
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        max_sessions=args.max_sessions, batch_buckets=_ints(args.batch_buckets),
+        prompt_buckets=_ints(args.prompt_buckets), warmup=warmup_buckets(args.warmup_buckets, args.max_batch_size),
+        heartbeat_s=10.0 if multi else None)
+    engine = Engine(load, names=names, options=options, metrics=Metrics(names[0]), demo=args.model is None,
+                    make_executor=multihost.leader_executor if multi else None)
+    app = create_app(engine, api_key=args.api_key)
+    engine.start()
+    log.info("serving %s on http://%s:%d (API key %s)", ", ".join(names), args.host, args.port,
+             "required" if args.api_key else "off")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
+    finally:
+        engine.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""FastAPI app factory: routes, OpenAI-shaped errors for everything, API key, X-Request-Id.
+
+No client input may produce FastAPI's ``{"detail": ...}`` body, a 422 or a 500: validation
+errors (malformed JSON, wrong types) answer 400 naming the field, unknown routes 404, and a
+catch-all handler turns any bug into a 500 in OpenAI's shape without touching the engine.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import uuid
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from serve.engine import Engine
+from serve.metrics import Metrics
+from serve.protocol import APIError
+from serve.routes import router
+from serve.serving import Serving
+
+log = logging.getLogger("serve")
+
+OPEN_PATHS = ("/health", "/metrics")
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def validation_param(loc) -> str | None:
+    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content'."""
+    parts = [p for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            if not out:
+                break  # a position in the raw body, not a field
+            out += f"[{p}]"
+        elif isinstance(p, str) and p.isidentifier() and p not in ("str", "int", "float", "bool", "list", "dict"):
+            out += f".{p}" if out else p
+        else:
+            break  # pydantic's union / type tags
+    return out or None
+
+
+class RequestContext:
+    """Pure ASGI middleware: X-Request-Id echo, API key check, status counting.
+
+    (Not BaseHTTPMiddleware: that one interferes with streaming and disconnect detection.)
+    """
+
+    def __init__(self, app, *, api_key: str | None, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        rid = headers.get("x-request-id") or uuid.uuid4().hex
+        status_seen = {}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", rid.encode("latin-1"))]
+                status_seen["status"] = message["status"]
+                self.metrics.http_status(message["status"])
+            await send(message)
+
+        if self.api_key and scope["path"] not in OPEN_PATHS:
+            auth = headers.get("authorization", "")
+            token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                err = APIError(401, "Incorrect API key provided" if token else
+                               "Missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+                return await error_response(err)(scope, receive, send_with_id)
+        await self.app(scope, receive, send_with_id)
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics | None = None) -> FastAPI:
+    metrics = metrics or engine.metrics
+    app = FastAPI(title="dllm-jax", description="OpenAI-compatible server for masked-diffusion LMs",
+                  version="0.1.0")
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.serving = Serving(engine, metrics)
+    app.include_router(router)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return error_response(APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
+                                           code="invalid_json"))
+        param = validation_param(first.get("loc", ()))
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg", "invalid request"))
+        if first.get("type") == "missing":
+            message = f"missing required parameter: {param}"
+        return error_response(APIError(400, message, param=param, code="invalid_type"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        status = exc.status_code
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"method {request.method} not allowed on {request.url.path}"}.get(status, str(exc.detail))
+        return error_response(APIError(status, message, code={404: "not_found"}.get(status)))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+
+    # json.JSONDecodeError of a body FastAPI did not parse itself (defensive).
+    app.add_exception_handler(json.JSONDecodeError, lambda r, e: error_response(
+        APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json")))
+
+    app.add_middleware(RequestContext, api_key=api_key, metrics=metrics)
+    return app

@@ -1,0 +1,107 @@
+"""OpenAI request fields -> ``dllm_jax.sampling.SamplingParams``, with per-family defaults.
+
+``max_tokens`` becomes the canvas length: ``gen_length = ceil(max_tokens / block_length) *
+block_length`` (the sampler needs whole blocks); ``steps`` defaults to ``gen_length`` (one
+token per step for the fixed schedule); the returned tokens are cut at ``max_tokens``
+(finish_reason "length" when that cut something).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+from dllm_jax.sampling import ALGORITHMS, ALIASES, SamplingError, SamplingParams
+from serve.protocol import DiffusionFields, bad_request
+
+DEFAULT_MAX_TOKENS = 128
+
+# What a plain OpenAI request (only `messages`) runs, per family. LLaDA: Fast-dLLM dual cache
+# with the 0.9 confidence threshold (the fastest exact-upstream mode); Nemotron: its own
+# NeMo-RL static-block decoder. early_stop ends a row at the first block holding EOS.
+FAMILY_DEFAULTS = {
+    "llada": {"algorithm": "dual_cache", "block_length": 32, "threshold": 0.9, "factor": None, "early_stop": True},
+    "nemotron": {"algorithm": "static_block", "block_length": 32, "threshold": None, "factor": 1.0,
+                 "early_stop": True},
+}
+
+
+def family_defaults(family: str) -> dict:
+    """Defaults shown by /v1/models."""
+    d = FAMILY_DEFAULTS[family]
+    return {"max_tokens": DEFAULT_MAX_TOKENS, "temperature": 0.0, "remasking": "low_confidence",
+            "cfg_scale": 0.0, "steps": "gen_length (= ceil(max_tokens / block_length) * block_length)",
+            "shift_logits": family == "nemotron", **d}
+
+
+def algorithm_names(family: str) -> dict:
+    """Algorithms usable with this family: name -> description (aliases listed separately)."""
+    out = {}
+    for name, algo in ALGORITHMS.items():
+        if algo.cache == "sliding" and family != "nemotron":
+            continue
+        out[name] = algo.description
+    return out
+
+
+def aliases(family: str) -> dict:
+    usable = algorithm_names(family)
+    return {a: c for a, c in ALIASES.items() if c in usable}
+
+
+def gen_length_for(max_tokens: int, block_length: int) -> int:
+    return math.ceil(max_tokens / block_length) * block_length
+
+
+def default_params(family: str, gen_length: int) -> SamplingParams:
+    """The family's default settings for a canvas of gen_length (used for warm-up)."""
+    d = FAMILY_DEFAULTS[family]
+    return SamplingParams(gen_length=gen_length, block_length=d["block_length"], algorithm=d["algorithm"],
+                          threshold=d["threshold"], factor=d["factor"], early_stop=d["early_stop"]).resolve(family)
+
+
+def request_params(req: DiffusionFields, family: str, max_length: int) -> tuple[list[SamplingParams], int]:
+    """Resolved params of each of the request's n choices, and max_tokens.
+
+    Raises APIError 400 naming the offending field.
+    """
+    d = FAMILY_DEFAULTS[family]
+    max_tokens = req.max_new_tokens()
+    param_name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    if max_tokens < 1:
+        raise bad_request(f"{param_name}={max_tokens} must be >= 1", param_name)
+    if max_tokens > max_length:
+        raise bad_request(f"{param_name}={max_tokens} exceeds the model's context of {max_length} tokens",
+                          param_name)
+    algorithm = req.algorithm if req.algorithm is not None else req.generation_algorithm
+    algo_param = "algorithm" if req.algorithm is not None else "generation_algorithm"
+    block_length = req.block_length if req.block_length is not None else d["block_length"]
+    if block_length < 1:
+        raise bad_request(f"block_length={block_length} must be >= 1", "block_length")
+    explicit = req.model_fields_set
+    if algorithm is None and not {"threshold", "factor"} & explicit:
+        # the family default algorithm comes with its default transfer rule
+        threshold, factor = d["threshold"], d["factor"]
+    else:
+        threshold, factor = req.threshold, req.factor
+    seed = req.seed if req.seed is not None else random.randrange(2**31)
+    base = dict(
+        gen_length=gen_length_for(max_tokens, block_length), steps=req.steps, block_length=block_length,
+        temperature=0.0 if req.temperature is None else float(req.temperature),
+        cfg_scale=0.0 if req.cfg_scale is None else float(req.cfg_scale),
+        remasking=req.remasking or "low_confidence", threshold=threshold, factor=factor,
+        algorithm=algorithm if algorithm is not None else d["algorithm"],
+        early_stop=d["early_stop"] if req.early_stop is None else req.early_stop,
+        shift_logits=req.shift_logits)
+    try:
+        first = SamplingParams(seed=seed, **base).resolve(family)
+    except SamplingError as e:
+        param = {"gen_length": param_name, "algorithm": algo_param}.get(e.param, e.param)
+        raise bad_request(str(e), param) from None
+    except (TypeError, ValueError) as e:  # defensive: anything else the sampler rejects
+        raise bad_request(str(e)) from None
+    n = req.n or 1
+    return [dataclasses.replace(first, seed=seed + i) for i in range(n)], max_tokens

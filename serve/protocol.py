@@ -1,0 +1,225 @@
+"""Request models of the OpenAI-compatible endpoints, and the field policy.
+
+Every field a client may send is either honoured, accepted because its value cannot change
+the result (``user``, ``metadata``, ``top_p=1`` ...), or rejected with a 400 that names it.
+Unknown fields are rejected too, with OpenAI's own wording ("Unrecognized request argument
+supplied"), so nothing that changes results is silently ignored. The diffusion fields
+(``steps``, ``block_length``, ``algorithm`` ...) arrive top-level, which is where the
+``openai`` client puts ``extra_body``. The table lives in docs/api.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             500: "server_error", 503: "service_unavailable"}
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+class _Strict(BaseModel):
+    # strict: "5" is not an int and true is not 1 (OpenAI rejects both); ints are fine for floats.
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class TextPart(_Strict):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = False
+
+
+class DiffusionFields(_Strict):
+    """Sampling fields shared by both endpoints (OpenAI's and the diffusion ones)."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    # diffusion (extra_body)
+    steps: int | None = None
+    block_length: int | None = None
+    algorithm: str | None = None
+    generation_algorithm: str | None = None
+    remasking: str | None = None
+    threshold: float | None = None
+    factor: float | None = None
+    cfg_scale: float | None = None
+    early_stop: bool | None = None
+    shift_logits: bool | None = None
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class ChatCompletionRequest(DiffusionFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def max_new_tokens(self) -> int | None:
+        a, b = self.max_tokens, self.max_completion_tokens
+        if a is not None and b is not None and a != b:
+            raise bad_request(f"max_tokens={a} and max_completion_tokens={b} disagree; give one of them",
+                              "max_completion_tokens")
+        return b if b is not None else a
+
+
+class CompletionRequest(DiffusionFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+# ---- field policy ------------------------------------------------------------------------
+
+# Accepted whatever their value: they cannot change the generated text.
+IGNORED = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+           "parallel_tool_calls", "stream_options"}
+
+
+def _neutral(value) -> bool:
+    return value is None or value is False or value == 0 or value == [] or value == {} or value == ""
+
+
+# Fields we cannot honour: accepted only at their neutral value (what OpenAI does by default).
+NEUTRAL_ONLY: dict[str, tuple[Any, str]] = {
+    "logprobs": (_neutral, "log probabilities are not supported by this diffusion server"),
+    "top_logprobs": (_neutral, "log probabilities are not supported by this diffusion server"),
+    "logit_bias": (_neutral, "logit_bias is not supported"),
+    "presence_penalty": (_neutral, "presence_penalty is not supported (diffusion models decode all positions "
+                                   "in parallel; only 0 is accepted)"),
+    "frequency_penalty": (_neutral, "frequency_penalty is not supported (only 0 is accepted)"),
+    "echo": (_neutral, "echo is not supported"),
+    "suffix": (_neutral, "suffix (insertion) is not supported"),
+    "best_of": (lambda v: v in (None, 1), "best_of is not supported (only 1); use n for several samples"),
+    "tools": (_neutral, "tool calling is not supported"),
+    "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported"),
+    "functions": (_neutral, "function calling is not supported"),
+    "function_call": (lambda v: v in (None, "none"), "function calling is not supported"),
+    "response_format": (lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+                        "response_format other than {'type': 'text'} is not supported"),
+    "modalities": (lambda v: v is None or v == ["text"], "only the text modality is supported"),
+    "audio": (_neutral, "audio output is not supported"),
+    "prediction": (_neutral, "predicted outputs are not supported"),
+    "web_search_options": (_neutral, "web search is not supported"),
+    "reasoning_effort": (_neutral, "reasoning_effort is not supported"),
+    "verbosity": (_neutral, "verbosity is not supported"),
+    "top_k": (lambda v: v in (None, 0, -1), "top_k is not supported (diffusion sampling uses the full "
+                                            "distribution; only 0 / -1 are accepted)"),
+    "min_p": (_neutral, "min_p is not supported"),
+    "repetition_penalty": (lambda v: v in (None, 1, 1.0), "repetition_penalty is not supported (only 1.0)"),
+    "min_tokens": (_neutral, "min_tokens is not supported"),
+    "ignore_eos": (_neutral, "ignore_eos is not supported"),
+}
+
+MAX_N = 64
+MAX_STOP = 16
+
+
+def check_fields(req: DiffusionFields) -> None:
+    """Reject what we cannot honour (400 naming the field)."""
+    fields = dict(req.model_extra or {})
+    for name in ("logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "echo",
+                 "suffix", "best_of"):
+        if name in type(req).model_fields:
+            fields[name] = getattr(req, name)
+    for name, value in fields.items():
+        if name in IGNORED:
+            continue
+        if name in NEUTRAL_ONLY:
+            ok, why = NEUTRAL_ONLY[name]
+            if not ok(value):
+                raise bad_request(f"{why} (got {name}={value!r})", name, "unsupported_parameter")
+            continue
+        if name not in type(req).model_fields:
+            raise bad_request(f"Unrecognized request argument supplied: {name}", name, "unrecognized_argument")
+    if req.top_p is not None and req.top_p != 1:
+        if not 0 < req.top_p <= 1:
+            raise bad_request(f"top_p={req.top_p} must be in (0, 1]", "top_p")
+        raise bad_request(f"top_p={req.top_p} < 1 is not supported (nucleus sampling is not implemented; "
+                          "use temperature)", "top_p", "unsupported_parameter")
+    if req.n is not None and not 1 <= req.n <= MAX_N:
+        raise bad_request(f"n={req.n} must be between 1 and {MAX_N}", "n")
+    if req.temperature is not None and not (math.isfinite(req.temperature) and req.temperature >= 0):
+        raise bad_request(f"temperature={req.temperature} must be a finite number >= 0", "temperature")
+    if req.seed is not None and not 0 <= req.seed < 2**62:
+        raise bad_request(f"seed={req.seed} must be an integer in [0, 2^62)", "seed")
+    stops = stop_list(req.stop)
+    if len(stops) > MAX_STOP or any(not s for s in stops):
+        raise bad_request(f"stop must be a non-empty string or a list of at most {MAX_STOP} non-empty strings",
+                          "stop")
+    if req.algorithm is not None and req.generation_algorithm is not None \
+            and req.algorithm != req.generation_algorithm:
+        raise bad_request("algorithm and generation_algorithm disagree; give one of them", "generation_algorithm")
+
+
+def stop_list(stop) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def message_text(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages for the chat template: string content; text parts joined with newlines."""
+    out = []
+    for i, msg in enumerate(messages):
+        content = msg.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                kind = part.get("type")
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(f"content part of type {kind!r} is not supported (text only)",
+                                      f"messages[{i}].content[{j}]", "unsupported_content")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        if content is None:
+            raise bad_request("message content must be a string or a list of text parts",
+                              f"messages[{i}].content")
+        if msg.role in ("tool", "function") or (msg.model_extra or {}).get("tool_calls"):
+            raise bad_request("tool messages are not supported", f"messages[{i}].role", "unsupported_parameter")
+        role = "system" if msg.role == "developer" else msg.role
+        out.append({"role": role, "content": content})
+    return out

@@ -1,0 +1,85 @@
+"""Response bodies built from the official ``openai.types`` models, so the wire format is not
+hand-written. Dumped with ``exclude_unset``: fields set to None on purpose (``logprobs``,
+``refusal``, a chunk's ``finish_reason``) stay on the wire as null, as OpenAI sends them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from openai.types import Completion, CompletionChoice, CompletionUsage, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice as ChatChoice
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def dump(obj) -> dict:
+    return obj.model_dump(mode="json", exclude_unset=True)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
+    return CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                           total_tokens=prompt_tokens + completion_tokens)
+
+
+def chat_completion(rid: str, created: int, model: str, choices: list[tuple[str, str]], use: CompletionUsage) -> dict:
+    """choices: (text, finish_reason) per index."""
+    return dump(ChatCompletion(
+        id=rid, object="chat.completion", created=created, model=model, usage=use,
+        choices=[ChatChoice(index=i, finish_reason=reason, logprobs=None,
+                            message=ChatCompletionMessage(role="assistant", content=text, refusal=None))
+                 for i, (text, reason) in enumerate(choices)]))
+
+
+def chat_chunk(rid: str, created: int, model: str, index: int, *, role: str | None = None,
+               content: str | None = None, finish_reason: str | None = None, with_usage: bool = False) -> dict:
+    delta = ChoiceDelta(role=role, content=content) if role else (
+        ChoiceDelta(content=content) if content is not None else ChoiceDelta())
+    chunk = ChatCompletionChunk(id=rid, object="chat.completion.chunk", created=created, model=model,
+                                choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
+                                                     logprobs=None)])
+    if with_usage:
+        chunk.usage = None
+    return dump(chunk)
+
+
+def chat_usage_chunk(rid: str, created: int, model: str, use: CompletionUsage) -> dict:
+    return dump(ChatCompletionChunk(id=rid, object="chat.completion.chunk", created=created, model=model,
+                                    choices=[], usage=use))
+
+
+def completion(rid: str, created: int, model: str, choices: list[tuple[str, str]], use: CompletionUsage) -> dict:
+    return dump(Completion(
+        id=rid, object="text_completion", created=created, model=model, usage=use,
+        choices=[CompletionChoice(index=i, text=text, finish_reason=reason, logprobs=None)
+                 for i, (text, reason) in enumerate(choices)]))
+
+
+def completion_chunk(rid: str, created: int, model: str, index: int, text: str, finish_reason: str | None,
+                     with_usage: bool = False) -> dict:
+    # The one body written by hand: openai's Completion type has a non-null finish_reason,
+    # but streamed chunks carry null until the end (as OpenAI sends them).
+    out = {"id": rid, "object": "text_completion", "created": created, "model": model,
+           "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+    if with_usage:
+        out["usage"] = None
+    return out
+
+
+def completion_usage_chunk(rid: str, created: int, model: str, use: CompletionUsage) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+            "usage": dump(use)}
+
+
+def model_card(name: str, created: int, extra: dict) -> dict:
+    return dump(Model(id=name, object="model", created=created, owned_by="dllm-jax", **extra))

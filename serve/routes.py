@@ -1,0 +1,45 @@
+"""Thin routes: parse (pydantic), hand to ``Serving`` / the engine found on ``app.state``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, PlainTextResponse
+
+from serve import responses
+from serve.params import aliases, algorithm_names, family_defaults
+from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    return await request.app.state.serving.chat(body, request)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    return await request.app.state.serving.completion(body, request)
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    info = request.app.state.engine.info()
+    extra = {"family": info.family, "max_model_len": info.max_length, "demo": info.demo,
+             "source": info.source, "mesh": info.mesh, "defaults": family_defaults(info.family),
+             "algorithms": algorithm_names(info.family), "algorithm_aliases": aliases(info.family)}
+    return {"object": "list", "data": [responses.model_card(name, info.created, extra) for name in info.names]}
+
+
+@router.get("/health")
+async def health(request: Request):
+    ready, state = request.app.state.engine.health()
+    if ready:
+        return {"status": "ok"}
+    err = APIError(503, f"the engine is {state.replace('_', ' ')}", code=state)
+    return JSONResponse({**err.body(), "status": state}, status_code=503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,82 @@
+"""Server-sent events: text is streamed as diffusion blocks become final.
+
+Chunk order (per OpenAI): a role chunk per choice (chat only), one text delta per choice and
+finished block whose text grew (incremental, UTF-8-safe detokenisation in ``serve.detok``),
+a final chunk per choice with its ``finish_reason``, a usage chunk with empty ``choices``
+when ``stream_options.include_usage``, then ``data: [DONE]``. An error after the stream has
+started is sent as one ``data: {"error": ...}`` event before ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import AsyncIterator
+
+from starlette.responses import StreamingResponse
+
+from serve import responses
+from serve.protocol import APIError
+
+log = logging.getLogger("serve")
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse_stream(kind: str, rid: str, created: int, model: str, handle, choices, prompt_tokens: int,
+               include_usage: bool, metrics) -> StreamingResponse:
+    return StreamingResponse(
+        _events(kind, rid, created, model, handle, choices, prompt_tokens, include_usage, metrics),
+        media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _events(kind, rid, created, model, handle, choices, prompt_tokens, include_usage,
+                  metrics) -> AsyncIterator[str]:
+    if kind == "chat":
+        def chunk(i, text=None, reason=None, role=None):
+            return responses.chat_chunk(rid, created, model, i, role=role, content=text, finish_reason=reason,
+                                        with_usage=include_usage)
+    else:
+        def chunk(i, text=None, reason=None, role=None):
+            return responses.completion_chunk(rid, created, model, i, text or "", reason, with_usage=include_usage)
+
+    first = True
+    try:
+        if kind == "chat":
+            for i in range(len(choices.reasons)):
+                yield sse(chunk(i, "", role="assistant"))
+        while not choices.done:
+            event = await handle.next()
+            out = choices.apply(event)
+            if out is None:
+                continue
+            text, reason = out
+            if text:
+                if first:
+                    metrics.observe("time_to_first_chunk_seconds", time.monotonic() - handle.arrival)
+                    first = False
+                yield sse(chunk(event.index, text))
+            if reason is not None:
+                yield sse(chunk(event.index, reason=reason))
+        metrics.observe("request_latency_seconds", time.monotonic() - handle.arrival)
+        if include_usage:
+            use = responses.usage(prompt_tokens, sum(choices.tokens))
+            usage_chunk = responses.chat_usage_chunk if kind == "chat" else responses.completion_usage_chunk
+            yield sse(usage_chunk(rid, created, model, use))
+        yield DONE
+    except APIError as e:
+        yield sse(e.body())
+        yield DONE
+    except Exception as e:  # noqa: BLE001 - the status line is sent; report in-band
+        log.exception("stream %s failed", rid)
+        yield sse(APIError(500, f"internal error: {type(e).__name__}", code="internal_error").body())
+        yield DONE
+    finally:
+        if not choices.done:
+            handle.cancel()  # the client went away (or an error): free the slots
