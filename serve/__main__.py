@@ -108,6 +108,7 @@ def main(argv=None) -> None:
 
     if multi and jax.process_index() != 0:
         multihost.follow(load())
+        jax.distributed.shutdown()
         return
 
     import uvicorn
@@ -124,7 +125,7 @@ def main(argv=None) -> None:
         heartbeat_s=10.0 if multi else None)
     engine = Engine(load, names=names, options=options, metrics=Metrics(names[0]), demo=args.model is None,
                     make_executor=multihost.leader_executor if multi else None)
-    app = create_app(engine, api_key=args.api_key)
+    app = create_app(engine, api_key=args.api_key, on_shutdown=jax.distributed.shutdown if multi else None)
     engine.start()
     log.info("serving %s on http://%s:%d (API key %s)", ", ".join(names), args.host, args.port,
              "required" if args.api_key else "off")

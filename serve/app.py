@@ -7,6 +7,7 @@ catch-all handler turns any bug into a 500 in OpenAI's shape without touching th
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -14,6 +15,7 @@ import uuid
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -83,10 +85,23 @@ class RequestContext:
         await self.app(scope, receive, send_with_id)
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics | None = None) -> FastAPI:
+def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics | None = None,
+               on_shutdown=None) -> FastAPI:
+    """The app; ``on_shutdown`` runs after the engine stopped (multi-host: jax.distributed.shutdown)."""
     metrics = metrics or engine.metrics
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # Graceful shutdown (SIGTERM/SIGINT): stop the scheduler here, inside uvicorn's
+        # shutdown, so multi-host followers get their 'shutdown' command before this process
+        # exits (uvicorn re-raises the signal after the lifespan ends).
+        await run_in_threadpool(engine.stop)
+        if on_shutdown is not None:
+            await run_in_threadpool(on_shutdown)
+
     app = FastAPI(title="dllm-jax", description="OpenAI-compatible server for masked-diffusion LMs",
-                  version="0.1.0")
+                  version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.serving = Serving(engine, metrics)

@@ -48,14 +48,16 @@ def server_env(devices: int = 8, **extra) -> dict:
 class Server:
     """``python -m serve ARGS`` on a free localhost port; ready when /health says 200."""
 
-    def __init__(self, *args: str, env: dict | None = None, timeout: float = 300.0, port: int | None = None):
+    def __init__(self, *args: str, env: dict | None = None, timeout: float = 300.0, port: int | None = None,
+                 wait: bool = True):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "serve", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env or server_env(), stdout=self.log,
                                      stderr=subprocess.STDOUT)
-        self.wait_ready(timeout)
+        if wait:
+            self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -84,6 +86,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
 
 
 # ---- OpenAI schemas ----------------------------------------------------------------------

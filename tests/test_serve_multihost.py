@@ -1,0 +1,61 @@
+"""Multi-host serving on one machine: 2 processes x 4 CPU devices under jax.distributed.
+
+Process 0 serves HTTP and broadcasts every session command; process 1 replays them. The
+answers must equal ``Model.generate`` on one device, and stopping process 0 must stop the
+follower.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import openai
+import pytest
+
+from test_serve_e2e import chat_ids, reference
+from test_serve_utils import LLADA_MODEL, REPO, Server, free_port, server_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    coord = f"127.0.0.1:{free_port()}"
+    common = ["--model", str(LLADA_MODEL), "--mesh", "8", "--max-batch-size", "8", "--warmup-buckets", "none",
+              "--max-wait-ms", "50", "--coordinator-address", coord, "--num-processes", "2"]
+    env = server_env(devices=4)
+    log = tmp_path_factory.mktemp("multihost") / "follower.log"
+    with open(log, "w") as f:
+        follower = subprocess.Popen([sys.executable, "-m", "serve", *common, "--process-id", "1"], cwd=REPO,
+                                    env=env, stdout=f, stderr=subprocess.STDOUT)
+    leader = None
+    try:
+        leader = Server(*common, "--process-id", "0", env=env, timeout=300)
+        yield leader, follower, log
+    finally:
+        if leader is not None:
+            leader.stop()
+        try:
+            follower.wait(60)
+        except subprocess.TimeoutExpired:
+            follower.kill()
+            follower.wait()
+
+
+def test_two_processes_answer_like_one_device(cluster, llada_model):
+    leader, follower, log = cluster
+    client = openai.OpenAI(base_url=leader.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    model = client.models.list().data[0]
+    assert model.mesh == {"data": 8, "model": 1}
+    tok = llada_model.tokenizer
+    texts = ["The cat", "Once upon a time"]
+    out = client.completions.create(model=model.id, prompt=texts, max_tokens=24)
+    assert [c.text for c in out.choices] == reference(llada_model, [tok.encode(t) for t in texts], [24, 24])
+    chat = client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "Hello there!"}],
+                                          max_tokens=24, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in chat if c.choices)
+    assert text == reference(llada_model, [chat_ids(tok, "Hello there!")], [24])[0]
+    assert follower.poll() is None, log.read_text()[-3000:]
+    leader.stop()
+    assert follower.wait(60) == 0, log.read_text()[-3000:]
