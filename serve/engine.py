@@ -330,7 +330,7 @@ class Engine:
         self.waiting = kept
         for session in list(self.sessions):
             for slot, seq in list(session.slots.items()):
-                if seq.id in ids:
+                if seq.id in ids and session in self.sessions:
                     self.metrics.inc("requests_cancelled_total")
                     self._release(session, slot)
 
@@ -354,20 +354,25 @@ class Engine:
         groups: dict[ProgramKey, list[_Seq]] = {}
         for seq in rest:
             groups.setdefault(seq.group, []).append(seq)
-        admitted_new: set[int] = set()
         for group, seqs in groups.items():
             if len(self.sessions) >= opts.max_sessions:
                 break
             if len(seqs) < opts.max_batch_size and now - seqs[0].arrival < opts.max_wait_ms / 1e3:
                 continue
             chosen = seqs[:opts.max_batch_size]
-            key = program_key(self.model, max(len(s.req.prompt) for s in chosen), chosen[0].req.params,
-                              len(chosen), prompt_buckets=self._prompt_buckets(),
-                              batch_buckets=opts.batch_bucket_list())
-            session = _Session(self.executor.open(key), key, group, {})
+            try:
+                key = program_key(self.model, max(len(s.req.prompt) for s in chosen), chosen[0].req.params,
+                                  len(chosen), prompt_buckets=self._prompt_buckets(),
+                                  batch_buckets=opts.batch_bucket_list())
+                session = _Session(self.executor.open(key), key, group, {})
+            except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
+                failed = {s.id for s in chosen}
+                self.waiting = [s for s in self.waiting if s.id not in failed]
+                self._dequeued(len(chosen))
+                self._fail(None, chosen, e, "opening a batch")
+                continue
             self.sessions.append(session)
             admits[session.sid] = dict(enumerate(chosen))
-            admitted_new.update(s.id for s in chosen)
         if not admits:
             return
         taken = {seq.id for rows in admits.values() for seq in rows.values()}
@@ -375,11 +380,15 @@ class Engine:
         by_sid = {s.sid: s for s in self.sessions}
         for sid, rows in admits.items():
             session = by_sid[sid]
-            self.executor.admit(sid, {slot: (seq.req.prompt, seq.req.params) for slot, seq in rows.items()})
+            self._dequeued(len(rows))
+            try:
+                self.executor.admit(sid, {slot: (seq.req.prompt, seq.req.params) for slot, seq in rows.items()})
+            except Exception as e:  # noqa: BLE001
+                self._fail(session if not session.slots else None, list(rows.values()), e, "admitting rows")
+                continue
             session.slots.update(rows)
             for seq in rows.values():
                 self.metrics.observe("queue_time_seconds", now - seq.arrival)
-            self._dequeued(len(rows))
         self._last_command = time.monotonic()
 
     def _step(self, session: _Session) -> None:
@@ -387,15 +396,7 @@ class Engine:
         try:
             updates = self.executor.step(session.sid)
         except Exception as e:  # noqa: BLE001 - fail this batch only
-            log.exception("block program failed for %s", session.key)
-            err = APIError(500, f"generation failed: {type(e).__name__}: {e}", code="engine_error")
-            for seq in session.slots.values():
-                seq.handle.post(Event(seq.index, np.zeros(0, np.int32), True, None, 0, error=err))
-            self.sessions.remove(session)
-            try:
-                self.executor.close(session.sid)
-            except Exception:  # noqa: BLE001
-                log.exception("closing a failed session")
+            self._fail(session, list(session.slots.values()), e, "running a block")
             return
         self._last_command = time.monotonic()
         self.metrics.batch(len(session.slots), session.key.batch, self._last_command - t0)
@@ -414,15 +415,39 @@ class Engine:
                 seq.handle.post(Event(seq.index, tokens, done, reason, u.nfe))
             if done:
                 self.metrics.inc("nfe_total", u.nfe)
-                self._release(session, u.slot)
+                if not self._release(session, u.slot):
+                    return
 
-    def _release(self, session: _Session, slot: int) -> None:
+    def _fail(self, session: _Session | None, seqs: list[_Seq], exc: Exception, what: str) -> None:
+        """An engine error fails only the requests involved (500); the session is dropped."""
+        log.error("%s failed: %s: %s", what, type(exc).__name__, exc, exc_info=exc)
+        err = APIError(500, f"generation failed while {what}: {type(exc).__name__}: {exc}", code="engine_error")
+        for seq in seqs:
+            seq.handle.post(Event(seq.index, np.zeros(0, np.int32), True, None, 0, error=err))
+        if session is not None:
+            for seq in session.slots.values():
+                if seq not in seqs:
+                    seq.handle.post(Event(seq.index, np.zeros(0, np.int32), True, None, 0, error=err))
+            if session in self.sessions:
+                self.sessions.remove(session)
+            try:
+                self.executor.close(session.sid)
+            except Exception:  # noqa: BLE001
+                log.exception("closing a failed session")
+
+    def _release(self, session: _Session, slot: int) -> bool:
+        """Free a slot (the session closes when empty); False if that failed the session."""
         del session.slots[slot]
-        if session.slots:
-            self.executor.release(session.sid, slot)
-        else:
+        try:
+            if session.slots:
+                self.executor.release(session.sid, slot)
+                return True
             self.executor.close(session.sid)
-            self.sessions.remove(session)
+        except Exception as e:  # noqa: BLE001
+            self._fail(session, list(session.slots.values()), e, "freeing a slot")
+            return False
+        self.sessions.remove(session)
+        return False
 
     def _dequeued(self, n: int) -> None:
         with self._cv:

@@ -107,7 +107,7 @@ class Serving:
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - jinja raises for conversations it does not accept
             raise bad_request(f"the chat template rejected the messages: {e}", "messages") from None
-        ids = tok.encode(text, add_special_tokens=False)
+        ids = _encode(tok, text, "messages", add_special_tokens=False)
         _check_fits(info, ids, "messages")
         return ids
 
@@ -123,7 +123,7 @@ class Serving:
             if isinstance(p, str):
                 if info.tokenizer is None:
                     raise bad_request("this model has no tokenizer; send token ids", param)
-                ids = info.tokenizer.encode(p)
+                ids = _encode(info.tokenizer, p, param)
             else:
                 ids = list(p)
                 bad = [t for t in ids if not 0 <= t < info.vocab or t == info.mask_token_id]
@@ -165,6 +165,13 @@ class Serving:
         use = responses.usage(prompt_tokens, sum(choices.tokens))
         build = responses.chat_completion if kind == "chat" else responses.completion
         return build(rid, created, name, choices.results(), use)
+
+
+def _encode(tok, text: str, param: str, **kw) -> list[int]:
+    try:
+        return tok.encode(text, **kw)
+    except Exception as e:  # noqa: BLE001 - e.g. lone surrogates the tokenizer cannot encode
+        raise bad_request(f"the text could not be tokenized: {type(e).__name__}: {e}", param) from None
 
 
 def _check_fits(info: ModelInfo, ids: list[int], param: str) -> None:

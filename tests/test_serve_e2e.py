@@ -392,6 +392,11 @@ BAD = [
     ("completion token out of range", COMP, {"prompt": [1, 2, 99999]}, 400, "prompt"),
     ("completion mask token", COMP, {"prompt": [1, 336]}, 400, "prompt"),
     ("completion mixed prompt types", COMP, {"prompt": [1, "a"]}, 400, "prompt"),
+    ("lone surrogate in prompt", COMP, '{"prompt": "a\\ud800b"}', 400, "prompt"),
+    ("NaN temperature", CHAT, '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400,
+     "temperature"),
+    ("stop not strings", CHAT, {"messages": MSG, "stop": [1, 2]}, 400, "stop"),
+    ("too many sequences", COMP, {"prompt": ["a"] * 10, "n": 64}, 400, "n"),
     ("unknown route", "/v1/embeddings", {"input": "hi"}, 404, None),
 ]
 
