@@ -102,7 +102,7 @@ def main(argv=None) -> None:
 
     def load():
         if args.model is None:
-            return demo_model(mesh=mesh)
+            return demo_model(mesh=mesh, dtype=args.dtype)
         log.info("loading %s (dtype=%s)", args.model, args.dtype or "checkpoint")
         return dllm_jax.load(args.model, mesh=mesh, dtype=args.dtype)
 

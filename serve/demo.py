@@ -28,4 +28,5 @@ def demo_model(mesh=None, seed: int = 0, dtype=None):
                 "meaningless)", DEMO_NAME)
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     config = dllm_jax.LLaDAConfig.tiny()
-    return dllm_jax.Model.random(config, seed=seed, tokenizer=tokenizer, mesh=mesh, dtype=dtype or jnp.float32)
+    dtype = getattr(jnp, dtype) if isinstance(dtype, str) else (dtype or jnp.float32)
+    return dllm_jax.Model.random(config, seed=seed, tokenizer=tokenizer, mesh=mesh, dtype=dtype)
