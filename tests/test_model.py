@@ -141,8 +141,8 @@ def test_nemotron_tokenizer_chat_template(nemotron_model):
 def test_random_model_and_mesh_sharding():
     mesh = dllm_jax.make_mesh("4x2")
     m = dllm_jax.Model.random(LLaDAConfig.tiny(), mesh=mesh)
-    q = m.params["layers"]["q_proj"].get_value()
-    assert tuple(q.sharding.spec) == (None, None, "model", None)
+    q = m.params["layers"][0]["q_proj"].get_value()
+    assert tuple(q.sharding.spec) == (None, "model", None)
     ids = np.arange(24).reshape(2, 12) % 300
     single = dllm_jax.Model.random(LLaDAConfig.tiny())
     np.testing.assert_allclose(m.logits(ids), single.logits(ids), atol=1e-4)

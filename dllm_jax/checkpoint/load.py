@@ -108,8 +108,10 @@ def abstract_params(config: ModelConfig, dtype, mesh):
     return graphdef, state
 
 
-def _shardings(state):
-    return jax.tree.map(lambda v: v.get_value().sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def _shardings(state) -> dict:
+    """Pure dict of the NamedSharding of every runtime parameter."""
+    return jax.tree.map(lambda v: v.get_value().sharding, state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
 
 
 def _nest(flat: dict[str, object]) -> dict:
@@ -123,6 +125,17 @@ def _nest(flat: dict[str, object]) -> dict:
     return out
 
 
+def _place(name: str, array, shardings: dict, out: dict) -> None:
+    """Put one checkpoint parameter (stacked for block params) into the runtime tree on device."""
+    if name.startswith("layers/"):
+        param = name.split("/", 1)[1]
+        for i in range(array.shape[0]):
+            out.setdefault("layers", {}).setdefault(i, {})[param] = jax.device_put(
+                array[i], shardings["layers"][i][param])
+    else:
+        out[name] = jax.device_put(array, shardings[name])
+
+
 def _from_safetensors(directory: Path, config: ModelConfig, dtype, mesh):
     from dllm_jax.checkpoint.safetensors_io import SafetensorsSource
 
@@ -132,19 +145,31 @@ def _from_safetensors(directory: Path, config: ModelConfig, dtype, mesh):
     if dtype is None:
         first = source.tensors()[next(iter(key_map))].dtype
         dtype = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}.get(first, np.float32)
-    graphdef, abstract = abstract_params(config, dtype, mesh)
-    shardings = _shardings(abstract).to_pure_dict()
-    flat = {}
+    graphdef, state = abstract_params(config, dtype, mesh)
+    shardings = _shardings(state)
+    params: dict = {}
     for name, array in assemble(source, key_map, config.spec(), dtype):
-        sharding = shardings
-        for part in name.split("/"):
-            sharding = sharding[part]
-        flat[name] = jax.device_put(array, sharding)
+        _place(name, array, shardings, params)
         del array
     source.close()
-    state = abstract
-    nnx.replace_by_pure_dict(state, _nest(flat))
+    nnx.replace_by_pure_dict(state, params)
     return graphdef, state
+
+
+def _stacked_target(shardings: dict, state, mesh) -> dict:
+    """Abstract checkpoint tree (layers stacked) whose leaves carry a NamedSharding."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    leaves = jax.tree.map(lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+    target = {k: v for k, v in leaves.items() if k != "layers"}
+    layers = leaves["layers"]
+    n = len(layers)
+    target["layers"] = {}
+    for name, sds in layers[0].items():
+        spec = shardings["layers"][0][name].spec
+        target["layers"][name] = jax.ShapeDtypeStruct((n,) + sds.shape, sds.dtype,
+                                                      sharding=NamedSharding(mesh, P(None, *spec)))
+    return target
 
 
 def _from_orbax(directory: Path, config: ModelConfig, dtype, mesh):
@@ -152,16 +177,22 @@ def _from_orbax(directory: Path, config: ModelConfig, dtype, mesh):
 
     manifest = json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).exists() else {}
     dtype = dtype or as_dtype(manifest.get("dtype", "float32"))
-    graphdef, abstract = abstract_params(config, dtype, mesh)
-    target = jax.tree.map(lambda v: v.get_value(), abstract,
-                          is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+    graphdef, state = abstract_params(config, dtype, mesh)
+    shardings = _shardings(state)
+    target = _stacked_target(shardings, state, mesh)
     try:
         restored = ocp.StandardCheckpointer().restore((directory / ORBAX_PARAMS_DIR).absolute(), target)
     except Exception as e:
         raise CheckpointError(f"could not restore Orbax params from {directory / ORBAX_PARAMS_DIR}: "
                               f"{type(e).__name__}: {e}") from None
-    state = abstract
-    nnx.replace_by_pure_dict(state, restored)
+    params: dict = {}
+    for name in list(restored):
+        if name == "layers":
+            for param in list(restored["layers"]):
+                _place(f"layers/{param}", restored["layers"].pop(param), shardings, params)
+        else:
+            _place(name, restored.pop(name), shardings, params)
+    nnx.replace_by_pure_dict(state, params)
     return graphdef, state
 
 

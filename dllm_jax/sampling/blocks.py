@@ -124,7 +124,7 @@ def make_block_program(key: ProgramKey, graphdef, *, mask_id: int, fill_id: int)
 
         if cache_mode != "none":  # block-start full forward: builds the cache, commits step 0
             logits, kv = full_call(carry[0], want_kv=True)
-            cache = type(cache)(kv.k.astype(cache.k.dtype), kv.v.astype(cache.v.dtype))
+            cache = kv.astype(cache.k[0].dtype)
             carry = commit(carry, logits, running)
             batch_nfe = batch_nfe + jnp.any(running)
 

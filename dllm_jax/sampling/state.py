@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from dllm_jax.models.transformer import KVCache
+from dllm_jax.models.transformer import CACHE_AXES, KVCache
 from dllm_jax.sampling.params import ALGORITHMS, ProgramKey, SamplingParams
 from dllm_jax.sharding import named
 
@@ -45,7 +45,7 @@ class DecodeState:
       stop_ids: [B, MAX_STOP_IDS] int32 stop tokens (-1 = unused).
       commit_step: [B, G] the row's forward pass (1-based) that committed each position; -1 never.
       commit_conf: [B, G] confidence of that commit.
-      cache: KVCache [NL, B, L, K, H] for cached algorithms, else None.
+      cache: KVCache (per layer [B, L, K, H]) for cached algorithms, else None.
       prefix: [B] pending committed-prefix length (sliding decoder).
       mblock: [B, Lb] tracked mask of the current window (sliding decoder).
       ctx: [B, D] hidden state that predicts the window's first position (sliding decoder).
@@ -153,9 +153,8 @@ def state_shardings(key: ProgramKey, mesh, spec, dtype) -> DecodeState:
 
     cache = None
     if uses_cache(key):
-        kv = named(mesh, ("layers", "batch", "seq", "kv_heads", "head_dim"),
-                   (spec.n_layers, b, key.canvas_len, spec.n_kv_heads, spec.head_dim))
-        cache = KVCache(kv, kv)
+        kv = named(mesh, CACHE_AXES, (b, key.canvas_len, spec.n_kv_heads, spec.head_dim))
+        cache = KVCache((kv,) * spec.n_layers, (kv,) * spec.n_layers)
     fields = {f: rows(2 if f in ("canvas", "valid", "positions", "prompt", "rng", "stop_ids", "commit_step",
                                  "commit_conf", "mblock", "ctx") else 1) for f in ROW_FIELDS}
     return DecodeState(**fields, batch_nfe=named(mesh, (), ()), cache=cache)
@@ -167,12 +166,14 @@ def empty_state_fn(key: ProgramKey, spec, dtype, shardings: DecodeState, *, mask
     arrays.pop("replace")
     zeros = None
     if uses_cache(key):
-        shape = (spec.n_layers, key.batch, key.canvas_len, spec.n_kv_heads, spec.head_dim)
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=shardings.cache.k)
+        shape = (key.batch, key.canvas_len, spec.n_kv_heads, spec.head_dim)
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=shardings.cache.k[0])
 
     def make() -> DecodeState:
         fields = {f: jax.device_put(arrays[f], getattr(shardings, f)) for f in ROW_FIELDS}
-        cache = KVCache(zeros(), zeros()) if zeros is not None else None
+        cache = None
+        if zeros is not None:
+            cache = KVCache(tuple(zeros() for _ in range(spec.n_layers)), tuple(zeros() for _ in range(spec.n_layers)))
         return DecodeState(**fields, batch_nfe=jax.device_put(np.int32(0), shardings.batch_nfe), cache=cache)
 
     return make
