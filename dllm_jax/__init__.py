@@ -15,6 +15,7 @@ from dllm_jax.model import Model
 
 # ---- meshes ------------------------------------------------------------------------------
 from dllm_jax.sharding import make_mesh
+from dllm_jax import viz  # notebook plots (matplotlib is imported lazily, inside viz functions)
 
 __all__ = [
     "CheckpointError", "LLaDAConfig", "Model", "NemotronDiffusionConfig", "TransformerSpec",
