@@ -15,9 +15,16 @@ from dllm_jax.model import Model
 
 # ---- meshes ------------------------------------------------------------------------------
 from dllm_jax.sharding import make_mesh
-from dllm_jax import viz  # notebook plots (matplotlib is imported lazily, inside viz functions)
+
+# ---- sampling (Model.generate; DecodeSession for servers) --------------------------------
+from dllm_jax import sampling
+from dllm_jax.sampling import ALGORITHMS, GenerateOutput, SamplingError, SamplingParams
+
+# ---- notebook plots (matplotlib is imported lazily, inside the functions) ----------------
+from dllm_jax import viz
 
 __all__ = [
-    "CheckpointError", "LLaDAConfig", "Model", "NemotronDiffusionConfig", "TransformerSpec",
-    "UnsupportedConfigError", "config_from_hf", "load", "make_mesh",
+    "ALGORITHMS", "CheckpointError", "GenerateOutput", "LLaDAConfig", "Model", "NemotronDiffusionConfig",
+    "SamplingError", "SamplingParams", "TransformerSpec", "UnsupportedConfigError", "config_from_hf", "load",
+    "make_mesh", "sampling", "viz",
 ]

@@ -40,7 +40,6 @@ class Model:
         self.tokenizer = tokenizer
         self.mesh = mesh if mesh is not None else make_mesh((1, 1))
         self.source = source
-        self._samplers: dict = {}
 
     # ---- construction ----------------------------------------------------------------
 
@@ -143,6 +142,20 @@ class Model:
         tokens, positions = jax.device_put(tokens, sharding), jax.device_put(positions, sharding)
         mask = jax.device_put(mask, batch_sharding(self.mesh, 3, b))
         return np.asarray(self._logits_fn(self.params, tokens, positions, mask))
+
+    def chat_prompt(self, messages, *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a chat rendered with the checkpoint's template (no extra special tokens).
+
+        Args:
+          messages: [{"role": ..., "content": ...}, ...] or a single user message as a string.
+        """
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer")
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     # ---- sampling --------------------------------------------------------------------
 

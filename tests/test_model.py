@@ -146,3 +146,10 @@ def test_random_model_and_mesh_sharding():
     ids = np.arange(24).reshape(2, 12) % 300
     single = dllm_jax.Model.random(LLaDAConfig.tiny())
     np.testing.assert_allclose(m.logits(ids), single.logits(ids), atol=1e-4)
+
+
+def test_chat_prompt_matches_golden(llada_model):
+    g = json.loads((LLADA_DIR / "golden_tokenizer.json").read_text())
+    assert llada_model.chat_prompt(g["chat"]["messages"]) == g["chat"]["ids"]
+    ids = llada_model.chat_prompt("What is 2+2?")
+    assert ids[0] == 256 and ids[-3:] == [338, 10, 10]  # bos ... assistant header + "\n\n"

@@ -203,6 +203,8 @@ class GenerateOutput:
       finish_reasons: per row 'stop' or 'length'.
       trace: with return_trace: {'commit_step': [B, G] (1-based forward pass that committed
         each position, -1 = never), 'commit_conf': [B, G] its confidence}.
+      settings: the batch-wide settings the run used (algorithm, gen_length, block_length,
+        steps, shift_logits), e.g. to lay out a trace by blocks.
     """
 
     tokens: np.ndarray
@@ -211,6 +213,7 @@ class GenerateOutput:
     lengths: np.ndarray
     finish_reasons: list[str]
     trace: dict | None = None
+    settings: dict | None = None
 
 
 _PER_ROW = ("temperature", "threshold", "factor", "seed", "remasking", "cfg_scale", "early_stop", "stop_token_ids")
@@ -277,4 +280,6 @@ def generate(model, prompts: Sequence[Sequence[int]], *, return_trace: bool = Fa
     if return_trace:
         trace = {"commit_step": np.asarray(st["commit_step"][:n]), "commit_conf": np.asarray(st["commit_conf"][:n])}
     return GenerateOutput(tokens=tokens, nfe=int(st["batch_nfe"]), nfe_per_row=np.asarray(st["nfe"][:n]),
-                          lengths=lengths, finish_reasons=[u.finish_reason for u in updates], trace=trace)
+                          lengths=lengths, finish_reasons=[u.finish_reason for u in updates], trace=trace,
+                          settings={name: getattr(per_row[0], name) for name in
+                                    ("algorithm", "gen_length", "block_length", "steps", "shift_logits")})
