@@ -122,7 +122,7 @@ def main(argv=None) -> None:
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_sessions=args.max_sessions, batch_buckets=_ints(args.batch_buckets),
         prompt_buckets=_ints(args.prompt_buckets), warmup=warmup_buckets(args.warmup_buckets, args.max_batch_size),
-        heartbeat_s=10.0 if multi else None)
+        heartbeat_s=10.0 if multi else None, background_compile=not multi)
     engine = Engine(load, names=names, options=options, metrics=Metrics(names[0]), demo=args.model is None,
                     make_executor=multihost.leader_executor if multi else None)
     app = create_app(engine, api_key=args.api_key, on_shutdown=jax.distributed.shutdown if multi else None)

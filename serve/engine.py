@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dllm_jax.sampling import ProgramKey, SamplingError, SamplingParams, program_key
+from serve.compiler import Compiler
 from serve.executor import Executor
 from serve.metrics import Metrics
 from serve.protocol import APIError
@@ -77,9 +78,11 @@ class EngineOptions:
     max_queue: int = 1024
     max_sessions: int = 4
     batch_buckets: tuple[int, ...] | None = None    # default: powers of two up to max_batch_size
+    demand_window_s: float = 2.0                    # new batches are sized for the recent peak demand
     prompt_buckets: tuple[int, ...] | None = None   # default: the sampler's
     warmup: tuple[tuple[int, int, int], ...] = ()   # (batch, prompt_len, gen_length), family defaults
     heartbeat_s: float | None = None                # multi-host: a noop command when idle this long
+    background_compile: bool = True                 # single host; multi-host compiles inline (in order)
 
     def batch_bucket_list(self) -> tuple[int, ...]:
         if self.batch_buckets:
@@ -187,6 +190,9 @@ class Engine:
         self.sessions: list[_Session] = []
         self._rr = 0
         self._last_command = time.monotonic()
+        self.compiler: Compiler | None = None
+        self._blocked: set[ProgramKey] = set()  # groups waiting for a compile
+        self._demand: dict[ProgramKey, tuple[int, float]] = {}  # group -> (peak sequences, since)
 
     # ---- interface for the HTTP layer ----------------------------------------------------
 
@@ -256,6 +262,8 @@ class Engine:
             model = self._load()
             self.model = model
             self.executor = self._make_executor(model)
+            self.compiler = Compiler(self.executor.warmup, background=self.options.background_compile,
+                                     on_done=self._wake, metrics=self.metrics)
             self._info = ModelInfo(
                 names=self.names, family=model.family, tokenizer=model.tokenizer, max_length=model.max_length,
                 vocab=model.spec.vocab, mask_token_id=model.mask_token_id,
@@ -285,6 +293,8 @@ class Engine:
                               batch_buckets=self.options.batch_bucket_list())
             t0 = time.monotonic()
             self.executor.warmup(key)
+            self.compiler.add(key)
+            self.metrics.inc("compiles_total")
             log.info("warmup %d/%d: compiled %s in %.1fs", i, len(buckets), key, time.monotonic() - t0)
 
     def _loop(self) -> None:
@@ -296,6 +306,7 @@ class Engine:
                 cancels, self._cancel = self._cancel, set()
                 stopping = self._stopping
             if stopping:
+                self.compiler.shutdown()
                 self.executor.shutdown()
                 return
             self.waiting.extend(new)
@@ -310,10 +321,15 @@ class Engine:
                 self._last_command = time.monotonic()
             self._publish()
 
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
     def _idle_timeout(self) -> float | None:
         timeouts = []
-        if self.waiting:
-            oldest = min(s.arrival for s in self.waiting)
+        waiting = [s for s in self.waiting if s.group not in self._blocked]  # blocked: woken by the compile
+        if waiting:
+            oldest = min(s.arrival for s in waiting)
             timeouts.append(max(0.0, oldest + self.options.max_wait_ms / 1e3 - time.monotonic()))
         if self.options.heartbeat_s:
             timeouts.append(self.options.heartbeat_s)
@@ -354,17 +370,32 @@ class Engine:
         groups: dict[ProgramKey, list[_Seq]] = {}
         for seq in rest:
             groups.setdefault(seq.group, []).append(seq)
+        self._track_demand(now)
+        self._blocked = set()
         for group, seqs in groups.items():
             if len(self.sessions) >= opts.max_sessions:
                 break
-            if len(seqs) < opts.max_batch_size and now - seqs[0].arrival < opts.max_wait_ms / 1e3:
+            # full = the recent peak demand of this group (1 when it is quiet), or max_batch_size
+            target = min(opts.max_batch_size, max(1, self._demand.get(group, (0, 0.0))[0]))
+            if len(seqs) < target and now - seqs[0].arrival < opts.max_wait_ms / 1e3:
                 continue
             chosen = seqs[:opts.max_batch_size]
             try:
-                key = program_key(self.model, max(len(s.req.prompt) for s in chosen), chosen[0].req.params,
-                                  len(chosen), prompt_buckets=self._prompt_buckets(),
-                                  batch_buckets=opts.batch_bucket_list())
+                rows = max(len(chosen), target)
+                exact = program_key(self.model, max(len(s.req.prompt) for s in chosen), chosen[0].req.params,
+                                    rows, prompt_buckets=self._prompt_buckets(),
+                                    batch_buckets=opts.batch_bucket_list())
+                error = self.compiler.take_failure(exact)
+                if error is not None:
+                    raise error
+                # the exact program if compiled, else (while it compiles) a borrowed bigger one
+                key = exact if self.compiler.ready(exact) else self.compiler.borrow(exact, len(chosen))
+                if key is None:
+                    self._blocked.add(group)
+                    continue
+                chosen = chosen[:key.batch]
                 session = _Session(self.executor.open(key), key, group, {})
+                self.compiler.add(key)  # (multi-host: compiled inline at its first step)
             except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
                 failed = {s.id for s in chosen}
                 self.waiting = [s for s in self.waiting if s.id not in failed]
@@ -390,6 +421,26 @@ class Engine:
             for seq in rows.values():
                 self.metrics.observe("queue_time_seconds", now - seq.arrival)
         self._last_command = time.monotonic()
+
+    def _track_demand(self, now: float) -> None:
+        """Peak sequences per group (running + waiting) over the last demand_window_s.
+
+        A new batch is sized for it, not just for who is waiting now: clients in a closed loop
+        send their next request right after a batch ends, and a batch sized for the first
+        arrival alone would leave the others for yet another batch.
+        """
+        current: dict[ProgramKey, int] = {}
+        for s in self.sessions:
+            current[s.group] = current.get(s.group, 0) + len(s.slots)
+        for seq in self.waiting:  # (still includes those admitted in this round)
+            current[seq.group] = current.get(seq.group, 0) + 1
+        window = self.options.demand_window_s
+        for group, n in current.items():
+            peak, since = self._demand.get(group, (0, 0.0))
+            if n >= peak or now - since > window:
+                self._demand[group] = (n, now)
+        for group in [g for g, (_, since) in self._demand.items() if now - since > 10 * window]:
+            del self._demand[group]
 
     def _step(self, session: _Session) -> None:
         t0 = time.monotonic()

@@ -34,7 +34,7 @@ class Metrics:
         self.gauges = {"queue_depth": 0, "running_rows": 0, "sessions": 0, "engine_ready": 0}
         self.counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "nfe_total": 0,
                          "batch_steps_total": 0, "batch_rows_total": 0, "batch_slots_total": 0,
-                         "requests_cancelled_total": 0}
+                         "requests_cancelled_total": 0, "compiles_total": 0}
         self.finish: dict[str, int] = {}
         self.status: dict[str, int] = {}
         self.hist = {"batch_size": Histogram(BATCH_BUCKETS),
@@ -55,6 +55,7 @@ class Metrics:
         "batch_rows_total": ("counter", "Occupied slots summed over block programs."),
         "batch_slots_total": ("counter", "Compiled slots summed over block programs (fill = rows / slots)."),
         "requests_cancelled_total": ("counter", "Sequences dropped because the client went away."),
+        "compiles_total": ("counter", "Block programs compiled (warm-up and background)."),
         "batch_size": ("histogram", "Occupied slots per block program."),
         "queue_time_seconds": ("histogram", "Time from arrival to admission into a batch."),
         "request_latency_seconds": ("histogram", "Time from arrival to the last token of a request."),

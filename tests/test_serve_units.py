@@ -139,14 +139,18 @@ class FakeExecutor:
     def __init__(self, model):
         self.sessions: dict[int, dict] = {}
         self.log: list[tuple] = []
+        self.opened: list = []
         self.next = 0
         self.fail_step = False
         self.gate = threading.Semaphore(1000)
+        self.warm_gate = threading.Event()
+        self.warm_gate.set()
 
     def open(self, key):
         sid, self.next = self.next, self.next + 1
         self.sessions[sid] = {"key": key, "rows": {}}
         self.log.append(("open", sid, key.batch))
+        self.opened.append(key)
         return sid
 
     def admit(self, sid, rows):
@@ -177,7 +181,8 @@ class FakeExecutor:
         self.log.append(("close", sid))
 
     def warmup(self, key):
-        pass
+        self.warm_gate.wait(30)
+        self.log.append(("compiled", key))
 
     def noop(self):
         pass
@@ -297,6 +302,36 @@ def test_engine_error_fails_only_that_batch_and_dead_engine_is_503():
     broken.start()
     broken._thread.join(10)
     assert broken.health() == (False, "dead") and "ZeroDivisionError" in broken.error
+
+
+def test_new_programs_compile_in_background_meanwhile_a_bigger_one_is_borrowed():
+    from dllm_jax.sampling import program_key
+
+    engine = make_engine(max_batch_size=8, max_wait_ms=0)
+    ex = engine.executor
+    ex.warm_gate.clear()  # compiles hang until released
+    # 4 slots x (32 + 64) = 384 <= 8 x the exact 1 x (16 + 64): affordable to borrow
+    big = program_key(engine.model, 30, default_params("llada", 64), 4, batch_buckets=(1, 2, 4, 8))
+    engine.compiler.add(big)
+
+    async def main():
+        borrowed = await collect(engine.submit([seq(prompt_len=10, gen=64)]))  # B1/P16 not compiled yet
+        stuck = engine.submit([seq(prompt_len=10, gen=128)])  # nothing to borrow: waits for its compile
+        await asyncio.sleep(0.2)
+        assert all(k.gen_length == 64 for k in ex.opened)
+        ex.warm_gate.set()
+        await collect(stuck)
+        while not any(k.batch == 1 and k.gen_length == 64 for k in engine.compiler.compiled):
+            await asyncio.sleep(0.01)
+        exact = await collect(engine.submit([seq(prompt_len=10, gen=64)]))
+        return borrowed, exact
+
+    borrowed, exact = asyncio.run(main())
+    assert len(borrowed[0].tokens) == 64 and len(exact[0].tokens) == 64
+    assert ex.opened[0] == big
+    assert [(k.batch, k.prompt_len, k.gen_length) for k in ex.opened[1:]] == [(1, 16, 128), (1, 16, 64)]
+    assert engine.metrics.counters["compiles_total"] == 2
+    engine.stop()
 
 
 # ---- metrics -------------------------------------------------------------------------------------

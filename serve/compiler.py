@@ -1,0 +1,97 @@
+"""Which programs are compiled, and compiling new ones without stalling running batches.
+
+A new ProgramKey (a batch size / prompt bucket / canvas the server has not run yet) costs a
+compile: seconds on CPU, tens of seconds for an 8B model on a GPU. Compiling inline would
+stop every running batch for that long. On a single host the key is compiled in a
+background thread instead (a warm-up run of the block program on empty slots); until it is
+ready the scheduler may *borrow* an already compiled program of the same group with a
+prompt bucket at least as long, if it costs at most ``borrow_factor`` times as much
+(slots x canvas), or the requests wait while the other batches keep running.
+
+Multi-host: every process must enter programs and collectives in the same order, so a new
+key compiles inline at its first step (``background=False``); configure ``--warmup-buckets``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from typing import Callable
+
+from dllm_jax.sampling import ProgramKey
+
+log = logging.getLogger("serve.engine")
+
+
+def cost(key: ProgramKey) -> int:
+    return key.batch * key.canvas_len
+
+
+class Compiler:
+    def __init__(self, warm: Callable[[ProgramKey], None], *, background: bool, on_done: Callable[[], None],
+                 metrics=None, borrow_factor: float = 8.0):
+        self._warm, self.background, self._on_done = warm, background, on_done
+        self.metrics, self.borrow_factor = metrics, borrow_factor
+        self.compiled: set[ProgramKey] = set()
+        self._compiling: set[ProgramKey] = set()
+        self._failed: dict[ProgramKey, Exception] = {}
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dllm-compile") \
+            if background else None
+
+    def add(self, key: ProgramKey) -> None:
+        with self._lock:
+            self.compiled.add(key)
+
+    def ready(self, key: ProgramKey) -> bool:
+        """True when ``key`` can run now; otherwise its compile is started (background mode)."""
+        if not self.background:
+            return True
+        with self._lock:
+            if key in self.compiled:
+                return True
+            if key not in self._compiling:
+                self._compiling.add(key)
+                self._pool.submit(self._compile, key)
+            return False
+
+    def take_failure(self, key: ProgramKey) -> Exception | None:
+        """The error of a failed background compile of ``key`` (reported once; a later request retries)."""
+        with self._lock:
+            return self._failed.pop(key, None)
+
+    def borrow(self, key: ProgramKey, rows: int) -> ProgramKey | None:
+        """A compiled key of the same group that holds ``key``'s prompts, if affordable: the one
+        that takes the most of ``rows`` waiting sequences, then the cheapest."""
+        with self._lock:
+            options = [k for k in self.compiled
+                       if k.algorithm == key.algorithm and k.gen_length == key.gen_length
+                       and k.block_length == key.block_length and k.steps_per_block == key.steps_per_block
+                       and k.cfg == key.cfg and k.shift == key.shift and k.prompt_len >= key.prompt_len
+                       and cost(k) <= self.borrow_factor * cost(key)]
+        return min(options, key=lambda k: (-min(k.batch, rows), cost(k)), default=None)
+
+    def _compile(self, key: ProgramKey) -> None:
+        t0 = time.monotonic()
+        try:
+            self._warm(key)
+        except Exception as e:  # noqa: BLE001 - reported to the requests that wanted it
+            log.exception("compiling %s failed", key)
+            with self._lock:
+                self._failed[key] = e
+        else:
+            log.info("compiled %s in %.1fs (background)", key, time.monotonic() - t0)
+            with self._lock:
+                self.compiled.add(key)
+            if self.metrics is not None:
+                self.metrics.inc("compiles_total")
+        finally:
+            with self._lock:
+                self._compiling.discard(key)
+            self._on_done()
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
