@@ -2,9 +2,11 @@
 
 Layout (one concern per file): ``__main__`` CLI; ``app`` FastAPI factory, errors, auth;
 ``routes`` thin endpoints; ``protocol`` request models and the field policy; ``params``
-request -> SamplingParams with per-family defaults; ``serving`` request -> engine -> response;
-``streaming`` SSE; ``detok`` incremental UTF-8-safe text with stop strings; ``responses``
-bodies from ``openai.types``; ``engine`` queue + scheduler thread; ``executor`` the
-device-facing command sequence; ``multihost`` jax.distributed + follower loop; ``metrics``
-Prometheus text; ``demo`` the random demo model.
+request -> SamplingParams with per-family defaults; ``serving`` request -> engine ->
+response; ``streaming`` SSE; ``detok`` incremental UTF-8-safe text with stop strings;
+``responses`` bodies from ``openai.types``; ``engine`` the interface the routes see (load,
+health, submit); ``scheduler`` the thread that batches into decode sessions; ``compiler``
+background compiles; ``executor`` the device-facing command sequence; ``multihost``
+jax.distributed and the follower loop; ``metrics`` Prometheus text; ``demo`` the random
+demo model. See docs/api.md.
 """

@@ -120,6 +120,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics |
                                            code="invalid_json"))
         param = validation_param(first.get("loc", ()))
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg", "invalid request"))
+        if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
+            message = ("the request body must be a JSON object (send it with Content-Type: application/json): "
+                       + message)
         if first.get("type") == "missing":
             message = f"missing required parameter: {param}"
         return error_response(APIError(400, message, param=param, code="invalid_type"))

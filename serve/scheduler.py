@@ -1,0 +1,386 @@
+"""The scheduler thread: admission at block boundaries, batching, streaming events back.
+
+At every block boundary (``Scheduler._schedule``):
+
+1. waiting sequences (FIFO) are admitted into free slots of running sessions of their
+   *group* (requests whose ProgramKeys are equal up to batch size and prompt bucket share a
+   compiled program; a shorter prompt may join a session of a longer prompt bucket: it is
+   left-padded, which does not change its output);
+2. a group with no room opens a new session once it is *full* (``max_batch_size``, or the
+   group's recent peak demand, so a lone request on a quiet server starts at once) or its
+   oldest request has waited ``max_wait_ms``, as long as fewer than ``max_sessions``
+   sessions run; the session is sized for that demand. A program key not compiled yet is
+   compiled in the background (``serve.compiler``) while the group borrows a compiled one or
+   waits. When the session limit blocks the oldest waiting sequence, later arrivals stop
+   joining running sessions, so those drain and the blocked group gets its turn (FIFO
+   fairness, no starvation);
+3. one session (round robin) runs one block program; each occupied slot reports its final
+   tokens, which are posted to the request's handle; finished or cancelled rows free their
+   slot for step 1.
+
+Every device-facing call goes through ``serve.executor.Executor`` (process 0 of a
+multi-host server broadcasts it); the asyncio side talks to this thread only through the
+``Inbox`` (new sequences, cancellations) and each request's ``Handle`` (events back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+
+from dllm_jax.sampling import ProgramKey, SamplingParams, program_key
+from serve.compiler import Compiler
+from serve.executor import Executor
+from serve.metrics import Metrics
+from serve.protocol import APIError
+
+log = logging.getLogger("serve.engine")
+
+
+@dataclasses.dataclass
+class SeqRequest:
+    """One canvas to generate (a request with n choices is n of these)."""
+
+    prompt: list[int]
+    params: SamplingParams  # resolved
+    max_tokens: int
+
+
+@dataclasses.dataclass
+class Event:
+    """Progress of one sequence: its final tokens so far (already cut at max_tokens)."""
+
+    index: int
+    tokens: np.ndarray
+    done: bool
+    finish_reason: str | None
+    nfe: int
+    error: APIError | None = None
+
+
+class Handle:
+    """The asyncio side of one request: events from the scheduler, cancellation to it."""
+
+    def __init__(self, inbox: "Inbox", loop: asyncio.AbstractEventLoop):
+        self.inbox, self.loop = inbox, loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.seq_ids: list[int] = []
+        self.arrival = time.monotonic()
+
+    def post(self, event: Event) -> None:  # scheduler thread
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # event loop closed (shutdown)
+            pass
+
+    async def next(self) -> Event:
+        event = await self.queue.get()
+        if event.error is not None:
+            raise event.error
+        return event
+
+    def cancel(self, index: int | None = None) -> None:
+        """Drop one sequence (or all): removed from the queue, or its slot freed at the next block."""
+        ids = self.seq_ids if index is None else [self.seq_ids[index]]
+        self.inbox.cancel(ids)
+
+
+@dataclasses.dataclass(eq=False)
+class Seq:
+    id: int
+    index: int
+    req: SeqRequest
+    handle: Handle
+    group: ProgramKey   # the ProgramKey with batch and prompt_len zeroed
+    need: int           # its own prompt bucket
+    arrival: float
+    sent: int = -1
+
+
+@dataclasses.dataclass(eq=False)
+class Session:
+    sid: int
+    key: ProgramKey
+    group: ProgramKey
+    slots: dict[int, Seq]
+
+    def free(self) -> list[int]:
+        return [i for i in range(self.key.batch) if i not in self.slots]
+
+
+class Inbox:
+    """The hand-over between the event loop and the scheduler thread (one lock)."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.cv = threading.Condition()
+        self.items: list[Seq] = []
+        self.cancels: set[int] = set()
+        self.queued = 0          # sequences not admitted yet (the 429 limit)
+        self.stopping = False
+
+    def put(self, seqs: Sequence[Seq]) -> None:
+        with self.cv:
+            if self.queued + len(seqs) > self.max_queue:
+                raise APIError(429, f"the queue is full ({self.queued} sequences waiting, limit "
+                                    f"{self.max_queue}); retry later", code="queue_full",
+                               headers={"Retry-After": "1"})
+            self.queued += len(seqs)
+            self.items.extend(seqs)
+            self.cv.notify()
+
+    def cancel(self, seq_ids: Sequence[int]) -> None:
+        with self.cv:
+            self.cancels.update(seq_ids)
+            self.cv.notify()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+
+    def wake(self) -> None:
+        with self.cv:
+            self.cv.notify()
+
+    def dequeued(self, n: int) -> None:
+        with self.cv:
+            self.queued -= n
+
+    def take(self, idle: bool, timeout) -> tuple[list[Seq], set[int], bool]:
+        """New sequences, cancellations, stopping; waits up to ``timeout`` first when ``idle``."""
+        with self.cv:
+            if idle and not self.items and not self.cancels and not self.stopping:
+                self.cv.wait(timeout)
+            new, self.items = self.items, []
+            cancels, self.cancels = self.cancels, set()
+            return new, cancels, self.stopping
+
+
+class Scheduler:
+    """Owns the sessions; ``loop`` runs on the scheduler thread until the inbox says stop."""
+
+    def __init__(self, model, executor: Executor, compiler: Compiler, options, metrics: Metrics, inbox: Inbox,
+                 prompt_buckets):
+        self.model, self.executor, self.compiler = model, executor, compiler
+        self.options, self.metrics, self.inbox = options, metrics, inbox
+        self.prompt_buckets = prompt_buckets
+        self.waiting: list[Seq] = []
+        self.sessions: list[Session] = []
+        self._rr = 0
+        self._last_command = time.monotonic()
+        self._blocked: set[ProgramKey] = set()  # groups waiting for a compile
+        self._demand: dict[ProgramKey, tuple[int, float]] = {}  # group -> (peak sequences, since)
+
+    def loop(self) -> None:
+        while True:
+            new, cancels, stopping = self.inbox.take(idle=not self.sessions, timeout=self._idle_timeout())
+            if stopping:
+                self.compiler.shutdown()
+                self.executor.shutdown()
+                return
+            self.waiting.extend(new)
+            if cancels:
+                self._apply_cancels(cancels)
+            self._schedule(time.monotonic())
+            if self.sessions:
+                self._rr = (self._rr + 1) % len(self.sessions)
+                self._step(self.sessions[self._rr])
+            elif self.options.heartbeat_s and time.monotonic() - self._last_command > self.options.heartbeat_s:
+                self.executor.noop()
+                self._last_command = time.monotonic()
+            self._publish()
+
+    def _idle_timeout(self) -> float | None:
+        timeouts = []
+        waiting = [s for s in self.waiting if s.group not in self._blocked]  # blocked: woken by the compile
+        if waiting:
+            oldest = min(s.arrival for s in waiting)
+            timeouts.append(max(0.0, oldest + self.options.max_wait_ms / 1e3 - time.monotonic()))
+        if self.options.heartbeat_s:
+            timeouts.append(self.options.heartbeat_s)
+        return min(timeouts) if timeouts else None
+
+    def _apply_cancels(self, ids: set[int]) -> None:
+        kept = []
+        for seq in self.waiting:
+            if seq.id in ids:
+                self.inbox.dequeued(1)
+                self.metrics.inc("requests_cancelled_total")
+            else:
+                kept.append(seq)
+        self.waiting = kept
+        for session in list(self.sessions):
+            for slot, seq in list(session.slots.items()):
+                if seq.id in ids and session in self.sessions:
+                    self.metrics.inc("requests_cancelled_total")
+                    self._release(session, slot)
+
+    def _schedule(self, now: float) -> None:
+        opts = self.options
+        free = {s.sid: s.free() for s in self.sessions}
+        admits: dict[int, dict[int, Seq]] = {}
+        rest: list[Seq] = []
+        barrier = False
+        for seq in self.waiting:
+            target = None
+            if not barrier:
+                target = next((s for s in self.sessions if s.group == seq.group and s.key.prompt_len >= seq.need
+                               and free[s.sid]), None)
+            if target is None:
+                rest.append(seq)
+                barrier = barrier or len(self.sessions) >= opts.max_sessions
+                continue
+            admits.setdefault(target.sid, {})[free[target.sid].pop(0)] = seq
+        # New sessions for groups that are ready.
+        groups: dict[ProgramKey, list[Seq]] = {}
+        for seq in rest:
+            groups.setdefault(seq.group, []).append(seq)
+        self._track_demand(now)
+        self._blocked = set()
+        for group, seqs in groups.items():
+            if len(self.sessions) >= opts.max_sessions:
+                break
+            # full = the recent peak demand of this group (1 when it is quiet), or max_batch_size
+            target = min(opts.max_batch_size, max(1, self._demand.get(group, (0, 0.0))[0]))
+            if len(seqs) < target and now - seqs[0].arrival < opts.max_wait_ms / 1e3:
+                continue
+            chosen = seqs[:opts.max_batch_size]
+            try:
+                rows = max(len(chosen), target)
+                exact = program_key(self.model, max(len(s.req.prompt) for s in chosen), chosen[0].req.params,
+                                    rows, prompt_buckets=self.prompt_buckets,
+                                    batch_buckets=opts.batch_bucket_list())
+                error = self.compiler.take_failure(exact)
+                if error is not None:
+                    raise error
+                # the exact program if compiled, else (while it compiles) a borrowed bigger one
+                key = exact if self.compiler.ready(exact) else self.compiler.borrow(exact, len(chosen))
+                if key is None:
+                    self._blocked.add(group)
+                    continue
+                chosen = chosen[:key.batch]
+                session = Session(self.executor.open(key), key, group, {})
+                self.compiler.add(key)  # (multi-host: compiled inline at its first step)
+            except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
+                failed = {s.id for s in chosen}
+                self.waiting = [s for s in self.waiting if s.id not in failed]
+                self.inbox.dequeued(len(chosen))
+                self._fail(None, chosen, e, "opening a batch")
+                continue
+            self.sessions.append(session)
+            admits[session.sid] = dict(enumerate(chosen))
+        if not admits:
+            return
+        taken = {seq.id for rows in admits.values() for seq in rows.values()}
+        self.waiting = [s for s in self.waiting if s.id not in taken]
+        by_sid = {s.sid: s for s in self.sessions}
+        for sid, rows in admits.items():
+            session = by_sid[sid]
+            self.inbox.dequeued(len(rows))
+            try:
+                self.executor.admit(sid, {slot: (seq.req.prompt, seq.req.params) for slot, seq in rows.items()})
+            except Exception as e:  # noqa: BLE001
+                self._fail(session if not session.slots else None, list(rows.values()), e, "admitting rows")
+                continue
+            session.slots.update(rows)
+            for seq in rows.values():
+                self.metrics.observe("queue_time_seconds", now - seq.arrival)
+        self._last_command = time.monotonic()
+
+    def _track_demand(self, now: float) -> None:
+        """Peak sequences per group (running + waiting) over the last demand_window_s.
+
+        A new batch is sized for it, not just for who is waiting now: clients in a closed loop
+        send their next request right after a batch ends, and a batch sized for the first
+        arrival alone would leave the others for yet another batch.
+        """
+        current: dict[ProgramKey, int] = {}
+        for s in self.sessions:
+            current[s.group] = current.get(s.group, 0) + len(s.slots)
+        for seq in self.waiting:  # (still includes those admitted in this round)
+            current[seq.group] = current.get(seq.group, 0) + 1
+        window = self.options.demand_window_s
+        for group, n in current.items():
+            peak, since = self._demand.get(group, (0, 0.0))
+            if n >= peak or now - since > window:
+                self._demand[group] = (n, now)
+        for group in [g for g, (_, since) in self._demand.items() if now - since > 10 * window]:
+            del self._demand[group]
+
+    def _step(self, session: Session) -> None:
+        t0 = time.monotonic()
+        try:
+            updates = self.executor.step(session.sid)
+        except Exception as e:  # noqa: BLE001 - fail this batch only
+            self._fail(session, list(session.slots.values()), e, "running a block")
+            return
+        self._last_command = time.monotonic()
+        self.metrics.batch(len(session.slots), session.key.batch, self._last_command - t0)
+        for u in updates:
+            seq = session.slots.get(u.slot)
+            if seq is None:
+                continue
+            limit = seq.req.max_tokens
+            tokens, done, reason = u.tokens[:limit], u.done, u.finish_reason
+            if done and len(u.tokens) > limit:
+                reason = "length"
+            elif not done and len(u.tokens) >= limit:
+                done, reason = True, "length"
+            if done or len(tokens) != seq.sent:
+                seq.sent = len(tokens)
+                seq.handle.post(Event(seq.index, tokens, done, reason, u.nfe))
+            if done:
+                self.metrics.inc("nfe_total", u.nfe)
+                if not self._release(session, u.slot):
+                    return
+
+    def _fail(self, session: Session | None, seqs: list[Seq], exc: Exception, what: str) -> None:
+        """An engine error fails only the requests involved (500); the session is dropped."""
+        log.error("%s failed: %s: %s", what, type(exc).__name__, exc, exc_info=exc)
+        err = APIError(500, f"generation failed while {what}: {type(exc).__name__}: {exc}", code="engine_error")
+        for seq in seqs:
+            seq.handle.post(Event(seq.index, np.zeros(0, np.int32), True, None, 0, error=err))
+        if session is not None:
+            for seq in session.slots.values():
+                if seq not in seqs:
+                    seq.handle.post(Event(seq.index, np.zeros(0, np.int32), True, None, 0, error=err))
+            if session in self.sessions:
+                self.sessions.remove(session)
+            try:
+                self.executor.close(session.sid)
+            except Exception:  # noqa: BLE001
+                log.exception("closing a failed session")
+
+    def _release(self, session: Session, slot: int) -> bool:
+        """Free a slot (the session closes when empty); False if that failed the session."""
+        del session.slots[slot]
+        try:
+            if session.slots:
+                self.executor.release(session.sid, slot)
+                return True
+            self.executor.close(session.sid)
+        except Exception as e:  # noqa: BLE001
+            self._fail(session, list(session.slots.values()), e, "freeing a slot")
+            return False
+        self.sessions.remove(session)
+        return False
+
+    def _publish(self) -> None:
+        self.metrics.set("queue_depth", self.inbox.queued)
+        self.metrics.set("running_rows", sum(len(s.slots) for s in self.sessions))
+        self.metrics.set("sessions", len(self.sessions))
+
+    def fail_all(self, err: APIError) -> None:
+        """The engine died: every sequence it holds or will receive gets ``err``."""
+        new, _, _ = self.inbox.take(idle=False, timeout=0)
+        pending = new + self.waiting + [q for s in self.sessions for q in s.slots.values()]
+        self.waiting, self.sessions = [], []
+        for seq in pending:
+            seq.handle.post(Event(seq.index, np.zeros(0, np.int32), True, None, 0, error=err))
