@@ -8,7 +8,8 @@ Each client sends streamed /v1/completions requests (token-id prompts, so prompt
 exact) one after another from a shared list (closed loop). Per concurrency level it prints
 requests/s, output tokens/s, p50/p99 latency, p50 time to first chunk, mean batch fill and
 rows per block program and the fraction of wall time the engine spent in block programs
-("engine busy"; from /metrics), and the ratio to calling ``Model.generate`` directly
+("engine busy"), programs compiled during the timed pass (should be 0; from /metrics), and
+the ratio to calling ``Model.generate`` directly
 in this process on the same requests in batches of min(clients, max batch) - the server's
 overhead (queueing, HTTP, SSE, detokenisation, scheduling). Each level first runs untimed
 until the server compiles no new programs, so compiles are not measured (server and direct
@@ -190,7 +191,7 @@ def main(argv=None):
               f"max_tokens {args.max_tokens}, prompt tokens mean {statistics.mean(map(len, prompts)):.0f} "
               f"(min {min(map(len, prompts))}, max {max(map(len, prompts))}), max batch {args.max_batch_size}")
         header = ("| clients | req/s | out tok/s | p50 latency s | p99 latency s | p50 TTFC s | batch fill | "
-                  "rows/step | engine busy | direct tok/s | server/direct |")
+                  "rows/step | engine busy | compiles | direct tok/s | server/direct |")
         print(header)
         print("|" + "---|" * (header.count("|") - 1))
         for clients in args.clients:
@@ -206,7 +207,8 @@ def main(argv=None):
             lat = [r["latency"] for r in results]
             ttfc = [r["ttfc"] for r in results if r["ttfc"] is not None]
             d = {k: after[k] - before.get(k, 0) for k in ("dllm_batch_rows_total", "dllm_batch_slots_total",
-                                                          "dllm_batch_steps_total", "dllm_block_step_seconds_sum")}
+                                                          "dllm_batch_steps_total", "dllm_block_step_seconds_sum",
+                                                          "dllm_compiles_total")}
             busy = d["dllm_block_step_seconds_sum"] / wall
             fill = d["dllm_batch_rows_total"] / max(d["dllm_batch_slots_total"], 1)
             rows = d["dllm_batch_rows_total"] / max(d["dllm_batch_steps_total"], 1)
@@ -219,7 +221,7 @@ def main(argv=None):
             else:
                 ratio = dcol = "-"
             print(f"| {clients} | {len(results) / wall:.2f} | {tps:.0f} | {pct(lat, 50):.3f} | {pct(lat, 99):.3f} | "
-                  f"{pct(ttfc, 50):.3f} | {fill:.2f} | {rows:.1f} | {busy:.0%} | {dcol} | {ratio} |", flush=True)
+                  f"{pct(ttfc, 50):.3f} | {fill:.2f} | {rows:.1f} | {busy:.0%} | {d['dllm_compiles_total']:.0f} | {dcol} | {ratio} |", flush=True)
     finally:
         if proc is not None:
             proc.terminate()

@@ -124,7 +124,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics |
             message = ("the request body must be a JSON object (send it with Content-Type: application/json): "
                        + message)
         if first.get("type") == "missing":
-            message = f"missing required parameter: {param}"
+            message = f"missing required parameter: {param}" if param else "the request body is empty"
         return error_response(APIError(400, message, param=param, code="invalid_type"))
 
     @app.exception_handler(StarletteHTTPException)

@@ -83,11 +83,11 @@ class Metrics:
             self.hist["batch_size"].observe(rows)
             self.hist["block_step_seconds"].observe(seconds)
 
-    def finished(self, reason: str, tokens: int, nfe: int):
+    def finished(self, reason: str, tokens: int):
+        """One choice finished with ``tokens`` completion tokens."""
         with self._lock:
             self.finish[reason] = self.finish.get(reason, 0) + 1
             self.counters["generation_tokens_total"] += tokens
-            self.counters["nfe_total"] += nfe
 
     def http_status(self, status: int):
         with self._lock:

@@ -62,7 +62,7 @@ class Choices:
         if reason is not None:
             self.reasons[i] = reason
             self.tokens[i] = ts.n_tokens
-            self.metrics.finished(reason, ts.n_tokens, 0)
+            self.metrics.finished(reason, ts.n_tokens)
         return delta, reason
 
     def results(self) -> list[tuple[str, str]]:

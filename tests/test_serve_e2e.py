@@ -341,6 +341,8 @@ BAD = [
     # (case, path, body (str = raw), status, param)
     ("malformed json", CHAT, '{"messages": [', 400, None),
     ("body not an object", CHAT, "[1, 2]", 400, None),
+    ("empty body", CHAT, "", 400, None),
+    ("deeply nested json", CHAT, '{"messages": ' * 3000 + "1" + "}" * 3000, 400, None),
     ("messages wrong type", CHAT, {"messages": "hi"}, 400, "messages"),
     ("missing messages", CHAT, {"model": NAME}, 400, "messages"),
     ("empty messages", CHAT, {"messages": []}, 400, "messages"),

@@ -339,7 +339,7 @@ def test_new_programs_compile_in_background_meanwhile_a_bigger_one_is_borrowed()
 def test_metrics_render_parse():
     m = Metrics()
     m.batch(3, 8, 0.02)
-    m.finished("stop", 5, 0)
+    m.finished("stop", 5)
     m.http_status(200)
     m.observe("queue_time_seconds", 0.003)
     values = parse(m.render())
