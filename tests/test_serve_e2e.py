@@ -49,10 +49,9 @@ def http(server):
 
 # ---- reference: Model.generate in this process -------------------------------------------
 
-def chat_ids(tok, content: str) -> list[int]:
-    text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                   add_generation_prompt=True)
-    return tok.encode(text, add_special_tokens=False)
+def chat_ids(model, content: str) -> list[int]:
+    """The prompt the server must build: the public Model.chat_prompt."""
+    return model.chat_prompt([{"role": "user", "content": content}])
 
 
 def reference(model, prompts, max_tokens, *, stop=(), block_length=32, algorithm=None, **rows):
@@ -102,7 +101,7 @@ def test_chat_equals_generate_alone(client, http, llada_model):
     assert r.status_code == 200, r.text
     body = r.json()
     validate(body, "CreateChatCompletionResponse")
-    prompt = chat_ids(llada_model.tokenizer, content)
+    prompt = chat_ids(llada_model, content)
     assert body["usage"]["prompt_tokens"] == len(prompt)
     assert body["choices"][0]["message"]["content"] == reference(llada_model, [prompt], [24])[0]
     assert body["choices"][0]["finish_reason"] == "length"
@@ -132,7 +131,7 @@ def test_chat_text_parts_n_and_stop(client, llada_model):
     parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there!"}]
     out = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": parts}],
                                          max_tokens=16, n=3)
-    prompt = chat_ids(llada_model.tokenizer, "Hello\nthere!")
+    prompt = chat_ids(llada_model, "Hello\nthere!")
     expected = reference(llada_model, [prompt], [16])[0]
     assert [c.index for c in out.choices] == [0, 1, 2]
     assert all(c.message.content == expected for c in out.choices)  # T=0: every canvas agrees
@@ -155,7 +154,7 @@ def test_chat_text_parts_n_and_stop(client, llada_model):
 
 def test_extra_body_fields_are_honoured(client, llada_model):
     content = "What is 2+2?"
-    prompt = chat_ids(llada_model.tokenizer, content)
+    prompt = chat_ids(llada_model, content)
     extra = {"algorithm": "basic", "steps": 16, "block_length": 32, "remasking": "low_confidence",
              "early_stop": True}
     out = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": content}],
@@ -293,7 +292,7 @@ def test_32_concurrent_mixed_requests_equal_generate(server, client, llada_model
     # reference: one generate call per program (per-row knobs as lists), rows in any order
     rows = []
     for k, r in enumerate(reqs):
-        prompt = tok.encode(r["content"]) if r["completion"] else chat_ids(tok, r["content"])
+        prompt = tok.encode(r["content"]) if r["completion"] else chat_ids(llada_model, r["content"])
         for j in range(r["n"]):
             rows.append((k, j, prompt, r))
     expected: dict[tuple[int, int], str] = {}

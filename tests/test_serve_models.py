@@ -44,7 +44,7 @@ def test_mesh8_answers_like_one_device(servers, llada_model):
     assert [c.text for c in out.choices] == expected
     chat = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "Hello there!"}],
                                           max_tokens=24, n=2)
-    expected = reference(llada_model, [chat_ids(tok, "Hello there!")], [24])[0]
+    expected = reference(llada_model, [chat_ids(llada_model, "Hello there!")], [24])[0]
     assert [c.message.content for c in chat.choices] == [expected, expected]
 
 
@@ -56,8 +56,7 @@ def test_nemotron_plain_request(servers, nemotron_model):
     body = r.json()
     validate(body, "CreateChatCompletionResponse")
     tok = nemotron_model.tokenizer
-    prompt = tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                        add_special_tokens=False)
+    prompt = nemotron_model.chat_prompt(messages)
     out = nemotron_model.generate([prompt], gen_length=128, block_length=32, algorithm="static_block", factor=1.0,
                                   early_stop=True)
     expected = tok.decode(out.tokens[0][:int(out.lengths[0])].tolist(), skip_special_tokens=True)

@@ -55,7 +55,7 @@ def test_two_processes_answer_like_one_device(cluster, llada_model):
     chat = client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "Hello there!"}],
                                           max_tokens=24, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in chat if c.choices)
-    assert text == reference(llada_model, [chat_ids(tok, "Hello there!")], [24])[0]
+    assert text == reference(llada_model, [chat_ids(llada_model, "Hello there!")], [24])[0]
     assert follower.poll() is None, log.read_text()[-3000:]
     leader.stop()
     assert follower.wait(60) == 0, log.read_text()[-3000:]
