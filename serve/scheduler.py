@@ -124,6 +124,7 @@ class Inbox:
         self.cancels: set[int] = set()
         self.queued = 0          # sequences not admitted yet (the 429 limit)
         self.stopping = False
+        self.woken = False
 
     def put(self, seqs: Sequence[Seq]) -> None:
         with self.cv:
@@ -146,7 +147,9 @@ class Inbox:
             self.cv.notify()
 
     def wake(self) -> None:
+        """Something changed besides the queue (a compile finished): run the scheduler."""
         with self.cv:
+            self.woken = True  # not lost if the scheduler is not waiting right now
             self.cv.notify()
 
     def dequeued(self, n: int) -> None:
@@ -156,8 +159,9 @@ class Inbox:
     def take(self, idle: bool, timeout) -> tuple[list[Seq], set[int], bool]:
         """New sequences, cancellations, stopping; waits up to ``timeout`` first when ``idle``."""
         with self.cv:
-            if idle and not self.items and not self.cancels and not self.stopping:
+            if idle and not (self.items or self.cancels or self.stopping or self.woken):
                 self.cv.wait(timeout)
+            self.woken = False
             new, self.items = self.items, []
             cancels, self.cancels = self.cancels, set()
             return new, cancels, self.stopping
