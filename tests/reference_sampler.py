@@ -47,7 +47,7 @@ class Forward:
 
     def window(self, tokens, start, cache, write_from, key_limit=None, hide_prefix=0):
         t = jnp.asarray(tokens, jnp.int32)[None]
-        n, s = t.shape[1], cache.k[0].shape[1]
+        n, s = t.shape[1], cache.k[0].shape[2]
         pos = np.arange(start, start + n)
         mask = np.ones((n, s), bool)
         if key_limit is not None:
@@ -198,8 +198,8 @@ def _reference_sliding(model, prompt, p, fwd):
     x = np.array(list(prompt) + [mask_id] * (g + 2 * lb))
     total = len(x)
     h, kv = fwd.full(x[:plen])
-    cache = type(kv)(*(tuple(jnp.zeros((1, total) + a.shape[2:], a.dtype).at[:, :plen].set(a) for a in layers)
-                       for layers in kv))
+    cache = type(kv)(*(tuple(jnp.zeros(a.shape[:2] + (total,) + a.shape[3:], a.dtype).at[:, :, :plen].set(a)
+                             for a in layers) for layers in kv))
     ctx = h[plen - 1]
     s, prefix, nfe = plen, 0, 0
     mblock = np.ones(lb, bool)

@@ -45,7 +45,7 @@ class DecodeState:
       stop_ids: [B, MAX_STOP_IDS] int32 stop tokens (-1 = unused).
       commit_step: [B, G] the row's forward pass (1-based) that committed each position; -1 never.
       commit_conf: [B, G] confidence of that commit.
-      cache: KVCache (per layer [B, L, K, H]) for cached algorithms, else None.
+      cache: KVCache (per layer [B, K, L, H]) for cached algorithms, else None.
       prefix: [B] pending committed-prefix length (sliding decoder).
       mblock: [B, Lb] tracked mask of the current window (sliding decoder).
       ctx: [B, D] hidden state that predicts the window's first position (sliding decoder).
@@ -153,7 +153,7 @@ def state_shardings(key: ProgramKey, mesh, spec, dtype) -> DecodeState:
 
     cache = None
     if uses_cache(key):
-        kv = named(mesh, CACHE_AXES, (b, key.canvas_len, spec.n_kv_heads, spec.head_dim))
+        kv = named(mesh, CACHE_AXES, (b, spec.n_kv_heads, key.canvas_len, spec.head_dim))
         cache = KVCache((kv,) * spec.n_layers, (kv,) * spec.n_layers)
     fields = {f: rows(2 if f in ("canvas", "valid", "positions", "prompt", "rng", "stop_ids", "commit_step",
                                  "commit_conf", "mblock", "ctx") else 1) for f in ROW_FIELDS}
@@ -166,7 +166,7 @@ def empty_state_fn(key: ProgramKey, spec, dtype, shardings: DecodeState, *, mask
     arrays.pop("replace")
     zeros = None
     if uses_cache(key):
-        shape = (key.batch, key.canvas_len, spec.n_kv_heads, spec.head_dim)
+        shape = (key.batch, spec.n_kv_heads, key.canvas_len, spec.head_dim)
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=shardings.cache.k[0])
 
     def make() -> DecodeState:
