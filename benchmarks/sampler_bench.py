@@ -20,6 +20,9 @@ import numpy as np
 SHAPES = {
     # ~29M params: a full-canvas forward takes tens of milliseconds on 2 cores.
     "mid": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden=1408, vocab=4096),
+    # the same with LLaDA's real 126464-token vocabulary: upstream's logits and softmax over the
+    # whole canvas x vocabulary then cost more than the blocks (as in small LLaDA-style models).
+    "mid-vocab": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden=1408, vocab=126464),
     # ~111M params (dllm_jax LLaDAConfig.llada_1b()).
     "large": dict(d_model=1024, n_layers=8, n_heads=16, n_kv_heads=16, mlp_hidden=2816, vocab=4096),
 }

@@ -57,9 +57,15 @@ def propose(logits, temperature, keys, mask_id: int, random_remask=None):
     b, lb, v = logits.shape
     logits = logits.astype(jnp.float32)
     noise_keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys)  # [B, 2]
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (lb, v), jnp.float32))(noise_keys[:, 0])
     t = temperature[:, None, None]
-    scores = jnp.where(t > 0, logits + t * gumbel, logits)
+
+    def noisy(logits):
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (lb, v), jnp.float32))(noise_keys[:, 0])
+        return jnp.where(t > 0, logits + t * gumbel, logits)
+
+    # Drawing [B, Lb, V] Gumbel noise is the costliest part of a greedy step: skip it when no
+    # row samples (the rows' draws do not depend on whether a batch-mate samples).
+    scores = jax.lax.cond(jnp.any(temperature > 0), noisy, lambda logits: logits, logits)
     scores = scores.at[..., mask_id].set(NEG_INF)
     x0 = jnp.argmax(scores, axis=-1).astype(jnp.int32)
     probs = jax.nn.softmax(logits, axis=-1)
