@@ -41,11 +41,11 @@ import numpy as np  # noqa: E402
 
 from convert.dcp import TOKENIZER_FILES, DcpSource, Layout, choose_key_prefix, detect_layout, has_tokenizer  # noqa: E402
 from dllm_jax.checkpoint.load import (  # noqa: E402
-    MANIFEST, ORBAX_PARAMS_DIR, TOKENIZER_DIR, _nest, family_key_map, read_hf_config, resolve_source,
+    MANIFEST, ORBAX_PARAMS_DIR, TOKENIZER_DIR, family_key_map, read_hf_config, resolve_source,
 )
 from dllm_jax.checkpoint.safetensors_io import SafetensorsSource  # noqa: E402
 from dllm_jax.configs import UnsupportedConfigError  # noqa: E402
-from dllm_jax.models.keymap import CheckpointError, assemble, check_source, is_ignorable  # noqa: E402
+from dllm_jax.models.keymap import CheckpointError, assemble, check_source, is_ignorable, nest_params  # noqa: E402
 
 log = logging.getLogger("convert")
 
@@ -257,7 +257,7 @@ def convert(source, dest, *, base_model=None, dtype: str = "bfloat16", overwrite
         n_params = sum(a.size for a in params.values())
         n_bytes = sum(a.nbytes for a in params.values())
         log.info("writing %.2f GB of Orbax params to %s", n_bytes / 1e9, dest / ORBAX_PARAMS_DIR)
-        save_params(tmp / ORBAX_PARAMS_DIR, _nest(params))
+        save_params(tmp / ORBAX_PARAMS_DIR, nest_params(params))
         del params
         shutil.copy2(config_dir / "config.json", tmp / "config.json")
         tokenizer_from = _copy_tokenizer([layout.tokenizer_dir, base], tmp / TOKENIZER_DIR)

@@ -114,17 +114,6 @@ def _shardings(state) -> dict:
                         is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
 
 
-def _nest(flat: dict[str, object]) -> dict:
-    out: dict = {}
-    for name, value in flat.items():
-        node = out
-        *parents, leaf = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
 def _place(name: str, array, shardings: dict, out: dict) -> None:
     """Put one checkpoint parameter (stacked for block params) into the runtime tree on device."""
     if name.startswith("layers/"):

@@ -155,6 +155,19 @@ def assemble(source: TensorSource, key_map: Mapping[str, Target], spec: Transfor
         yield name, out
 
 
+def nest_params(flat: dict[str, object]) -> dict:
+    """{'layers/q_proj': a, 'embed': b} -> {'layers': {'q_proj': a}, 'embed': b}: the tree of a
+    checkpoint's ``params/`` (what ``assemble`` yields, nested by '/')."""
+    out: dict = {}
+    for name, value in flat.items():
+        node = out
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
 def layer_key_map(n_layers: int, fmt: str, names: Mapping[str, tuple[str, str]]) -> dict[str, Target]:
     """Expand a per-layer name table: names[source suffix] = (param, kind)."""
     out = {}
