@@ -70,23 +70,6 @@ def _version() -> str:
             return "unknown"
 
 
-def _resolve_base_model(base_model) -> Path:
-    """A local dir, or a hub id fetched WITHOUT its weights (only config and tokenizer are used)."""
-    path = Path(base_model).expanduser()
-    if path.exists():
-        return path
-    text = str(base_model)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(repo_id=text, allow_patterns=_CONFIG_PATTERNS))
-        except Exception as e:
-            raise CheckpointError(f"--base-model {text!r} is not a local path and could not be fetched from "
-                                  f"the Hugging Face hub: {type(e).__name__}: {e}") from None
-    raise CheckpointError(f"--base-model {text!r} does not exist (expected an HF directory or a hub id 'org/name')")
-
-
 class _OneMapAtATime:
     """Drops the previous safetensors memory map before each read.
 
@@ -214,7 +197,9 @@ def convert(source, dest, *, base_model=None, dtype: str = "bfloat16", overwrite
     _check_dest(dest, src, overwrite)
     layout = detect_layout(src)
     log.info("source %s: layout %s (%s reader, weights in %s)", source, layout.kind, layout.format, layout.weights)
-    base = _resolve_base_model(base_model) if base_model is not None else None
+    # a hub id is fetched WITHOUT its weights: only config and tokenizer are used
+    base = (resolve_source(base_model, patterns=_CONFIG_PATTERNS, what="--base-model")
+            if base_model is not None else None)
     config_dir = layout.config_dir or base
     if config_dir is None:
         what = "a NeMo-RL DCP checkpoint" if layout.format == "dcp" else "a checkpoint without config.json"

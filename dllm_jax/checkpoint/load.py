@@ -59,8 +59,9 @@ def read_hf_config(directory: str | os.PathLike) -> ModelConfig:
     return config_from_hf(raw)
 
 
-def resolve_source(source: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a Hugging Face hub id, downloaded (config, weights, tokenizer)."""
+def resolve_source(source: str | os.PathLike, *, patterns=_HUB_PATTERNS, what: str = "checkpoint") -> Path:
+    """A local directory as is; otherwise a Hugging Face hub id, downloaded (only the files
+    matching ``patterns``: by default config, weights and tokenizer)."""
     path = Path(source).expanduser()
     if path.exists():
         return path
@@ -69,11 +70,11 @@ def resolve_source(source: str | os.PathLike) -> Path:
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(repo_id=text, allow_patterns=_HUB_PATTERNS))
+            return Path(snapshot_download(repo_id=text, allow_patterns=list(patterns)))
         except Exception as e:  # offline, unknown repo, no access ...
-            raise CheckpointError(f"{text!r} is not a local path and could not be fetched from the "
+            raise CheckpointError(f"{what} {text!r} is not a local path and could not be fetched from the "
                                   f"Hugging Face hub: {type(e).__name__}: {e}") from None
-    raise CheckpointError(f"{text!r} does not exist (expected a checkpoint directory or a hub id 'org/name')")
+    raise CheckpointError(f"{what} {text!r} does not exist (expected a directory or a hub id 'org/name')")
 
 
 def load_tokenizer(directory: str | os.PathLike | None):
