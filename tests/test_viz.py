@@ -169,8 +169,7 @@ def test_sharding_plot_one_rectangle_per_block():
 
     import dllm_jax
 
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 (simulated) devices")
+    assert jax.device_count() >= 8, "tests/conftest.py simulates 8 CPU devices"
     mesh = dllm_jax.make_mesh("4x2")
     x = jax.device_put(np.zeros((8, 12), np.float32), NamedSharding(mesh, P("data", "model")))
     ax = viz.sharding_plot(x)
