@@ -82,7 +82,3 @@ def named(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int]) -> Named
 def batch_sharding(mesh: Mesh, ndim: int, batch: int) -> NamedSharding:
     """Shard dim 0 over 'data' when it divides, replicate otherwise."""
     return named(mesh, ("batch",) + (None,) * (ndim - 1), (batch,) + (1,) * (ndim - 1))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())

@@ -4,8 +4,8 @@ LLaDA and Nemotron-Diffusion are both this stack (``llada.py`` / ``nemotron.py``
 checkpoint names and pick ``qk_norm``). At run time each block owns its weights and the
 blocks run in a Python loop (unrolled in the compiled program): on XLA:CPU a ``lax.scan``
 over stacked weights copies every layer's weights out of the stack on each call and measured
-~25% slower. Checkpoints store the layers stacked along a leading ``layers`` axis
-(``stack_layers`` / ``unstack_layers`` convert).
+~25% slower. Checkpoints store the layers stacked along a leading ``layers`` axis;
+``dllm_jax.checkpoint.load`` splits them per layer while placing them on the mesh.
 
 One forward covers every way the samplers call the model:
 
@@ -170,23 +170,6 @@ class Block(nnx.Module):
 
     def arrays(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in BLOCK_AXES if hasattr(self, name)}
-
-
-def unstack_layers(stacked: dict) -> dict:
-    """Checkpoint tree {'layers': {name: [NL, ...]}} -> runtime tree {'layers': {i: {name: ...}}}."""
-    out = dict(stacked)
-    layers = stacked["layers"]
-    n = len(next(iter(layers.values())))
-    out["layers"] = {i: {name: value[i] for name, value in layers.items()} for i in range(n)}
-    return out
-
-
-def stack_layers(tree: dict) -> dict:
-    """Runtime tree -> checkpoint tree (inverse of ``unstack_layers``)."""
-    out = dict(tree)
-    layers = [tree["layers"][i] for i in sorted(tree["layers"])]
-    out["layers"] = {name: jnp.stack([layer[name] for layer in layers]) for name in layers[0]}
-    return out
 
 
 class Transformer(nnx.Module):

@@ -24,8 +24,6 @@ import jax
 import jax.numpy as jnp
 
 FIXED, THRESHOLD, FACTOR, HIERARCHY, CREDIT, NEMOTRON = range(6)
-RULE_NAMES = {FIXED: "fixed", THRESHOLD: "threshold", FACTOR: "factor", HIERARCHY: "hierarchy",
-              CREDIT: "credit", NEMOTRON: "nemotron"}
 
 NEG_INF = -jnp.inf
 

@@ -62,7 +62,7 @@ class Programs:
         with self._lock:
             if key not in self._cache:
                 m = self.model
-                shardings = state_shardings(key, m.mesh, m.spec, m.dtype)
+                shardings = state_shardings(key, m.mesh, m.spec)
                 param_shardings = jax.tree.map(lambda x: x.sharding, m.params)
                 if ALGORITHMS[key.algorithm].cache == "sliding":
                     fn = sliding.make_sliding_program(key, m.graphdef, mask_id=m.mask_token_id)

@@ -144,7 +144,7 @@ def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_s
     return out
 
 
-def state_shardings(key: ProgramKey, mesh, spec, dtype) -> DecodeState:
+def state_shardings(key: ProgramKey, mesh, spec) -> DecodeState:
     """NamedSharding of every field: batch over 'data', kv heads over 'model'."""
     b = key.batch
 
