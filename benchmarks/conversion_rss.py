@@ -10,7 +10,7 @@ right after imports; the parent also polls
 ``/proc/<pid>/status`` for the anonymous / file-backed split. ``--compare-standard`` adds a run that saves with ``ocp.StandardCheckpointer()`` defaults instead
 (what the converter avoids). Temp files are removed at the end.
 
-    python benchmarks/conversion_rss.py [--d-model 2048 --layers 8 --mlp 3072 --vocab 32768] [--workdir /tmp]
+    python -m benchmarks.conversion_rss [--d-model 2048 --layers 8 --mlp 3072 --vocab 32768] [--workdir /tmp]
                                         [--compare-standard]
 """
 
@@ -29,8 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # the children run here, so `convert` imports
 
 CHILD = r"""
 import json, os, sys, time

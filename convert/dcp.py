@@ -21,7 +21,7 @@ from typing import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
-from dllm_jax.models.keymap import CheckpointError, TensorInfo
+from dllm_jax.checkpoint import CheckpointError, TensorInfo, dtypes
 
 DCP_METADATA = ".metadata"
 TOKENIZER_FILES = (
@@ -135,13 +135,6 @@ def _torch():
     return torch, dcp
 
 
-def _dtype_code(torch, dtype) -> str:
-    codes = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-             torch.uint8: "U8", torch.bool: "BOOL"}
-    return codes.get(dtype, str(dtype).removeprefix("torch."))
-
-
 class DcpSource:
     """TensorSource over a DCP directory, reading one tensor per ``read`` call.
 
@@ -183,7 +176,7 @@ class DcpSource:
         for key, meta in self._meta.items():
             file = ", ".join(sorted(files.get(key, ()))) or str(meta_path)
             if hasattr(meta, "size"):
-                self._infos[key] = TensorInfo(tuple(meta.size), _dtype_code(torch, meta.properties.dtype), file)
+                self._infos[key] = TensorInfo(tuple(meta.size), dtypes.code_of_name(str(meta.properties.dtype)), file)
             else:
                 self._infos[key] = TensorInfo((), "bytes", file)
 

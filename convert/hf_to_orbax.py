@@ -40,17 +40,15 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from convert.dcp import TOKENIZER_FILES, DcpSource, Layout, choose_key_prefix, detect_layout, has_tokenizer  # noqa: E402
-from dllm_jax.checkpoint.load import (  # noqa: E402
-    MANIFEST, ORBAX_PARAMS_DIR, TOKENIZER_DIR, family_key_map, read_hf_config, resolve_source,
+from dllm_jax import UnsupportedConfigError  # noqa: E402
+from dllm_jax.checkpoint import (  # noqa: E402
+    MANIFEST, ORBAX_PARAMS_DIR, TOKENIZER_DIR, CheckpointError, SafetensorsSource, assemble, check_source, dtypes,
+    is_ignorable, key_map, nest_params, read_hf_config, resolve_source,
 )
-from dllm_jax.checkpoint.safetensors_io import SafetensorsSource  # noqa: E402
-from dllm_jax.configs import UnsupportedConfigError  # noqa: E402
-from dllm_jax.models.keymap import CheckpointError, assemble, check_source, is_ignorable, nest_params  # noqa: E402
 
 log = logging.getLogger("convert")
 
-OUTPUT_DTYPES = ("bfloat16", "float32")
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+OUTPUT_DTYPES = dtypes.CONVERT_DTYPES
 _CONFIG_PATTERNS = ["config.json", *TOKENIZER_FILES, "*.tiktoken"]
 PROGRESS_MIN_BYTES = 64 << 20  # show a progress bar for sources at least this large (by default)
 
@@ -206,14 +204,14 @@ def convert(source, dest, *, base_model=None, dtype: str = "bfloat16", overwrite
         raise CheckpointError(f"{src} is {what} (layout {layout.kind}) and has no config.json; pass --base-model "
                               f"<HF dir or hub id of the model it was trained from> to supply it")
     config = _read_config(config_dir)  # validated before any tensor is read
-    spec, key_map = config.spec(), family_key_map(config)
+    spec, keys = config.spec(), key_map(config)
     tensor_source = _open(layout)
     infos = tensor_source.tensors()
-    prefix = choose_key_prefix(infos, key_map) if layout.format == "dcp" else ""
-    ignored = check_source(tensor_source, key_map, spec, ignore=is_ignorable, key_prefix=prefix)
+    prefix = choose_key_prefix(infos, keys) if layout.format == "dcp" else ""
+    ignored = check_source(tensor_source, keys, spec, ignore=is_ignorable, key_prefix=prefix)
     if ignored:
         log.info("ignoring %d non-weight entries (e.g. %s)", len(ignored), ignored[0])
-    total = sum(int(np.prod(infos[prefix + k].shape)) * _ITEMSIZE.get(infos[prefix + k].dtype, 4) for k in key_map)
+    total = sum(int(np.prod(infos[prefix + k].shape)) * dtypes.itemsize(infos[prefix + k].dtype) for k in keys)
     log.info("%s model, %s parameters, %.2f GB of source tensors -> %s", config.family,
              f"{spec.param_count():,}", total / 1e9, dtype)
 
@@ -230,13 +228,13 @@ def convert(source, dest, *, base_model=None, dtype: str = "bfloat16", overwrite
 
         def on_tensor(key, nbytes):
             done[0] += 1
-            bar.set_postfix_str(f"{done[0]}/{len(key_map)} tensors", refresh=False)
+            bar.set_postfix_str(f"{done[0]}/{len(keys)} tensors", refresh=False)
             bar.update(nbytes)
 
-        out_dtype = np.dtype(dtype) if dtype == "float32" else np.dtype("bfloat16")
+        out_dtype = dtypes.param_dtype(dtype)
         params = {}
         with bar:
-            for name, array in assemble(tensor_source, key_map, spec, out_dtype, key_prefix=prefix, on_tensor=on_tensor):
+            for name, array in assemble(tensor_source, keys, spec, out_dtype, key_prefix=prefix, on_tensor=on_tensor):
                 params[name] = array
         tensor_source.close()
         n_params = sum(a.size for a in params.values())
@@ -256,10 +254,10 @@ def convert(source, dest, *, base_model=None, dtype: str = "bfloat16", overwrite
             "tokenizer_from": None if tokenizer_from is None else str(tokenizer_from.resolve()),
             "family": config.family,
             "dtype": dtype,
-            "source_dtypes": sorted({infos[prefix + k].dtype for k in key_map}),
+            "source_dtypes": sorted({infos[prefix + k].dtype for k in keys}),
             "param_count": int(n_params),
             "bytes": int(n_bytes),
-            "tensors_converted": len(key_map),
+            "tensors_converted": len(keys),
             "key_prefix": prefix,
             "ignored_keys": ignored,
             "conversion_seconds": round(time.perf_counter() - start, 3),

@@ -1,4 +1,9 @@
-"""``Model``: config + tokenizer + params on a mesh, with ``logits`` and ``generate``."""
+"""``Model``: config + tokenizer + params on a mesh, with ``logits`` and ``generate``.
+
+Also the abstract parameter tree (``abstract_params``: shapes and each parameter's
+``NamedSharding`` on a mesh) that ``Model.random`` and ``dllm_jax.checkpoint.load`` fill.
+Dependencies point one way: ``checkpoint`` imports this module, never the reverse.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,33 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dllm_jax import sampling
 from dllm_jax.configs import LLaDAConfig, ModelConfig
 from dllm_jax.models import nemotron
 from dllm_jax.models.transformer import Transformer
-from dllm_jax.sharding import batch_sharding, make_mesh
+from dllm_jax.sampling.session import Programs
+from dllm_jax.sharding import as_mesh, batch_sharding, make_mesh, named
+
+
+def abstract_params(config: ModelConfig, dtype, mesh):
+    """(graphdef, abstract nnx.State whose leaves carry their NamedSharding on ``mesh``)."""
+    spec = config.spec()
+    abstract = nnx.eval_shape(lambda: Transformer(spec, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+
+    def attach(var):
+        sds = var.get_value()
+        sharding = named(mesh, var.get_metadata()["axes"], sds.shape)
+        return var.replace(jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding))
+
+    state = jax.tree.map(attach, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return graphdef, state
+
+
+def param_shardings(state) -> dict:
+    """Pure dict of the NamedSharding of every (abstract or concrete) parameter."""
+    return jax.tree.map(lambda v: v.get_value().sharding, state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
 
 
 def padded_positions(attention_mask):
@@ -27,9 +55,11 @@ class Model:
     Attributes:
       config: the family config (``LLaDAConfig`` or ``NemotronDiffusionConfig``).
       tokenizer: a transformers tokenizer with the checkpoint's chat template (or None).
-      mesh: the ``("data", "model")`` mesh the params live on.
+      mesh: the ``("data", "model")`` mesh the params live on (Auto axis types; a mesh given
+        with Explicit axes is re-typed, see ``dllm_jax.sharding.as_mesh``).
       params: the parameters as an ``nnx.State`` (pass to jitted functions with ``graphdef``).
       graphdef: the static half of the Flax NNX module.
+      programs: the compiled sampling programs of this model, one per program key.
     """
 
     def __init__(self, config: ModelConfig, graphdef, params, *, tokenizer=None, mesh=None, source=None):
@@ -38,17 +68,16 @@ class Model:
         self.graphdef = graphdef
         self.params = params
         self.tokenizer = tokenizer
-        self.mesh = mesh if mesh is not None else make_mesh((1, 1))
+        self.mesh = as_mesh(mesh) if mesh is not None else make_mesh((1, 1))
         self.source = source
+        self.programs = Programs(self)
 
     # ---- construction ----------------------------------------------------------------
 
     @classmethod
     def random(cls, config: ModelConfig, *, seed: int = 0, dtype=jnp.float32, mesh=None, tokenizer=None):
         """Random weights of the given shape, created directly in their shardings."""
-        from dllm_jax.checkpoint.load import abstract_params
-
-        mesh = mesh if mesh is not None else make_mesh((1, 1))
+        mesh = as_mesh(mesh) if mesh is not None else make_mesh((1, 1))
         graphdef, abstract = abstract_params(config, dtype, mesh)
         shardings = jax.tree.map(lambda v: v.get_value().sharding, abstract,
                                  is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -91,11 +120,6 @@ class Model:
                     ids.add(vocab[name])
         ids.discard(self.config.mask_token_id)
         return tuple(sorted(i for i in ids if i is not None and 0 <= i < self.spec.vocab))
-
-    @property
-    def pad_token_id(self) -> int:
-        pad = getattr(self.config, "pad_token_id", None)
-        return pad if pad is not None else self.config.eos_token_id
 
     def module(self) -> Transformer:
         """The NNX module with the params bound (for interactive use)."""
@@ -159,11 +183,9 @@ class Model:
 
     # ---- sampling --------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[Sequence[int]], **sampling):
+    def generate(self, prompts: Sequence[Sequence[int]], **kwargs):
         """Diffusion generation; see ``dllm_jax.sampling.generate`` for the keywords."""
-        from dllm_jax.sampling import generate
-
-        return generate(self, prompts, **sampling)
+        return sampling.generate(self, prompts, **kwargs)
 
     def __repr__(self):
         return (f"Model({self.family}, {self.spec.param_count() / 1e6:.1f}M params, dtype={self.dtype}, "

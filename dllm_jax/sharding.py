@@ -3,17 +3,24 @@
 The mesh always has the axes ``("data", "model")``: ``--mesh 8`` is ``(8, 1)`` (batch split
 8 ways, params replicated), ``--mesh 4x2`` adds 2-way tensor parallelism (heads, kv heads,
 MLP and vocabulary of the head split over ``model``). A logical axis whose dimension does not
-divide evenly falls back to replication for that parameter.
+divide evenly falls back to replication for that value (with a warning, once per case).
+
+Meshes come from ``jax.make_mesh`` (topology-aware device order). The library's programs are
+written for *Auto* axis types (jit in/out shardings, XLA propagates the rest); a mesh a user
+built with Explicit axes (``jax.make_mesh``'s default) is re-typed to Auto over the same
+devices by ``as_mesh``, so any ``("data", "model")`` mesh works through ``load``, ``logits``,
+``generate`` and the server.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "model")
 
@@ -56,22 +63,75 @@ def parse_mesh_shape(spec: str | int | Sequence[int] | None, n_devices: int | No
 
 
 def make_mesh(spec: str | int | Sequence[int] | None = None, devices=None) -> Mesh:
-    """A ("data", "model") mesh over the first data*model devices."""
+    """A ("data", "model") mesh (Auto axis types) from ``jax.make_mesh`` over the first
+    data*model devices (of ``devices``, default ``jax.devices()``)."""
     devices = list(devices if devices is not None else jax.devices())
     data, model = parse_mesh_shape(spec, len(devices))
-    return Mesh(np.array(devices[: data * model]).reshape(data, model), MESH_AXES)
+    return jax.make_mesh((data, model), MESH_AXES, axis_types=(AxisType.Auto,) * 2,
+                         devices=devices[: data * model])
+
+
+def as_mesh(mesh: Mesh) -> Mesh:
+    """The mesh the library runs on, for any mesh a user built.
+
+    Keeps the devices and their order; axis types become Auto (an Explicit mesh's sharding-in-
+    types rules would demand an ``out_sharding`` on every gather of the embedding). A mesh with
+    only a ``data`` axis gets a ``model`` axis of size 1. Other axis names are refused.
+
+    Raises:
+      ValueError: naming the unexpected axes.
+    """
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((8, 1), {MESH_AXES})), "
+                        f"got {type(mesh).__name__}")
+    names = given = tuple(mesh.axis_names)
+    unknown = [n for n in names if n not in MESH_AXES]
+    if unknown or "data" not in names:
+        raise ValueError(f"mesh axes {names} must be {MESH_AXES} (or just ('data',)); unexpected: "
+                         f"{unknown or ['no data axis']}")
+    devices = np.asarray(mesh.devices)
+    if "model" not in names:
+        devices = devices.reshape(devices.shape + (1,))
+        names = names + ("model",)
+    order = [names.index(a) for a in MESH_AXES]
+    devices = devices.transpose(order)
+    if given == MESH_AXES and all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+
+
+_warned: set = set()
 
 
 def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
-    """PartitionSpec for a value with these logical axes (non-dividing axes replicated)."""
-    out, used = [], set()
+    """PartitionSpec for a value with these logical axes.
+
+    A dimension that does not divide its mesh axis is replicated (warned once per case).
+
+    Raises:
+      ValueError: two logical axes of one value map to the same mesh axis (a rules-table bug:
+        the value could not be laid out as asked).
+    """
+    out, used = [], {}
     for name, dim in zip(axes, shape):
         mesh_axis = LOGICAL_RULES.get(name) if name else None
-        if mesh_axis is None or mesh_axis in used or mesh.shape[mesh_axis] == 1 or dim % mesh.shape[mesh_axis]:
+        if mesh_axis is not None and mesh_axis in used:
+            raise ValueError(f"logical axes {used[mesh_axis]!r} and {name!r} of a value of shape {tuple(shape)} "
+                             f"(axes {tuple(axes)}) both map to mesh axis {mesh_axis!r}")
+        if mesh_axis is not None:
+            used[mesh_axis] = name
+        size = mesh.shape[mesh_axis] if mesh_axis is not None else 1
+        if size == 1:
+            out.append(None)
+        elif dim % size:
+            case = (name, dim, mesh_axis, size)
+            if case not in _warned:
+                _warned.add(case)
+                warnings.warn(f"logical axis {name!r} of size {dim} (shape {tuple(shape)}) does not divide mesh "
+                              f"axis {mesh_axis!r} of size {size}: replicated instead", stacklevel=2)
             out.append(None)
         else:
             out.append(mesh_axis)
-            used.add(mesh_axis)
     return P(*out)
 
 

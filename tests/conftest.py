@@ -8,16 +8,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
-
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from helpers import LLADA_DIR, NEMOTRON_DIR  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-FIXTURES = Path(__file__).parent / "fixtures"
-LLADA_DIR = FIXTURES / "llada_tiny"
-NEMOTRON_DIR = FIXTURES / "nemotron_tiny"
 
 
 @pytest.fixture(scope="session")

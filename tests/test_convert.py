@@ -17,7 +17,7 @@ import dllm_jax
 from convert.hf_to_orbax import convert, main
 from dllm_jax.checkpoint import save_safetensors
 from dllm_jax.configs import LLaDAConfig, NemotronDiffusionConfig
-from tests.conftest import LLADA_DIR, NEMOTRON_DIR
+from helpers import LLADA_DIR, NEMOTRON_DIR
 
 torch = pytest.importorskip("torch")
 

@@ -7,7 +7,7 @@ import pytest
 
 import dllm_jax
 from dllm_jax.configs import LLaDAConfig, NemotronDiffusionConfig, UnsupportedConfigError, config_from_hf
-from tests.conftest import LLADA_DIR, NEMOTRON_DIR
+from helpers import LLADA_DIR, NEMOTRON_DIR
 
 ATOL = 1e-4
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import LLADA_DIR, NEMOTRON_DIR
+from helpers import LLADA_DIR, NEMOTRON_DIR
 
 LLADA_CASES = json.loads((LLADA_DIR / "golden_generate.json").read_text())["cases"]
 FAST_CASES = json.loads((LLADA_DIR / "golden_fastdllm.json").read_text())["cases"]

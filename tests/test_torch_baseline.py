@@ -1,18 +1,14 @@
 """The PyTorch eager baseline (benchmarks/torch_llada.py) against the upstream golden fixtures."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` when run as plain `pytest`
 
-from benchmarks import torch_llada as tl  # noqa: E402
-
-from tests.conftest import LLADA_DIR  # noqa: E402
+from benchmarks import torch_llada as tl  # noqa: E402  (the repo root is on pytest's pythonpath)
+from helpers import LLADA_DIR  # noqa: E402
 
 MODEL_DIR = LLADA_DIR / "model"
 GEN = json.loads((LLADA_DIR / "golden_generate.json").read_text())

@@ -1,19 +1,34 @@
-"""Reading and writing checkpoints: HF safetensors in, Orbax out, abstract-first restore."""
+"""Reading and writing checkpoints: HF safetensors in, Orbax out, abstract-first restore.
 
+This package is also the toolkit ``convert`` builds on (tensor sources, the key-map
+bookkeeping, the Orbax directory layout, the dtype table): everything it needs is exported
+here, so nothing outside ``dllm_jax`` imports a private module.
+"""
+
+from dllm_jax.checkpoint import dtypes
 from dllm_jax.checkpoint.load import (
+    MANIFEST,
     ORBAX_PARAMS_DIR,
     TOKENIZER_DIR,
-    abstract_params,
-    family_key_map,
     load,
     load_tokenizer,
     read_hf_config,
     resolve_source,
 )
 from dllm_jax.checkpoint.safetensors_io import SafetensorsSource, save_safetensors
-from dllm_jax.models.keymap import CheckpointError
+from dllm_jax.checkpoint.tensors import (
+    CheckpointError,
+    TensorInfo,
+    TensorSource,
+    assemble,
+    check_source,
+    is_ignorable,
+    nest_params,
+)
+from dllm_jax.models import key_map
 
 __all__ = [
-    "CheckpointError", "ORBAX_PARAMS_DIR", "SafetensorsSource", "TOKENIZER_DIR", "abstract_params",
-    "family_key_map", "load", "load_tokenizer", "read_hf_config", "resolve_source", "save_safetensors",
+    "CheckpointError", "MANIFEST", "ORBAX_PARAMS_DIR", "SafetensorsSource", "TOKENIZER_DIR", "TensorInfo",
+    "TensorSource", "assemble", "check_source", "dtypes", "is_ignorable", "key_map", "load", "load_tokenizer",
+    "nest_params", "read_hf_config", "resolve_source", "save_safetensors",
 ]

@@ -13,16 +13,16 @@ import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dllm_jax.configs import LLaDAConfig, ModelConfig, config_from_hf
-from dllm_jax.models import llada, nemotron
-from dllm_jax.models.keymap import CheckpointError, Target, assemble, check_source, is_ignorable
-from dllm_jax.models.transformer import Transformer
-from dllm_jax.sharding import make_mesh, named
+from dllm_jax import models
+from dllm_jax.checkpoint import dtypes
+from dllm_jax.checkpoint.safetensors_io import SafetensorsSource
+from dllm_jax.checkpoint.tensors import CheckpointError, assemble, check_source, is_ignorable
+from dllm_jax.configs import ModelConfig, config_from_hf
+from dllm_jax.model import Model, abstract_params, param_shardings
+from dllm_jax.sharding import as_mesh, make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +30,6 @@ ORBAX_PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 MANIFEST = "manifest.json"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def as_dtype(dtype) -> np.dtype:
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)}")
-        dtype = DTYPES[dtype]
-    return np.dtype(dtype)
-
-
-def family_key_map(config: ModelConfig) -> dict[str, Target]:
-    return llada.hf_key_map(config) if isinstance(config, LLaDAConfig) else nemotron.hf_key_map(config)
-
 
 def read_hf_config(directory: str | os.PathLike) -> ModelConfig:
     path = Path(directory) / "config.json"
@@ -94,27 +77,6 @@ def load_tokenizer(directory: str | os.PathLike | None):
         transformers.logging.set_verbosity(verbosity)
 
 
-def abstract_params(config: ModelConfig, dtype, mesh):
-    """(graphdef, abstract nnx.State whose leaves carry their NamedSharding on ``mesh``)."""
-    spec = config.spec()
-    abstract = nnx.eval_shape(lambda: Transformer(spec, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-
-    def attach(var):
-        sds = var.get_value()
-        sharding = named(mesh, var.get_metadata()["axes"], sds.shape)
-        return var.replace(jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding))
-
-    state = jax.tree.map(attach, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return graphdef, state
-
-
-def _shardings(state) -> dict:
-    """Pure dict of the NamedSharding of every runtime parameter."""
-    return jax.tree.map(lambda v: v.get_value().sharding, state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
-
-
 def _place(name: str, array, shardings: dict, out: dict) -> None:
     """Put one checkpoint parameter (stacked for block params) into the runtime tree on device."""
     if name.startswith("layers/"):
@@ -127,16 +89,14 @@ def _place(name: str, array, shardings: dict, out: dict) -> None:
 
 
 def _from_safetensors(directory: Path, config: ModelConfig, dtype, mesh):
-    from dllm_jax.checkpoint.safetensors_io import SafetensorsSource
-
     source = SafetensorsSource(directory)
-    key_map = family_key_map(config)
+    key_map = models.key_map(config)
     check_source(source, key_map, config.spec(), ignore=is_ignorable)
-    if dtype is None:
-        first = source.tensors()[next(iter(key_map))].dtype
-        dtype = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}.get(first, np.float32)
+    if dtype is None:  # the checkpoint's own (of its embedding), when it is a parameter dtype
+        first = dtypes.from_code(source.tensors()[next(iter(key_map))].dtype)
+        dtype = first if first.name in dtypes.PARAM_DTYPES else dtypes.param_dtype("float32")
     graphdef, state = abstract_params(config, dtype, mesh)
-    shardings = _shardings(state)
+    shardings = param_shardings(state)
     params: dict = {}
     for name, array in assemble(source, key_map, config.spec(), dtype):
         _place(name, array, shardings, params)
@@ -148,8 +108,6 @@ def _from_safetensors(directory: Path, config: ModelConfig, dtype, mesh):
 
 def _stacked_target(shardings: dict, state, mesh) -> dict:
     """Abstract checkpoint tree (layers stacked) whose leaves carry a NamedSharding."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     leaves = jax.tree.map(lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
     target = {k: v for k, v in leaves.items() if k != "layers"}
     layers = leaves["layers"]
@@ -166,9 +124,9 @@ def _from_orbax(directory: Path, config: ModelConfig, dtype, mesh):
     import orbax.checkpoint as ocp
 
     manifest = json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).exists() else {}
-    dtype = dtype or as_dtype(manifest.get("dtype", "float32"))
+    dtype = dtype or dtypes.param_dtype(manifest.get("dtype", "float32"))
     graphdef, state = abstract_params(config, dtype, mesh)
-    shardings = _shardings(state)
+    shardings = param_shardings(state)
     target = _stacked_target(shardings, state, mesh)
     try:
         restored = ocp.StandardCheckpointer().restore((directory / ORBAX_PARAMS_DIR).absolute(), target)
@@ -192,18 +150,17 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None):
     Args:
       path: an Orbax directory written by ``python -m convert.hf_to_orbax``, a Hugging Face
         directory (config.json + model.safetensors or a sharded index), or a hub id.
-      mesh: a ``("data", "model")`` mesh (see ``dllm_jax.make_mesh``); default: one device.
+      mesh: a ``("data", "model")`` mesh (``dllm_jax.make_mesh``, or one from ``jax.make_mesh``
+        / ``Mesh(...)`` with Auto or Explicit axis types); default: one device.
       dtype: parameter dtype ("float32", "bfloat16" or a numpy/jax dtype); default: the
         checkpoint's own.
 
     Returns:
       dllm_jax.Model
     """
-    from dllm_jax.model import Model
-
     directory = resolve_source(path)
-    mesh = mesh if mesh is not None else make_mesh((1, 1))
-    dtype = as_dtype(dtype)
+    mesh = as_mesh(mesh) if mesh is not None else make_mesh((1, 1))
+    dtype = dtypes.param_dtype(dtype)
     config = read_hf_config(directory)
     if (directory / ORBAX_PARAMS_DIR).is_dir():
         graphdef, state = _from_orbax(directory, config, dtype, mesh)

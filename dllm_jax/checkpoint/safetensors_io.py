@@ -12,15 +12,10 @@ import os
 import struct
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
-from dllm_jax.models.keymap import CheckpointError, TensorInfo
-
-_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
+from dllm_jax.checkpoint import dtypes
+from dllm_jax.checkpoint.tensors import CheckpointError, TensorInfo
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
@@ -67,10 +62,10 @@ class SafetensorsSource:
             for key, meta in header.items():
                 if key == "__metadata__":
                     continue
-                if meta["dtype"] not in _DTYPES:
+                if not dtypes.is_code(meta["dtype"]):
                     raise CheckpointError(f"tensor {key!r} in {p}: unsupported dtype {meta['dtype']}")
                 begin, end = meta["data_offsets"]
-                nbytes = int(np.prod(meta["shape"], dtype=np.int64)) * np.dtype(_DTYPES[meta["dtype"]]).itemsize
+                nbytes = int(np.prod(meta["shape"], dtype=np.int64)) * dtypes.itemsize(meta["dtype"])
                 if end - begin != nbytes:
                     raise CheckpointError(f"tensor {key!r} in {p}: byte range {end - begin} does not match "
                                           f"shape {meta['shape']} x {meta['dtype']}")
@@ -91,7 +86,7 @@ class SafetensorsSource:
             self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
         begin, end = meta["data_offsets"]
         raw = self._maps[path][data_start + begin: data_start + end]
-        return raw.view(_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+        return raw.view(dtypes.from_code(meta["dtype"])).reshape(meta["shape"])
 
     def close(self):
         self._maps.clear()
@@ -99,11 +94,10 @@ class SafetensorsSource:
 
 def save_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write a safetensors file (used by tests and the demo model; handles bfloat16)."""
-    names = {np.dtype(v): k for k, v in _DTYPES.items()}
     header, offset, blobs = {}, 0, []
     for key in sorted(tensors):
         arr = np.ascontiguousarray(tensors[key])
-        header[key] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
+        header[key] = {"dtype": dtypes.code_of(arr.dtype), "shape": list(arr.shape),
                        "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
         blobs.append(arr)

@@ -4,7 +4,9 @@ from dllm_jax.sampling import rules
 from dllm_jax.sampling.params import (
     ALGORITHMS,
     ALIASES,
+    BATCH_BUCKETS,
     DEFAULT_ALGORITHM,
+    PROMPT_BUCKETS,
     Algorithm,
     ProgramKey,
     SamplingError,
@@ -22,7 +24,7 @@ from dllm_jax.sampling.session import (
 from dllm_jax.sampling.state import DecodeState, Row
 
 __all__ = [
-    "ALGORITHMS", "ALIASES", "Algorithm", "DEFAULT_ALGORITHM", "DecodeSession", "DecodeState",
+    "ALGORITHMS", "ALIASES", "Algorithm", "BATCH_BUCKETS", "DEFAULT_ALGORITHM", "PROMPT_BUCKETS", "DecodeSession", "DecodeState",
     "GenerateOutput", "ProgramKey", "Row", "SamplingError", "SamplingParams", "SlotUpdate",
     "final_prefix", "generate", "program_key", "resolve_algorithm", "rules",
 ]

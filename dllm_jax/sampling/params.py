@@ -12,6 +12,9 @@ from typing import Sequence
 
 from dllm_jax.sampling import rules
 
+# Stop tokens a row can hold on the device (early stop compares against all of them).
+MAX_STOP_IDS = 8
+
 
 class SamplingError(ValueError):
     """Invalid sampling arguments (the message names the argument and its value)."""
@@ -185,6 +188,11 @@ class SamplingParams:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise SamplingError(f"seed={self.seed!r} must be a non-negative integer", "seed")
         stops = None if self.stop_token_ids is None else tuple(int(t) for t in self.stop_token_ids)
+        if stops is not None and len(stops) > MAX_STOP_IDS:
+            raise SamplingError(f"stop_token_ids has {len(stops)} tokens; at most {MAX_STOP_IDS} are supported",
+                                "stop_token_ids")
+        if stops is not None and any(t < 0 for t in stops):
+            raise SamplingError(f"stop_token_ids={list(stops)} must be non-negative token ids", "stop_token_ids")
         return dataclasses.replace(self, algorithm=algo.name, steps=steps, threshold=threshold, factor=factor,
                                    shift_logits=bool(shift), stop_token_ids=stops,
                                    temperature=float(self.temperature), cfg_scale=float(self.cfg_scale))

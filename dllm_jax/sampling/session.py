@@ -27,7 +27,15 @@ from dllm_jax.sampling.params import (
     SamplingParams,
     bucket,
 )
-from dllm_jax.sampling.state import DecodeState, Row, empty_state_fn, merge_rows, row_arrays, state_shardings
+from dllm_jax.sampling.state import (
+    DecodeState,
+    Row,
+    empty_state_fn,
+    merge_rows,
+    row_arrays,
+    state_shardings,
+    to_device,
+)
 
 
 @dataclasses.dataclass
@@ -51,7 +59,10 @@ class SlotUpdate:
 
 
 class Programs:
-    """Compiled block programs of one model, one per ProgramKey (thread-safe cache)."""
+    """Compiled block programs of one model, one per ProgramKey (thread-safe cache).
+
+    Each ``Model`` owns one as ``model.programs``; sessions of that model share it.
+    """
 
     def __init__(self, model):
         self.model = model
@@ -75,12 +86,6 @@ class Programs:
                 empty = empty_state_fn(key, m.spec, m.dtype, shardings, mask_id=m.mask_token_id)
                 self._cache[key] = (program, merge, shardings, empty)
             return self._cache[key]
-
-
-def programs_of(model) -> Programs:
-    if not hasattr(model, "_programs"):
-        model._programs = Programs(model)
-    return model._programs
 
 
 def program_key(model, prompt_len: int, params: SamplingParams, batch: int, *,
@@ -110,14 +115,9 @@ class DecodeSession:
 
     def __init__(self, model, key: ProgramKey):
         self.model, self.key = model, key
-        self.program, self.merge, self.shardings, empty = programs_of(model).get(key)
+        self.program, self.merge, self.shardings, empty = model.programs.get(key)
         self.state: DecodeState = empty()
         self.slots: dict[int, Row] = {}
-        self._host: dict[str, np.ndarray] | None = None
-
-    @property
-    def free_slots(self) -> list[int]:
-        return [i for i in range(self.key.batch) if i not in self.slots]
 
     def admit(self, rows: dict[int, Row]) -> None:
         """Put requests into free slots; they start at the next ``step``."""
@@ -141,7 +141,7 @@ class DecodeSession:
     def _to_device(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         sharding = {f: getattr(self.shardings, f) for f in arrays if f != "replace"}
         sharding["replace"] = self.shardings.active
-        return {name: jax.device_put(value, sharding[name]) for name, value in arrays.items()}
+        return {name: to_device(name, value, sharding[name]) for name, value in arrays.items()}
 
     def warmup(self) -> None:
         """Compile this key's programs (runs one step and one admission on empty slots)."""
@@ -153,7 +153,6 @@ class DecodeSession:
         """Run one block program (one host round trip) and report every occupied slot."""
         self.state = self.program(self.model.params, self.state)
         host = fetch({"canvas": self.state.canvas, "done": self.state.done, "nfe": self.state.nfe})
-        self._host = host
         return [self._update(slot, host) for slot in sorted(self.slots)]
 
     def _update(self, slot: int, host) -> SlotUpdate:

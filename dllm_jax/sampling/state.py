@@ -9,6 +9,7 @@ can take a waiting request at a block boundary.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -17,10 +18,8 @@ import numpy as np
 from flax import struct
 
 from dllm_jax.models.transformer import CACHE_AXES, KVCache
-from dllm_jax.sampling.params import ALGORITHMS, ProgramKey, SamplingParams
+from dllm_jax.sampling.params import ALGORITHMS, MAX_STOP_IDS, ProgramKey, SamplingError, SamplingParams
 from dllm_jax.sharding import named
-
-MAX_STOP_IDS = 8
 
 
 @struct.dataclass
@@ -37,7 +36,8 @@ class DecodeState:
       block: [B] block index (block algorithms) or window start in the canvas (sliding).
       nfe: [B] forward passes this row took part in.
       batch_nfe: [] forward passes of the batch program.
-      rng: [B, 2] uint32 per-row PRNG key; step keys are fold_in(rng, nfe).
+      rng: [B] typed PRNG keys (``jax.random.key(seed)``, the default implementation); step keys
+        are fold_in(rng, nfe). The host carries them as key data (``row_arrays``).
       temperature, threshold, factor, cfg_scale: [B] float32 knobs.
       rule: [B] int32 transfer rule (rules.FIXED / THRESHOLD / FACTOR) where the algorithm lets
         rows choose.
@@ -91,6 +91,28 @@ class Row:
     params: SamplingParams  # resolved
 
 
+def seed_key_data(seeds: Sequence[int]) -> np.ndarray:
+    """Key data of ``jax.random.key(seed)`` per seed: [n, *key shape] (uint32 for threefry: [n, 2]).
+
+    Seeds are 64-bit: the keys are made with 64-bit integers enabled, since without x64
+    ``jax.random.key`` silently keeps only the low 32 bits of a larger seed.
+    """
+    with jax.enable_x64(True):
+        keys = jax.vmap(jax.random.key)(np.asarray(seeds, np.int64))
+        return np.asarray(jax.random.key_data(keys))
+
+
+def key_data_spec() -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of one key's data under the default PRNG implementation."""
+    return _key_data_spec(jax.config.jax_default_prng_impl)
+
+
+@functools.cache
+def _key_data_spec(impl: str) -> tuple[tuple[int, ...], np.dtype]:
+    data = jax.random.key_data(jax.random.key(0))
+    return tuple(data.shape), np.dtype(data.dtype)
+
+
 def uses_cache(key: ProgramKey) -> bool:
     return ALGORITHMS[key.algorithm].cache in ("prefix", "dual", "sliding")
 
@@ -99,13 +121,14 @@ def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_s
                d_model: int) -> dict[str, np.ndarray]:
     """Host arrays for all B slots (rows not in ``rows`` are empty), plus 'replace' [B]."""
     b, lp, g, lb, length = key.batch, key.prompt_len, key.gen_length, key.block_length, key.canvas_len
+    key_shape, key_dtype = key_data_spec()
     out = {
         "canvas": np.full((b, length), mask_id, np.int32),
         "valid": np.zeros((b, length), bool),
         "positions": np.zeros((b, length), np.int32),
         "prompt": np.zeros((b, length), bool),
         "active": np.zeros(b, bool), "done": np.ones(b, bool), "block": np.zeros(b, np.int32),
-        "nfe": np.zeros(b, np.int32), "rng": np.zeros((b, 2), np.uint32),
+        "nfe": np.zeros(b, np.int32), "rng": np.zeros((b,) + key_shape, key_dtype),
         "temperature": np.zeros(b, np.float32), "threshold": np.ones(b, np.float32),
         "factor": np.ones(b, np.float32), "cfg_scale": np.zeros(b, np.float32),
         "rule": np.zeros(b, np.int32), "random_remask": np.zeros(b, bool), "early_stop": np.zeros(b, bool),
@@ -117,6 +140,8 @@ def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_s
     }
     # Empty slots still get one valid token so no attention row is fully masked.
     out["valid"][:, lp - 1] = True
+    if rows:
+        out["rng"][list(rows)] = seed_key_data([row.params.seed for row in rows.values()])
     for slot, row in rows.items():
         p, n = row.params, len(row.prompt)
         if not 0 < n <= lp:
@@ -130,7 +155,6 @@ def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_s
         out["active"][slot] = True
         out["done"][slot] = False
         out["block"][slot] = lp if ALGORITHMS[key.algorithm].cache == "sliding" else 0
-        out["rng"][slot] = (p.seed >> 32, p.seed & 0xFFFFFFFF)  # == jax.random.PRNGKey(seed) (threefry)
         out["temperature"][slot] = p.temperature
         out["threshold"][slot] = 1.0 if p.threshold is None else p.threshold
         out["factor"][slot] = 1.0 if p.factor is None else p.factor
@@ -138,7 +162,9 @@ def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_s
         out["rule"][slot] = p.rule
         out["random_remask"][slot] = p.remasking == "random"
         out["early_stop"][slot] = p.early_stop
-        stops = list(p.stop_token_ids if p.stop_token_ids is not None else default_stops)[:MAX_STOP_IDS]
+        stops = list(p.stop_token_ids if p.stop_token_ids is not None else default_stops)
+        if len(stops) > MAX_STOP_IDS:  # (resolve() checks a request's own; this is the model's)
+            raise SamplingError(f"{len(stops)} stop tokens; at most {MAX_STOP_IDS} are supported", "stop_token_ids")
         out["stop_ids"][slot, :len(stops)] = stops
         out["replace"][slot] = True
     return out
@@ -155,7 +181,7 @@ def state_shardings(key: ProgramKey, mesh, spec) -> DecodeState:
     if uses_cache(key):
         kv = named(mesh, CACHE_AXES, (b, spec.n_kv_heads, key.canvas_len, spec.head_dim))
         cache = KVCache((kv,) * spec.n_layers, (kv,) * spec.n_layers)
-    fields = {f: rows(2 if f in ("canvas", "valid", "positions", "prompt", "rng", "stop_ids", "commit_step",
+    fields = {f: rows(2 if f in ("canvas", "valid", "positions", "prompt", "stop_ids", "commit_step",
                                  "commit_conf", "mblock", "ctx") else 1) for f in ROW_FIELDS}
     return DecodeState(**fields, batch_nfe=named(mesh, (), ()), cache=cache)
 
@@ -170,7 +196,7 @@ def empty_state_fn(key: ProgramKey, spec, dtype, shardings: DecodeState, *, mask
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=shardings.cache.k[0])
 
     def make() -> DecodeState:
-        fields = {f: jax.device_put(arrays[f], getattr(shardings, f)) for f in ROW_FIELDS}
+        fields = {f: to_device(f, arrays[f], getattr(shardings, f)) for f in ROW_FIELDS}
         cache = None
         if zeros is not None:
             cache = KVCache(tuple(zeros() for _ in range(spec.n_layers)), tuple(zeros() for _ in range(spec.n_layers)))
@@ -179,12 +205,28 @@ def empty_state_fn(key: ProgramKey, spec, dtype, shardings: DecodeState, *, mask
     return make
 
 
+def to_device(field: str, value: np.ndarray, sharding) -> jax.Array:
+    """One host row array onto the mesh (``rng`` key data becomes typed keys)."""
+    array = jax.device_put(value, sharding if field != "rng" else _data_sharding(sharding, value.ndim))
+    return jax.random.wrap_key_data(array) if field == "rng" else array
+
+
+def _data_sharding(sharding, ndim: int):
+    """The sharding of key data [B, *key shape] for keys [B] sharded as ``sharding``."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return NamedSharding(sharding.mesh, P(*spec))
+
+
 def merge_rows(state: DecodeState, new: dict[str, jax.Array]) -> DecodeState:
     """Replace the slots flagged in new['replace'] (jitted by the session)."""
     replace = new["replace"]
     updates = {}
     for f in ROW_FIELDS:
-        old = getattr(state, f)
+        old, value = getattr(state, f), new[f]
         sel = replace.reshape((-1,) + (1,) * (old.ndim - 1))
-        updates[f] = jnp.where(sel, new[f].astype(old.dtype), old)
+        if not jax.dtypes.issubdtype(old.dtype, jax.dtypes.prng_key):
+            value = value.astype(old.dtype)
+        updates[f] = jax.lax.select(jnp.broadcast_to(sel, old.shape), value, old)
     return state.replace(**updates)
