@@ -33,6 +33,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,9 +90,14 @@ async def run_load(url: str, model: str, prompts: list[list[int]], clients: int,
 
 
 def scrape(url: str, headers: dict) -> dict[str, float]:
-    from serve.metrics import parse
-
-    return parse(httpx.get(url + "/metrics", headers=headers, timeout=30).text)
+    """/metrics as sample name -> value, summed over label sets (histogram buckets left out)."""
+    text = httpx.get(url + "/metrics", headers=headers, timeout=30).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if not s.name.endswith("_bucket"):
+                out[s.name] = out.get(s.name, 0.0) + s.value
+    return out
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
@@ -128,7 +134,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 def direct(model, prompts: list[list[int]], batch: int, max_tokens: int) -> tuple[float, int]:
     """Seconds and output tokens of Model.generate over the requests in batches, with the
     server's default LLaDA settings (dual cache, threshold 0.9, early stop)."""
-    from serve.params import default_params, gen_length_for
+    from serve.request_params import default_params, gen_length_for
 
     p = default_params(model.family, gen_length_for(max_tokens, 32))
     kwargs = dict(gen_length=p.gen_length, block_length=p.block_length, algorithm=p.algorithm,

@@ -18,6 +18,8 @@ log = logging.getLogger("serve")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from dllm_jax.checkpoint.dtypes import PARAM_DTYPES  # (importing jax initialises no backend)
+
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="Orbax dir from convert, HF dir or hub id (default: the random demo model)")
@@ -28,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("DLLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: env DLLM_API_KEY; prefer the env var)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    p.add_argument("--dtype", choices=PARAM_DTYPES, default=None,
                    help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--max-batch-size", type=int, default=32, help="slots per compiled batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0,

@@ -3,6 +3,10 @@
 No client input may produce FastAPI's ``{"detail": ...}`` body, a 422 or a 500: validation
 errors (malformed JSON, wrong types) answer 400 naming the field, unknown routes 404, and a
 catch-all handler turns any bug into a 500 in OpenAI's shape without touching the engine.
+
+``api_error`` is the only place where the engine's domain errors (``serve.errors``) become
+HTTP statuses and OpenAI error bodies: for the exception handlers here, and for errors a
+stream meets after its status line (``serve.streaming`` sends the body in-band).
 """
 
 from __future__ import annotations
@@ -20,7 +24,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from dllm_jax.sampling import SamplingError
 from serve.engine import Engine
+from serve.errors import (
+    ClientDisconnected,
+    ContextLengthExceeded,
+    EngineDead,
+    EngineFailed,
+    EngineNotReady,
+    QueueFull,
+    ServeError,
+)
 from serve.metrics import Metrics
 from serve.protocol import APIError
 from serve.routes import router
@@ -29,6 +43,31 @@ from serve.serving import Serving
 log = logging.getLogger("serve")
 
 OPEN_PATHS = ("/health", "/metrics")
+
+
+def api_error(exc: Exception) -> APIError:
+    """The HTTP error for an engine error (an APIError is returned as is; anything else is a 500)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFull):
+        return APIError(429, f"the queue is full ({exc.waiting} sequences waiting, limit {exc.limit}); retry later",
+                        code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(exc, ContextLengthExceeded):
+        extra = f" + 2*block_length ({exc.extra})" if exc.extra else ""
+        return APIError(413, f"prompt ({exc.prompt_tokens} tokens) + max_tokens rounded up to whole blocks "
+                             f"({exc.gen_length}){extra} exceeds the model's context of {exc.context} tokens",
+                        param="max_tokens", code="context_length_exceeded")
+    if isinstance(exc, EngineNotReady):
+        return APIError(503, str(exc), code=exc.state)
+    if isinstance(exc, EngineDead):
+        return APIError(503, str(exc), code="engine_dead")
+    if isinstance(exc, EngineFailed):
+        return APIError(500, str(exc), code="engine_error")
+    if isinstance(exc, ClientDisconnected):
+        return APIError(499, str(exc), code="client_disconnected")
+    if isinstance(exc, SamplingError):
+        return APIError(400, str(exc), param=exc.param, code="invalid_value")
+    return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -104,12 +143,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics |
                   version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
     app.state.metrics = metrics
-    app.state.serving = Serving(engine, metrics)
+    app.state.serving = Serving(engine, metrics, api_error)
     app.include_router(router)
 
     @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return error_response(exc)
+    @app.exception_handler(ServeError)
+    @app.exception_handler(SamplingError)
+    async def _api_error(request: Request, exc: Exception):
+        return error_response(api_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -137,7 +178,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics |
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+        return error_response(api_error(exc))  # a 500 internal_error
 
     # json.JSONDecodeError of a body FastAPI did not parse itself (defensive).
     app.add_exception_handler(json.JSONDecodeError, lambda r, e: error_response(

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 import dllm_jax
-from dllm_jax.checkpoint import load_tokenizer
+from dllm_jax.checkpoint import dtypes, load_tokenizer
 
 DEMO_NAME = "dllm-jax-demo-random"
 TOKENIZER_DIR = Path(dllm_jax.__file__).parent / "assets" / "demo_tokenizer"
@@ -22,11 +22,9 @@ log = logging.getLogger("serve")
 
 def demo_model(mesh=None, seed: int = 0, dtype=None):
     """A random-weight LLaDA-tiny Model with the demo tokenizer."""
-    import jax.numpy as jnp
-
     log.warning("no --model given: serving %r, a tiny LLaDA with RANDOM weights (demo only; its text is "
                 "meaningless)", DEMO_NAME)
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     config = dllm_jax.LLaDAConfig.tiny()
-    dtype = getattr(jnp, dtype) if isinstance(dtype, str) else (dtype or jnp.float32)
+    dtype = dtypes.param_dtype(dtype) if dtype is not None else dtypes.param_dtype("float32")
     return dllm_jax.Model.random(config, seed=seed, tokenizer=tokenizer, mesh=mesh, dtype=dtype)

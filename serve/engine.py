@@ -3,7 +3,9 @@
 It loads the model and runs the scheduler (``serve.scheduler``) on its own thread, so the
 asyncio front end only queues sequences and reads events back: ``/health`` and ``/metrics``
 answer while a block program runs. Health: loading -> warming_up -> ready, or dead when the
-thread failed (every pending request then gets a 503).
+thread failed (every pending request then gets ``EngineDead``). Refusals are the domain
+errors of ``serve.errors`` (``EngineNotReady``, ``ContextLengthExceeded``, ``QueueFull``);
+``serve.app`` maps them to HTTP.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from dllm_jax.sampling import SamplingError, program_key
+from dllm_jax.sampling import ALGORITHMS, PROMPT_BUCKETS, program_key
 from serve.compiler import Compiler
+from serve.errors import ContextLengthExceeded, EngineDead, EngineNotReady
 from serve.executor import Executor
 from serve.metrics import Metrics
-from serve.protocol import APIError
-from serve.scheduler import Event, Handle, Inbox, Scheduler, Seq, SeqRequest
+from serve.requests import Event, Handle, Inbox, Seq, SeqRequest
+from serve.scheduler import Scheduler
 
 log = logging.getLogger("serve.engine")
 
@@ -85,7 +88,7 @@ class Engine:
                  metrics: Metrics | None = None, demo: bool = False,
                  make_executor: Callable[[object], Executor] | None = None):
         self._load, self.names, self.options, self.demo = load, tuple(names), options, demo
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(self.names[0] if self.names else "")
         self._make_executor = make_executor or Executor
         self.state = State.LOADING
         self.error: str | None = None
@@ -115,36 +118,35 @@ class Engine:
         return self.state is State.READY, self.state.value
 
     def info(self) -> ModelInfo:
+        """The served model; raises EngineNotReady unless ready."""
         ready, state = self.health()
         if not ready:
-            detail = f": {self.error}" if self.error else ""
-            raise APIError(503, f"the engine is {state.replace('_', ' ')}{detail}", code=state)
+            raise EngineNotReady(state, self.error)
         return self._info
 
     def submit(self, seqs: Sequence[SeqRequest]) -> Handle:
-        """Queue sequences; raises APIError 413 (does not fit), 429 (queue full), 503 (not ready)."""
+        """Queue sequences; raises EngineNotReady, ContextLengthExceeded or QueueFull (nothing queued then)."""
         self.info()
         handle = Handle(self.inbox, asyncio.get_running_loop())
         items = []
         for index, req in enumerate(seqs):
-            try:
-                key = program_key(self.model, len(req.prompt), req.params, 1,
-                                  prompt_buckets=self.prompt_buckets(), batch_buckets=(1,))
-            except SamplingError as e:
-                message = str(e).replace("gen_length (", "max_tokens rounded up to whole blocks (")
-                raise APIError(413, message, param="max_tokens", code="context_length_exceeded") from None
+            self._check_fits(req)
+            key = program_key(self.model, len(req.prompt), req.params, 1,
+                              prompt_buckets=self.prompt_buckets(), batch_buckets=(1,))
             group = dataclasses.replace(key, batch=0, prompt_len=0)
             items.append(Seq(next(self._ids), index, req, handle, group, key.prompt_len, handle.arrival))
         self.inbox.put(items)
         handle.seq_ids = [s.id for s in items]
         return handle
 
-    def cancel(self, seq_ids: Sequence[int]) -> None:
-        self.inbox.cancel(seq_ids)
+    def _check_fits(self, req: SeqRequest) -> None:
+        """Prompt + canvas (+ the static-block decoder's 2 blocks of room) must fit the context."""
+        p = req.params
+        extra = 2 * p.block_length if ALGORITHMS[p.algorithm].cache == "sliding" else 0
+        if len(req.prompt) + p.gen_length + extra > self.model.max_length:
+            raise ContextLengthExceeded(len(req.prompt), p.gen_length, extra, self.model.max_length)
 
-    def prompt_buckets(self):
-        from dllm_jax.sampling.params import PROMPT_BUCKETS
-
+    def prompt_buckets(self) -> tuple[int, ...]:
         return self.options.prompt_buckets or PROMPT_BUCKETS
 
     # ---- the engine thread -----------------------------------------------------------------
@@ -177,10 +179,10 @@ class Engine:
             self.state = State.DEAD
             self.metrics.set("engine_ready", 0)
             if self.scheduler is not None:
-                self.scheduler.fail_all(APIError(503, f"the engine died: {self.error}", code="engine_dead"))
+                self.scheduler.fail_all(EngineDead(self.error))
 
     def _warmup(self) -> None:
-        from serve.params import default_params
+        from serve.request_params import default_params
 
         buckets = self.options.warmup
         for i, (batch, prompt_len, gen_length) in enumerate(buckets, 1):

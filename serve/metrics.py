@@ -1,137 +1,111 @@
-"""Prometheus metrics in the text exposition format, written by hand (no extra dependency).
+"""Prometheus metrics of one server, on ``prometheus_client`` (names prefixed ``dllm_``).
 
-Updated from the scheduler thread and the event loop, so every change takes one lock.
+Each ``Metrics`` has its own ``CollectorRegistry`` (never the process-global default one: a
+test process builds several servers), and every series carries the served model's name as
+the label ``model``. ``render`` writes the text exposition format without the ``*_created``
+series prometheus_client adds to counters and histograms: they are filtered here, per
+registry, because ``prometheus_client.disable_created_metrics()`` would switch them off for
+the whole process. Updated from the scheduler thread and the event loop (prometheus_client
+is thread-safe); ``batch`` and ``render`` share a lock so a scrape never sees half a step.
 """
 
 from __future__ import annotations
 
-import bisect
 import threading
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+
+from dllm_jax.sampling import BATCH_BUCKETS
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-
-class Histogram:
-    def __init__(self, buckets):
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float):
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
+GAUGES = {
+    "queue_depth": "Sequences waiting for a batch slot.",
+    "running_rows": "Sequences in running batches (the running batch size).",
+    "sessions": "Open decode sessions (compiled batches in flight).",
+    "engine_ready": "1 when the engine serves requests.",
+}
+COUNTERS = {  # prometheus_client renders a Counter named x as x_total
+    "prompt_tokens_total": "Prompt tokens of admitted requests (no padding).",
+    "generation_tokens_total": "Completion tokens returned.",
+    "nfe_total": "Model forward passes summed over finished sequences.",
+    "batch_steps_total": "Block programs run.",
+    "batch_rows_total": "Occupied slots summed over block programs.",
+    "batch_slots_total": "Compiled slots summed over block programs (fill = rows / slots).",
+    "requests_cancelled_total": "Sequences dropped because the client went away.",
+    "compiles_total": "Block programs compiled (warm-up and background).",
+}
+HISTOGRAMS = {
+    "batch_size": ("Occupied slots per block program.", BATCH_BUCKETS),
+    "queue_time_seconds": ("Time from arrival to admission into a batch.", LATENCY_BUCKETS),
+    "request_latency_seconds": ("Time from arrival to the last token of a request.", LATENCY_BUCKETS),
+    "time_to_first_chunk_seconds": ("Time from arrival to the first streamed text.", LATENCY_BUCKETS),
+    "block_step_seconds": ("Wall time of one block program (device + host round trip).", LATENCY_BUCKETS),
+}
+FINISH_REASONS = ("stop", "length")  # shown (at 0) before any request finishes
 
 
 class Metrics:
-    """All server metrics (names prefixed ``dllm_``)."""
+    """All server metrics; methods take the names above (without ``dllm_``)."""
 
     def __init__(self, model_name: str = ""):
         self.model_name = model_name
+        self.registry = CollectorRegistry()
         self._lock = threading.Lock()
-        self.gauges = {"queue_depth": 0, "running_rows": 0, "sessions": 0, "engine_ready": 0}
-        self.counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "nfe_total": 0,
-                         "batch_steps_total": 0, "batch_rows_total": 0, "batch_slots_total": 0,
-                         "requests_cancelled_total": 0, "compiles_total": 0}
-        self.finish: dict[str, int] = {}
-        self.status: dict[str, int] = {}
-        self.hist = {"batch_size": Histogram(BATCH_BUCKETS),
-                     "queue_time_seconds": Histogram(LATENCY_BUCKETS),
-                     "request_latency_seconds": Histogram(LATENCY_BUCKETS),
-                     "time_to_first_chunk_seconds": Histogram(LATENCY_BUCKETS),
-                     "block_step_seconds": Histogram(LATENCY_BUCKETS)}
+        label = {"model": model_name}
 
-    HELP = {
-        "queue_depth": ("gauge", "Sequences waiting for a batch slot."),
-        "running_rows": ("gauge", "Sequences in running batches (the running batch size)."),
-        "sessions": ("gauge", "Open decode sessions (compiled batches in flight)."),
-        "engine_ready": ("gauge", "1 when the engine serves requests."),
-        "prompt_tokens_total": ("counter", "Prompt tokens of admitted requests (no padding)."),
-        "generation_tokens_total": ("counter", "Completion tokens returned."),
-        "nfe_total": ("counter", "Model forward passes summed over finished sequences."),
-        "batch_steps_total": ("counter", "Block programs run."),
-        "batch_rows_total": ("counter", "Occupied slots summed over block programs."),
-        "batch_slots_total": ("counter", "Compiled slots summed over block programs (fill = rows / slots)."),
-        "requests_cancelled_total": ("counter", "Sequences dropped because the client went away."),
-        "compiles_total": ("counter", "Block programs compiled (warm-up and background)."),
-        "batch_size": ("histogram", "Occupied slots per block program."),
-        "queue_time_seconds": ("histogram", "Time from arrival to admission into a batch."),
-        "request_latency_seconds": ("histogram", "Time from arrival to the last token of a request."),
-        "time_to_first_chunk_seconds": ("histogram", "Time from arrival to the first streamed text."),
-        "block_step_seconds": ("histogram", "Wall time of one block program (device + host round trip)."),
-    }
+        def child(metric):
+            return metric.labels(**label)
 
-    def set(self, name: str, value):
+        reg = dict(labelnames=["model"], registry=self.registry)
+        self._gauges = {n: child(Gauge(f"dllm_{n}", doc, **reg)) for n, doc in GAUGES.items()}
+        self._counters = {n: child(Counter(f"dllm_{n}", doc, **reg)) for n, doc in COUNTERS.items()}
+        self._hist = {n: child(Histogram(f"dllm_{n}", doc, buckets=buckets, **reg))
+                      for n, (doc, buckets) in HISTOGRAMS.items()}
+        self._finish = Counter("dllm_requests_total", "Finished sequences by finish reason.",
+                               ["model", "finish_reason"], registry=self.registry)
+        for reason in FINISH_REASONS:
+            self._finish.labels(model=model_name, finish_reason=reason)
+        self._status = Counter("dllm_http_requests_total", "HTTP responses by status code.", ["model", "status"],
+                               registry=self.registry)
+
+    def set(self, name: str, value: float) -> None:
+        self._gauges[name].set(value)
+
+    def inc(self, name: str, value: float = 1) -> None:
+        self._counters[name].inc(value)
+
+    def observe(self, name: str, value: float) -> None:
+        self._hist[name].observe(value)
+
+    def batch(self, rows: int, slots: int, seconds: float) -> None:
+        """One block program ran with ``rows`` of its ``slots`` occupied."""
         with self._lock:
-            self.gauges[name] = value
+            self._counters["batch_steps_total"].inc()
+            self._counters["batch_rows_total"].inc(rows)
+            self._counters["batch_slots_total"].inc(slots)
+            self._hist["batch_size"].observe(rows)
+            self._hist["block_step_seconds"].observe(seconds)
 
-    def inc(self, name: str, value=1):
-        with self._lock:
-            self.counters[name] += value
-
-    def observe(self, name: str, value: float):
-        with self._lock:
-            self.hist[name].observe(value)
-
-    def batch(self, rows: int, slots: int, seconds: float):
-        with self._lock:
-            self.counters["batch_steps_total"] += 1
-            self.counters["batch_rows_total"] += rows
-            self.counters["batch_slots_total"] += slots
-            self.hist["batch_size"].observe(rows)
-            self.hist["block_step_seconds"].observe(seconds)
-
-    def finished(self, reason: str, tokens: int):
+    def finished(self, reason: str, tokens: int) -> None:
         """One choice finished with ``tokens`` completion tokens."""
+        self._finish.labels(model=self.model_name, finish_reason=reason).inc()
+        self._counters["generation_tokens_total"].inc(tokens)
+
+    def http_status(self, status: int) -> None:
+        self._status.labels(model=self.model_name, status=str(status)).inc()
+
+    def collect(self) -> Iterator[Metric]:
+        """The registry's metrics without ``*_created`` samples (a collector for ``generate_latest``)."""
         with self._lock:
-            self.finish[reason] = self.finish.get(reason, 0) + 1
-            self.counters["generation_tokens_total"] += tokens
+            metrics = list(self.registry.collect())
+        for metric in metrics:
+            created = metric.name + "_created"
+            metric.samples = [s for s in metric.samples if s.name != created]
+            yield metric
 
-    def http_status(self, status: int):
-        with self._lock:
-            key = str(status)
-            self.status[key] = self.status.get(key, 0) + 1
-
-    def render(self) -> str:
-        with self._lock:
-            lines: list[str] = []
-            for name, value in {**self.gauges, **self.counters}.items():
-                kind, doc = self.HELP[name]
-                lines += [f"# HELP dllm_{name} {doc}", f"# TYPE dllm_{name} {kind}", f"dllm_{name} {value}"]
-            lines += ["# HELP dllm_requests_total Finished sequences by finish reason.",
-                      "# TYPE dllm_requests_total counter"]
-            for reason in sorted(set(self.finish) | {"stop", "length"}):
-                lines.append(f'dllm_requests_total{{finish_reason="{reason}"}} {self.finish.get(reason, 0)}')
-            lines += ["# HELP dllm_http_requests_total HTTP responses by status code.",
-                      "# TYPE dllm_http_requests_total counter"]
-            for status in sorted(self.status):
-                lines.append(f'dllm_http_requests_total{{status="{status}"}} {self.status[status]}')
-            for name, h in self.hist.items():
-                kind, doc = self.HELP[name]
-                lines += [f"# HELP dllm_{name} {doc}", f"# TYPE dllm_{name} histogram"]
-                cumulative = 0
-                for bound, count in zip(self.buckets_of(h), h.counts):
-                    cumulative += count
-                    lines.append(f'dllm_{name}_bucket{{le="{bound}"}} {cumulative}')
-                lines += [f"dllm_{name}_sum {h.sum}", f"dllm_{name}_count {h.count}"]
-            return "\n".join(lines) + "\n"
-
-    @staticmethod
-    def buckets_of(h: Histogram):
-        return [_fmt(b) for b in h.buckets] + ["+Inf"]
-
-
-def _fmt(x) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(float(x))
-
-
-def parse(text: str) -> dict[str, float]:
-    """Sample name (with labels) -> value; for tests and the load benchmark."""
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    def render(self) -> bytes:
+        """The text exposition format (serve it as ``prometheus_client.CONTENT_TYPE_LATEST``)."""
+        return generate_latest(self)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import JSONResponse, Response
 
 from serve import responses
-from serve.params import aliases, algorithm_names, family_defaults
+from serve.request_params import aliases, algorithm_names, family_defaults
 from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
 router = APIRouter()
@@ -42,4 +43,4 @@ async def health(request: Request):
 
 @router.get("/metrics")
 async def metrics(request: Request):
-    return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -20,91 +20,31 @@ At every block boundary (``Scheduler._schedule``):
 
 Every device-facing call goes through ``serve.executor.Executor`` (process 0 of a
 multi-host server broadcasts it); the asyncio side talks to this thread only through the
-``Inbox`` (new sequences, cancellations) and each request's ``Handle`` (events back).
+``Inbox`` (new sequences, cancellations) and each request's ``Handle`` (events back), both
+in ``serve.requests``. A failure reaches the requests involved as ``serve.errors.EngineFailed``
+(the engine dying: ``EngineDead``), never as an HTTP error.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-import threading
 import time
-from typing import Sequence
 
-import numpy as np
-
-from dllm_jax.sampling import ProgramKey, SamplingParams, program_key
+from dllm_jax.sampling import ProgramKey, program_key
 from serve.compiler import Compiler
+from serve.errors import EngineFailed, ServeError
 from serve.executor import Executor
 from serve.metrics import Metrics
-from serve.protocol import APIError
+from serve.requests import Event, Inbox, Seq
 
 log = logging.getLogger("serve.engine")
 
 
-@dataclasses.dataclass
-class SeqRequest:
-    """One canvas to generate (a request with n choices is n of these)."""
-
-    prompt: list[int]
-    params: SamplingParams  # resolved
-    max_tokens: int
-
-
-@dataclasses.dataclass
-class Event:
-    """Progress of one sequence: its final tokens so far (already cut at max_tokens)."""
-
-    index: int
-    tokens: np.ndarray
-    done: bool
-    finish_reason: str | None
-    nfe: int
-    error: APIError | None = None
-
-
-class Handle:
-    """The asyncio side of one request: events from the scheduler, cancellation to it."""
-
-    def __init__(self, inbox: "Inbox", loop: asyncio.AbstractEventLoop):
-        self.inbox, self.loop = inbox, loop
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.seq_ids: list[int] = []
-        self.arrival = time.monotonic()
-
-    def post(self, event: Event) -> None:  # scheduler thread
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # event loop closed (shutdown)
-            pass
-
-    async def next(self) -> Event:
-        event = await self.queue.get()
-        if event.error is not None:
-            raise event.error
-        return event
-
-    def cancel(self, index: int | None = None) -> None:
-        """Drop one sequence (or all): removed from the queue, or its slot freed at the next block."""
-        ids = self.seq_ids if index is None else [self.seq_ids[index]]
-        self.inbox.cancel(ids)
-
-
-@dataclasses.dataclass(eq=False)
-class Seq:
-    id: int
-    index: int
-    req: SeqRequest
-    handle: Handle
-    group: ProgramKey   # the ProgramKey with batch and prompt_len zeroed
-    need: int           # its own prompt bucket
-    arrival: float
-    sent: int = -1
-
-
 @dataclasses.dataclass(eq=False)
 class Session:
+    """A running decode session (one compiled program) and which sequence holds each slot."""
+
     sid: int
     key: ProgramKey
     group: ProgramKey
@@ -112,59 +52,6 @@ class Session:
 
     def free(self) -> list[int]:
         return [i for i in range(self.key.batch) if i not in self.slots]
-
-
-class Inbox:
-    """The hand-over between the event loop and the scheduler thread (one lock)."""
-
-    def __init__(self, max_queue: int):
-        self.max_queue = max_queue
-        self.cv = threading.Condition()
-        self.items: list[Seq] = []
-        self.cancels: set[int] = set()
-        self.queued = 0          # sequences not admitted yet (the 429 limit)
-        self.stopping = False
-        self.woken = False
-
-    def put(self, seqs: Sequence[Seq]) -> None:
-        with self.cv:
-            if self.queued + len(seqs) > self.max_queue:
-                raise APIError(429, f"the queue is full ({self.queued} sequences waiting, limit "
-                                    f"{self.max_queue}); retry later", code="queue_full",
-                               headers={"Retry-After": "1"})
-            self.queued += len(seqs)
-            self.items.extend(seqs)
-            self.cv.notify()
-
-    def cancel(self, seq_ids: Sequence[int]) -> None:
-        with self.cv:
-            self.cancels.update(seq_ids)
-            self.cv.notify()
-
-    def stop(self) -> None:
-        with self.cv:
-            self.stopping = True
-            self.cv.notify()
-
-    def wake(self) -> None:
-        """Something changed besides the queue (a compile finished): run the scheduler."""
-        with self.cv:
-            self.woken = True  # not lost if the scheduler is not waiting right now
-            self.cv.notify()
-
-    def dequeued(self, n: int) -> None:
-        with self.cv:
-            self.queued -= n
-
-    def take(self, idle: bool, timeout) -> tuple[list[Seq], set[int], bool]:
-        """New sequences, cancellations, stopping; waits up to ``timeout`` first when ``idle``."""
-        with self.cv:
-            if idle and not (self.items or self.cancels or self.stopping or self.woken):
-                self.cv.wait(timeout)
-            self.woken = False
-            new, self.items = self.items, []
-            cancels, self.cancels = self.cancels, set()
-            return new, cancels, self.stopping
 
 
 class Scheduler:
@@ -346,15 +233,15 @@ class Scheduler:
                     return
 
     def _fail(self, session: Session | None, seqs: list[Seq], exc: Exception, what: str) -> None:
-        """An engine error fails only the requests involved (500); the session is dropped."""
+        """An engine error fails only the requests involved (EngineFailed); the session is dropped."""
         log.error("%s failed: %s: %s", what, type(exc).__name__, exc, exc_info=exc)
-        err = APIError(500, f"generation failed while {what}: {type(exc).__name__}: {exc}", code="engine_error")
+        err = EngineFailed(what, exc)
         for seq in seqs:
-            seq.handle.post(Event(seq.index, np.zeros(0, np.int32), True, None, 0, error=err))
+            seq.handle.post(Event.failure(seq.index, err))
         if session is not None:
             for seq in session.slots.values():
                 if seq not in seqs:
-                    seq.handle.post(Event(seq.index, np.zeros(0, np.int32), True, None, 0, error=err))
+                    seq.handle.post(Event.failure(seq.index, err))
             if session in self.sessions:
                 self.sessions.remove(session)
             try:
@@ -381,10 +268,10 @@ class Scheduler:
         self.metrics.set("running_rows", sum(len(s.slots) for s in self.sessions))
         self.metrics.set("sessions", len(self.sessions))
 
-    def fail_all(self, err: APIError) -> None:
+    def fail_all(self, err: ServeError) -> None:
         """The engine died: every sequence it holds or will receive gets ``err``."""
         new, _, _ = self.inbox.take(idle=False, timeout=0)
         pending = new + self.waiting + [q for s in self.sessions for q in s.slots.values()]
         self.waiting, self.sessions = [], []
         for seq in pending:
-            seq.handle.post(Event(seq.index, np.zeros(0, np.int32), True, None, 0, error=err))
+            seq.handle.post(Event.failure(seq.index, err))

@@ -2,23 +2,30 @@
 
 request -> field policy -> sampling params -> prompt token ids -> ``engine.submit`` -> events
 -> text (``TextStream``: stop strings, UTF-8-safe) -> an OpenAI response body or an SSE stream.
+
+A validated request is a ``Job``; once its sequences are queued it is a ``Call``, which both
+the non-streamed answer and ``serve.streaming`` read. Engine errors arrive as
+``serve.errors`` exceptions: raised to the app's handlers, or (streaming) turned into an
+in-band error body by the ``errors`` mapping the app passes in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
+from dllm_jax.sampling import SamplingParams
 from serve import responses
 from serve.detok import TextStream
-from serve.engine import Engine, Event, Handle, ModelInfo, SeqRequest
+from serve.engine import Engine, ModelInfo
+from serve.errors import ClientDisconnected
 from serve.metrics import Metrics
-from serve.params import request_params
 from serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -29,6 +36,8 @@ from serve.protocol import (
     message_text,
     stop_list,
 )
+from serve.request_params import request_params
+from serve.requests import Event, Handle, SeqRequest
 from serve.streaming import sse_stream
 
 log = logging.getLogger("serve")
@@ -69,34 +78,61 @@ class Choices:
         return [(ts.text, r) for ts, r in zip(self.streams, self.reasons)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A validated request: what to generate (before its prompts are tokenised)."""
+
+    kind: str                      # 'chat' | 'completion'
+    req: DiffusionFields
+    info: ModelInfo
+    model: str                     # the served name the client asked for
+    params: list[SamplingParams]   # one per choice (n)
+    max_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """A request whose sequences are queued, as the response writers see it."""
+
+    kind: str                      # 'chat' | 'completion'
+    id: str
+    created: int
+    model: str
+    handle: Handle
+    choices: Choices
+    prompt_tokens: int
+    include_usage: bool
+    metrics: Metrics
+    errors: Callable[[Exception], APIError]   # engine error -> its HTTP error (serve.app.api_error)
+
+
 class Serving:
-    def __init__(self, engine: Engine, metrics: Metrics):
-        self.engine, self.metrics = engine, metrics
+    def __init__(self, engine: Engine, metrics: Metrics, errors: Callable[[Exception], APIError]):
+        self.engine, self.metrics, self.errors = engine, metrics, errors
 
     # ---- endpoints ---------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, request: Request):
-        info, name, params, max_tokens = self._common(req)
+        job = self._job("chat", req)
         messages = message_text(req.messages)
-        prompt = await run_in_threadpool(self._chat_prompt, info, messages)
-        return await self._run("chat", info, name, [prompt], params, max_tokens, req, request)
+        prompt = await run_in_threadpool(self._chat_prompt, job.info, messages)
+        return await self._run(job, [prompt], request)
 
     async def completion(self, req: CompletionRequest, request: Request):
-        info, name, params, max_tokens = self._common(req)
-        prompts = await run_in_threadpool(self._completion_prompts, info, req.prompt)
-        return await self._run("completion", info, name, prompts, params, max_tokens, req, request)
+        job = self._job("completion", req)
+        prompts = await run_in_threadpool(self._completion_prompts, job.info, req.prompt)
+        return await self._run(job, prompts, request)
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def _common(self, req: DiffusionFields):
+    def _job(self, kind: str, req: DiffusionFields) -> Job:
         check_fields(req)
         info = self.engine.info()
         if req.model is not None and req.model not in info.names:
             raise APIError(404, f"The model `{req.model}` does not exist (this server serves "
                                 f"{', '.join(info.names)})", param="model", code="model_not_found")
-        name = req.model or info.names[0]
         params, max_tokens = request_params(req, info.family, info.max_length)
-        return info, name, params, max_tokens
+        return Job(kind, req, info, req.model or info.names[0], params, max_tokens)
 
     @staticmethod
     def _chat_prompt(info: ModelInfo, messages: list[dict]) -> list[int]:
@@ -136,22 +172,28 @@ class Serving:
             out.append(ids)
         return out
 
-    async def _run(self, kind: str, info: ModelInfo, name: str, prompts: list[list[int]], params, max_tokens: int,
-                   req: DiffusionFields, request: Request):
-        n = len(params)
+    async def _run(self, job: Job, prompts: list[list[int]], request: Request):
+        n, req = len(job.params), job.req
         if len(prompts) * n > MAX_ROWS_PER_REQUEST:
             raise bad_request(f"{len(prompts)} prompts x n={n} exceeds {MAX_ROWS_PER_REQUEST} sequences per request",
                               "n")
-        seqs = [SeqRequest(p, params[j], max_tokens) for p in prompts for j in range(n)]
+        seqs = [SeqRequest(p, job.params[j], job.max_tokens) for p in prompts for j in range(n)]
         handle = self.engine.submit(seqs)
-        choices = Choices(handle, info.tokenizer, stop_list(req.stop), len(seqs), self.metrics)
         prompt_tokens = sum(len(p) for p in prompts)
         self.metrics.inc("prompt_tokens_total", prompt_tokens)
-        rid = responses.new_id("chatcmpl" if kind == "chat" else "cmpl")
-        created = responses.now()
+        call = Call(kind=job.kind, id=responses.new_id("chatcmpl" if job.kind == "chat" else "cmpl"),
+                    created=responses.now(), model=job.model, handle=handle,
+                    choices=Choices(handle, job.info.tokenizer, stop_list(req.stop), len(seqs), self.metrics),
+                    prompt_tokens=prompt_tokens,
+                    include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                    metrics=self.metrics, errors=self.errors)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse_stream(kind, rid, created, name, handle, choices, prompt_tokens, include_usage, self.metrics)
+            return sse_stream(call)
+        return await self._complete(call, request)
+
+    async def _complete(self, call: Call, request: Request) -> dict:
+        """The non-streamed answer: wait for every choice (dropping them if the client leaves)."""
+        handle, choices = call.handle, call.choices
         watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
         try:
             while not choices.done:
@@ -162,9 +204,9 @@ class Serving:
         finally:
             watcher.cancel()
         self.metrics.observe("request_latency_seconds", time.monotonic() - handle.arrival)
-        use = responses.usage(prompt_tokens, sum(choices.tokens))
-        build = responses.chat_completion if kind == "chat" else responses.completion
-        return build(rid, created, name, choices.results(), use)
+        use = responses.usage(call.prompt_tokens, sum(choices.tokens))
+        build = responses.chat_completion if call.kind == "chat" else responses.completion
+        return build(call.id, call.created, call.model, choices.results(), use)
 
 
 def _encode(tok, text: str, param: str, **kw) -> list[int]:
@@ -186,6 +228,5 @@ async def _cancel_on_disconnect(request: Request, handle: Handle) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             handle.cancel()
-            handle.queue.put_nowait(Event(0, None, True, None, 0, error=APIError(
-                499, "client disconnected", code="client_disconnected")))
+            handle.queue.put_nowait(Event.failure(0, ClientDisconnected()))
             return

@@ -4,7 +4,8 @@ Chunk order (per OpenAI): a role chunk per choice (chat only), one text delta pe
 finished block whose text grew (incremental, UTF-8-safe detokenisation in ``serve.detok``),
 a final chunk per choice with its ``finish_reason``, a usage chunk with empty ``choices``
 when ``stream_options.include_usage``, then ``data: [DONE]``. An error after the stream has
-started is sent as one ``data: {"error": ...}`` event before ``[DONE]``.
+started is sent as one ``data: {"error": ...}`` event before ``[DONE]`` (an engine error
+mapped by ``Call.errors``, the app's mapping).
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from starlette.responses import StreamingResponse
 
 from serve import responses
+from serve.errors import ServeError
 from serve.protocol import APIError
+
+if TYPE_CHECKING:
+    from serve.serving import Call
 
 log = logging.getLogger("serve")
 
@@ -29,15 +34,14 @@ def sse(obj) -> str:
 DONE = "data: [DONE]\n\n"
 
 
-def sse_stream(kind: str, rid: str, created: int, model: str, handle, choices, prompt_tokens: int,
-               include_usage: bool, metrics) -> StreamingResponse:
-    return StreamingResponse(
-        _events(kind, rid, created, model, handle, choices, prompt_tokens, include_usage, metrics),
-        media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def sse_stream(call: Call) -> StreamingResponse:
+    return StreamingResponse(_events(call), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _events(kind, rid, created, model, handle, choices, prompt_tokens, include_usage,
-                  metrics) -> AsyncIterator[str]:
+async def _events(call: Call) -> AsyncIterator[str]:
+    kind, rid, created, model = call.kind, call.id, call.created, call.model
+    handle, choices, metrics, include_usage = call.handle, call.choices, call.metrics, call.include_usage
     if kind == "chat":
         def chunk(i, text=None, reason=None, role=None):
             return responses.chat_chunk(rid, created, model, i, role=role, content=text, finish_reason=reason,
@@ -66,16 +70,16 @@ async def _events(kind, rid, created, model, handle, choices, prompt_tokens, inc
                 yield sse(chunk(event.index, reason=reason))
         metrics.observe("request_latency_seconds", time.monotonic() - handle.arrival)
         if include_usage:
-            use = responses.usage(prompt_tokens, sum(choices.tokens))
+            use = responses.usage(call.prompt_tokens, sum(choices.tokens))
             usage_chunk = responses.chat_usage_chunk if kind == "chat" else responses.completion_usage_chunk
             yield sse(usage_chunk(rid, created, model, use))
         yield DONE
-    except APIError as e:
-        yield sse(e.body())
+    except (APIError, ServeError) as e:
+        yield sse(call.errors(e).body())
         yield DONE
     except Exception as e:  # noqa: BLE001 - the status line is sent; report in-band
         log.exception("stream %s failed", rid)
-        yield sse(APIError(500, f"internal error: {type(e).__name__}", code="internal_error").body())
+        yield sse(call.errors(e).body())  # a 500 internal_error
         yield DONE
     finally:
         if not choices.done:

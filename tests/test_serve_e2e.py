@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import math
 import threading
 import time
 
@@ -18,8 +17,7 @@ import httpx
 import openai
 import pytest
 
-from serve.metrics import parse as parse_metrics
-from test_serve_utils import LLADA_MODEL, Server, server_env, sse_events, validate
+from serve_helpers import LLADA_MODEL, Server, chat_ids, read_metrics, reference, server_env, sse_events, validate
 
 KEY = "test-key-not-secret"
 NAME = "llada-tiny"
@@ -36,6 +34,10 @@ def server():
     s.stop()
 
 
+def scrape(server) -> dict[str, float]:
+    return read_metrics(httpx.get(server.url + "/metrics").text, NAME)
+
+
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
@@ -45,30 +47,6 @@ def client(server):
 def http(server):
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300) as c:
         yield c
-
-
-# ---- reference: Model.generate in this process -------------------------------------------
-
-def chat_ids(model, content: str) -> list[int]:
-    """The prompt the server must build: the public Model.chat_prompt."""
-    return model.chat_prompt([{"role": "user", "content": content}])
-
-
-def reference(model, prompts, max_tokens, *, stop=(), block_length=32, algorithm=None, **rows):
-    """Texts the server must return (server defaults for LLaDA: dual_cache, threshold 0.9)."""
-    gen = math.ceil(max(max_tokens) / block_length) * block_length
-    if algorithm is None:
-        algorithm = "dual_cache"
-        rows.setdefault("threshold", 0.9)
-    out = model.generate(prompts, gen_length=gen, block_length=block_length, algorithm=algorithm,
-                         early_stop=True, **rows)
-    texts = []
-    for i, limit in enumerate(max_tokens):
-        text = model.tokenizer.decode(out.tokens[i][:min(int(out.lengths[i]), limit)].tolist(),
-                                      skip_special_tokens=True)
-        cuts = [text.find(s) for s in stop if s in text]
-        texts.append(text[:min(cuts)] if cuts else text)
-    return texts
 
 
 # ---- basics ---------------------------------------------------------------------------------
@@ -233,7 +211,7 @@ def test_streaming_is_real_and_health_answers_during_a_batch(server, http):
 
 
 def test_client_disconnect_frees_the_slot(server, http):
-    before = parse_metrics(httpx.get(server.url + "/metrics").text)["dllm_requests_cancelled_total"]
+    before = scrape(server)["dllm_requests_cancelled_total"]
     body = dict(LONG)
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
         for line in r.iter_lines():
@@ -241,7 +219,7 @@ def test_client_disconnect_frees_the_slot(server, http):
                 break  # leave after the first block
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        m = parse_metrics(httpx.get(server.url + "/metrics").text)
+        m = scrape(server)
         if m["dllm_requests_cancelled_total"] > before and m["dllm_running_rows"] == 0:
             break
         time.sleep(0.05)
@@ -284,10 +262,10 @@ def _send(client, r):
 
 def test_32_concurrent_mixed_requests_equal_generate(server, client, llada_model):
     reqs = _mixed_requests()
-    before = parse_metrics(httpx.get(server.url + "/metrics").text)
+    before = scrape(server)
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         got = list(pool.map(lambda r: _send(client, r), reqs))
-    after = parse_metrics(httpx.get(server.url + "/metrics").text)
+    after = scrape(server)
     tok = llada_model.tokenizer
     # reference: one generate call per program (per-row knobs as lists), rows in any order
     rows = []
@@ -424,7 +402,7 @@ def test_bad_inputs_answer_openai_errors(server, http):
 
 def test_metrics_exposition(server, http):
     text = httpx.get(server.url + "/metrics").text
-    m = parse_metrics(text)
+    m = read_metrics(text, NAME)
     assert m['dllm_requests_total{finish_reason="length"}'] > 0
     assert m["dllm_prompt_tokens_total"] > 0 and m["dllm_generation_tokens_total"] > 0
     assert m["dllm_nfe_total"] > 0 and m["dllm_batch_steps_total"] > 0

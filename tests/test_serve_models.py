@@ -7,8 +7,7 @@ import httpx
 import openai
 import pytest
 
-from test_serve_e2e import chat_ids, reference
-from test_serve_utils import LLADA_MODEL, NEMOTRON_MODEL, Server, validate
+from serve_helpers import LLADA_MODEL, NEMOTRON_MODEL, Server, chat_ids, reference, validate
 
 pytestmark = pytest.mark.slow
 

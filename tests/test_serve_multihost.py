@@ -13,8 +13,7 @@ import sys
 import openai
 import pytest
 
-from test_serve_e2e import chat_ids, reference
-from test_serve_utils import LLADA_MODEL, REPO, Server, free_port, server_env
+from serve_helpers import LLADA_MODEL, REPO, Server, chat_ids, free_port, reference, server_env
 
 pytestmark = pytest.mark.slow
 

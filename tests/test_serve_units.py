@@ -1,24 +1,40 @@
 """Server pieces without a server: text streaming, request mapping, the scheduler on a fake
-executor (no compiles), metrics."""
+executor (no compiles), error mapping, metrics.
+
+The scheduler tests synchronise on what the fake executor or the compiler report (events set
+from the scheduler thread, waited for with a timeout), never on sleeps.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import threading
+import time
 import types
 
 import numpy as np
 import pytest
 
-from dllm_jax.sampling import SlotUpdate
-from serve.app import validation_param
+from dllm_jax.sampling import BATCH_BUCKETS, SlotUpdate
+from serve.app import api_error, validation_param
 from serve.detok import TextStream
-from serve.engine import Engine, EngineOptions, SeqRequest
-from serve.metrics import Metrics, parse
-from serve.params import default_params, request_params
+from serve.engine import Engine, EngineOptions
+from serve.errors import (
+    ClientDisconnected,
+    ContextLengthExceeded,
+    EngineDead,
+    EngineFailed,
+    EngineNotReady,
+    QueueFull,
+)
+from serve.metrics import Metrics
 from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, check_fields
-from test_serve_utils import LLADA_MODEL
+from serve.request_params import default_params, request_params
+from serve.requests import SeqRequest
+from serve_helpers import LLADA_MODEL, read_metrics
+
+TIMEOUT = 30.0  # seconds any wait on the scheduler may take before the test fails
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +159,7 @@ class FakeExecutor:
         self.next = 0
         self.fail_step = False
         self.gate = threading.Semaphore(1000)
+        self.stepping = threading.Event()  # set when a step starts (before it waits for the gate)
         self.warm_gate = threading.Event()
         self.warm_gate.set()
 
@@ -159,7 +176,8 @@ class FakeExecutor:
         self.log.append(("admit", sid, sorted(rows), [len(p) for p, _ in rows.values()]))
 
     def step(self, sid):
-        self.gate.acquire()
+        self.stepping.set()
+        assert self.gate.acquire(timeout=TIMEOUT), "the test never opened the gate"
         if self.fail_step:
             raise RuntimeError("device fell over")
         s = self.sessions[sid]
@@ -181,7 +199,7 @@ class FakeExecutor:
         self.log.append(("close", sid))
 
     def warmup(self, key):
-        self.warm_gate.wait(30)
+        self.warm_gate.wait(TIMEOUT)
         self.log.append(("compiled", key))
 
     def noop(self):
@@ -197,13 +215,42 @@ def fake_model():
                                  mask_token_id=336, stop_token_ids=(257,), source="fake")
 
 
-def make_engine(**opts):
-    engine = Engine(fake_model, names=["fake"], options=EngineOptions(**opts), make_executor=FakeExecutor)
-    engine.start()
-    while not engine.health()[0]:
-        assert engine.state.value != "dead", engine.error
-        threading.Event().wait(0.01)
-    return engine
+@pytest.fixture
+def make_engine():
+    """Start engines on the fake executor (ready when returned); all are stopped after the test."""
+    engines = []
+
+    def make(**opts):
+        engine = Engine(fake_model, names=["fake"], options=EngineOptions(**opts), make_executor=FakeExecutor)
+        engines.append(engine)
+        engine.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not engine.health()[0]:  # loading a SimpleNamespace: a few ms
+            assert engine.state.value != "dead", engine.error
+            assert time.monotonic() < deadline, "the engine did not get ready"
+            threading.Event().wait(0.01)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+async def wait_for(event: threading.Event) -> None:
+    """Wait (off the event loop) for an event the scheduler thread sets."""
+    assert await asyncio.to_thread(event.wait, TIMEOUT), "timed out waiting for the scheduler"
+
+
+async def until(condition, what: str) -> None:
+    """Poll a condition the scheduler thread makes true, with a deadline."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def cancelled(engine) -> float:
+    return read_metrics(engine.metrics.render(), "fake")["dllm_requests_cancelled_total"]
 
 
 def seq(prompt_len=10, gen=64, max_tokens=None):
@@ -221,17 +268,17 @@ async def collect(handle, n=1):
     return last
 
 
-def test_scheduler_batches_admits_at_block_boundaries_and_cuts_max_tokens():
+def test_scheduler_batches_admits_at_block_boundaries_and_cuts_max_tokens(make_engine):
     engine = make_engine(max_batch_size=4, max_wait_ms=50)
     ex = engine.executor
 
     async def main():
         ex.gate = threading.Semaphore(0)  # hold the device until everything is queued
-        first = engine.submit([seq(gen=96)] * 2)      # one request, n=2
-        second = engine.submit([seq(prompt_len=40, gen=96, max_tokens=40)])
-        await asyncio.sleep(0.2)
-        for _ in range(1000):
-            ex.gate.release()
+        with engine.inbox.cv:  # the scheduler takes both requests in one go
+            first = engine.submit([seq(gen=96)] * 2)      # one request, n=2
+            second = engine.submit([seq(prompt_len=40, gen=96, max_tokens=40)])
+        await wait_for(ex.stepping)  # the batch is open and its first block waits for the gate
+        ex.gate.release(1000)
         a = await collect(first, 2)
         b = await collect(second)
         third = engine.submit([seq(gen=96)])           # joins later: new session or free slot
@@ -248,25 +295,24 @@ def test_scheduler_batches_admits_at_block_boundaries_and_cuts_max_tokens():
     assert admit0[2] == [0, 1, 2] and admit0[3] == [10, 10, 40]
     assert ("release", 0, 2) in ex.log and ex.log.index(("release", 0, 2)) < ex.log.index(("release", 0, 0))
     assert len(c[0].tokens) == 96
-    engine.stop()
 
 
-def test_cancelled_before_admission_is_never_admitted_and_queue_limit():
+def test_cancelled_before_admission_is_never_admitted_and_queue_limit(make_engine):
     engine = make_engine(max_batch_size=2, max_wait_ms=0, max_queue=3, max_sessions=1)
     ex = engine.executor
 
     async def main():
         ex.gate = threading.Semaphore(0)
         running = engine.submit([seq(gen=64)] * 2)    # fills the only session
-        await asyncio.sleep(0.1)
+        await wait_for(ex.stepping)                     # ... which now waits in its first block
         waiting = engine.submit([seq(prompt_len=11, gen=64)])
-        with pytest.raises(APIError) as e:
+        with pytest.raises(QueueFull) as e:
             engine.submit([seq()] * 3)                  # 1 waiting + 3 > max_queue
-        assert e.value.status == 429 and e.value.headers["Retry-After"]
-        waiting.cancel()
-        await asyncio.sleep(0.1)
-        for _ in range(1000):
-            ex.gate.release()
+        assert (e.value.waiting, e.value.limit) == (1, 3)
+        err = api_error(e.value)
+        assert err.status == 429 and err.headers["Retry-After"] and err.code == "queue_full"
+        waiting.cancel()  # reaches the scheduler with `waiting` itself, at the block boundary
+        ex.gate.release(1000)
         await collect(running, 2)
         after = engine.submit([seq(prompt_len=12, gen=64)])
         await collect(after)
@@ -274,19 +320,18 @@ def test_cancelled_before_admission_is_never_admitted_and_queue_limit():
     asyncio.run(main())
     admitted = [n for e in ex.log if e[0] == "admit" for n in e[3]]
     assert 11 not in admitted and 12 in admitted
-    assert engine.metrics.counters["requests_cancelled_total"] == 1
-    engine.stop()
+    assert cancelled(engine) == 1
 
 
-def test_engine_error_fails_only_that_batch_and_dead_engine_is_503():
+def test_engine_error_fails_only_that_batch_and_dead_engine_is_503(make_engine):
     engine = make_engine(max_batch_size=2, max_wait_ms=0)
 
     async def main():
         engine.executor.fail_step = True
         h = engine.submit([seq()])
-        with pytest.raises(APIError) as e:
+        with pytest.raises(EngineFailed) as e:
             await collect(h)
-        assert e.value.status == 500
+        assert api_error(e.value).status == 500 and api_error(e.value).code == "engine_error"
         engine.executor.fail_step = False
         await collect(engine.submit([seq()]))  # the engine still serves
 
@@ -294,9 +339,9 @@ def test_engine_error_fails_only_that_batch_and_dead_engine_is_503():
     assert engine.health() == (True, "ready")
     engine.stop()
     assert engine.health() == (False, "dead")
-    with pytest.raises(APIError) as e:
+    with pytest.raises(EngineNotReady) as e:
         engine.info()
-    assert e.value.status == 503
+    assert api_error(e.value).status == 503 and api_error(e.value).code == "dead"
 
     broken = Engine(lambda: 1 / 0, names=["x"])
     broken.start()
@@ -304,7 +349,7 @@ def test_engine_error_fails_only_that_batch_and_dead_engine_is_503():
     assert broken.health() == (False, "dead") and "ZeroDivisionError" in broken.error
 
 
-def test_new_programs_compile_in_background_meanwhile_a_bigger_one_is_borrowed():
+def test_new_programs_compile_in_background_meanwhile_a_bigger_one_is_borrowed(make_engine, monkeypatch):
     from dllm_jax.sampling import program_key
 
     engine = make_engine(max_batch_size=8, max_wait_ms=0)
@@ -313,16 +358,26 @@ def test_new_programs_compile_in_background_meanwhile_a_bigger_one_is_borrowed()
     # 4 slots x (32 + 64) = 384 <= 8 x the exact 1 x (16 + 64): affordable to borrow
     big = program_key(engine.model, 30, default_params("llada", 64), 4, batch_buckets=(1, 2, 4, 8))
     engine.compiler.add(big)
+    declined = threading.Event()  # the scheduler found nothing to borrow for the gen-128 request
+    borrow = engine.compiler.borrow
+
+    def watched_borrow(key, rows):
+        out = borrow(key, rows)
+        if key.gen_length == 128 and out is None:
+            declined.set()
+        return out
+
+    monkeypatch.setattr(engine.compiler, "borrow", watched_borrow)
 
     async def main():
         borrowed = await collect(engine.submit([seq(prompt_len=10, gen=64)]))  # B1/P16 not compiled yet
         stuck = engine.submit([seq(prompt_len=10, gen=128)])  # nothing to borrow: waits for its compile
-        await asyncio.sleep(0.2)
+        await wait_for(declined)
         assert all(k.gen_length == 64 for k in ex.opened)
         ex.warm_gate.set()
         await collect(stuck)
-        while not any(k.batch == 1 and k.gen_length == 64 for k in engine.compiler.compiled):
-            await asyncio.sleep(0.01)
+        await until(lambda: any(k.batch == 1 and k.gen_length == 64 for k in engine.compiler.compiled),
+                    "the B1/P16/gen-64 compile")
         exact = await collect(engine.submit([seq(prompt_len=10, gen=64)]))
         return borrowed, exact
 
@@ -330,21 +385,84 @@ def test_new_programs_compile_in_background_meanwhile_a_bigger_one_is_borrowed()
     assert len(borrowed[0].tokens) == 64 and len(exact[0].tokens) == 64
     assert ex.opened[0] == big
     assert [(k.batch, k.prompt_len, k.gen_length) for k in ex.opened[1:]] == [(1, 16, 128), (1, 16, 64)]
-    assert engine.metrics.counters["compiles_total"] == 2
-    engine.stop()
+    assert read_metrics(engine.metrics.render(), "fake")["dllm_compiles_total"] == 2
+
+
+def test_submit_refuses_what_does_not_fit_as_a_413_about_max_tokens(make_engine):
+    engine = make_engine()
+
+    async def main():
+        with pytest.raises(ContextLengthExceeded) as e:
+            engine.submit([seq(prompt_len=400, gen=128)])  # 400 + 128 > 512
+        return e.value
+
+    err = asyncio.run(main())
+    assert (err.prompt_tokens, err.gen_length, err.extra, err.context) == (400, 128, 0, 512)
+    http = api_error(err)
+    assert (http.status, http.param, http.code) == (413, "max_tokens", "context_length_exceeded")
+    assert http.message == ("prompt (400 tokens) + max_tokens rounded up to whole blocks (128) exceeds the "
+                            "model's context of 512 tokens")
+    assert engine.inbox.queued == 0
+
+
+@pytest.mark.parametrize("exc,status,code", [
+    (EngineNotReady("warming_up"), 503, "warming_up"), (EngineDead("RuntimeError: x"), 503, "engine_dead"),
+    (EngineFailed("running a block", RuntimeError("x")), 500, "engine_error"),
+    (ClientDisconnected(), 499, "client_disconnected"), (KeyError("bug"), 500, "internal_error"),
+])
+def test_api_error_maps_engine_errors(exc, status, code):
+    err = api_error(exc)
+    assert (err.status, err.code) == (status, code) and err.body()["error"]["message"]
+    assert api_error(err) is err
+
+
+def test_app_answers_engine_errors_in_openai_shape(make_engine):
+    """Through the app on the fake engine: a failed batch is a 500 engine_error, in-band when streamed."""
+    import httpx
+
+    from serve.app import create_app
+    from serve_helpers import sse_events
+
+    engine = make_engine(max_batch_size=2, max_wait_ms=0)
+    engine.executor.fail_step = True
+    body = {"prompt": [1, 2, 3], "max_tokens": 8}
+
+    async def main():
+        transport = httpx.ASGITransport(app=create_app(engine))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            plain = await client.post("/v1/completions", json=body)
+            streamed = await client.post("/v1/completions", json={**body, "stream": True})
+            scraped = await client.get("/metrics")
+        return plain, streamed, scraped
+
+    plain, streamed, scraped = asyncio.run(main())
+    assert plain.status_code == 500 and plain.json()["error"]["code"] == "engine_error"
+    events = sse_events(streamed.text.splitlines())
+    assert streamed.status_code == 200 and events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "engine_error" and events[-2]["error"]["type"] == "server_error"
+    assert scraped.headers["content-type"].startswith("text/plain; version=")
+    assert read_metrics(scraped.text, "fake")['dllm_http_requests_total{status="500"}'] == 1
 
 
 # ---- metrics -------------------------------------------------------------------------------------
 
 def test_metrics_render_parse():
-    m = Metrics()
+    m = Metrics("tiny")
+    before = read_metrics(m.render(), "tiny")
+    assert before['dllm_requests_total{finish_reason="stop"}'] == 0
+    assert before['dllm_requests_total{finish_reason="length"}'] == 0
     m.batch(3, 8, 0.02)
     m.finished("stop", 5)
     m.http_status(200)
     m.observe("queue_time_seconds", 0.003)
-    values = parse(m.render())
+    text = m.render().decode()
+    values = read_metrics(text, "tiny")
     assert values["dllm_batch_rows_total"] == 3 and values["dllm_batch_slots_total"] == 8
     assert values['dllm_requests_total{finish_reason="stop"}'] == 1
     assert values['dllm_http_requests_total{status="200"}'] == 1
-    assert values['dllm_batch_size_bucket{le="4"}'] == 1 and values['dllm_batch_size_bucket{le="2"}'] == 0
+    assert values['dllm_batch_size_bucket{le="4.0"}'] == 1 and values['dllm_batch_size_bucket{le="2.0"}'] == 0
     assert values["dllm_queue_time_seconds_count"] == 1
+    # the batch-size buckets are the sampler's, and no *_created series is exposed
+    assert [k for k in values if k.startswith("dllm_batch_size_bucket")] == \
+        [f'dllm_batch_size_bucket{{le="{float(b)}"}}' for b in BATCH_BUCKETS] + ['dllm_batch_size_bucket{le="+Inf"}']
+    assert "_created" not in text

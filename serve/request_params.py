@@ -1,5 +1,7 @@
 """OpenAI request fields -> ``dllm_jax.sampling.SamplingParams``, with per-family defaults.
 
+(The request side of sampling; the sampler's own parameters are ``dllm_jax.sampling``.)
+
 ``max_tokens`` becomes the canvas length: ``gen_length = ceil(max_tokens / block_length) *
 block_length`` (the sampler needs whole blocks); ``steps`` defaults to ``gen_length`` (one
 token per step for the fixed schedule); the returned tokens are cut at ``max_tokens``

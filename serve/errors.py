@@ -1,0 +1,65 @@
+"""What the engine and the scheduler raise: domain errors, no HTTP in sight.
+
+They carry the facts (how full the queue is, what did not fit, which state the engine is
+in); ``serve.app.api_error`` is the one place that turns them into HTTP statuses and
+OpenAI error bodies, so the engine can be driven (and tested) without the web layer.
+"""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    """Base of the engine's errors."""
+
+
+class QueueFull(ServeError):
+    """More sequences than ``max_queue`` would be waiting for a slot."""
+
+    def __init__(self, waiting: int, limit: int):
+        super().__init__(f"the queue is full ({waiting} sequences waiting, limit {limit})")
+        self.waiting, self.limit = waiting, limit
+
+
+class EngineNotReady(ServeError):
+    """The engine does not take requests in this state ('loading', 'warming_up', 'dead')."""
+
+    def __init__(self, state: str, detail: str | None = None):
+        super().__init__(f"the engine is {state.replace('_', ' ')}" + (f": {detail}" if detail else ""))
+        self.state, self.detail = state, detail
+
+
+class ContextLengthExceeded(ServeError):
+    """A prompt plus its canvas does not fit the context.
+
+    ``gen_length`` is max_tokens rounded up to whole blocks; ``extra`` the decoder's own room
+    (``2 * block_length`` for the Nemotron static-block decoder, else 0).
+    """
+
+    def __init__(self, prompt_tokens: int, gen_length: int, extra: int, context: int):
+        room = f" + 2*block_length ({extra})" if extra else ""
+        super().__init__(f"prompt ({prompt_tokens} tokens) + gen_length ({gen_length}){room} exceeds the "
+                         f"context of {context} tokens")
+        self.prompt_tokens, self.gen_length, self.extra, self.context = prompt_tokens, gen_length, extra, context
+
+
+class EngineFailed(ServeError):
+    """Running the batch that held a sequence failed (only that batch's sequences get it)."""
+
+    def __init__(self, what: str, cause: BaseException):
+        super().__init__(f"generation failed while {what}: {type(cause).__name__}: {cause}")
+        self.what, self.cause = what, cause
+
+
+class EngineDead(ServeError):
+    """The scheduler thread died; every sequence it held or would receive gets this."""
+
+    def __init__(self, detail: str):
+        super().__init__(f"the engine died: {detail}")
+        self.detail = detail
+
+
+class ClientDisconnected(ServeError):
+    """The client of a request went away (posted by the front end to wake its waiter)."""
+
+    def __init__(self):
+        super().__init__("client disconnected")
