@@ -86,3 +86,43 @@ def test_logical_spec_warns_once_when_replicating(monkeypatch):
         assert tuple(sharding.logical_spec(("embed", "vocab"), (16, 300), mesh)) == (None, "model")
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "'vocab' of size 301" in messages[0] and "'model' of size 2" in messages[0]
+
+
+@pytest.mark.parametrize("kind", ["make_mesh explicit (default)", "Mesh(...) 2x2"])
+def test_server_on_a_user_mesh(single, kind):
+    """The real engine and app (in-process) serving a model loaded onto a user-built mesh."""
+    import asyncio
+    import time
+
+    import httpx
+
+    from serve.app import create_app
+    from serve.engine import Engine, EngineOptions
+
+    mesh = _meshes()[kind]()
+    engine = Engine(lambda: dllm_jax.load(LLADA_DIR / "model", mesh=mesh), names=["tiny"],
+                    options=EngineOptions(max_batch_size=4, max_wait_ms=20))
+    engine.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not engine.health()[0]:
+            assert engine.health()[1] != "dead" and time.monotonic() < deadline, engine.error
+            time.sleep(0.05)  # polling the engine thread's start-up (load + no warm-up), not a hope
+        prompts = [[5, 49, 146, 244], [7, 8, 9]]
+        body = dict(max_tokens=16, temperature=0, algorithm="dual_cache", threshold=0.9, block_length=8,
+                    early_stop=False)
+
+        async def main():
+            transport = httpx.ASGITransport(app=create_app(engine))
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
+                return await asyncio.gather(*(client.post("/v1/completions", json={**body, "prompt": p})
+                                              for p in prompts))
+
+        answers = asyncio.run(main())
+    finally:
+        engine.stop()
+    tok = single[0].tokenizer
+    for p, r in zip(prompts, answers):
+        assert r.status_code == 200, r.text
+        out = single[0].generate([p], gen_length=16, block_length=8, algorithm="dual_cache", threshold=0.9)
+        assert r.json()["choices"][0]["text"] == tok.decode(out.tokens[0][: out.lengths[0]])
