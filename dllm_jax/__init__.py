@@ -18,13 +18,13 @@ from dllm_jax.sharding import make_mesh
 
 # ---- sampling (Model.generate; DecodeSession for servers) --------------------------------
 from dllm_jax import sampling
-from dllm_jax.sampling import ALGORITHMS, GenerateOutput, SamplingError, SamplingParams
+from dllm_jax.sampling import ALGORITHMS, GenerateOutput, SamplingError, SamplingParams, ScoreOutput
 
 # ---- notebook plots (matplotlib is imported lazily, inside the functions) ----------------
 from dllm_jax import viz
 
 __all__ = [
     "ALGORITHMS", "CheckpointError", "GenerateOutput", "LLaDAConfig", "Model", "NemotronDiffusionConfig",
-    "SamplingError", "SamplingParams", "TransformerSpec", "UnsupportedConfigError", "config_from_hf", "load",
+    "SamplingError", "SamplingParams", "ScoreOutput", "TransformerSpec", "UnsupportedConfigError", "config_from_hf", "load",
     "make_mesh", "sampling", "viz",
 ]

@@ -187,6 +187,11 @@ class Model:
         """Diffusion generation; see ``dllm_jax.sampling.generate`` for the keywords."""
         return sampling.generate(self, prompts, **kwargs)
 
+    def score(self, sequences: Sequence[Sequence[int]], *, top_k: int = 0, shift_logits: bool | None = None):
+        """Chain-rule log p(x_i | x_<i) of every position (lm-eval loglikelihood); see
+        ``dllm_jax.sampling.score``. Returns one ``ScoreOutput`` per sequence."""
+        return sampling.score(self, sequences, top_k=top_k, shift_logits=shift_logits)
+
     def __repr__(self):
         return (f"Model({self.family}, {self.spec.param_count() / 1e6:.1f}M params, dtype={self.dtype}, "
                 f"mesh={dict(self.mesh.shape)}, source={self.source!r})")

@@ -6,6 +6,7 @@ from dllm_jax.sampling.params import (
     ALIASES,
     BATCH_BUCKETS,
     DEFAULT_ALGORITHM,
+    MAX_TOP_LOGPROBS,
     PROMPT_BUCKETS,
     Algorithm,
     ProgramKey,
@@ -13,6 +14,7 @@ from dllm_jax.sampling.params import (
     SamplingParams,
     resolve_algorithm,
 )
+from dllm_jax.sampling.score import ScoreOutput, score
 from dllm_jax.sampling.session import (
     DecodeSession,
     GenerateOutput,
@@ -24,7 +26,7 @@ from dllm_jax.sampling.session import (
 from dllm_jax.sampling.state import DecodeState, Row
 
 __all__ = [
-    "ALGORITHMS", "ALIASES", "Algorithm", "BATCH_BUCKETS", "DEFAULT_ALGORITHM", "PROMPT_BUCKETS", "DecodeSession", "DecodeState",
-    "GenerateOutput", "ProgramKey", "Row", "SamplingError", "SamplingParams", "SlotUpdate",
-    "final_prefix", "generate", "program_key", "resolve_algorithm", "rules",
+    "ALGORITHMS", "ALIASES", "Algorithm", "MAX_TOP_LOGPROBS", "BATCH_BUCKETS", "DEFAULT_ALGORITHM", "PROMPT_BUCKETS", "DecodeSession", "DecodeState",
+    "GenerateOutput", "ProgramKey", "Row", "SamplingError", "SamplingParams", "ScoreOutput", "SlotUpdate",
+    "final_prefix", "generate", "program_key", "resolve_algorithm", "rules", "score",
 ]

@@ -90,22 +90,31 @@ def make_block_program(key: ProgramKey, graphdef, *, mask_id: int, fill_id: int)
 
         def commit(carry, logits, live):
             """Propose, select and write tokens for rows in ``live``; count their forward pass."""
-            canvas, nfe, call, commit_step, commit_conf, credit = carry
+            canvas, nfe, call, commit_step, commit_conf, credit, record = carry
             block_tokens = take(canvas, bs, lb)
             masked = (block_tokens == mask_id) & live[:, None]
+            raw_logits = logits
             if rule_static == rules.CREDIT:
                 logits, new_credit = rules.credit_fuse(logits, credit, masked, call[:, None, None] == 0)
                 credit = jnp.where(live[:, None, None], new_credit, credit)
             x0, conf = rules.propose(logits, st.temperature, jax.vmap(jax.random.fold_in)(st.rng, nfe),
-                                     mask_id, st.random_remask)
+                                     mask_id, st.random_remask, filters=(st.top_k, st.top_p, st.min_p))
             k = jnp.take_along_axis(sched, jnp.minimum(call, spb - 1)[:, None], axis=1)[:, 0]
             transfer = rules.select(rule_static, st.rule, conf, masked, k, st.threshold, st.factor)
             canvas = put(canvas, bs, jnp.where(transfer, x0, block_tokens))
             nfe = nfe + live
             gen_idx = bs - lp
-            commit_step = put(commit_step, gen_idx, jnp.where(transfer, nfe[:, None], take(commit_step, gen_idx, lb)))
-            commit_conf = put(commit_conf, gen_idx, jnp.where(transfer, conf, take(commit_conf, gen_idx, lb)))
-            return canvas, nfe, call + live, commit_step, commit_conf, credit
+
+            def keep_new(old, new):
+                sel = transfer.reshape(transfer.shape + (1,) * (new.ndim - 2))
+                return put(old, gen_idx, jnp.where(sel, new, take(old, gen_idx, lb)))
+
+            commit_step = keep_new(commit_step, jnp.broadcast_to(nfe[:, None], transfer.shape))
+            commit_conf = keep_new(commit_conf, conf)
+            if key.logprobs:  # of the model's own distribution (before credit fusion / filters)
+                chosen, top_ids, top_lp = rules.token_logprobs(raw_logits, x0, key.logprobs, mask_id)
+                record = tuple(keep_new(old, new) for old, new in zip(record, (chosen, top_ids, top_lp)))
+            return canvas, nfe, call + live, commit_step, commit_conf, credit, record
 
         def needs_call(canvas, call):
             has_mask = jnp.any(take(canvas, bs, lb) == mask_id, axis=-1)
@@ -119,7 +128,8 @@ def make_block_program(key: ProgramKey, graphdef, *, mask_id: int, fill_id: int)
 
         sched = rules.schedule(jnp.sum(take(st.canvas, bs, lb) == mask_id, axis=-1), spb)
         credit = jnp.zeros((st.canvas.shape[0], lb, model.spec.vocab) if rule_static == rules.CREDIT else (), jnp.float32)
-        carry = (st.canvas, st.nfe, jnp.zeros_like(st.nfe), st.commit_step, st.commit_conf, credit)
+        record = (st.commit_logprob, st.top_ids, st.top_logprobs)
+        carry = (st.canvas, st.nfe, jnp.zeros_like(st.nfe), st.commit_step, st.commit_conf, credit, record)
         cache, batch_nfe = st.cache, st.batch_nfe
 
         if cache_mode != "none":  # block-start full forward: builds the cache, commits step 0
@@ -142,7 +152,7 @@ def make_block_program(key: ProgramKey, graphdef, *, mask_id: int, fill_id: int)
             return commit(carry, logits, live), cache, batch_nfe + 1
 
         carry, cache, batch_nfe = jax.lax.while_loop(cond, body, (carry, cache, batch_nfe))
-        canvas, nfe, _, commit_step, commit_conf, _ = carry
+        canvas, nfe, _, commit_step, commit_conf, _, (commit_logprob, top_ids, top_logprobs) = carry
 
         # Block finished: advance, stop rows whose block holds a stop token (early_stop).
         stop_here = st.early_stop & jnp.any(contains_stop(take(canvas, bs, lb), st.stop_ids), axis=-1)
@@ -151,6 +161,7 @@ def make_block_program(key: ProgramKey, graphdef, *, mask_id: int, fill_id: int)
         after = jnp.arange(length)[None, :] >= (bs + lb)[:, None]
         canvas = jnp.where((running & stop_here)[:, None] & after, fill_id, canvas)
         return st.replace(canvas=canvas, nfe=nfe, block=jnp.where(running, next_block, st.block), done=done,
-                          commit_step=commit_step, commit_conf=commit_conf, cache=cache, batch_nfe=batch_nfe)
+                          commit_step=commit_step, commit_conf=commit_conf, commit_logprob=commit_logprob,
+                          top_ids=top_ids, top_logprobs=top_logprobs, cache=cache, batch_nfe=batch_nfe)
 
     return run_block

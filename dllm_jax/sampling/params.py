@@ -14,6 +14,8 @@ from dllm_jax.sampling import rules
 
 # Stop tokens a row can hold on the device (early stop compares against all of them).
 MAX_STOP_IDS = 8
+# Width of the top-logprobs record of a program that tracks logprobs (a request asks for <= this).
+MAX_TOP_LOGPROBS = 20
 
 
 class SamplingError(ValueError):
@@ -114,6 +116,14 @@ class SamplingParams:
       shift_logits: read the prediction for position j from output j-1 (next-token
         predictors such as the released Nemotron checkpoint). None = family default.
       stop_token_ids: tokens that end a reply (None = the model's EOS / end-of-turn ids).
+      top_k: at T > 0, draw only among the k most probable tokens (0 = off).
+      top_p: at T > 0, draw only from the nucleus: the most probable tokens whose mass (of
+        the top_k-renormalised softmax(logits / T)) reaches top_p (1 = off).
+      min_p: at T > 0, draw only tokens with p >= min_p * p_max (0 = off). The filters never
+        change which positions are committed (confidence is the unfiltered softmax) and do
+        nothing at T = 0 (the greedy token is inside every filter).
+      logprobs: record, for each committed token, its log-probability and the ``logprobs``
+        most probable tokens (<= MAX_TOP_LOGPROBS) at the step it was committed (None = off).
     """
 
     gen_length: int = 128
@@ -129,6 +139,10 @@ class SamplingParams:
     early_stop: bool = False
     shift_logits: bool | None = None
     stop_token_ids: tuple[int, ...] | None = None
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    logprobs: int | None = None
 
     def resolve(self, family: str) -> "SamplingParams":
         """Validate and fill defaults; raises SamplingError naming the offending argument."""
@@ -185,6 +199,15 @@ class SamplingParams:
         if algo.cache == "sliding" and self.shift_logits is False:
             raise SamplingError("static_block always reads shifted predictions (shift_logits=False is not "
                                 "possible with it)", "shift_logits")
+        _int_at_least(self.top_k, 0, "top_k")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise SamplingError(f"top_p={self.top_p!r} must be in (0, 1]", "top_p")
+        if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
+            raise SamplingError(f"min_p={self.min_p!r} must be in [0, 1]", "min_p")
+        if self.logprobs is not None:
+            _int_at_least(self.logprobs, 0, "logprobs")
+            if self.logprobs > MAX_TOP_LOGPROBS:
+                raise SamplingError(f"logprobs={self.logprobs} must be <= {MAX_TOP_LOGPROBS}", "logprobs")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise SamplingError(f"seed={self.seed!r} must be a non-negative integer", "seed")
         stops = None if self.stop_token_ids is None else tuple(int(t) for t in self.stop_token_ids)
@@ -195,7 +218,8 @@ class SamplingParams:
             raise SamplingError(f"stop_token_ids={list(stops)} must be non-negative token ids", "stop_token_ids")
         return dataclasses.replace(self, algorithm=algo.name, steps=steps, threshold=threshold, factor=factor,
                                    shift_logits=bool(shift), stop_token_ids=stops,
-                                   temperature=float(self.temperature), cfg_scale=float(self.cfg_scale))
+                                   temperature=float(self.temperature), cfg_scale=float(self.cfg_scale),
+                                   top_p=float(self.top_p), min_p=float(self.min_p))
 
     @property
     def rule(self) -> int:
@@ -227,6 +251,7 @@ class ProgramKey:
     steps_per_block: int
     cfg: bool
     shift: bool
+    logprobs: int = 0  # top-logprobs width recorded per committed token (0: no logprobs tracked)
 
     @property
     def canvas_len(self) -> int:

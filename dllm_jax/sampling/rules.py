@@ -37,7 +37,36 @@ NEMOTRON_HIGH = 0.95
 NEMOTRON_FLOOR = 0.5
 
 
-def propose(logits, temperature, keys, mask_id: int, random_remask=None):
+def filter_mask(logits, temperature, top_k, top_p, min_p, mask_id: int):
+    """[B, Lb, V] bool: the tokens a T > 0 draw may pick under the row's sampling filters.
+
+    All three act on q = softmax(logits / T) without the mask token: top_k keeps the k most
+    probable; top_p keeps the smallest most-probable set whose mass (renormalised over the
+    top_k set) reaches top_p; min_p keeps q >= min_p * max(q). A token must pass all three;
+    the most probable token always does. Rows with no filter (0 / 1 / 0) keep everything.
+    """
+    v = logits.shape[-1]
+    t = jnp.maximum(temperature, 1e-6)[:, None, None]
+    scaled = (logits / t).at[..., mask_id].set(NEG_INF)
+    ordered = -jnp.sort(-scaled, axis=-1)  # [B, Lb, V] descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)[:, None, None]
+    rank = jnp.arange(v)[None, None, :]
+    in_k = rank < k
+    probs = jax.nn.softmax(jnp.where(in_k, ordered, NEG_INF), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more probable tokens
+    keep_sorted = in_k & ((before < top_p[:, None, None]) | (rank == 0))
+    # threshold value = the least probable kept token (ties with it are kept too)
+    count = jnp.sum(keep_sorted, axis=-1, keepdims=True)
+    cut = jnp.take_along_axis(ordered, count - 1, axis=-1)
+    keep = scaled >= cut
+    log_top = ordered[..., :1]
+    floor = jnp.where(min_p > 0, jnp.log(jnp.maximum(min_p, 1e-38)), NEG_INF)[:, None, None]
+    keep &= scaled >= log_top + floor
+    off = (top_k <= 0) & (top_p >= 1.0) & (min_p <= 0.0)
+    return keep | off[:, None, None]
+
+
+def propose(logits, temperature, keys, mask_id: int, random_remask=None, filters=None):
     """Candidate token and its confidence at every block position.
 
     Args:
@@ -48,9 +77,12 @@ def propose(logits, temperature, keys, mask_id: int, random_remask=None):
       keys: [B] PRNG keys (one per row, so a row's draw never depends on its batch-mates).
       mask_id: never proposed as a token (a committed mask would stay masked).
       random_remask: [B] bool; True = confidence is uniform noise ('random' remasking).
+      filters: (top_k [B] int, top_p [B], min_p [B]) restricting the T > 0 draw
+        (``filter_mask``); None = no filters.
 
     Returns:
-      x0 [B, Lb] int32, conf [B, Lb] float32 = softmax(logits)[x0] (or uniform noise).
+      x0 [B, Lb] int32, conf [B, Lb] float32 = softmax(logits)[x0] (or uniform noise). The
+      confidence is of the unfiltered logits, as upstream's, so filters change the draw only.
     """
     b, lb, v = logits.shape
     logits = logits.astype(jnp.float32)
@@ -59,7 +91,17 @@ def propose(logits, temperature, keys, mask_id: int, random_remask=None):
 
     def noisy(logits):
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (lb, v), jnp.float32))(noise_keys[:, 0])
-        return jnp.where(t > 0, logits + t * gumbel, logits)
+        scores = jnp.where(t > 0, logits + t * gumbel, logits)
+        if filters is None:
+            return scores
+        top_k, top_p, min_p = filters
+        active = (temperature > 0) & ((top_k > 0) | (top_p < 1.0) | (min_p > 0.0))
+        # the sort behind the filters runs only when some sampling row has a filter
+        return jax.lax.cond(
+            jnp.any(active),
+            lambda s: jnp.where(filter_mask(logits, temperature, top_k, top_p, min_p, mask_id) | ~active[:, None, None],
+                                s, NEG_INF),
+            lambda s: s, scores)
 
     # Drawing [B, Lb, V] Gumbel noise is the costliest part of a greedy step: skip it when no
     # row samples (the rows' draws do not depend on whether a batch-mate samples).
@@ -72,6 +114,20 @@ def propose(logits, temperature, keys, mask_id: int, random_remask=None):
         uniform = jax.vmap(lambda k: jax.random.uniform(k, (lb,), jnp.float32))(noise_keys[:, 1])
         conf = jnp.where(random_remask[:, None], uniform, conf)
     return x0, conf
+
+
+def token_logprobs(logits, x0, k: int, mask_id: int):
+    """log-softmax of the (unfiltered, untempered) logits at x0, and its top k tokens.
+
+    The mask token is never a candidate, so it is left out of the top k (the normalisation
+    is the model's full softmax): at T = 0 a committed token is its own top-1.
+
+    Returns (logprob [B, Lb], top_ids [B, Lb, k] int32, top_logprobs [B, Lb, k]).
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
+    top_lp, top_ids = jax.lax.top_k(logp.at[..., mask_id].set(NEG_INF), k)
+    return chosen, top_ids.astype(jnp.int32), top_lp
 
 
 def ranks(conf, masked):

@@ -21,6 +21,7 @@ from dllm_jax.sampling import blocks, sliding
 from dllm_jax.sampling.params import (
     ALGORITHMS,
     BATCH_BUCKETS,
+    MAX_TOP_LOGPROBS,
     PROMPT_BUCKETS,
     ProgramKey,
     SamplingError,
@@ -49,6 +50,8 @@ class SlotUpdate:
       done: the row needs no more steps.
       finish_reason: 'stop' (a stop token ended it) or 'length', when done.
       nfe: forward passes this row took part in.
+      logprobs: with a logprobs program: [len(tokens)] log-probability of each final token at
+        its commit step; top_ids / top_logprobs: [len(tokens), K] that step's K most probable.
     """
 
     slot: int
@@ -56,6 +59,9 @@ class SlotUpdate:
     done: bool
     finish_reason: str | None
     nfe: int
+    logprobs: np.ndarray | None = None
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
 
 
 class Programs:
@@ -68,6 +74,13 @@ class Programs:
         self.model = model
         self._cache: dict[ProgramKey, tuple] = {}
         self._lock = threading.Lock()
+
+    def get_or_build(self, key, build):
+        """Any other compiled program of this model (e.g. scoring), built once per ``key``."""
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = build()
+            return self._cache[key]
 
     def get(self, key: ProgramKey):
         with self._lock:
@@ -107,7 +120,8 @@ def program_key(model, prompt_len: int, params: SamplingParams, batch: int, *,
     spb = params.steps // num_blocks if algo.cache != "sliding" else 0
     return ProgramKey(algorithm=params.algorithm, batch=b, prompt_len=lp, gen_length=params.gen_length,
                       block_length=params.block_length, steps_per_block=spb, cfg=params.cfg_scale > 0,
-                      shift=bool(params.shift_logits))
+                      shift=bool(params.shift_logits),
+                      logprobs=MAX_TOP_LOGPROBS if params.logprobs is not None else 0)
 
 
 class DecodeSession:
@@ -152,7 +166,11 @@ class DecodeSession:
     def step(self) -> list[SlotUpdate]:
         """Run one block program (one host round trip) and report every occupied slot."""
         self.state = self.program(self.model.params, self.state)
-        host = fetch({"canvas": self.state.canvas, "done": self.state.done, "nfe": self.state.nfe})
+        wanted = {"canvas": self.state.canvas, "done": self.state.done, "nfe": self.state.nfe}
+        if self.key.logprobs:
+            wanted.update(commit_logprob=self.state.commit_logprob, top_ids=self.state.top_ids,
+                          top_logprobs=self.state.top_logprobs)
+        host = fetch(wanted)
         return [self._update(slot, host) for slot in sorted(self.slots)]
 
     def _update(self, slot: int, host) -> SlotUpdate:
@@ -164,7 +182,12 @@ class DecodeSession:
         done = bool(host["done"][slot])
         if done and reason is None:
             reason = "length"
-        return SlotUpdate(slot, final, done, reason if done else None, int(host["nfe"][slot]))
+        update = SlotUpdate(slot, final, done, reason if done else None, int(host["nfe"][slot]))
+        if self.key.logprobs:
+            n = len(final)
+            update.logprobs = host["commit_logprob"][slot, :n]
+            update.top_ids, update.top_logprobs = host["top_ids"][slot, :n], host["top_logprobs"][slot, :n]
+        return update
 
     @property
     def busy(self) -> bool:
@@ -204,6 +227,10 @@ class GenerateOutput:
         each position, -1 = never), 'commit_conf': [B, G] its confidence}.
       settings: the batch-wide settings the run used (algorithm, gen_length, block_length,
         steps, shift_logits), e.g. to lay out a trace by blocks.
+      logprobs: with ``logprobs=k``: {'token_logprobs': [B, G] log-probability of each canvas
+        token at the step it was committed (log-softmax of the unfiltered logits, before
+        temperature), 'top_ids': [B, G, k], 'top_logprobs': [B, G, k] that step's k most
+        probable tokens}.
     """
 
     tokens: np.ndarray
@@ -213,9 +240,11 @@ class GenerateOutput:
     finish_reasons: list[str]
     trace: dict | None = None
     settings: dict | None = None
+    logprobs: dict | None = None
 
 
-_PER_ROW = ("temperature", "threshold", "factor", "seed", "remasking", "cfg_scale", "early_stop", "stop_token_ids")
+_PER_ROW = ("temperature", "threshold", "factor", "seed", "remasking", "cfg_scale", "early_stop", "stop_token_ids",
+            "top_k", "top_p", "min_p")
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, return_trace: bool = False, **sampling) -> GenerateOutput:
@@ -225,8 +254,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, return_trace: bool = Fa
       prompts: list of token-id lists.
       return_trace: include per-position commit step and confidence.
       **sampling: ``SamplingParams`` fields. ``temperature``, ``threshold``, ``factor``,
-        ``seed``, ``remasking``, ``cfg_scale``, ``early_stop`` and ``stop_token_ids`` may also
-        be given per row as a list of len(prompts). ``eos_token_id`` (int) is accepted as
+        ``seed``, ``remasking``, ``cfg_scale``, ``early_stop``, ``stop_token_ids``, ``top_k``,
+        ``top_p`` and ``min_p`` may also be given per row as a list of len(prompts);
+        ``logprobs=k`` (batch-wide) returns each token's log-probability and top k. ``eos_token_id`` (int) is accepted as
         upstream's name for a single stop token.
 
     Returns:
@@ -271,14 +301,21 @@ def generate(model, prompts: Sequence[Sequence[int]], *, return_trace: bool = Fa
             break
     st = session.state
     st = fetch({"canvas": st.canvas, "batch_nfe": st.batch_nfe, "nfe": st.nfe, "commit_step": st.commit_step,
-                "commit_conf": st.commit_conf})
+                "commit_conf": st.commit_conf, "commit_logprob": st.commit_logprob, "top_ids": st.top_ids,
+                "top_logprobs": st.top_logprobs})
     lp, g = key.prompt_len, key.gen_length
     tokens = np.asarray(st["canvas"][:n, lp:lp + g], np.int32)
     lengths = np.array([len(u.tokens) for u in updates])
     trace = None
     if return_trace:
         trace = {"commit_step": np.asarray(st["commit_step"][:n]), "commit_conf": np.asarray(st["commit_conf"][:n])}
+    logprobs = None
+    if per_row[0].logprobs is not None:
+        k = per_row[0].logprobs
+        logprobs = {"token_logprobs": np.asarray(st["commit_logprob"][:n]),
+                    "top_ids": np.asarray(st["top_ids"][:n, :, :k]), "top_logprobs": np.asarray(st["top_logprobs"][:n, :, :k])}
     return GenerateOutput(tokens=tokens, nfe=int(st["batch_nfe"]), nfe_per_row=np.asarray(st["nfe"][:n]),
                           lengths=lengths, finish_reasons=[u.finish_reason for u in updates], trace=trace,
+                          logprobs=logprobs,
                           settings={name: getattr(per_row[0], name) for name in
                                     ("algorithm", "gen_length", "block_length", "steps", "shift_logits")})

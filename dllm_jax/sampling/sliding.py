@@ -55,14 +55,14 @@ def make_sliding_program(key: ProgramKey, graphdef, *, mask_id: int):
         s0 = st.block
 
         def live_rows(c):
-            _, _, s, _, _, _, _, done, _, _, it = c
+            _, _, s, _, _, _, _, done, _, _, it, _ = c
             return running & ~done & (s - s0 < lb) & (it < max_iters)
 
         def cond(c):
             return jnp.any(live_rows(c))
 
         def body(c):
-            canvas, cache, s, pre, mblock, ctx, nfe, done, commit_step, commit_conf, it = c
+            canvas, cache, s, pre, mblock, ctx, nfe, done, commit_step, commit_conf, it, record = c
             live = live_rows(c)
             tokens, positions = take(canvas, s, lb), take(st.positions, s, lb)
             visible = st.valid[:, None, :] & (k_idx[None, None, :] < (s + lb)[:, None, None])
@@ -81,6 +81,9 @@ def make_sliding_program(key: ProgramKey, graphdef, *, mask_id: int):
             rows = jnp.arange(gen_idx.shape[0])[:, None]
             commit_step = commit_step.at[rows, gen_idx].set(jnp.broadcast_to(nfe[:, None], gen_idx.shape), mode="drop")
             commit_conf = commit_conf.at[rows, gen_idx].set(conf, mode="drop")
+            if key.logprobs:
+                new = rules.token_logprobs(logits, x0, key.logprobs, mask_id)
+                record = tuple(old.at[rows, gen_idx].set(value, mode="drop") for old, value in zip(record, new))
             # A commit forward slides the window past its committed prefix.
             slide = live & (pre > 0)
             ctx = jnp.where(slide[:, None], take(h, pre, 1)[:, 0].astype(ctx.dtype), ctx)
@@ -99,12 +102,14 @@ def make_sliding_program(key: ProgramKey, graphdef, *, mask_id: int):
             masked_before = jnp.any(mblock & (q_idx[None, :] < first_stop[:, None]), -1)
             eos = advance & jnp.any(stop, -1) & ~masked_before
             done = done | at_end | eos
-            return canvas, cache, s, pre, mblock, ctx, nfe, done, commit_step, commit_conf, it + 1
+            return canvas, cache, s, pre, mblock, ctx, nfe, done, commit_step, commit_conf, it + 1, record
 
         init = (st.canvas, cache, st.block, st.prefix, st.mblock, ctx, st.nfe, st.done, st.commit_step,
-                st.commit_conf, jnp.int32(0))
-        canvas, cache, s, pre, mblock, ctx, nfe, done, commit_step, commit_conf, iters = jax.lax.while_loop(cond, body, init)
+                st.commit_conf, jnp.int32(0), (st.commit_logprob, st.top_ids, st.top_logprobs))
+        (canvas, cache, s, pre, mblock, ctx, nfe, done, commit_step, commit_conf, iters,
+         (commit_logprob, top_ids, top_logprobs)) = jax.lax.while_loop(cond, body, init)
         return st.replace(canvas=canvas, cache=cache, block=s, prefix=pre, mblock=mblock, ctx=ctx, nfe=nfe, done=done,
-                          commit_step=commit_step, commit_conf=commit_conf, batch_nfe=st.batch_nfe + iters)
+                          commit_step=commit_step, commit_conf=commit_conf, commit_logprob=commit_logprob,
+                          top_ids=top_ids, top_logprobs=top_logprobs, batch_nfe=st.batch_nfe + iters)
 
     return run

@@ -45,6 +45,11 @@ class DecodeState:
       stop_ids: [B, MAX_STOP_IDS] int32 stop tokens (-1 = unused).
       commit_step: [B, G] the row's forward pass (1-based) that committed each position; -1 never.
       commit_conf: [B, G] confidence of that commit.
+      top_k, top_p, min_p: [B] sampling filters (0 / 1 / 0 = off).
+      commit_logprob: [B, G] log-softmax of the unfiltered logits at the committed token, at its
+        commit step (0 where never committed).
+      top_ids, top_logprobs: [B, G, K] the K = key.logprobs most probable tokens of that same
+        distribution (K = 0 when the program tracks no logprobs).
       cache: KVCache (per layer [B, K, L, H]) for cached algorithms, else None.
       prefix: [B] pending committed-prefix length (sliding decoder).
       mblock: [B, Lb] tracked mask of the current window (sliding decoder).
@@ -71,6 +76,12 @@ class DecodeState:
     stop_ids: jax.Array
     commit_step: jax.Array
     commit_conf: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    commit_logprob: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
     cache: KVCache | None
     prefix: jax.Array
     mblock: jax.Array
@@ -80,7 +91,8 @@ class DecodeState:
 # Per-row fields (everything with a leading batch axis except the cache).
 ROW_FIELDS = ("canvas", "valid", "positions", "prompt", "active", "done", "block", "nfe", "rng",
               "temperature", "threshold", "factor", "cfg_scale", "rule", "random_remask", "early_stop",
-              "stop_ids", "commit_step", "commit_conf", "prefix", "mblock", "ctx")
+              "stop_ids", "commit_step", "commit_conf", "top_k", "top_p", "min_p", "commit_logprob", "top_ids",
+              "top_logprobs", "prefix", "mblock", "ctx")
 
 
 @dataclasses.dataclass
@@ -134,6 +146,9 @@ def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_s
         "rule": np.zeros(b, np.int32), "random_remask": np.zeros(b, bool), "early_stop": np.zeros(b, bool),
         "stop_ids": np.full((b, MAX_STOP_IDS), -1, np.int32),
         "commit_step": np.full((b, g), -1, np.int32), "commit_conf": np.zeros((b, g), np.float32),
+        "top_k": np.zeros(b, np.int32), "top_p": np.ones(b, np.float32), "min_p": np.zeros(b, np.float32),
+        "commit_logprob": np.zeros((b, g), np.float32), "top_ids": np.zeros((b, g, key.logprobs), np.int32),
+        "top_logprobs": np.zeros((b, g, key.logprobs), np.float32),
         "prefix": np.zeros(b, np.int32), "mblock": np.ones((b, lb), bool),
         "ctx": np.zeros((b, d_model), np.float32),
         "replace": np.zeros(b, bool),
@@ -162,6 +177,7 @@ def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_s
         out["rule"][slot] = p.rule
         out["random_remask"][slot] = p.remasking == "random"
         out["early_stop"][slot] = p.early_stop
+        out["top_k"][slot], out["top_p"][slot], out["min_p"][slot] = p.top_k, p.top_p, p.min_p
         stops = list(p.stop_token_ids if p.stop_token_ids is not None else default_stops)
         if len(stops) > MAX_STOP_IDS:  # (resolve() checks a request's own; this is the model's)
             raise SamplingError(f"{len(stops)} stop tokens; at most {MAX_STOP_IDS} are supported", "stop_token_ids")
@@ -182,7 +198,8 @@ def state_shardings(key: ProgramKey, mesh, spec) -> DecodeState:
         kv = named(mesh, CACHE_AXES, (b, spec.n_kv_heads, key.canvas_len, spec.head_dim))
         cache = KVCache((kv,) * spec.n_layers, (kv,) * spec.n_layers)
     fields = {f: rows(2 if f in ("canvas", "valid", "positions", "prompt", "stop_ids", "commit_step",
-                                 "commit_conf", "mblock", "ctx") else 1) for f in ROW_FIELDS}
+                                 "commit_conf", "commit_logprob", "mblock", "ctx") else
+                         3 if f in ("top_ids", "top_logprobs") else 1) for f in ROW_FIELDS}
     return DecodeState(**fields, batch_nfe=named(mesh, (), ()), cache=cache)
 
 
