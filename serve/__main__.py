@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-buckets", nargs="*", default=None,
                    help="BATCHxPROMPTxGEN programs to compile before ready, e.g. 1x128x128 32x128x128 "
                         "('none' for none; default: 1x128x128 and MAX_BATCHx128x128)")
+    p.add_argument("--max-score-tokens", type=int, default=4096,
+                   help="prompt positions one echo + logprobs request may score (a prompt of L tokens costs "
+                        "L - 1 forward passes); more is a 413")
     p.add_argument("--compile-cache", default=None, help="directory for JAX's persistent compilation cache")
     p.add_argument("--log-level", default="info")
     g = p.add_argument_group("multi-host (SLURM is auto-detected)")
@@ -50,8 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--num-processes", type=int, default=None)
     g.add_argument("--process-id", type=int, default=None)
     args = p.parse_args(argv)
-    if args.max_batch_size < 1 or args.max_queue < 1 or args.max_sessions < 1 or args.max_wait_ms < 0:
-        p.error("--max-batch-size, --max-queue and --max-sessions must be >= 1, --max-wait-ms >= 0")
+    if args.max_batch_size < 1 or args.max_queue < 1 or args.max_sessions < 1 or args.max_wait_ms < 0 \
+            or args.max_score_tokens < 0:
+        p.error("--max-batch-size, --max-queue and --max-sessions must be >= 1, --max-wait-ms and "
+                "--max-score-tokens >= 0")
     return args
 
 
@@ -124,7 +129,8 @@ def main(argv=None) -> None:
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_sessions=args.max_sessions, batch_buckets=_ints(args.batch_buckets),
         prompt_buckets=_ints(args.prompt_buckets), warmup=warmup_buckets(args.warmup_buckets, args.max_batch_size),
-        heartbeat_s=10.0 if multi else None, background_compile=not multi)
+        max_score_tokens=args.max_score_tokens, heartbeat_s=10.0 if multi else None,
+        background_compile=not multi)
     engine = Engine(load, names=names, options=options, metrics=Metrics(names[0]), demo=args.model is None,
                     make_executor=multihost.leader_executor if multi else None)
     app = create_app(engine, api_key=args.api_key, on_shutdown=jax.distributed.shutdown if multi else None)

@@ -9,7 +9,8 @@ that is safe to send:
   ``Model.decode_token`` does the same);
 - the last ``len(longest stop) - 1`` characters are held back while they could be the start
   of a stop string;
-- a stop string ends the text just before it (finish_reason "stop").
+- a stop string ends the text just before it (finish_reason "stop"), or just after it with
+  ``include_stop`` (vLLM's ``include_stop_str_in_output``).
 
 The streamed deltas concatenate to exactly the non-streamed text, because the non-streamed
 response is built by the same object.
@@ -29,11 +30,13 @@ class TextStream:
       n_tokens: tokens that produced ``text`` (for usage when a stop string cut the output).
     """
 
-    def __init__(self, tokenizer, stop: Sequence[str] = (), *, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, stop: Sequence[str] = (), *, skip_special_tokens: bool = True,
+                 include_stop: bool = False):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.skip = skip_special_tokens
+        self.include_stop = include_stop  # vLLM's include_stop_str_in_output
         self.text = ""
         self.stopped = False
         self.n_tokens = 0
@@ -53,9 +56,10 @@ class TextStream:
             # A tokenizer whose decode is not prefix-stable: keep what was sent (it cannot be
             # taken back) and continue from the longest common prefix.
             full = self.text + full[_common_prefix(self.text, full):]
-        cut = self._find_stop(full)
-        if cut is not None:
-            full, done = full[:cut], True
+        found = self._find_stop(full)
+        if found is not None:
+            cut, stop = found
+            full, done = full[:cut + (len(stop) if self.include_stop else 0)], True
             self.stopped = True
         end = len(full)
         if not done:
@@ -67,11 +71,21 @@ class TextStream:
         self.n_tokens = self._count_tokens() if self.stopped else len(tokens)
         return delta
 
-    def _find_stop(self, full: str) -> int | None:
+    def _find_stop(self, full: str) -> tuple[int, str] | None:
+        """(where the first stop string starts, which one), or None."""
         # A stop string may straddle what was already sent only within the held-back tail.
         start = max(0, len(self.text) - self.hold)
-        hits = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
+        hits = [(i, -len(s), s) for s in self.stop if (i := full.find(s, start)) >= 0]
+        if not hits:
+            return None
+        i, _, s = min(hits)
+        return i, s
+
+    def tokens_covering(self) -> int:
+        """Fewest leading tokens whose text covers what was emitted (the tokens sent so far)."""
+        if not self.stopped and self.text == self.decode(self._tokens):
+            return len(self._tokens)
+        return self._count_tokens()
 
     def _count_tokens(self) -> int:
         """Fewest leading tokens whose text covers what was returned (binary search)."""

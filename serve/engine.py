@@ -1,4 +1,4 @@
-"""The engine the routes see: ``info``, ``health``, ``warmup`` (at start) and ``submit``.
+"""The engine the routes see: ``info``, ``health``, ``warmup`` (at start), ``submit`` and ``score``.
 
 It loads the model and runs the scheduler (``serve.scheduler``) on its own thread, so the
 asyncio front end only queues sequences and reads events back: ``/health`` and ``/metrics``
@@ -24,7 +24,7 @@ from serve.compiler import Compiler
 from serve.errors import ContextLengthExceeded, EngineDead, EngineNotReady
 from serve.executor import Executor
 from serve.metrics import Metrics
-from serve.requests import Event, Handle, Inbox, Seq, SeqRequest
+from serve.requests import Event, Handle, Inbox, ScoreJob, Seq, SeqRequest
 from serve.scheduler import Scheduler
 
 log = logging.getLogger("serve.engine")
@@ -68,6 +68,7 @@ class EngineOptions:
     demand_window_s: float = 2.0                    # new batches are sized for the recent peak demand
     prompt_buckets: tuple[int, ...] | None = None   # default: the sampler's
     warmup: tuple[tuple[int, int, int], ...] = ()   # (batch, prompt_len, gen_length), family defaults
+    max_score_tokens: int = 4096                    # scored positions (L - 1 per prompt) per request
     heartbeat_s: float | None = None                # multi-host: a noop command when idle this long
     background_compile: bool = True                 # single host; multi-host compiles inline (in order)
 
@@ -138,6 +139,17 @@ class Engine:
         self.inbox.put(items)
         handle.seq_ids = [s.id for s in items]
         return handle
+
+    async def score(self, sequences: Sequence[Sequence[int]], top_k: int = 0) -> list:
+        """``Model.score`` of the sequences, run on the scheduler thread between block steps.
+
+        Raises EngineNotReady, QueueFull, or (from the thread) EngineFailed / EngineDead.
+        """
+        self.info()
+        loop = asyncio.get_running_loop()
+        job = ScoreJob([list(map(int, q)) for q in sequences], int(top_k), loop, loop.create_future())
+        self.inbox.put_score(job)
+        return await job.future
 
     def _check_fits(self, req: SeqRequest) -> None:
         """Prompt + canvas (+ the static-block decoder's 2 blocks of room) must fit the context."""

@@ -1,7 +1,7 @@
 """The device-facing half of the scheduler: every ``DecodeSession`` call goes through here.
 
 The scheduler decides *what* runs; this class is the only code that touches sessions, as a
-sequence of small commands (open, admit, step, release, close, warmup). That makes
+sequence of small commands (open, admit, step, release, close, warmup, score). That makes
 multi-host serving a matter of replaying the same sequence: on process 0 each command is
 broadcast to the other processes before it runs (``serve.multihost``), and followers call
 ``apply`` with what they receive, so all processes enter the same jitted programs and
@@ -21,11 +21,12 @@ class Command:
     """One device-facing action.
 
     Attributes:
-      op: 'open' | 'admit' | 'step' | 'release' | 'close' | 'warmup' | 'noop' | 'shutdown'.
+      op: 'open' | 'admit' | 'step' | 'release' | 'close' | 'warmup' | 'score' | 'noop' | 'shutdown'.
       sid: session id (assigned by process 0).
       key: the session's ProgramKey ('open', 'warmup').
       rows: {slot: (prompt ids, resolved SamplingParams)} ('admit').
       slot: the slot ('release').
+      sequences, top_k: what to score ('score': ``Model.score(sequences, top_k=top_k)``).
     """
 
     op: str
@@ -33,6 +34,8 @@ class Command:
     key: ProgramKey | None = None
     rows: dict[int, tuple[list[int], SamplingParams]] | None = None
     slot: int = -1
+    sequences: list[list[int]] | None = None
+    top_k: int = 0
 
 
 class Executor:
@@ -67,6 +70,10 @@ class Executor:
     def warmup(self, key: ProgramKey) -> None:
         self.run(Command("warmup", key=key))
 
+    def score(self, sequences: list[list[int]], top_k: int) -> list:
+        """Chain-rule scores (``Model.score``): one ScoreOutput per sequence."""
+        return self.run(Command("score", sequences=[list(map(int, q)) for q in sequences], top_k=top_k))
+
     def noop(self) -> None:
         self.run(Command("noop"))
 
@@ -95,6 +102,8 @@ class Executor:
             self.sessions.pop(cmd.sid, None)
         elif op == "warmup":
             DecodeSession(self.model, cmd.key).warmup()
+        elif op == "score":
+            return self.model.score(cmd.sequences, top_k=cmd.top_k)
         elif op in ("noop", "shutdown"):
             pass
         else:

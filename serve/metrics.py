@@ -36,6 +36,7 @@ COUNTERS = {  # prometheus_client renders a Counter named x as x_total
     "batch_slots_total": "Compiled slots summed over block programs (fill = rows / slots).",
     "requests_cancelled_total": "Sequences dropped because the client went away.",
     "compiles_total": "Block programs compiled (warm-up and background).",
+    "scored_tokens_total": "Prompt positions scored for echo + logprobs (Model.score).",
 }
 HISTOGRAMS = {
     "batch_size": ("Occupied slots per block program.", BATCH_BUCKETS),
@@ -43,6 +44,7 @@ HISTOGRAMS = {
     "request_latency_seconds": ("Time from arrival to the last token of a request.", LATENCY_BUCKETS),
     "time_to_first_chunk_seconds": ("Time from arrival to the first streamed text.", LATENCY_BUCKETS),
     "block_step_seconds": ("Wall time of one block program (device + host round trip).", LATENCY_BUCKETS),
+    "score_seconds": ("Wall time of one scoring job (Model.score of a request's prompts).", LATENCY_BUCKETS),
 }
 FINISH_REASONS = ("stop", "length")  # shown (at 0) before any request finishes
 

@@ -1,7 +1,7 @@
 """Request models of the OpenAI-compatible endpoints, and the field policy.
 
 Every field a client may send is either honoured, accepted because its value cannot change
-the result (``user``, ``metadata``, ``top_p=1`` ...), or rejected with a 400 that names it.
+the result (``user``, ``metadata``, ``presence_penalty=0`` ...), or rejected with a 400 that names it.
 Unknown fields are rejected too, with OpenAI's own wording ("Unrecognized request argument
 supplied"), so nothing that changes results is silently ignored. The diffusion fields
 (``steps``, ``block_length``, ``algorithm`` ...) arrive top-level, which is where the
@@ -14,6 +14,8 @@ import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from dllm_jax.sampling import MAX_TOP_LOGPROBS
 
 
 class APIError(Exception):
@@ -68,7 +70,18 @@ class DiffusionFields(_Strict):
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None
+    # sampling filters (vLLM / extra_body); honoured at temperature > 0
+    top_k: int | None = None
+    min_p: float | None = None
+    # vLLM extras
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
     # diffusion (extra_body)
     steps: int | None = None
     block_length: int | None = None
@@ -107,6 +120,30 @@ class CompletionRequest(DiffusionFields):
     suffix: str | None = None
 
 
+class TokenizeRequest(_Strict):
+    """vLLM's ``POST /tokenize``: a prompt, or chat messages through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+    return_token_strs: bool | None = None
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's ``POST /detokenize``."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+def check_known(req: _Strict) -> None:
+    """Unknown fields of the tokenizer endpoints: a 400 naming the first."""
+    for name in (req.model_extra or {}):
+        raise bad_request(f"Unrecognized request argument supplied: {name}", name, "unrecognized_argument")
+
+
 # ---- field policy ------------------------------------------------------------------------
 
 # Accepted whatever their value: they cannot change the generated text.
@@ -120,13 +157,10 @@ def _neutral(value) -> bool:
 
 # Fields we cannot honour: accepted only at their neutral value (what OpenAI does by default).
 NEUTRAL_ONLY: dict[str, tuple[Any, str]] = {
-    "logprobs": (_neutral, "log probabilities are not supported by this diffusion server"),
-    "top_logprobs": (_neutral, "log probabilities are not supported by this diffusion server"),
     "logit_bias": (_neutral, "logit_bias is not supported"),
     "presence_penalty": (_neutral, "presence_penalty is not supported (diffusion models decode all positions "
                                    "in parallel; only 0 is accepted)"),
     "frequency_penalty": (_neutral, "frequency_penalty is not supported (only 0 is accepted)"),
-    "echo": (_neutral, "echo is not supported"),
     "suffix": (_neutral, "suffix (insertion) is not supported"),
     "best_of": (lambda v: v in (None, 1), "best_of is not supported (only 1); use n for several samples"),
     "tools": (_neutral, "tool calling is not supported"),
@@ -141,13 +175,17 @@ NEUTRAL_ONLY: dict[str, tuple[Any, str]] = {
     "web_search_options": (_neutral, "web search is not supported"),
     "reasoning_effort": (_neutral, "reasoning_effort is not supported"),
     "verbosity": (_neutral, "verbosity is not supported"),
-    "top_k": (lambda v: v in (None, 0, -1), "top_k is not supported (diffusion sampling uses the full "
-                                            "distribution; only 0 / -1 are accepted)"),
-    "min_p": (_neutral, "min_p is not supported"),
-    "repetition_penalty": (lambda v: v in (None, 1, 1.0), "repetition_penalty is not supported (only 1.0)"),
-    "min_tokens": (_neutral, "min_tokens is not supported"),
-    "ignore_eos": (_neutral, "ignore_eos is not supported"),
+    "repetition_penalty": (lambda v: v in (None, 1, 1.0), "repetition_penalty is not supported (diffusion models "
+                                                          "decode all positions in parallel; only 1.0 is accepted)"),
+    "min_tokens": (_neutral, "min_tokens > 0 is not supported (a diffusion row commits its end-of-text tokens "
+                             "in parallel with the rest; EOS cannot be held back until min_tokens; only 0 is "
+                             "accepted)"),
+    # The tokenizer's decode (a fast tokenizer) never puts spaces around special tokens.
+    "spaces_between_special_tokens": (lambda v: v in (None, False), "spaces_between_special_tokens=true is not "
+                                      "supported by this tokenizer's decoder (special tokens are joined without "
+                                      "spaces); only false is accepted"),
 }
+
 
 MAX_N = 64
 MAX_STOP = 16
@@ -156,8 +194,8 @@ MAX_STOP = 16
 def check_fields(req: DiffusionFields) -> None:
     """Reject what we cannot honour (400 naming the field)."""
     fields = dict(req.model_extra or {})
-    for name in ("logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "echo",
-                 "suffix", "best_of"):
+    for name in ("logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty", "suffix",
+                 "best_of", "min_tokens", "spaces_between_special_tokens"):
         if name in type(req).model_fields:
             fields[name] = getattr(req, name)
     for name, value in fields.items():
@@ -170,11 +208,15 @@ def check_fields(req: DiffusionFields) -> None:
             continue
         if name not in type(req).model_fields:
             raise bad_request(f"Unrecognized request argument supplied: {name}", name, "unrecognized_argument")
-    if req.top_p is not None and req.top_p != 1:
-        if not 0 < req.top_p <= 1:
-            raise bad_request(f"top_p={req.top_p} must be in (0, 1]", "top_p")
-        raise bad_request(f"top_p={req.top_p} < 1 is not supported (nucleus sampling is not implemented; "
-                          "use temperature)", "top_p", "unsupported_parameter")
+    if req.top_p is not None and not (math.isfinite(req.top_p) and 0 < req.top_p <= 1):
+        raise bad_request(f"top_p={req.top_p} must be in (0, 1]", "top_p")
+    if req.top_k is not None and req.top_k < -1:
+        raise bad_request(f"top_k={req.top_k} must be -1 or 0 (off) or a positive integer", "top_k")
+    if req.min_p is not None and not (math.isfinite(req.min_p) and 0 <= req.min_p <= 1):
+        raise bad_request(f"min_p={req.min_p} must be in [0, 1]", "min_p")
+    if req.stop_token_ids is not None and any(t < 0 for t in req.stop_token_ids):
+        raise bad_request(f"stop_token_ids={req.stop_token_ids} must be non-negative token ids", "stop_token_ids")
+    check_logprobs(req)
     if req.n is not None and not 1 <= req.n <= MAX_N:
         raise bad_request(f"n={req.n} must be between 1 and {MAX_N}", "n")
     if req.temperature is not None and not (math.isfinite(req.temperature) and req.temperature >= 0):
@@ -188,6 +230,29 @@ def check_fields(req: DiffusionFields) -> None:
     if req.algorithm is not None and req.generation_algorithm is not None \
             and req.algorithm != req.generation_algorithm:
         raise bad_request("algorithm and generation_algorithm disagree; give one of them", "generation_algorithm")
+
+
+def check_logprobs(req: DiffusionFields) -> None:
+    """chat: logprobs (bool) + top_logprobs (0..20, needs logprobs); completions: logprobs 0..20, echo."""
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs is not None:
+            if not req.logprobs:
+                raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+            if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise bad_request(f"top_logprobs={req.top_logprobs} must be between 0 and {MAX_TOP_LOGPROBS}",
+                                  "top_logprobs")
+    elif isinstance(req, CompletionRequest):
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
+            raise bad_request(f"logprobs={req.logprobs} must be between 0 and {MAX_TOP_LOGPROBS}", "logprobs")
+        if req.echo and req.stream:
+            raise bad_request("echo is not supported with stream: true", "echo", "unsupported_parameter")
+
+
+def top_logprobs(req: DiffusionFields) -> int | None:
+    """How many top alternatives each returned token carries (None: no logprobs)."""
+    if isinstance(req, ChatCompletionRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return getattr(req, "logprobs", None)
 
 
 def stop_list(stop) -> list[str]:

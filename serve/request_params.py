@@ -14,8 +14,8 @@ import dataclasses
 import math
 import random
 
-from dllm_jax.sampling import ALGORITHMS, ALIASES, SamplingError, SamplingParams
-from serve.protocol import DiffusionFields, bad_request
+from dllm_jax.sampling import ALGORITHMS, ALIASES, MAX_STOP_IDS, SamplingError, SamplingParams
+from serve.protocol import DiffusionFields, bad_request, top_logprobs
 
 DEFAULT_MAX_TOKENS = 128
 
@@ -63,18 +63,38 @@ def default_params(family: str, gen_length: int) -> SamplingParams:
                           threshold=d["threshold"], factor=d["factor"], early_stop=d["early_stop"]).resolve(family)
 
 
-def request_params(req: DiffusionFields, family: str, max_length: int) -> tuple[list[SamplingParams], int]:
+def stop_ids_for(req: DiffusionFields, model_stops: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The row's stop tokens (vLLM semantics): the model's EOS / end-of-turn ids plus the request's
+    ``stop_token_ids``; with ``ignore_eos`` only the request's own. None = the model's (no change)."""
+    own = list(req.stop_token_ids or [])
+    if req.ignore_eos:
+        stops = tuple(dict.fromkeys(own))
+    elif own:
+        stops = tuple(dict.fromkeys([*model_stops, *own]))
+    else:
+        return None
+    if len(stops) > MAX_STOP_IDS:
+        what = "" if req.ignore_eos else f" (the model's {len(model_stops)} end-of-text ids included)"
+        raise bad_request(f"{len(stops)} stop tokens{what}; at most {MAX_STOP_IDS} are supported",
+                          "stop_token_ids")
+    return stops
+
+
+def request_params(req: DiffusionFields, family: str, max_length: int, *, model_stops: tuple[int, ...] = (),
+                   allow_zero: bool = False) -> tuple[list[SamplingParams], int]:
     """Resolved params of each of the request's n choices, and max_tokens.
 
-    Raises APIError 400 naming the offending field.
+    ``allow_zero``: max_tokens 0 is valid (echo: score the prompt only; the params are then those
+    of a 1-token canvas and unused). Raises APIError 400 naming the offending field.
     """
     d = FAMILY_DEFAULTS[family]
     max_tokens = req.max_new_tokens()
     param_name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS
-    if max_tokens < 1:
-        raise bad_request(f"{param_name}={max_tokens} must be >= 1", param_name)
+    if max_tokens < (0 if allow_zero else 1):
+        why = " (0 only with echo: true)" if max_tokens == 0 and hasattr(req, "echo") else ""
+        raise bad_request(f"{param_name}={max_tokens} must be >= 1{why}", param_name)
     if max_tokens > max_length:
         raise bad_request(f"{param_name}={max_tokens} exceeds the model's context of {max_length} tokens",
                           param_name)
@@ -91,13 +111,17 @@ def request_params(req: DiffusionFields, family: str, max_length: int) -> tuple[
         threshold, factor = req.threshold, req.factor
     seed = req.seed if req.seed is not None else random.randrange(2**31)
     base = dict(
-        gen_length=gen_length_for(max_tokens, block_length), steps=req.steps, block_length=block_length,
+        gen_length=gen_length_for(max(max_tokens, 1), block_length), steps=req.steps, block_length=block_length,
         temperature=0.0 if req.temperature is None else float(req.temperature),
         cfg_scale=0.0 if req.cfg_scale is None else float(req.cfg_scale),
         remasking=req.remasking or "low_confidence", threshold=threshold, factor=factor,
         algorithm=algorithm if algorithm is not None else d["algorithm"],
         early_stop=d["early_stop"] if req.early_stop is None else req.early_stop,
-        shift_logits=req.shift_logits)
+        shift_logits=req.shift_logits,
+        top_k=0 if req.top_k in (None, -1) else req.top_k,
+        top_p=1.0 if req.top_p is None else float(req.top_p),
+        min_p=0.0 if req.min_p is None else float(req.min_p),
+        logprobs=top_logprobs(req), stop_token_ids=stop_ids_for(req, tuple(model_stops)))
     try:
         first = SamplingParams(seed=seed, **base).resolve(family)
     except SamplingError as e:

@@ -2,7 +2,8 @@
 
 ``SeqRequest`` (one canvas to generate) goes in as a ``Seq`` through the ``Inbox`` (one lock);
 ``Event``s (final tokens so far, or an error) come back through the request's ``Handle``,
-which also carries cancellations back to the inbox. Errors are the domain errors of
+which also carries cancellations back to the inbox. A ``ScoreJob`` (prompt scoring, echo +
+logprobs) goes in through the same inbox and its result comes back in its own future. Errors are the domain errors of
 ``serve.errors``; the HTTP layer maps them.
 """
 
@@ -39,6 +40,10 @@ class Event:
     finish_reason: str | None
     nfe: int
     error: Exception | None = None
+    # with a logprobs program ([len(tokens)] and [len(tokens), 20]; see SlotUpdate)
+    logprobs: np.ndarray | None = None
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
 
     @classmethod
     def failure(cls, index: int, error: Exception) -> "Event":
@@ -74,6 +79,28 @@ class Handle:
 
 
 @dataclasses.dataclass(eq=False)
+class ScoreJob:
+    """Sequences to score (``Model.score``) on the scheduler thread; the result goes to ``future``."""
+
+    sequences: list[list[int]]
+    top_k: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+    def resolve(self, result=None, error: Exception | None = None) -> None:  # scheduler thread
+        def put():
+            if not self.future.done():  # (the waiter may have gone: client disconnected)
+                if error is not None:
+                    self.future.set_exception(error)
+                else:
+                    self.future.set_result(result)
+        try:
+            self.loop.call_soon_threadsafe(put)
+        except RuntimeError:  # event loop closed (shutdown)
+            pass
+
+
+@dataclasses.dataclass(eq=False)
 class Seq:
     """A queued or running sequence, as the scheduler tracks it."""
 
@@ -94,6 +121,7 @@ class Inbox:
         self.max_queue = max_queue
         self.cv = threading.Condition()
         self.items: list[Seq] = []
+        self.scores: list[ScoreJob] = []
         self.cancels: set[int] = set()
         self.queued = 0          # sequences not admitted yet (the QueueFull limit)
         self.stopping = False
@@ -107,6 +135,20 @@ class Inbox:
             self.queued += len(seqs)
             self.items.extend(seqs)
             self.cv.notify()
+
+    def put_score(self, job: ScoreJob) -> None:
+        """Queue a scoring job (its sequences count towards ``max_queue`` until it runs)."""
+        with self.cv:
+            if self.queued + len(job.sequences) > self.max_queue:
+                raise QueueFull(self.queued, self.max_queue)
+            self.queued += len(job.sequences)
+            self.scores.append(job)
+            self.cv.notify()
+
+    def take_scores(self) -> list[ScoreJob]:
+        with self.cv:
+            jobs, self.scores = self.scores, []
+            return jobs
 
     def cancel(self, seq_ids: Sequence[int]) -> None:
         with self.cv:
@@ -131,7 +173,7 @@ class Inbox:
     def take(self, idle: bool, timeout) -> tuple[list[Seq], set[int], bool]:
         """New sequences, cancellations, stopping; waits up to ``timeout`` first when ``idle``."""
         with self.cv:
-            if idle and not (self.items or self.cancels or self.stopping or self.woken):
+            if idle and not (self.items or self.scores or self.cancels or self.stopping or self.woken):
                 self.cv.wait(timeout)
             self.woken = False
             new, self.items = self.items, []

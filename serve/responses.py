@@ -11,8 +11,11 @@ import uuid
 from openai.types import Completion, CompletionChoice, CompletionUsage, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
 from openai.types.chat.chat_completion import Choice as ChatChoice
+from openai.types.chat.chat_completion import ChoiceLogprobs
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogprobs
+from openai.types.completion_choice import Logprobs as CompletionLogprobs
 
 
 def new_id(prefix: str) -> str:
@@ -32,22 +35,27 @@ def usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
                            total_tokens=prompt_tokens + completion_tokens)
 
 
-def chat_completion(rid: str, created: int, model: str, choices: list[tuple[str, str]], use: CompletionUsage) -> dict:
-    """choices: (text, finish_reason) per index."""
+def chat_completion(rid: str, created: int, model: str, choices: list[tuple[str, str]], use: CompletionUsage,
+                    logprobs: list | None = None) -> dict:
+    """choices: (text, finish_reason) per index; logprobs: each choice's ``content`` entries (or None)."""
+    logprobs = logprobs or [None] * len(choices)
     return dump(ChatCompletion(
         id=rid, object="chat.completion", created=created, model=model, usage=use,
-        choices=[ChatChoice(index=i, finish_reason=reason, logprobs=None,
+        choices=[ChatChoice(index=i, finish_reason=reason,
+                            logprobs=None if lp is None else ChoiceLogprobs(content=lp, refusal=None),
                             message=ChatCompletionMessage(role="assistant", content=text, refusal=None))
-                 for i, (text, reason) in enumerate(choices)]))
+                 for i, ((text, reason), lp) in enumerate(zip(choices, logprobs))]))
 
 
 def chat_chunk(rid: str, created: int, model: str, index: int, *, role: str | None = None,
-               content: str | None = None, finish_reason: str | None = None, with_usage: bool = False) -> dict:
+               content: str | None = None, finish_reason: str | None = None, with_usage: bool = False,
+               logprobs: list | None = None) -> dict:
     delta = ChoiceDelta(role=role, content=content) if role else (
         ChoiceDelta(content=content) if content is not None else ChoiceDelta())
     chunk = ChatCompletionChunk(id=rid, object="chat.completion.chunk", created=created, model=model,
                                 choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
-                                                     logprobs=None)])
+                                                     logprobs=None if logprobs is None else
+                                                     ChunkLogprobs(content=logprobs, refusal=None))])
     if with_usage:
         chunk.usage = None
     return dump(chunk)
@@ -58,22 +66,35 @@ def chat_usage_chunk(rid: str, created: int, model: str, use: CompletionUsage) -
                                     choices=[], usage=use))
 
 
-def completion(rid: str, created: int, model: str, choices: list[tuple[str, str]], use: CompletionUsage) -> dict:
+def completion(rid: str, created: int, model: str, choices: list[tuple[str, str]], use: CompletionUsage,
+               logprobs: list[dict | None] | None = None) -> dict:
+    """logprobs: each choice's {tokens, token_logprobs, top_logprobs, text_offset} (or None)."""
+    logprobs = logprobs or [None] * len(choices)
     return dump(Completion(
         id=rid, object="text_completion", created=created, model=model, usage=use,
-        choices=[CompletionChoice(index=i, text=text, finish_reason=reason, logprobs=None)
-                 for i, (text, reason) in enumerate(choices)]))
+        choices=[CompletionChoice(index=i, text=text, finish_reason=reason,
+                                  logprobs=None if lp is None else _completion_logprobs(lp))
+                 for i, ((text, reason), lp) in enumerate(zip(choices, logprobs))]))
 
 
 def completion_chunk(rid: str, created: int, model: str, index: int, text: str, finish_reason: str | None,
-                     with_usage: bool = False) -> dict:
+                     with_usage: bool = False, logprobs: dict | None = None) -> dict:
     # The one body written by hand: openai's Completion type has a non-null finish_reason,
     # but streamed chunks carry null until the end (as OpenAI sends them).
+    lp = None if logprobs is None else dump(_completion_logprobs(logprobs))
     out = {"id": rid, "object": "text_completion", "created": created, "model": model,
-           "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+           "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": lp}]}
     if with_usage:
         out["usage"] = None
     return out
+
+
+def _completion_logprobs(lp: dict) -> CompletionLogprobs:
+    # model_construct: with echo the first prompt token has token_logprobs/top_logprobs null (as
+    # OpenAI and vLLM send it), which openai's type annotations do not allow.
+    if lp["token_logprobs"][:1] == [None]:
+        return CompletionLogprobs.model_construct(**lp)
+    return CompletionLogprobs(**lp)
 
 
 def completion_usage_chunk(rid: str, created: int, model: str, use: CompletionUsage) -> dict:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from serve import responses
 from serve.request_params import aliases, algorithm_names, family_defaults
-from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 router = APIRouter()
 
@@ -21,6 +22,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     return await request.app.state.serving.completion(body, request)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request):
+    return await run_in_threadpool(request.app.state.serving.tokenize, body)
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request):
+    return await run_in_threadpool(request.app.state.serving.detokenize, body)
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request):
+    return request.app.state.serving.tokenizer_info()
 
 
 @router.get("/v1/models")

@@ -14,7 +14,9 @@ At every block boundary (``Scheduler._schedule``):
    waits. When the session limit blocks the oldest waiting sequence, later arrivals stop
    joining running sessions, so those drain and the blocked group gets its turn (FIFO
    fairness, no starvation);
-3. one session (round robin) runs one block program; each occupied slot reports its final
+3. a pending scoring job (echo + logprobs: ``Model.score`` of prompts) runs, at most one
+   per boundary, so long prompts to score and running batches take turns;
+4. one session (round robin) runs one block program; each occupied slot reports its final
    tokens, which are posted to the request's handle; finished or cancelled rows free their
    slot for step 1.
 
@@ -33,10 +35,10 @@ import time
 
 from dllm_jax.sampling import ProgramKey, program_key
 from serve.compiler import Compiler
-from serve.errors import EngineFailed, ServeError
+from serve.errors import EngineDead, EngineFailed, ServeError
 from serve.executor import Executor
 from serve.metrics import Metrics
-from serve.requests import Event, Inbox, Seq
+from serve.requests import Event, Inbox, ScoreJob, Seq
 
 log = logging.getLogger("serve.engine")
 
@@ -63,6 +65,7 @@ class Scheduler:
         self.options, self.metrics, self.inbox = options, metrics, inbox
         self.prompt_buckets = prompt_buckets
         self.waiting: list[Seq] = []
+        self.scoring: list[ScoreJob] = []  # run one per iteration, between block steps
         self.sessions: list[Session] = []
         self._rr = 0
         self._last_command = time.monotonic()
@@ -71,12 +74,18 @@ class Scheduler:
 
     def loop(self) -> None:
         while True:
-            new, cancels, stopping = self.inbox.take(idle=not self.sessions, timeout=self._idle_timeout())
+            new, cancels, stopping = self.inbox.take(idle=not (self.sessions or self.scoring),
+                                                     timeout=self._idle_timeout())
             if stopping:
                 self.compiler.shutdown()
                 self.executor.shutdown()
+                for job in self.scoring + self.inbox.take_scores():
+                    job.resolve(error=EngineDead("the server is shutting down"))
                 return
             self.waiting.extend(new)
+            self.scoring.extend(self.inbox.take_scores())
+            if self.scoring:
+                self._score(self.scoring.pop(0))
             if cancels:
                 self._apply_cancels(cancels)
             self._schedule(time.monotonic())
@@ -226,11 +235,32 @@ class Scheduler:
                 done, reason = True, "length"
             if done or len(tokens) != seq.sent:
                 seq.sent = len(tokens)
-                seq.handle.post(Event(seq.index, tokens, done, reason, u.nfe))
+                event = Event(seq.index, tokens, done, reason, u.nfe)
+                if u.logprobs is not None:
+                    n = len(tokens)
+                    event.logprobs, event.top_ids, event.top_logprobs = \
+                        u.logprobs[:n], u.top_ids[:n], u.top_logprobs[:n]
+                seq.handle.post(event)
             if done:
                 self.metrics.inc("nfe_total", u.nfe)
                 if not self._release(session, u.slot):
                     return
+
+    def _score(self, job: ScoreJob) -> None:
+        """One scoring job (``Model.score`` through the executor), between two block steps."""
+        self.inbox.dequeued(len(job.sequences))
+        t0 = time.monotonic()
+        try:
+            result = self.executor.score(job.sequences, job.top_k)
+        except Exception as e:  # noqa: BLE001 - fail this job only
+            log.error("scoring failed: %s: %s", type(e).__name__, e, exc_info=e)
+            job.resolve(error=EngineFailed("scoring the prompt", e))
+            return
+        finally:
+            self._last_command = time.monotonic()
+        self.metrics.inc("scored_tokens_total", sum(max(len(q) - 1, 0) for q in job.sequences))
+        self.metrics.observe("score_seconds", self._last_command - t0)
+        job.resolve(result)
 
     def _fail(self, session: Session | None, seqs: list[Seq], exc: Exception, what: str) -> None:
         """An engine error fails only the requests involved (EngineFailed); the session is dropped."""
@@ -275,3 +305,6 @@ class Scheduler:
         self.waiting, self.sessions = [], []
         for seq in pending:
             seq.handle.post(Event.failure(seq.index, err))
+        for job in self.scoring + self.inbox.take_scores():
+            job.resolve(error=err)
+        self.scoring = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from typing import Callable, Sequence
@@ -23,6 +24,7 @@ from starlette.requests import Request
 from dllm_jax.sampling import SamplingParams
 from serve import responses
 from serve.detok import TextStream
+from serve.logprobs import CompletionLogprobs, TokenText, chat_content, top_dict
 from serve.engine import Engine, ModelInfo
 from serve.errors import ClientDisconnected
 from serve.metrics import Metrics
@@ -30,11 +32,15 @@ from serve.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     DiffusionFields,
+    TokenizeRequest,
     bad_request,
     check_fields,
+    check_known,
     message_text,
     stop_list,
+    top_logprobs,
 )
 from serve.request_params import request_params
 from serve.requests import Event, Handle, SeqRequest
@@ -46,36 +52,75 @@ MAX_ROWS_PER_REQUEST = 256
 
 
 class Choices:
-    """Text, finish reason and token count of every choice of one request."""
+    """Text, finish reason, token count (and logprobs) of every choice of one request."""
 
-    def __init__(self, handle: Handle, tokenizer, stops: Sequence[str], count: int, metrics: Metrics):
-        self.handle, self.metrics = handle, metrics
-        self.streams = [TextStream(tokenizer, stops) for _ in range(count)]
+    def __init__(self, handle: Handle, tokenizer, stops: Sequence[str], count: int, metrics: Metrics, *,
+                 skip_special_tokens: bool = True, include_stop: bool = False, kind: str = "chat",
+                 logprobs: int | None = None, prefixes: Sequence[str] | None = None,
+                 prefix_logprobs: Sequence[CompletionLogprobs] | None = None,
+                 eos_ids: frozenset[int] = frozenset()):
+        self.handle, self.metrics, self.kind, self.k = handle, metrics, kind, logprobs
+        self.streams = [TextStream(tokenizer, stops, skip_special_tokens=skip_special_tokens,
+                                   include_stop=include_stop) for _ in range(count)]
         self.reasons: list[str | None] = [None] * count
         self.tokens = [0] * count
+        self.prefixes = list(prefixes) if prefixes is not None else [""] * count   # echo
+        self.eos_ids = eos_ids  # a last token that ends the reply though the device did not stop on it
+        self.tt = TokenText(tokenizer) if logprobs is not None else None
+        self.lp_sent = [0] * count
+        self.chat_lp: list[list] = [[] for _ in range(count)]
+        self.comp_lp = list(prefix_logprobs) if prefix_logprobs is not None else \
+            [CompletionLogprobs() for _ in range(count)]
 
     @property
     def done(self) -> bool:
         return all(r is not None for r in self.reasons)
 
-    def apply(self, ev: Event) -> tuple[str, str | None] | None:
-        """(new text, finish_reason if this event finished the choice), or None if it is over."""
+    def apply(self, ev: Event) -> tuple[str, str | None, object] | None:
+        """(new text, finish_reason if this event finished the choice, the new tokens' logprobs
+        (chat: content entries, completions: the parallel lists; None without logprobs)), or None
+        if the choice is over."""
         i = ev.index
         if self.reasons[i] is not None:
             return None
         ts = self.streams[i]
         delta = ts.update(ev.tokens, ev.done)
         reason = "stop" if ts.stopped else (ev.finish_reason if ev.done else None)
+        if reason == "length" and self.eos_ids and len(ev.tokens) and int(ev.tokens[-1]) in self.eos_ids:
+            reason = "stop"
         if ts.stopped and not ev.done:
             self.handle.cancel(i)  # a stop string ended it: free the slot at the next block
         if reason is not None:
             self.reasons[i] = reason
             self.tokens[i] = ts.n_tokens
             self.metrics.finished(reason, ts.n_tokens)
-        return delta, reason
+        return delta, reason, self._logprobs(i, ev, ts.n_tokens if reason is not None else ts.tokens_covering())
+
+    def _logprobs(self, i: int, ev: Event, end: int):
+        if self.k is None:
+            return None
+        start = self.lp_sent[i]
+        end = min(end, len(ev.tokens))
+        if ev.logprobs is None or end <= start:
+            return [] if self.kind == "chat" else self.comp_lp[i].since(len(self.comp_lp[i].tokens))
+        self.lp_sent[i] = end
+        sl = slice(start, end)
+        if self.kind == "chat":
+            new = chat_content(self.tt, ev.tokens[sl], ev.logprobs[sl], ev.top_ids[sl], ev.top_logprobs[sl], self.k)
+            self.chat_lp[i].extend(new)
+            return new
+        lp = self.comp_lp[i]
+        before = len(lp.tokens)
+        lp.add_generated(self.tt, ev.tokens[sl], ev.logprobs[sl], ev.top_ids[sl], ev.top_logprobs[sl], self.k)
+        return lp.since(before)
 
     def results(self) -> list[tuple[str, str]]:
-        return [(ts.text, r) for ts, r in zip(self.streams, self.reasons)]
+        return [(p + ts.text, r) for p, ts, r in zip(self.prefixes, self.streams, self.reasons)]
+
+    def logprobs(self) -> list | None:
+        if self.k is None:
+            return None
+        return self.chat_lp if self.kind == "chat" else [lp.body() for lp in self.comp_lp]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +132,10 @@ class Job:
     info: ModelInfo
     model: str                     # the served name the client asked for
     params: list[SamplingParams]   # one per choice (n)
-    max_tokens: int
+    max_tokens: int                # 0: echo only (no generation)
+    logprobs: int | None = None    # top alternatives per returned token (None: no logprobs)
+    echo: bool = False             # completions: the prompt text (and logprobs) come first
+    eos_ids: frozenset[int] = frozenset()  # echo + logprobs + max_tokens 1: stop ids the device ignores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +168,74 @@ class Serving:
 
     async def completion(self, req: CompletionRequest, request: Request):
         job = self._job("completion", req)
-        prompts = await run_in_threadpool(self._completion_prompts, job.info, req.prompt)
-        return await self._run(job, prompts, request)
+        prompts, texts = await run_in_threadpool(self._completion_prompts, job.info, req.prompt)
+        return await self._run(job, prompts, request, texts)
+
+    # ---- tokenizer endpoints (vLLM's shapes; lm-eval's tokenizer_backend=remote) ---------------
+
+    def _model_info(self, model: str | None) -> ModelInfo:
+        info = self.engine.info()
+        if model is not None and model not in info.names:
+            raise APIError(404, f"The model `{model}` does not exist (this server serves "
+                                f"{', '.join(info.names)})", param="model", code="model_not_found")
+        if info.tokenizer is None:
+            raise bad_request("this model has no tokenizer", "model")
+        return info
+
+    def tokenize(self, req: TokenizeRequest) -> dict:
+        check_known(req)
+        info = self._model_info(req.model)
+        tok = info.tokenizer
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give exactly one of prompt or messages", "prompt")
+        if req.prompt is not None:
+            if req.add_generation_prompt is not None:
+                raise bad_request("add_generation_prompt needs messages", "add_generation_prompt")
+            add = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = _encode(tok, req.prompt, "prompt", add_special_tokens=add)
+        else:
+            if not req.messages:
+                raise bad_request("messages must not be empty", "messages")
+            ids = self._template_ids(info, message_text(req.messages),
+                                     req.add_generation_prompt is not False, bool(req.add_special_tokens))
+        out = {"count": len(ids), "max_model_len": info.max_length, "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = tok.convert_ids_to_tokens(ids)
+        return out
+
+    def detokenize(self, req: DetokenizeRequest) -> dict:
+        check_known(req)
+        info = self._model_info(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < info.vocab]
+        if bad:
+            raise bad_request(f"token id {bad[0]} is out of range [0, {info.vocab})", "tokens")
+        return {"prompt": info.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    def tokenizer_info(self) -> dict:
+        """vLLM's ``GET /tokenizer_info``: the tokenizer's config (special tokens as strings),
+        its class, the chat template and the context. lm-eval reads eos_token / bos_token /
+        pad_token / chat_template."""
+        info = self._model_info(None)
+        tok = info.tokenizer
+        out: dict = {}
+        for key, value in (getattr(tok, "init_kwargs", None) or {}).items():
+            if key in ("added_tokens_decoder", "backend", "name_or_path", "vocab_file", "merges_file",
+                       "tokenizer_file", "is_local", "local_files_only"):
+                continue
+            value = getattr(value, "content", value)  # AddedToken -> its string
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                continue
+            out[key] = value
+        for key in ("eos_token", "bos_token", "pad_token", "unk_token"):
+            value = getattr(tok, key, None)
+            out[key] = None if value is None else str(value)
+        out.update(tokenizer_class=type(tok).__name__, chat_template=getattr(tok, "chat_template", None),
+                   model_max_length=info.max_length, eos_token_id=getattr(tok, "eos_token_id", None),
+                   bos_token_id=getattr(tok, "bos_token_id", None), pad_token_id=getattr(tok, "pad_token_id", None),
+                   vocab_size=info.vocab, stop_token_ids=list(info.stop_token_ids))
+        return out
 
     # ---- steps -------------------------------------------------------------------------------
 
@@ -131,29 +245,45 @@ class Serving:
         if req.model is not None and req.model not in info.names:
             raise APIError(404, f"The model `{req.model}` does not exist (this server serves "
                                 f"{', '.join(info.names)})", param="model", code="model_not_found")
-        params, max_tokens = request_params(req, info.family, info.max_length)
-        return Job(kind, req, info, req.model or info.names[0], params, max_tokens)
+        echo = kind == "completion" and bool(req.echo)
+        params, max_tokens = request_params(req, info.family, info.max_length, model_stops=info.stop_token_ids,
+                                            allow_zero=echo)
+        k = top_logprobs(req)
+        eos_ids: frozenset[int] = frozenset()
+        if echo and k is not None and max_tokens == 1:
+            # lm-eval reads the last token as the generated one: it must be there even when it is
+            # EOS (as vLLM returns it), so the device does not stop on it; Choices marks it "stop".
+            stops = params[0].stop_token_ids
+            eos_ids = frozenset(info.stop_token_ids if stops is None else stops)
+            params = [dataclasses.replace(p, stop_token_ids=()) for p in params]
+        return Job(kind, req, info, req.model or info.names[0], params, max_tokens, k, echo, eos_ids)
 
     @staticmethod
-    def _chat_prompt(info: ModelInfo, messages: list[dict]) -> list[int]:
+    def _template_ids(info: ModelInfo, messages: list[dict], add_generation_prompt: bool = True,
+                      add_special_tokens: bool = False) -> list[int]:
         tok = info.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise bad_request("this model has no chat template; use /v1/completions", "messages")
         try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - jinja raises for conversations it does not accept
             raise bad_request(f"the chat template rejected the messages: {e}", "messages") from None
-        ids = _encode(tok, text, "messages", add_special_tokens=False)
+        return _encode(tok, text, "messages", add_special_tokens=add_special_tokens)
+
+    @staticmethod
+    def _chat_prompt(info: ModelInfo, messages: list[dict]) -> list[int]:
+        ids = Serving._template_ids(info, messages)
         _check_fits(info, ids, "messages")
         return ids
 
     @staticmethod
-    def _completion_prompts(info: ModelInfo, prompt) -> list[list[int]]:
+    def _completion_prompts(info: ModelInfo, prompt) -> tuple[list[list[int]], list[str]]:
+        """Token ids of each prompt, and its text (for echo: the string, or the ids decoded)."""
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
         if not prompt:
             raise bad_request("prompt must not be empty", "prompt")
-        out = []
+        out, texts = [], []
         for i, p in enumerate(prompt):
             param = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
             if isinstance(p, str):
@@ -170,26 +300,63 @@ class Serving:
                 raise bad_request("prompt must not be empty", param)
             _check_fits(info, ids, param)
             out.append(ids)
-        return out
+            texts.append(p if isinstance(p, str) else
+                         info.tokenizer.decode(ids, skip_special_tokens=False) if info.tokenizer is not None else "")
+        return out, texts
 
-    async def _run(self, job: Job, prompts: list[list[int]], request: Request):
+    async def _run(self, job: Job, prompts: list[list[int]], request: Request, texts: list[str] | None = None):
         n, req = len(job.params), job.req
         if len(prompts) * n > MAX_ROWS_PER_REQUEST:
             raise bad_request(f"{len(prompts)} prompts x n={n} exceeds {MAX_ROWS_PER_REQUEST} sequences per request",
                               "n")
-        seqs = [SeqRequest(p, job.params[j], job.max_tokens) for p in prompts for j in range(n)]
-        handle = self.engine.submit(seqs)
+        tok = job.info.tokenizer
+        prefixes = prefix_lp = None
+        if job.echo:
+            prefixes = [texts[i] for i in range(len(prompts)) for _ in range(n)]
+            if job.logprobs is not None:
+                prefix_lp = await self._prompt_logprobs(job, prompts)
         prompt_tokens = sum(len(p) for p in prompts)
         self.metrics.inc("prompt_tokens_total", prompt_tokens)
-        call = Call(kind=job.kind, id=responses.new_id("chatcmpl" if job.kind == "chat" else "cmpl"),
-                    created=responses.now(), model=job.model, handle=handle,
-                    choices=Choices(handle, job.info.tokenizer, stop_list(req.stop), len(seqs), self.metrics),
+        rid = responses.new_id("chatcmpl" if job.kind == "chat" else "cmpl")
+        if job.max_tokens == 0:  # echo only: the prompt (and its scores), nothing generated
+            lps = None if prefix_lp is None else [lp.body() for lp in prefix_lp]
+            return responses.completion(rid, responses.now(), job.model, [(t, "length") for t in prefixes],
+                                        responses.usage(prompt_tokens, 0), lps)
+        seqs = [SeqRequest(p, job.params[j], job.max_tokens) for p in prompts for j in range(n)]
+        handle = self.engine.submit(seqs)
+        choices = Choices(handle, tok, stop_list(req.stop), len(seqs), self.metrics,
+                          skip_special_tokens=req.skip_special_tokens is not False,
+                          include_stop=bool(req.include_stop_str_in_output), kind=job.kind, logprobs=job.logprobs,
+                          prefixes=prefixes, prefix_logprobs=prefix_lp, eos_ids=job.eos_ids)
+        call = Call(kind=job.kind, id=rid, created=responses.now(), model=job.model, handle=handle, choices=choices,
                     prompt_tokens=prompt_tokens,
                     include_usage=bool(req.stream_options and req.stream_options.include_usage),
                     metrics=self.metrics, errors=self.errors)
         if req.stream:
             return sse_stream(call)
         return await self._complete(call, request)
+
+    async def _prompt_logprobs(self, job: Job, prompts: list[list[int]]) -> list[CompletionLogprobs]:
+        """echo + logprobs: every prompt token with log p(x_i | x_<i) (``Model.score``), per choice."""
+        cost = sum(len(p) - 1 for p in prompts)
+        limit = self.engine.options.max_score_tokens
+        if cost > limit:
+            raise APIError(413, f"scoring these prompts costs {cost} positions (a prompt of L tokens costs L - 1 "
+                                f"forward passes); this server scores at most {limit} per request "
+                                "(--max-score-tokens)", param="prompt", code="too_many_score_tokens")
+        k = job.logprobs
+        scores = await self.engine.score(prompts, top_k=k)
+        tt = TokenText(job.info.tokenizer)
+        out = []
+        for p, sc in zip(prompts, scores):
+            for _ in range(len(job.params)):
+                lp = CompletionLogprobs()
+                lp.add(tt.text(p[0]), None, None)
+                for i in range(1, len(p)):
+                    lp.add(tt.text(p[i]), sc.token_logprobs[i],
+                           top_dict(tt, p[i], sc.token_logprobs[i], sc.top_ids[i], sc.top_logprobs[i], k))
+                out.append(lp)
+        return out
 
     async def _complete(self, call: Call, request: Request) -> dict:
         """The non-streamed answer: wait for every choice (dropping them if the client leaves)."""
@@ -206,7 +373,7 @@ class Serving:
         self.metrics.observe("request_latency_seconds", time.monotonic() - handle.arrival)
         use = responses.usage(call.prompt_tokens, sum(choices.tokens))
         build = responses.chat_completion if call.kind == "chat" else responses.completion
-        return build(call.id, call.created, call.model, choices.results(), use)
+        return build(call.id, call.created, call.model, choices.results(), use, choices.logprobs())
 
 
 def _encode(tok, text: str, param: str, **kw) -> list[int]:

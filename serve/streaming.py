@@ -1,8 +1,8 @@
 """Server-sent events: text is streamed as diffusion blocks become final.
 
 Chunk order (per OpenAI): a role chunk per choice (chat only), one text delta per choice and
-finished block whose text grew (incremental, UTF-8-safe detokenisation in ``serve.detok``),
-a final chunk per choice with its ``finish_reason``, a usage chunk with empty ``choices``
+finished block whose text grew (incremental, UTF-8-safe detokenisation in ``serve.detok``;
+with the logprobs of its own new tokens when asked for), a final chunk per choice with its ``finish_reason``, a usage chunk with empty ``choices``
 when ``stream_options.include_usage``, then ``data: [DONE]``. An error after the stream has
 started is sent as one ``data: {"error": ...}`` event before ``[DONE]`` (an engine error
 mapped by ``Call.errors``, the app's mapping).
@@ -43,12 +43,13 @@ async def _events(call: Call) -> AsyncIterator[str]:
     kind, rid, created, model = call.kind, call.id, call.created, call.model
     handle, choices, metrics, include_usage = call.handle, call.choices, call.metrics, call.include_usage
     if kind == "chat":
-        def chunk(i, text=None, reason=None, role=None):
+        def chunk(i, text=None, reason=None, role=None, logprobs=None):
             return responses.chat_chunk(rid, created, model, i, role=role, content=text, finish_reason=reason,
-                                        with_usage=include_usage)
+                                        with_usage=include_usage, logprobs=logprobs)
     else:
-        def chunk(i, text=None, reason=None, role=None):
-            return responses.completion_chunk(rid, created, model, i, text or "", reason, with_usage=include_usage)
+        def chunk(i, text=None, reason=None, role=None, logprobs=None):
+            return responses.completion_chunk(rid, created, model, i, text or "", reason, with_usage=include_usage,
+                                              logprobs=logprobs)
 
     first = True
     try:
@@ -60,12 +61,13 @@ async def _events(call: Call) -> AsyncIterator[str]:
             out = choices.apply(event)
             if out is None:
                 continue
-            text, reason = out
-            if text:
+            text, reason, logprobs = out
+            new_logprobs = bool(logprobs) and (kind == "chat" or bool(logprobs["tokens"]))
+            if text or new_logprobs:
                 if first:
                     metrics.observe("time_to_first_chunk_seconds", time.monotonic() - handle.arrival)
                     first = False
-                yield sse(chunk(event.index, text))
+                yield sse(chunk(event.index, text, logprobs=logprobs if new_logprobs else None))
             if reason is not None:
                 yield sse(chunk(event.index, reason=reason))
         metrics.observe("request_latency_seconds", time.monotonic() - handle.arrival)

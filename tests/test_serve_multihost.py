@@ -1,7 +1,7 @@
 """Multi-host serving on one machine: 2 processes x 4 CPU devices under jax.distributed.
 
-Process 0 serves HTTP and broadcasts every session command; process 1 replays them. The
-answers must equal ``Model.generate`` on one device, and stopping process 0 must stop the
+Process 0 serves HTTP and broadcasts every session (and scoring) command; process 1 replays
+them. The answers must equal ``Model.generate`` (``Model.score``) on one device, and stopping process 0 must stop the
 follower.
 """
 
@@ -40,6 +40,22 @@ def cluster(tmp_path_factory):
         except subprocess.TimeoutExpired:
             follower.kill()
             follower.wait()
+
+
+def test_scoring_runs_on_both_processes(cluster, llada_model):
+    """echo + logprobs, max_tokens 0: the executor's 'score' command is broadcast and replayed."""
+    leader, follower, log = cluster
+    client = openai.OpenAI(base_url=leader.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    tok = llada_model.tokenizer
+    ids = [tok.encode(t) for t in ["The cat", "Once upon a time"]]
+    try:
+        scored = client.completions.create(model=client.models.list().data[0].id, prompt=ids, max_tokens=0,
+                                           echo=True, logprobs=1)
+    finally:
+        assert follower.poll() is None, log.read_text()[-3000:]  # a failed score leaves both in step
+    for c, sc in zip(scored.choices, llada_model.score(ids)):
+        assert c.logprobs.token_logprobs[0] is None
+        assert max(abs(a - b) for a, b in zip(c.logprobs.token_logprobs[1:], sc.token_logprobs[1:])) <= 1e-4
 
 
 def test_two_processes_answer_like_one_device(cluster, llada_model):

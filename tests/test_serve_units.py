@@ -122,23 +122,107 @@ def test_request_params_errors_name_the_field(kw, param):
     assert e.value.status == 400 and e.value.param == param
 
 
+def completion(**kw):
+    return CompletionRequest.model_validate({"prompt": "hi", **kw})
+
+
 @pytest.mark.parametrize("kw,param", [
-    ({"top_p": 0.5}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"logprobs": True}, "logprobs"),
-    ({"presence_penalty": 1}, "presence_penalty"), ({"tools": [{}]}, "tools"), ({"bogus": 1}, "bogus"),
-    ({"n": 0}, "n"), ({"stop": ["a"] * 20}, "stop"), ({"top_k": 5}, "top_k"),
+    ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"),
+    ({"presence_penalty": 1}, "presence_penalty"), ({"repetition_penalty": 1.1}, "repetition_penalty"),
+    ({"logit_bias": {"5": 1}}, "logit_bias"), ({"min_tokens": 3}, "min_tokens"),
+    ({"spaces_between_special_tokens": True}, "spaces_between_special_tokens"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"tools": [{}]}, "tools"), ({"bogus": 1}, "bogus"),
+    ({"n": 0}, "n"), ({"stop": ["a"] * 20}, "stop"),
     ({"algorithm": "a", "generation_algorithm": "b"}, "generation_algorithm"),
 ])
 def test_unsupported_fields_rejected(kw, param):
     with pytest.raises(APIError) as e:
         check_fields(chat(**kw))
-    assert e.value.param == param
+    assert e.value.param == param and e.value.status == 400
+
+
+@pytest.mark.parametrize("kw,param", [
+    ({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"echo": True, "stream": True}, "echo"),
+    ({"suffix": "x"}, "suffix"), ({"best_of": 2}, "best_of"),
+])
+def test_completion_fields_rejected(kw, param):
+    with pytest.raises(APIError) as e:
+        check_fields(completion(**kw))
+    assert e.value.param == param and e.value.status == 400
 
 
 def test_neutral_values_and_ignored_fields_accepted():
     check_fields(chat(top_p=1, logprobs=False, presence_penalty=0, frequency_penalty=0.0, logit_bias={},
                       user="u", metadata={"a": "b"}, store=False, tool_choice="none", top_k=-1,
-                      response_format={"type": "text"}, stream_options={"include_usage": True}))
-    check_fields(CompletionRequest.model_validate({"prompt": "x", "echo": False, "best_of": 1, "logprobs": None}))
+                      response_format={"type": "text"}, stream_options={"include_usage": True},
+                      repetition_penalty=1.0, min_tokens=0, spaces_between_special_tokens=False))
+    check_fields(completion(echo=False, best_of=1, logprobs=None, logit_bias=None))
+
+
+# NeMo-Skills' default request bodies (nemo_skills/inference/model/vllm.py)
+NEMO_CHAT = {"max_tokens": None, "temperature": 0.0, "top_p": 0.95, "seed": 0, "stop": None, "logprobs": False,
+             "top_logprobs": None, "n": 1, "frequency_penalty": 0.0, "presence_penalty": 0.0, "stream": False,
+             "min_p": 0.0, "repetition_penalty": 1.0, "spaces_between_special_tokens": False}
+NEMO_COMPLETION = {**{k: v for k, v in NEMO_CHAT.items() if k != "top_logprobs"}, "echo": False, "logit_bias": None,
+                   "logprobs": None}
+
+
+def test_nemo_skills_bodies_map_to_the_plain_request_plus_filters():
+    import dataclasses as dc
+
+    for req, plain in ((chat(**NEMO_CHAT, top_k=20), chat(seed=0)),
+                       (completion(**NEMO_COMPLETION), completion(seed=0))):
+        check_fields(req)
+        got = request_params(req, "llada", 512, model_stops=(257,))[0][0]
+        want = request_params(plain, "llada", 512, model_stops=(257,))[0][0]
+        assert got.top_p == 0.95 and got.min_p == 0 and got.logprobs is None
+        assert dc.replace(got, top_p=1.0, top_k=0) == want  # (and at T=0 the filters change nothing)
+
+
+def test_sampling_filters_logprobs_and_stop_ids_map_to_params():
+    p = request_params(chat(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05), "llada", 512)[0][0]
+    assert (p.top_k, p.top_p, p.min_p, p.logprobs, p.stop_token_ids) == (5, 0.9, 0.05, None, None)
+    assert request_params(chat(top_k=-1), "llada", 512)[0][0].top_k == 0
+    assert request_params(chat(logprobs=True), "llada", 512)[0][0].logprobs == 0
+    assert request_params(chat(logprobs=True, top_logprobs=5), "llada", 512)[0][0].logprobs == 5
+    assert request_params(completion(logprobs=3), "llada", 512)[0][0].logprobs == 3
+    # stop_token_ids: besides the model's; ignore_eos: only the request's own
+    stops = lambda **kw: request_params(chat(**kw), "llada", 512, model_stops=(257, 258))[0][0].stop_token_ids
+    assert stops(stop_token_ids=[5, 257]) == (257, 258, 5)
+    assert stops(ignore_eos=True) == () and stops(ignore_eos=True, stop_token_ids=[9]) == (9,)
+    with pytest.raises(APIError) as e:
+        stops(stop_token_ids=list(range(10, 17)))  # 2 + 7 > 8
+    assert e.value.param == "stop_token_ids"
+    # max_tokens 0: only with echo; null = the default
+    assert request_params(completion(max_tokens=0, echo=True), "llada", 512, allow_zero=True)[1] == 0
+    with pytest.raises(APIError) as e:
+        request_params(completion(max_tokens=0), "llada", 512)
+    assert e.value.param == "max_tokens"
+    assert request_params(chat(max_tokens=None), "llada", 512)[1] == 128
+
+
+def test_text_stream_include_stop_str_and_keep_special_tokens(tok):
+    ids = tok.encode("abc STOP def", add_special_tokens=False)
+    ts = TextStream(tok, stop=["STOP"], include_stop=True)
+    ts.update(ids, done=False)
+    assert ts.stopped and ts.text == "abc STOP"
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    assert TextStream(tok).update(ids[:2] + [eos], True) == tok.decode(ids[:2])
+    assert TextStream(tok, skip_special_tokens=False).update(ids[:2] + [eos], True) == \
+        tok.decode(ids[:2]) + tok.eos_token
+
+
+def test_token_bytes_concatenate_to_the_text(tok):
+    from serve.logprobs import TokenText
+
+    text = "héllo 日本 🎉 ok"
+    ids = tok.encode(text, add_special_tokens=False)
+    tt = TokenText(tok)
+    assert b"".join(bytes(tt(t)[1]) for t in ids) == text.encode()
+    assert tt(ids[1])[0] == "\ufffd"  # half of "é": the string is a replacement char, the bytes exact
+    assert "".join(tt.text(t) for t in ids[:1]) == "h"
 
 
 def test_validation_param_names():
@@ -201,6 +285,13 @@ class FakeExecutor:
     def warmup(self, key):
         self.warm_gate.wait(TIMEOUT)
         self.log.append(("compiled", key))
+
+    def score(self, sequences, top_k):
+        from dllm_jax.sampling import ScoreOutput
+
+        self.log.append(("score", [len(q) for q in sequences], top_k))
+        return [ScoreOutput(np.arange(len(q), dtype=np.float32) * -1, np.zeros((len(q), top_k), np.int32),
+                            np.zeros((len(q), top_k), np.float32)) for q in sequences]
 
     def noop(self):
         pass
@@ -466,3 +557,27 @@ def test_metrics_render_parse():
     assert [k for k in values if k.startswith("dllm_batch_size_bucket")] == \
         [f'dllm_batch_size_bucket{{le="{float(b)}"}}' for b in BATCH_BUCKETS] + ['dllm_batch_size_bucket{le="+Inf"}']
     assert "_created" not in text
+
+
+def test_scoring_runs_on_the_scheduler_between_block_steps(make_engine):
+    engine = make_engine(max_batch_size=2, max_wait_ms=0)
+    ex = engine.executor
+
+    async def main():
+        ex.gate = threading.Semaphore(0)
+        running = engine.submit([seq(gen=96)])
+        await wait_for(ex.stepping)  # a batch is in its first block
+        scored = asyncio.ensure_future(engine.score([[1, 2, 3], [4, 5]], top_k=2))
+        await asyncio.sleep(0)
+        ex.gate.release(1000)
+        out = await scored
+        await collect(running)
+        return out
+
+    out = asyncio.run(main())
+    assert [len(o.token_logprobs) for o in out] == [3, 2] and out[0].top_ids.shape == (3, 2)
+    ops = [e[0] for e in ex.log]
+    i = ops.index("score")
+    assert ex.log[i] == ("score", [3, 2], 2)
+    assert "step" in ops[:i] and "step" in ops[i:]  # between two block steps of the running batch
+    assert engine.inbox.queued == 0

@@ -6,6 +6,7 @@ from dllm_jax.sampling.params import (
     ALIASES,
     BATCH_BUCKETS,
     DEFAULT_ALGORITHM,
+    MAX_STOP_IDS,
     MAX_TOP_LOGPROBS,
     PROMPT_BUCKETS,
     Algorithm,
@@ -26,7 +27,7 @@ from dllm_jax.sampling.session import (
 from dllm_jax.sampling.state import DecodeState, Row
 
 __all__ = [
-    "ALGORITHMS", "ALIASES", "Algorithm", "MAX_TOP_LOGPROBS", "BATCH_BUCKETS", "DEFAULT_ALGORITHM", "PROMPT_BUCKETS", "DecodeSession", "DecodeState",
+    "ALGORITHMS", "ALIASES", "Algorithm", "MAX_STOP_IDS", "MAX_TOP_LOGPROBS", "BATCH_BUCKETS", "DEFAULT_ALGORITHM", "PROMPT_BUCKETS", "DecodeSession", "DecodeState",
     "GenerateOutput", "ProgramKey", "Row", "SamplingError", "SamplingParams", "ScoreOutput", "SlotUpdate",
     "final_prefix", "generate", "program_key", "resolve_algorithm", "rules", "score",
 ]

@@ -22,6 +22,7 @@ from flax import nnx
 
 from dllm_jax.sampling.params import BATCH_BUCKETS, MAX_TOP_LOGPROBS, PROMPT_BUCKETS, SamplingError, bucket
 from dllm_jax.sampling.rules import NEG_INF
+from dllm_jax.sampling.session import fetch
 from dllm_jax.sharding import batch_sharding
 
 # Tokens (rows x bucketed length) per scoring call: bounds the activations of one call.
@@ -122,7 +123,7 @@ def score(model, sequences: Sequence[Sequence[int]], *, top_k: int = 0, shift_lo
                 tokens[n, :i] = s[:i]
                 valid[n, :len(s)] = True
                 query[n], target[n] = i, s[i]
-            chosen, top_ids, top_lp = jax.device_get(run(
+            chosen, top_ids, top_lp = fetch(run(
                 model.params, jax.device_put(tokens, sharding2), jax.device_put(valid, sharding2),
                 jax.device_put(query, sharding1), jax.device_put(target, sharding1)))
             for n, (j, i) in enumerate(chunk):
