@@ -51,10 +51,49 @@ class KVCache(NamedTuple):
 # ---- numerics ------------------------------------------------------------------------
 
 
+def row_sum(x):
+    """Sum over the last axis in a fixed, shape-independent order (keepdims).
+
+    XLA's reductions pick their accumulation order from the whole array's shape (on XLA:CPU a
+    row's sum changes with the number of rows), so a row's norm or softmax would depend on its
+    batch-mates. This is an explicit binary tree of elementwise adds instead: the axis is
+    zero-padded on the *left* to a power of two and adjacent pairs are added level by level, so
+    an element's place in the tree depends only on its distance from the *end* of the axis.
+    Adding exact zeros is exact, hence a right-aligned row (left padding / masked keys that are
+    exactly 0) gets the same bits whatever the axis length: batch-invariant across prompt
+    buckets too. See docs/sampling.md, "Batch invariance in bf16".
+    """
+    n = x.shape[-1]
+    p = 1 << max(n - 1, 0).bit_length()
+    if p != n:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(p - n, 0)])
+    while x.shape[-1] > 1:
+        x = x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
+        x = x[..., 0] + x[..., 1]
+    return x
+
+
+def softmax(x, axis: int = -1):
+    """float32 softmax whose normaliser is ``row_sum`` (bitwise batch-invariant per row)."""
+    x = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
+    e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
+    return jnp.moveaxis(e / row_sum(e), -1, axis)
+
+
+def log_softmax(x):
+    """float32 log-softmax over the last axis with the ``row_sum`` normaliser."""
+    x = x.astype(jnp.float32)
+    shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    return shifted - jnp.log(row_sum(jnp.exp(shifted)))
+
+
 def rms_norm(x, weight, eps: float):
-    """RMSNorm as upstream: normalise in float32, cast back, then scale by the gain."""
+    """RMSNorm as upstream: normalise in float32, cast back, then scale by the gain.
+
+    The mean square is a ``row_sum`` (fixed order), so a row's norm does not depend on the batch.
+    """
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    y = x32 * jax.lax.rsqrt(row_sum(x32 * x32) / np.float32(x.shape[-1]) + eps)
     return weight * y.astype(x.dtype)
 
 
@@ -89,7 +128,7 @@ def attention(q, k, v, mask):
     scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kh, g, t, s_len) * (1.0 / math.sqrt(h))
     scores = jnp.where(mask[:, None, None, :, :], scores, MASKED_SCORE)
-    probs = jax.nn.softmax(scores, axis=-1).reshape(b, kh, g * t, s_len)
+    probs = softmax(scores, axis=-1).reshape(b, kh, g * t, s_len)
     out = jnp.einsum("bkqs,bksh->bkqh", probs.astype(v.dtype), v)  # [B, K, G*T, H]
     return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dllm_jax.models.transformer import log_softmax, softmax
+
 FIXED, THRESHOLD, FACTOR, HIERARCHY, CREDIT, NEMOTRON = range(6)
 
 NEG_INF = -jnp.inf
@@ -52,7 +54,7 @@ def filter_mask(logits, temperature, top_k, top_p, min_p, mask_id: int):
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)[:, None, None]
     rank = jnp.arange(v)[None, None, :]
     in_k = rank < k
-    probs = jax.nn.softmax(jnp.where(in_k, ordered, NEG_INF), axis=-1)
+    probs = softmax(jnp.where(in_k, ordered, NEG_INF), axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more probable tokens
     keep_sorted = in_k & ((before < top_p[:, None, None]) | (rank == 0))
     # threshold value = the least probable kept token (ties with it are kept too)
@@ -108,7 +110,7 @@ def propose(logits, temperature, keys, mask_id: int, random_remask=None, filters
     scores = jax.lax.cond(jnp.any(temperature > 0), noisy, lambda logits: logits, logits)
     scores = scores.at[..., mask_id].set(NEG_INF)
     x0 = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = softmax(logits, axis=-1)  # fixed-order normaliser: batch-invariant confidence
     conf = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
     if random_remask is not None:
         uniform = jax.vmap(lambda k: jax.random.uniform(k, (lb,), jnp.float32))(noise_keys[:, 1])
@@ -124,7 +126,7 @@ def token_logprobs(logits, x0, k: int, mask_id: int):
 
     Returns (logprob [B, Lb], top_ids [B, Lb, k] int32, top_logprobs [B, Lb, k]).
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = log_softmax(logits)
     chosen = jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
     top_lp, top_ids = jax.lax.top_k(logp.at[..., mask_id].set(NEG_INF), k)
     return chosen, top_ids.astype(jnp.int32), top_lp
@@ -190,7 +192,7 @@ def credit_fuse(logits, credit, masked, first_iter):
     fuse ``logits + alpha * log(1 + credit)``. credit: [B, Lb, V] float32 (reset per block).
     """
     credit = jnp.where(first_iter, credit, credit * CREDIT_DECAY)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    probs = softmax(logits)
     top = jnp.argmax(probs, axis=-1)
     boost = jnp.max(probs, axis=-1) ** CREDIT_BOOST * masked
     credit = credit + jax.nn.one_hot(top, logits.shape[-1], dtype=jnp.float32) * boost[..., None]
