@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-score-tokens", type=int, default=4096,
                    help="prompt positions one echo + logprobs request may score (a prompt of L tokens costs "
                         "L - 1 forward passes); more is a 413")
+    p.add_argument("--max-programs", type=int, default=64,
+                   help="compiled programs kept in memory (LRU over program keys and scoring programs; "
+                        "0: unbounded); an evicted one compiles again when next needed")
     p.add_argument("--compile-cache", default=None, help="directory for JAX's persistent compilation cache")
     p.add_argument("--log-level", default="info")
     g = p.add_argument_group("multi-host (SLURM is auto-detected)")
@@ -54,9 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--process-id", type=int, default=None)
     args = p.parse_args(argv)
     if args.max_batch_size < 1 or args.max_queue < 1 or args.max_sessions < 1 or args.max_wait_ms < 0 \
-            or args.max_score_tokens < 0:
-        p.error("--max-batch-size, --max-queue and --max-sessions must be >= 1, --max-wait-ms and "
-                "--max-score-tokens >= 0")
+            or args.max_score_tokens < 0 or args.max_programs < 0:
+        p.error("--max-batch-size, --max-queue and --max-sessions must be >= 1, --max-wait-ms, "
+                "--max-score-tokens and --max-programs >= 0")
     return args
 
 
@@ -114,7 +117,9 @@ def main(argv=None) -> None:
         return dllm_jax.load(args.model, mesh=mesh, dtype=args.dtype)
 
     if multi and jax.process_index() != 0:
-        multihost.follow(load())
+        model = load()
+        model.programs.set_limit(args.max_programs or None)  # the same cache as process 0's
+        multihost.follow(model)
         jax.distributed.shutdown()
         return
 
@@ -130,7 +135,7 @@ def main(argv=None) -> None:
         max_sessions=args.max_sessions, batch_buckets=_ints(args.batch_buckets),
         prompt_buckets=_ints(args.prompt_buckets), warmup=warmup_buckets(args.warmup_buckets, args.max_batch_size),
         max_score_tokens=args.max_score_tokens, heartbeat_s=10.0 if multi else None,
-        background_compile=not multi)
+        background_compile=not multi, max_programs=args.max_programs or None)
     engine = Engine(load, names=names, options=options, metrics=Metrics(names[0]), demo=args.model is None,
                     make_executor=multihost.leader_executor if multi else None)
     app = create_app(engine, api_key=args.api_key, on_shutdown=jax.distributed.shutdown if multi else None)

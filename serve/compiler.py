@@ -8,6 +8,11 @@ ready the scheduler may *borrow* an already compiled program of the same group w
 prompt bucket at least as long, if it costs at most ``borrow_factor`` times as much
 (slots x canvas), or the requests wait while the other batches keep running.
 
+The compiled programs live in the model's LRU cache (``Programs``, ``--max-programs``); when
+it drops a key, ``evicted`` forgets it here too (so it is compiled again before it runs, and
+is no longer lent). A failed compile is reported to the next request of that key; failures
+nobody asks for again are forgotten after ``FAILURE_TTL_S`` (the table stays bounded).
+
 Multi-host: every process must enter programs and collectives in the same order, so a new
 key compiles inline at its first step (``background=False``); configure ``--warmup-buckets``.
 """
@@ -25,18 +30,22 @@ from dllm_jax.sampling import ProgramKey
 log = logging.getLogger("serve.engine")
 
 
+FAILURE_TTL_S = 600.0
+
+
 def cost(key: ProgramKey) -> int:
     return key.batch * key.canvas_len
 
 
 class Compiler:
     def __init__(self, warm: Callable[[ProgramKey], None], *, background: bool, on_done: Callable[[], None],
-                 metrics=None, borrow_factor: float = 8.0):
+                 metrics=None, borrow_factor: float = 8.0, cached: Callable[[ProgramKey], bool] | None = None):
         self._warm, self.background, self._on_done = warm, background, on_done
+        self._cached = cached  # is the key still in the program cache (None: always)
         self.metrics, self.borrow_factor = metrics, borrow_factor
         self.compiled: set[ProgramKey] = set()
         self._compiling: set[ProgramKey] = set()
-        self._failed: dict[ProgramKey, Exception] = {}
+        self._failed: dict[ProgramKey, tuple[Exception, float]] = {}
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dllm-compile") \
             if background else None
@@ -44,6 +53,11 @@ class Compiler:
     def add(self, key: ProgramKey) -> None:
         with self._lock:
             self.compiled.add(key)
+
+    def evicted(self, key) -> None:
+        """The program cache dropped ``key`` (any thread): it is not compiled any more."""
+        with self._lock:
+            self.compiled.discard(key)
 
     def ready(self, key: ProgramKey) -> bool:
         """True when ``key`` can run now; otherwise its compile is started (background mode)."""
@@ -60,7 +74,11 @@ class Compiler:
     def take_failure(self, key: ProgramKey) -> Exception | None:
         """The error of a failed background compile of ``key`` (reported once; a later request retries)."""
         with self._lock:
-            return self._failed.pop(key, None)
+            now = time.monotonic()
+            for k in [k for k, (_, t) in self._failed.items() if now - t > FAILURE_TTL_S]:
+                del self._failed[k]
+            failure = self._failed.pop(key, None)
+        return failure[0] if failure is not None else None
 
     def borrow(self, key: ProgramKey, rows: int) -> ProgramKey | None:
         """A compiled key of the same group that holds ``key``'s prompts, if affordable: the one
@@ -81,11 +99,13 @@ class Compiler:
         except Exception as e:  # noqa: BLE001 - reported to the requests that wanted it
             log.exception("compiling %s failed", key)
             with self._lock:
-                self._failed[key] = e
+                self._failed[key] = (e, time.monotonic())
         else:
             log.info("compiled %s in %.1fs (background)", key, time.monotonic() - t0)
             with self._lock:
-                self.compiled.add(key)
+                # (evicted again already, under a small cache and many compiles: not ready)
+                if self._cached is None or self._cached(key):
+                    self.compiled.add(key)
             if self.metrics is not None:
                 self.metrics.inc("compiles_total")
         finally:

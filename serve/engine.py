@@ -71,6 +71,7 @@ class EngineOptions:
     max_score_tokens: int = 4096                    # scored positions (L - 1 per prompt) per request
     heartbeat_s: float | None = None                # multi-host: a noop command when idle this long
     background_compile: bool = True                 # single host; multi-host compiles inline (in order)
+    max_programs: int | None = 64                   # compiled programs kept (LRU); None: unbounded
 
     def batch_bucket_list(self) -> tuple[int, ...]:
         if self.batch_buckets:
@@ -169,8 +170,13 @@ class Engine:
             model = self._load()
             self.model = model
             self.executor = self._make_executor(model)
+            programs = getattr(model, "programs", None)  # (test doubles have none)
             self.compiler = Compiler(self.executor.warmup, background=self.options.background_compile,
-                                     on_done=self.inbox.wake, metrics=self.metrics)
+                                     on_done=self.inbox.wake, metrics=self.metrics,
+                                     cached=(lambda key: key in programs) if programs is not None else None)
+            if programs is not None:
+                programs.set_limit(self.options.max_programs)
+                programs.on_evict.append(self._evicted)
             self.scheduler = Scheduler(model, self.executor, self.compiler, self.options, self.metrics, self.inbox,
                                        self.prompt_buckets())
             self._info = ModelInfo(
@@ -192,6 +198,13 @@ class Engine:
             self.metrics.set("engine_ready", 0)
             if self.scheduler is not None:
                 self.scheduler.fail_all(EngineDead(self.error))
+
+    def _evicted(self, key) -> None:
+        """The model's program cache dropped ``key`` (LRU, ``max_programs``)."""
+        if self.compiler is not None:
+            self.compiler.evicted(key)
+        self.metrics.inc("programs_evicted_total")
+        log.debug("evicted %s", key)
 
     def _warmup(self) -> None:
         from serve.request_params import default_params

@@ -26,6 +26,7 @@ GAUGES = {
     "running_rows": "Sequences in running batches (the running batch size).",
     "sessions": "Open decode sessions (compiled batches in flight).",
     "engine_ready": "1 when the engine serves requests.",
+    "programs_cached": "Compiled programs in the model's cache (block and scoring; at most --max-programs).",
 }
 COUNTERS = {  # prometheus_client renders a Counter named x as x_total
     "prompt_tokens_total": "Prompt tokens of admitted requests (no padding).",
@@ -36,6 +37,8 @@ COUNTERS = {  # prometheus_client renders a Counter named x as x_total
     "batch_slots_total": "Compiled slots summed over block programs (fill = rows / slots).",
     "requests_cancelled_total": "Sequences dropped because the client went away.",
     "compiles_total": "Block programs compiled (warm-up and background).",
+    "programs_built_total": "Programs built into the cache (block and scoring, including rebuilds after eviction).",
+    "programs_evicted_total": "Compiled programs dropped from the cache (LRU over --max-programs).",
     "scored_tokens_total": "Prompt positions scored for echo + logprobs (Model.score).",
 }
 HISTOGRAMS = {

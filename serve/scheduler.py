@@ -71,6 +71,8 @@ class Scheduler:
         self._last_command = time.monotonic()
         self._blocked: set[ProgramKey] = set()  # groups waiting for a compile
         self._demand: dict[ProgramKey, tuple[int, float]] = {}  # group -> (peak sequences, since)
+        self._programs = getattr(model, "programs", None)  # the model's compiled-program cache
+        self._builds = 0  # its builds already counted in programs_built_total
 
     def loop(self) -> None:
         while True:
@@ -297,6 +299,12 @@ class Scheduler:
         self.metrics.set("queue_depth", self.inbox.queued)
         self.metrics.set("running_rows", sum(len(s.slots) for s in self.sessions))
         self.metrics.set("sessions", len(self.sessions))
+        if self._programs is not None:
+            self.metrics.set("programs_cached", len(self._programs))
+            builds = self._programs.builds
+            if builds > self._builds:
+                self.metrics.inc("programs_built_total", builds - self._builds)
+                self._builds = builds
 
     def fail_all(self, err: ServeError) -> None:
         """The engine died: every sequence it holds or will receive gets ``err``."""

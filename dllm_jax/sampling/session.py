@@ -9,10 +9,13 @@ are done; the server drives sessions directly to stream blocks and refill slots.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import logging
 import threading
-from typing import Sequence
+import weakref
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -65,40 +68,117 @@ class SlotUpdate:
 
 
 class Programs:
-    """Compiled block programs of one model, one per ProgramKey (thread-safe cache).
+    """Compiled programs of one model (thread-safe LRU cache).
 
-    Each ``Model`` owns one as ``model.programs``; sessions of that model share it.
+    Block programs are cached per ``ProgramKey`` (``get``), other programs (scoring: keys
+    are tuples starting with "score") per their own key (``get_or_build``). With
+    ``max_programs`` set, the least recently used entries are dropped once more are cached
+    (entries no live ``DecodeSession`` uses go first). Dropping an entry is safe for a
+    session that still runs it: the session holds its own reference to the jitted functions,
+    which (with their compiled executables) are freed when the last user goes. ``on_evict``
+    callbacks get each dropped key (called outside the lock, on the thread that built the
+    entry that made room). Each ``Model`` owns one as ``model.programs``; sessions of that
+    model share it.
+
+    Attributes:
+      max_programs: the cap (None: unbounded).
+      builds / evictions: entries built / dropped so far.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, max_programs: int | None = None):
         self.model = model
-        self._cache: dict[ProgramKey, tuple] = {}
-        self._lock = threading.Lock()
+        self.max_programs = max_programs
+        self._cache: collections.OrderedDict = collections.OrderedDict()  # oldest use first
+        self._users: dict = {}  # key -> WeakSet of the sessions using it
+        self._lock = threading.RLock()
+        self.builds = 0
+        self.evictions = 0
+        self.on_evict: list[Callable[[object], None]] = []
+
+    def set_limit(self, max_programs: int | None) -> None:
+        """Change the cap (None or 0: unbounded); evicts at once if needed."""
+        with self._lock:
+            self.max_programs = max_programs or None
+            dropped = self._shrink(keep=None)
+        self._notify(dropped)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._cache)
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._cache
+
+    def keys(self) -> list:
+        """Cached keys, least recently used first."""
+        with self._lock:
+            return list(self._cache)
 
     def get_or_build(self, key, build):
         """Any other compiled program of this model (e.g. scoring), built once per ``key``."""
-        with self._lock:
-            if key not in self._cache:
-                self._cache[key] = build()
-            return self._cache[key]
+        return self._lookup(key, build)
 
-    def get(self, key: ProgramKey):
+    def get(self, key: ProgramKey, user=None):
+        """The block program of ``key``: (program, merge, shardings, empty); ``user`` (a session)
+        marks it in use while that object lives."""
+        return self._lookup(key, lambda: self._build(key), user)
+
+    def _lookup(self, key, build, user=None):
+        dropped = []
         with self._lock:
-            if key not in self._cache:
-                m = self.model
-                shardings = state_shardings(key, m.mesh, m.spec)
-                param_shardings = jax.tree.map(lambda x: x.sharding, m.params)
-                if ALGORITHMS[key.algorithm].cache == "sliding":
-                    fn = sliding.make_sliding_program(key, m.graphdef, mask_id=m.mask_token_id)
-                else:
-                    fn = blocks.make_block_program(key, m.graphdef, mask_id=m.mask_token_id,
-                                                   fill_id=m.config.eos_token_id)
-                program = jax.jit(fn, in_shardings=(param_shardings, shardings), out_shardings=shardings,
-                                  donate_argnums=(1,))
-                merge = jax.jit(merge_rows, out_shardings=shardings, donate_argnums=(0,))
-                empty = empty_state_fn(key, m.spec, m.dtype, shardings, mask_id=m.mask_token_id)
-                self._cache[key] = (program, merge, shardings, empty)
-            return self._cache[key]
+            entry = self._cache.get(key)
+            if entry is None:
+                entry = self._cache[key] = build()
+                self.builds += 1
+            self._cache.move_to_end(key)
+            if user is not None:
+                self._users.setdefault(key, weakref.WeakSet()).add(user)
+            dropped = self._shrink(keep=key)
+        self._notify(dropped)
+        return entry
+
+    def _shrink(self, keep) -> list:
+        """Drop LRU entries over the cap (unused ones first, never ``keep``); the dropped keys."""
+        if self.max_programs is None:
+            return []
+        dropped = []
+        for busy_too in (False, True):
+            for key in list(self._cache):
+                if len(self._cache) <= self.max_programs:
+                    return dropped
+                if key == keep or (not busy_too and self._users.get(key)):
+                    continue
+                del self._cache[key]
+                self._users.pop(key, None)
+                self.evictions += 1
+                dropped.append(key)
+        return dropped
+
+    def _notify(self, dropped) -> None:
+        for key in dropped:
+            for callback in list(self.on_evict):
+                try:
+                    callback(key)
+                except Exception:  # noqa: BLE001 - a listener must not break sampling
+                    logging.getLogger(__name__).exception("on_evict callback failed")
+
+    def _build(self, key: ProgramKey):
+        m = self.model
+        shardings = state_shardings(key, m.mesh, m.spec)
+        param_shardings = jax.tree.map(lambda x: x.sharding, m.params)
+        if ALGORITHMS[key.algorithm].cache == "sliding":
+            fn = sliding.make_sliding_program(key, m.graphdef, mask_id=m.mask_token_id)
+        else:
+            fn = blocks.make_block_program(key, m.graphdef, mask_id=m.mask_token_id,
+                                           fill_id=m.config.eos_token_id)
+        program = jax.jit(fn, in_shardings=(param_shardings, shardings), out_shardings=shardings,
+                          donate_argnums=(1,))
+        # a fresh function per entry: jax caches traces and executables weakly by function, so
+        # jitting the shared merge_rows would keep every evicted key's merge executable alive
+        merge = jax.jit(lambda state, new: merge_rows(state, new), out_shardings=shardings, donate_argnums=(0,))
+        empty = empty_state_fn(key, m.spec, m.dtype, shardings, mask_id=m.mask_token_id)
+        return program, merge, shardings, empty
 
 
 def program_key(model, prompt_len: int, params: SamplingParams, batch: int, *,
@@ -129,7 +209,7 @@ class DecodeSession:
 
     def __init__(self, model, key: ProgramKey):
         self.model, self.key = model, key
-        self.program, self.merge, self.shardings, empty = model.programs.get(key)
+        self.program, self.merge, self.shardings, empty = model.programs.get(key, user=self)
         self.state: DecodeState = empty()
         self.slots: dict[int, Row] = {}
 
