@@ -1,6 +1,6 @@
 """Scoring cost: chain-rule positions per second of ``Model.score`` (lm-eval loglikelihood).
 
-    python -m benchmarks.score_bench [--model DIR] [--lengths 32 128 512] [--sequences 8] [--dtype float32]
+    python -m benchmarks.score_bench [--model DIR] [--lengths 32 64 128] [--sequences 4] [--dtype float32]
 
 Default model: the benchmark model (``benchmarks.bench_model``, random LLaDA d512 x 8 layers),
 written to a temporary dir. Each sequence of length L costs L - 1 forwards of length L (one
@@ -21,8 +21,8 @@ from benchmarks.common import device_description, median_time, print_table
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[32, 128, 512])
-    ap.add_argument("--sequences", type=int, default=8)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--sequences", type=int, default=4)
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=3)
