@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.serve_load import scrape
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_TOKENS = (8, 16, 24, 40, 64)
@@ -117,13 +118,7 @@ class ServerProc:
         return float("nan")
 
     def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics", timeout=30).text
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if not s.name.endswith("_bucket"):
-                    out[s.name] = out.get(s.name, 0.0) + s.value
-        return out
+        return scrape(self.url, {})
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from dllm_jax.sampling import ALGORITHMS, PROMPT_BUCKETS, program_key
+from dllm_jax.sampling import PROMPT_BUCKETS, ContextOverflow, program_key
 from serve.compiler import Compiler
 from serve.errors import ContextLengthExceeded, EngineDead, EngineNotReady
 from serve.executor import Executor
@@ -132,9 +132,11 @@ class Engine:
         handle = Handle(self.inbox, asyncio.get_running_loop())
         items = []
         for index, req in enumerate(seqs):
-            self._check_fits(req)
-            key = program_key(self.model, len(req.prompt), req.params, 1,
-                              prompt_buckets=self.prompt_buckets(), batch_buckets=(1,))
+            try:
+                key = program_key(self.model, len(req.prompt), req.params, 1,
+                                  prompt_buckets=self.prompt_buckets(), batch_buckets=(1,))
+            except ContextOverflow as e:  # the library's rule, reported in the server's terms
+                raise ContextLengthExceeded(e.prompt_tokens, e.gen_length, e.extra, e.context) from None
             group = dataclasses.replace(key, batch=0, prompt_len=0)
             items.append(Seq(next(self._ids), index, req, handle, group, key.prompt_len, handle.arrival))
         self.inbox.put(items)
@@ -151,13 +153,6 @@ class Engine:
         job = ScoreJob([list(map(int, q)) for q in sequences], int(top_k), loop, loop.create_future())
         self.inbox.put_score(job)
         return await job.future
-
-    def _check_fits(self, req: SeqRequest) -> None:
-        """Prompt + canvas (+ the static-block decoder's 2 blocks of room) must fit the context."""
-        p = req.params
-        extra = 2 * p.block_length if ALGORITHMS[p.algorithm].cache == "sliding" else 0
-        if len(req.prompt) + p.gen_length + extra > self.model.max_length:
-            raise ContextLengthExceeded(len(req.prompt), p.gen_length, extra, self.model.max_length)
 
     def prompt_buckets(self) -> tuple[int, ...]:
         return self.options.prompt_buckets or PROMPT_BUCKETS

@@ -10,6 +10,7 @@ from dllm_jax.sampling.params import (
     MAX_TOP_LOGPROBS,
     PROMPT_BUCKETS,
     Algorithm,
+    ContextOverflow,
     ProgramKey,
     SamplingError,
     SamplingParams,
@@ -27,7 +28,8 @@ from dllm_jax.sampling.session import (
 from dllm_jax.sampling.state import DecodeState, Row
 
 __all__ = [
-    "ALGORITHMS", "ALIASES", "Algorithm", "MAX_STOP_IDS", "MAX_TOP_LOGPROBS", "BATCH_BUCKETS", "DEFAULT_ALGORITHM", "PROMPT_BUCKETS", "DecodeSession", "DecodeState",
-    "GenerateOutput", "ProgramKey", "Row", "SamplingError", "SamplingParams", "ScoreOutput", "SlotUpdate",
-    "final_prefix", "generate", "program_key", "resolve_algorithm", "rules", "score",
+    "ALGORITHMS", "ALIASES", "Algorithm", "BATCH_BUCKETS", "ContextOverflow", "DEFAULT_ALGORITHM",
+    "DecodeSession", "DecodeState", "GenerateOutput", "MAX_STOP_IDS", "MAX_TOP_LOGPROBS", "PROMPT_BUCKETS",
+    "ProgramKey", "Row", "SamplingError", "SamplingParams", "ScoreOutput", "SlotUpdate", "final_prefix",
+    "generate", "program_key", "resolve_algorithm", "rules", "score",
 ]

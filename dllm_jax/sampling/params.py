@@ -26,6 +26,16 @@ class SamplingError(ValueError):
         self.param = param
 
 
+class ContextOverflow(SamplingError):
+    """Prompt + canvas (+ the static-block decoder's room) does not fit the model's context."""
+
+    def __init__(self, prompt_tokens: int, gen_length: int, extra: int, context: int):
+        room = f" + 2*block_length ({extra})" if extra else ""
+        super().__init__(f"prompt ({prompt_tokens} tokens) + gen_length ({gen_length}){room} exceeds the model's "
+                         f"context of {context} tokens", "gen_length")
+        self.prompt_tokens, self.gen_length, self.extra, self.context = prompt_tokens, gen_length, extra, context
+
+
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
     """How an algorithm runs.

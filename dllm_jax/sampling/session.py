@@ -25,6 +25,7 @@ from dllm_jax.sampling.params import (
     ALGORITHMS,
     BATCH_BUCKETS,
     MAX_TOP_LOGPROBS,
+    ContextOverflow,
     PROMPT_BUCKETS,
     ProgramKey,
     SamplingError,
@@ -189,9 +190,7 @@ def program_key(model, prompt_len: int, params: SamplingParams, batch: int, *,
     extra = 2 * params.block_length if algo.cache == "sliding" else 0
     limit = model.max_length - params.gen_length - extra
     if prompt_len + params.gen_length + extra > model.max_length:
-        raise SamplingError(f"prompt ({prompt_len} tokens) + gen_length ({params.gen_length})"
-                            f"{f' + 2*block_length ({extra})' if extra else ''} exceeds the model's context "
-                            f"of {model.max_length} tokens", "gen_length")
+        raise ContextOverflow(prompt_len, params.gen_length, extra, model.max_length)
     lp = min(bucket(prompt_len, prompt_buckets), limit)
     data = model.mesh.shape["data"]
     b = bucket(batch, batch_buckets)
@@ -380,9 +379,12 @@ def generate(model, prompts: Sequence[Sequence[int]], *, return_trace: bool = Fa
         if all(u.done for u in updates):
             break
     st = session.state
-    st = fetch({"canvas": st.canvas, "batch_nfe": st.batch_nfe, "nfe": st.nfe, "commit_step": st.commit_step,
-                "commit_conf": st.commit_conf, "commit_logprob": st.commit_logprob, "top_ids": st.top_ids,
-                "top_logprobs": st.top_logprobs})
+    wanted = {"canvas": st.canvas, "batch_nfe": st.batch_nfe, "nfe": st.nfe}
+    if return_trace:
+        wanted.update(commit_step=st.commit_step, commit_conf=st.commit_conf)
+    if key.logprobs:
+        wanted.update(commit_logprob=st.commit_logprob, top_ids=st.top_ids, top_logprobs=st.top_logprobs)
+    st = fetch(wanted)
     lp, g = key.prompt_len, key.gen_length
     tokens = np.asarray(st["canvas"][:n, lp:lp + g], np.int32)
     lengths = np.array([len(u.tokens) for u in updates])
