@@ -7,6 +7,7 @@ Dependencies point one way: ``checkpoint`` imports this module, never the revers
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Sequence
 
@@ -42,6 +43,12 @@ def param_shardings(state) -> dict:
     """Pure dict of the NamedSharding of every (abstract or concrete) parameter."""
     return jax.tree.map(lambda v: v.get_value().sharding, state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+
+
+def _param_name(path) -> str:
+    """('layers', 0, 'q_proj', .value) key path -> 'layers/0/q_proj'."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", ""))) for k in path
+                    if not isinstance(k, jax.tree_util.GetAttrKey))
 
 
 def padded_positions(attention_mask):
@@ -87,6 +94,37 @@ class Model:
             return nnx.state(Transformer(config.spec(), dtype=dtype, rngs=nnx.Rngs(seed)))
 
         return cls(config, graphdef, init(), tokenizer=tokenizer, mesh=mesh, source=f"random(seed={seed})")
+
+    def with_params(self, params) -> "Model":
+        """This model with other weights of the same architecture (a newer checkpoint, say).
+
+        The copy shares config, tokenizer, mesh and compiled programs with this model: the
+        programs take the params as an argument, so weights of equal shapes, dtypes and
+        shardings run without a recompile. ``params`` (e.g. from
+        ``dllm_jax.checkpoint.read_params``) is put into this model's own tree structure.
+
+        Raises:
+          ValueError: naming the first parameter that is missing, extra, or differs in shape,
+            dtype or sharding.
+        """
+        mine, treedef = jax.tree_util.tree_flatten_with_path(self.params)
+        given = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+        theirs = dict(given)
+        for path, have in mine:
+            name = _param_name(path)
+            new = theirs.pop(path, None)
+            if new is None:
+                raise ValueError(f"parameter {name} is missing")
+            for what, a, b in (("shape", have.shape, getattr(new, "shape", None)),
+                               ("dtype", have.dtype, getattr(new, "dtype", None)),
+                               ("sharding", have.sharding, getattr(new, "sharding", None))):
+                if a != b:
+                    raise ValueError(f"parameter {name}: {what} {b} where this model has {a}")
+        if theirs:
+            raise ValueError(f"parameter {_param_name(next(iter(theirs)))} is not part of this model")
+        model = copy.copy(self)
+        model.params = jax.tree_util.tree_unflatten(treedef, [given[path] for path, _ in mine])
+        return model
 
     # ---- properties ------------------------------------------------------------------
 

@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compiled programs kept in memory (LRU over program keys and scoring programs; "
                         "0: unbounded); an evicted one compiles again when next needed")
     p.add_argument("--compile-cache", default=None, help="directory for JAX's persistent compilation cache")
+    p.add_argument("--allow-weight-updates", action="store_true",
+                   help="enable POST /update_weights_from_disk (new weights of the same architecture, no restart; "
+                        "protect it with --api-key / DLLM_API_KEY)")
     p.add_argument("--log-level", default="info")
     g = p.add_argument_group("multi-host (SLURM is auto-detected)")
     g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
@@ -135,7 +138,11 @@ def main(argv=None) -> None:
         max_sessions=args.max_sessions, batch_buckets=_ints(args.batch_buckets),
         prompt_buckets=_ints(args.prompt_buckets), warmup=warmup_buckets(args.warmup_buckets, args.max_batch_size),
         max_score_tokens=args.max_score_tokens, heartbeat_s=10.0 if multi else None,
-        background_compile=not multi, max_programs=args.max_programs or None)
+        background_compile=not multi, max_programs=args.max_programs or None,
+        allow_weight_updates=args.allow_weight_updates)
+    if args.allow_weight_updates and not args.api_key:
+        log.warning("--allow-weight-updates without an API key: anyone who reaches this port can replace the "
+                    "weights (set DLLM_API_KEY)")
     engine = Engine(load, names=names, options=options, metrics=Metrics(names[0]), demo=args.model is None,
                     make_executor=multihost.leader_executor if multi else None)
     app = create_app(engine, api_key=args.api_key, on_shutdown=jax.distributed.shutdown if multi else None)

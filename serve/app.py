@@ -32,10 +32,15 @@ from serve.errors import (
     EngineDead,
     EngineFailed,
     EngineNotReady,
+    IncompatibleWeights,
     QueueFull,
     ServeError,
+    WeightUpdateFailed,
+    WeightUpdatesDisabled,
 )
 from serve.metrics import Metrics
+from serve.playground import is_open as playground_path
+from serve.playground import router as playground_router
 from serve.protocol import APIError
 from serve.routes import router
 from serve.serving import Serving
@@ -67,6 +72,14 @@ def api_error(exc: Exception) -> APIError:
         return APIError(499, str(exc), code="client_disconnected")
     if isinstance(exc, SamplingError):
         return APIError(400, str(exc), param=exc.param, code="invalid_value")
+    if isinstance(exc, WeightUpdatesDisabled):
+        return APIError(403, str(exc), code="weight_updates_disabled")
+    if isinstance(exc, IncompatibleWeights):
+        return APIError(400, str(exc), param="model_path", code="incompatible_weights")
+    if isinstance(exc, WeightUpdateFailed):
+        if exc.bad_checkpoint:
+            return APIError(400, str(exc), param="model_path", code="invalid_checkpoint")
+        return APIError(500, str(exc), code="weight_update_failed")
     return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
 
 
@@ -114,7 +127,7 @@ class RequestContext:
                 self.metrics.http_status(message["status"])
             await send(message)
 
-        if self.api_key and scope["path"] not in OPEN_PATHS:
+        if self.api_key and scope["path"] not in OPEN_PATHS and not playground_path(scope["path"]):
             auth = headers.get("authorization", "")
             token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
@@ -145,12 +158,21 @@ def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics |
     app.state.metrics = metrics
     app.state.serving = Serving(engine, metrics, api_error)
     app.include_router(router)
+    app.include_router(playground_router)  # GET / (the page asks for the key itself)
 
     @app.exception_handler(APIError)
     @app.exception_handler(ServeError)
     @app.exception_handler(SamplingError)
     async def _api_error(request: Request, exc: Exception):
         return error_response(api_error(exc))
+
+    @app.exception_handler(WeightUpdateFailed)
+    @app.exception_handler(WeightUpdatesDisabled)
+    async def _weights_error(request: Request, exc: Exception):
+        # SGLang's clients read {"success", "message"}: sent next to the OpenAI error body
+        err = api_error(exc)
+        return JSONResponse({**err.body(), "success": False, "message": err.message}, status_code=err.status,
+                            headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

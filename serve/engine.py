@@ -6,6 +6,10 @@ answer while a block program runs. Health: loading -> warming_up -> ready, or de
 thread failed (every pending request then gets ``EngineDead``). Refusals are the domain
 errors of ``serve.errors`` (``EngineNotReady``, ``ContextLengthExceeded``, ``QueueFull``);
 ``serve.app`` maps them to HTTP.
+
+Weights can be replaced while serving (``update_weights``, off unless ``allow_weight_updates``):
+each queued sequence and scoring job carries the ``serve.weights.Weights`` that were current
+when its request was queued, and runs on them to the end (see ``serve.weights``).
 """
 
 from __future__ import annotations
@@ -21,15 +25,16 @@ from typing import Callable, Sequence
 
 from dllm_jax.sampling import PROMPT_BUCKETS, ContextOverflow, program_key
 from serve.compiler import Compiler
-from serve.errors import ContextLengthExceeded, EngineDead, EngineNotReady
+from serve.errors import ContextLengthExceeded, EngineDead, EngineNotReady, WeightUpdatesDisabled
 from serve.executor import Executor
 from serve.metrics import Metrics
 from serve.requests import Event, Handle, Inbox, ScoreJob, Seq, SeqRequest
 from serve.scheduler import Scheduler
+from serve.weights import Swapper, UpdateJob, Weights, live_array_bytes
 
 log = logging.getLogger("serve.engine")
 
-__all__ = ["Engine", "EngineOptions", "Event", "Handle", "ModelInfo", "SeqRequest", "State"]
+__all__ = ["Engine", "EngineOptions", "Event", "Handle", "ModelInfo", "SeqRequest", "State", "Weights"]
 
 
 class State(enum.Enum):
@@ -72,6 +77,7 @@ class EngineOptions:
     heartbeat_s: float | None = None                # multi-host: a noop command when idle this long
     background_compile: bool = True                 # single host; multi-host compiles inline (in order)
     max_programs: int | None = 64                   # compiled programs kept (LRU); None: unbounded
+    allow_weight_updates: bool = False              # POST /update_weights_from_disk
 
     def batch_bucket_list(self) -> tuple[int, ...]:
         if self.batch_buckets:
@@ -83,6 +89,20 @@ class EngineOptions:
         return tuple(out + [self.max_batch_size])
 
 
+@dataclasses.dataclass(eq=False)
+class WeightedSeq(Seq):
+    """A sequence with the weights version it runs on (its request's lease on them)."""
+
+    weights: Weights | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class WeightedScoreJob(ScoreJob):
+    """A scoring job with the weights version it runs on."""
+
+    weights: Weights | None = None
+
+
 class Engine:
     """Owns the model and the scheduler thread."""
 
@@ -91,6 +111,7 @@ class Engine:
                  make_executor: Callable[[object], Executor] | None = None):
         self._load, self.names, self.options, self.demo = load, tuple(names), options, demo
         self.metrics = metrics or Metrics(self.names[0] if self.names else "")
+        self.metrics.on_scrape.append(lambda: self.metrics.set("live_array_bytes", live_array_bytes()))
         self._make_executor = make_executor or Executor
         self.state = State.LOADING
         self.error: str | None = None
@@ -98,6 +119,7 @@ class Engine:
         self.executor: Executor | None = None
         self.compiler: Compiler | None = None
         self.scheduler: Scheduler | None = None
+        self.swapper: Swapper | None = None
         self._info: ModelInfo | None = None
         self.inbox = Inbox(options.max_queue)
         self._ids = itertools.count()
@@ -126,9 +148,13 @@ class Engine:
             raise EngineNotReady(state, self.error)
         return self._info
 
-    def submit(self, seqs: Sequence[SeqRequest]) -> Handle:
-        """Queue sequences; raises EngineNotReady, ContextLengthExceeded or QueueFull (nothing queued then)."""
+    def submit(self, seqs: Sequence[SeqRequest], weights: Weights | None = None) -> Handle:
+        """Queue sequences; raises EngineNotReady, ContextLengthExceeded or QueueFull (nothing queued then).
+
+        They run on ``weights`` (default: the current version, see ``weights``).
+        """
         self.info()
+        weights = weights or self.swapper.current
         handle = Handle(self.inbox, asyncio.get_running_loop())
         items = []
         for index, req in enumerate(seqs):
@@ -138,20 +164,44 @@ class Engine:
             except ContextOverflow as e:  # the library's rule, reported in the server's terms
                 raise ContextLengthExceeded(e.prompt_tokens, e.gen_length, e.extra, e.context) from None
             group = dataclasses.replace(key, batch=0, prompt_len=0)
-            items.append(Seq(next(self._ids), index, req, handle, group, key.prompt_len, handle.arrival))
+            items.append(WeightedSeq(next(self._ids), index, req, handle, group, key.prompt_len, handle.arrival,
+                                     weights=weights))
         self.inbox.put(items)
         handle.seq_ids = [s.id for s in items]
         return handle
 
-    async def score(self, sequences: Sequence[Sequence[int]], top_k: int = 0) -> list:
-        """``Model.score`` of the sequences, run on the scheduler thread between block steps.
+    async def score(self, sequences: Sequence[Sequence[int]], top_k: int = 0, weights: Weights | None = None) -> list:
+        """``Model.score`` of the sequences (on ``weights``, default the current version), run on
+        the scheduler thread between block steps.
 
         Raises EngineNotReady, QueueFull, or (from the thread) EngineFailed / EngineDead.
         """
         self.info()
         loop = asyncio.get_running_loop()
-        job = ScoreJob([list(map(int, q)) for q in sequences], int(top_k), loop, loop.create_future())
+        job = WeightedScoreJob([list(map(int, q)) for q in sequences], int(top_k), loop, loop.create_future(),
+                               weights=weights or self.swapper.current)
         self.inbox.put_score(job)
+        return await job.future
+
+    def weights(self) -> Weights:
+        """The weights version new requests get: hold it to run several calls on one version
+        (``submit(..., weights=)``, ``score(..., weights=)``)."""
+        self.info()
+        return self.swapper.current
+
+    async def update_weights(self, path: str, label: str | None = None) -> dict:
+        """Load the checkpoint at ``path`` and make it the version new requests get (no recompile).
+
+        Returns what was loaded (``success``, ``message``, version, timing, memory). Raises
+        WeightUpdatesDisabled, EngineNotReady, or WeightUpdateFailed / IncompatibleWeights (the
+        old weights keep serving).
+        """
+        if not self.options.allow_weight_updates:
+            raise WeightUpdatesDisabled()
+        self.info()
+        loop = asyncio.get_running_loop()
+        job = UpdateJob(str(path), label, loop, loop.create_future())
+        self.swapper.request(job)
         return await job.future
 
     def prompt_buckets(self) -> tuple[int, ...]:
@@ -172,8 +222,10 @@ class Engine:
             if programs is not None:
                 programs.set_limit(self.options.max_programs)
                 programs.on_evict.append(self._evicted)
+            self.swapper = Swapper(self.executor, self.inbox, self.metrics, background=self.options.background_compile,
+                                   initial=Weights(0, str(model.source), time.time()))
             self.scheduler = Scheduler(model, self.executor, self.compiler, self.options, self.metrics, self.inbox,
-                                       self.prompt_buckets())
+                                       self.prompt_buckets(), weights=self.swapper)
             self._info = ModelInfo(
                 names=self.names, family=model.family, tokenizer=model.tokenizer, max_length=model.max_length,
                 vocab=model.spec.vocab, mask_token_id=model.mask_token_id,
@@ -193,6 +245,8 @@ class Engine:
             self.metrics.set("engine_ready", 0)
             if self.scheduler is not None:
                 self.scheduler.fail_all(EngineDead(self.error))
+            if self.swapper is not None:
+                self.swapper.fail_all(EngineDead(self.error))
 
     def _evicted(self, key) -> None:
         """The model's program cache dropped ``key`` (LRU, ``max_programs``)."""

@@ -63,3 +63,31 @@ class ClientDisconnected(ServeError):
 
     def __init__(self):
         super().__init__("client disconnected")
+
+
+class WeightUpdatesDisabled(ServeError):
+    """``POST /update_weights_from_disk`` on a server started without ``--allow-weight-updates``."""
+
+    def __init__(self):
+        super().__init__("weight updates are off on this server (start it with --allow-weight-updates)")
+
+
+class WeightUpdateFailed(ServeError):
+    """New weights were not installed; the old ones keep serving.
+
+    ``bad_checkpoint``: the checkpoint is missing, unreadable, truncated or of another
+    architecture (the client's to fix), rather than the server failing to load a good one.
+    """
+
+    def __init__(self, path: str, reason: str, *, bad_checkpoint: bool = True):
+        super().__init__(f"could not load weights from {path}: {reason}; the previous weights keep serving")
+        self.path, self.reason, self.bad_checkpoint = path, reason, bad_checkpoint
+
+
+class IncompatibleWeights(WeightUpdateFailed):
+    """The checkpoint's config differs from the running model's in ``field`` (shapes, ids ...)."""
+
+    def __init__(self, path: str, field: str, running, found):
+        super().__init__(path, f"its config differs from the running model's in {field}: {found!r} (running: "
+                               f"{running!r}); new weights must have the running architecture")
+        self.field, self.running, self.found = field, running, found

@@ -6,6 +6,13 @@ multi-host serving a matter of replaying the same sequence: on process 0 each co
 broadcast to the other processes before it runs (``serve.multihost``), and followers call
 ``apply`` with what they receive, so all processes enter the same jitted programs and
 collectives in the same order.
+
+Weights (``serve.weights``): the executor keeps every resident weights *version* as a Model
+sharing the compiled programs (``Model.with_params``); a session runs on the version it was
+opened with until it closes, a score on the one it names. Installing a new version (single
+host: ``install`` of what ``read_weights`` read off the scheduler thread; multi-host: the
+broadcast ``load_weights``, which every process reads and which they install only if all
+read it) changes what new sessions get; ``retire`` frees a version nobody uses any more.
 """
 
 from __future__ import annotations
@@ -13,7 +20,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax
+import numpy as np
+
 from dllm_jax.sampling import DecodeSession, ProgramKey, Row, SamplingParams, SlotUpdate
+from serve import weights
+from serve.errors import WeightUpdateFailed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,12 +33,16 @@ class Command:
     """One device-facing action.
 
     Attributes:
-      op: 'open' | 'admit' | 'step' | 'release' | 'close' | 'warmup' | 'score' | 'noop' | 'shutdown'.
+      op: 'open' | 'admit' | 'step' | 'release' | 'close' | 'warmup' | 'score' | 'load_weights' |
+        'retire' | 'noop' | 'shutdown'.
       sid: session id (assigned by process 0).
       key: the session's ProgramKey ('open', 'warmup').
       rows: {slot: (prompt ids, resolved SamplingParams)} ('admit').
       slot: the slot ('release').
       sequences, top_k: what to score ('score': ``Model.score(sequences, top_k=top_k)``).
+      version: the weights version to run on ('open', 'score'), to load ('load_weights') or to
+        free ('retire').
+      path: the checkpoint directory ('load_weights').
     """
 
     op: str
@@ -36,6 +52,8 @@ class Command:
     slot: int = -1
     sequences: list[list[int]] | None = None
     top_k: int = 0
+    version: int = 0
+    path: str | None = None
 
 
 class Executor:
@@ -46,13 +64,17 @@ class Executor:
         self.broadcast = broadcast
         self.sessions: dict[int, DecodeSession] = {}
         self._next_sid = 0
+        # weights version -> the model on it (never ``model`` itself, whose params follow the newest)
+        self.versions: dict[int, Any] = {0: model.with_params(model.params)} if hasattr(model, "with_params") \
+            else {0: model}
+        self.version = 0
 
     # ---- the scheduler's verbs (process 0) ------------------------------------------------
 
-    def open(self, key: ProgramKey) -> int:
+    def open(self, key: ProgramKey, version: int = 0) -> int:
         sid = self._next_sid
         self._next_sid += 1
-        self.run(Command("open", sid, key=key))
+        self.run(Command("open", sid, key=key, version=version))
         return sid
 
     def admit(self, sid: int, rows: dict[int, tuple[list[int], SamplingParams]]) -> None:
@@ -70,9 +92,27 @@ class Executor:
     def warmup(self, key: ProgramKey) -> None:
         self.run(Command("warmup", key=key))
 
-    def score(self, sequences: list[list[int]], top_k: int) -> list:
-        """Chain-rule scores (``Model.score``): one ScoreOutput per sequence."""
-        return self.run(Command("score", sequences=[list(map(int, q)) for q in sequences], top_k=top_k))
+    def score(self, sequences: list[list[int]], top_k: int, version: int = 0) -> list:
+        """Chain-rule scores (``Model.score``) on a weights version: one ScoreOutput per sequence."""
+        return self.run(Command("score", sequences=[list(map(int, q)) for q in sequences], top_k=top_k,
+                                version=version))
+
+    def read_weights(self, path: str) -> "weights.Staged":
+        """Single host, any thread: read a checkpoint for this model (nothing is installed)."""
+        return weights.read(self.model, path)
+
+    def install(self, version: int, staged: "weights.Staged") -> None:
+        """Single host, the scheduler thread: sessions opened from now on run on ``staged``."""
+        assert self.broadcast is None, "multi-host servers load with load_weights (every process)"
+        self._install(version, staged.params)
+
+    def load_weights(self, path: str, version: int) -> "weights.Staged":
+        """Every process reads ``path``; all install it as ``version``, or (any failed) none does."""
+        return self.run(Command("load_weights", version=version, path=path))
+
+    def retire(self, version: int) -> None:
+        """Free a weights version no session, queued sequence or request refers to any more."""
+        self.run(Command("retire", version=version))
 
     def noop(self) -> None:
         self.run(Command("noop"))
@@ -90,7 +130,7 @@ class Executor:
     def apply(self, cmd: Command) -> Any:
         op = cmd.op
         if op == "open":
-            self.sessions[cmd.sid] = DecodeSession(self.model, cmd.key)
+            self.sessions[cmd.sid] = DecodeSession(self.versions[cmd.version], cmd.key)
         elif op == "admit":
             self.sessions[cmd.sid].admit({slot: Row(list(prompt), params)
                                           for slot, (prompt, params) in cmd.rows.items()})
@@ -103,9 +143,58 @@ class Executor:
         elif op == "warmup":
             DecodeSession(self.model, cmd.key).warmup()
         elif op == "score":
-            return self.model.score(cmd.sequences, top_k=cmd.top_k)
+            return self.versions[cmd.version].score(cmd.sequences, top_k=cmd.top_k)
+        elif op == "load_weights":
+            return self._load_everywhere(cmd.path, cmd.version)
+        elif op == "retire":
+            self._retire(cmd.version)
         elif op in ("noop", "shutdown"):
             pass
         else:
             raise ValueError(f"unknown command {op!r}")
         return None
+
+    # ---- weights versions -----------------------------------------------------------------
+
+    def _install(self, version: int, params) -> None:
+        model = self.model.with_params(params)  # (raises, naming the parameter, if it does not fit)
+        self.versions[version] = model
+        self.model.params = model.params  # warm-up compiles and new program builds see the newest
+        self.version = version
+
+    def _retire(self, version: int) -> None:
+        if version == self.version:  # (the newest is never retired)
+            return
+        old = self.versions.pop(version, None)
+        if old is None:
+            return
+        keep = {id(x) for m in self.versions.values() for x in jax.tree.leaves(m.params)}
+        for x in jax.tree.leaves(old.params):  # free the device memory now, not at some later GC
+            if id(x) not in keep and isinstance(x, jax.Array) and not x.is_deleted():
+                x.delete()
+
+    def _load_everywhere(self, path: str, version: int) -> "weights.Staged":
+        staged, error = None, None
+        try:
+            staged = weights.read(self.model, path)
+        except Exception as e:  # noqa: BLE001 - every process must reach the agreement below
+            error = e
+        ok = _all_processes(error is None)
+        if error is not None:
+            raise error
+        if not all(ok):
+            failed = [i for i, good in enumerate(ok) if not good]
+            raise WeightUpdateFailed(path, f"process(es) {failed} could not read it (see their logs; is the path "
+                                           "visible on every host?); no process installed it", bad_checkpoint=False)
+        self._install(version, staged.params)
+        return staged
+
+
+def _all_processes(ok: bool) -> list[bool]:
+    """Every process's ``ok`` (a collective: all processes call it in the same command)."""
+    if jax.process_count() == 1:
+        return [ok]
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.array([int(ok)], np.int32))
+    return [bool(f) for f in np.asarray(flags).reshape(-1)]

@@ -7,6 +7,11 @@ series prometheus_client adds to counters and histograms: they are filtered here
 registry, because ``prometheus_client.disable_created_metrics()`` would switch them off for
 the whole process. Updated from the scheduler thread and the event loop (prometheus_client
 is thread-safe); ``batch`` and ``render`` share a lock so a scrape never sees half a step.
+
+``xla_compiles_total`` counts every XLA compilation of the process (any program, from
+``jax.monitoring``'s backend-compile event), so a change that made the serving programs
+retrace (a weight update with another tree structure, say) shows even where our own
+``compiles_total`` would not.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import threading
 from typing import Iterator
 
+import jax
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
@@ -27,6 +33,8 @@ GAUGES = {
     "sessions": "Open decode sessions (compiled batches in flight).",
     "engine_ready": "1 when the engine serves requests.",
     "programs_cached": "Compiled programs in the model's cache (block and scoring; at most --max-programs).",
+    "weights_resident": "Weights versions in memory (2 while an update loads or old requests finish).",
+    "live_array_bytes": "Bytes of the process's live JAX arrays (logical sizes; params, decode state ...), at scrape.",
 }
 COUNTERS = {  # prometheus_client renders a Counter named x as x_total
     "prompt_tokens_total": "Prompt tokens of admitted requests (no padding).",
@@ -40,6 +48,9 @@ COUNTERS = {  # prometheus_client renders a Counter named x as x_total
     "programs_built_total": "Programs built into the cache (block and scoring, including rebuilds after eviction).",
     "programs_evicted_total": "Compiled programs dropped from the cache (LRU over --max-programs).",
     "scored_tokens_total": "Prompt positions scored for echo + logprobs (Model.score).",
+    "weights_loaded_total": "Weight updates installed (POST /update_weights_from_disk).",
+    "weight_update_failures_total": "Weight updates refused or failed (the old weights kept serving).",
+    "xla_compiles_total": "XLA compilations in this process (any program, jax.monitoring backend-compile events).",
 }
 HISTOGRAMS = {
     "batch_size": ("Occupied slots per block program.", BATCH_BUCKETS),
@@ -48,8 +59,28 @@ HISTOGRAMS = {
     "time_to_first_chunk_seconds": ("Time from arrival to the first streamed text.", LATENCY_BUCKETS),
     "block_step_seconds": ("Wall time of one block program (device + host round trip).", LATENCY_BUCKETS),
     "score_seconds": ("Wall time of one scoring job (Model.score of a request's prompts).", LATENCY_BUCKETS),
+    "weight_update_seconds": ("Time from the start of a weight load to the new version serving.", LATENCY_BUCKETS),
 }
 FINISH_REASONS = ("stop", "length")  # shown (at 0) before any request finishes
+
+_XLA_EVENT = "/jax/core/compile/backend_compile_duration"
+_xla_lock = threading.Lock()
+_xla = {"compiles": 0, "listening": False}
+
+
+def _on_compile(event: str, duration: float, **kwargs) -> None:
+    if event == _XLA_EVENT:
+        with _xla_lock:
+            _xla["compiles"] += 1
+
+
+def xla_compiles() -> int:
+    """XLA compilations in this process since the first call (which starts listening)."""
+    with _xla_lock:
+        if not _xla["listening"]:
+            jax.monitoring.register_event_duration_secs_listener(_on_compile)
+            _xla["listening"] = True
+        return _xla["compiles"]
 
 
 class Metrics:
@@ -75,6 +106,9 @@ class Metrics:
             self._finish.labels(model=model_name, finish_reason=reason)
         self._status = Counter("dllm_http_requests_total", "HTTP responses by status code.", ["model", "status"],
                                registry=self.registry)
+        self._xla_base = xla_compiles()  # (registers the listener)
+        self._xla_counted = 0
+        self.on_scrape: list = []  # callables run before each render (gauges measured at scrape time)
 
     def set(self, name: str, value: float) -> None:
         self._gauges[name].set(value)
@@ -104,7 +138,13 @@ class Metrics:
 
     def collect(self) -> Iterator[Metric]:
         """The registry's metrics without ``*_created`` samples (a collector for ``generate_latest``)."""
+        for update in list(self.on_scrape):
+            update()
         with self._lock:
+            compiles = xla_compiles() - self._xla_base
+            if compiles > self._xla_counted:
+                self._counters["xla_compiles_total"].inc(compiles - self._xla_counted)
+                self._xla_counted = compiles
             metrics = list(self.registry.collect())
         for metric in metrics:
             created = metric.name + "_created"

@@ -7,6 +7,9 @@ processes (followers) receive and replay it, so every process enters the same ji
 programs and collectives in the same order. A command is pickled (it holds ProgramKeys and
 SamplingParams); it only ever comes from process 0 of the same job.
 
+A weight update is one such command too (``load_weights``: every process reads the same path
+and they install it together, or none does; ``retire`` frees an old version everywhere).
+
 Each broadcast is two collectives (length, then the payload padded to a power of two so
 the broadcast programs compile once per size class). While idle, process 0 sends a no-op
 every ``heartbeat_s`` seconds so followers never sit in a collective long enough to time out.

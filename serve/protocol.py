@@ -93,6 +93,8 @@ class DiffusionFields(_Strict):
     cfg_scale: float | None = None
     early_stop: bool | None = None
     shift_logits: bool | None = None
+    # playground extension (extra_body): each streamed chunk carries "dllm_trace"
+    stream_trace: bool | None = None
 
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
@@ -227,6 +229,9 @@ def check_fields(req: DiffusionFields) -> None:
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise bad_request(f"stop must be a non-empty string or a list of at most {MAX_STOP} non-empty strings",
                           "stop")
+    if req.stream_trace and not req.stream:
+        raise bad_request("stream_trace needs stream: true (it adds a trace to each streamed chunk)",
+                          "stream_trace", "unsupported_parameter")
     if req.algorithm is not None and req.generation_algorithm is not None \
             and req.algorithm != req.generation_algorithm:
         raise bad_request("algorithm and generation_algorithm disagree; give one of them", "generation_algorithm")

@@ -121,7 +121,8 @@ def request_params(req: DiffusionFields, family: str, max_length: int, *, model_
         top_k=0 if req.top_k in (None, -1) else req.top_k,
         top_p=1.0 if req.top_p is None else float(req.top_p),
         min_p=0.0 if req.min_p is None else float(req.min_p),
-        logprobs=top_logprobs(req), stop_token_ids=stop_ids_for(req, tuple(model_stops)))
+        logprobs=top_logprobs(req), stop_token_ids=stop_ids_for(req, tuple(model_stops)),
+        trace=bool(req.stream_trace))
     try:
         first = SamplingParams(seed=seed, **base).resolve(family)
     except SamplingError as e:

@@ -44,6 +44,9 @@ class Event:
     logprobs: np.ndarray | None = None
     top_ids: np.ndarray | None = None
     top_logprobs: np.ndarray | None = None
+    # with params.trace ([len(tokens)]; see SlotUpdate): each token's commit step and confidence
+    commit_step: np.ndarray | None = None
+    commit_conf: np.ndarray | None = None
 
     @classmethod
     def failure(cls, index: int, error: Exception) -> "Event":

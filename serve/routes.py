@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from serve import responses
 from serve.request_params import aliases, algorithm_names, family_defaults
+from serve.errors import WeightUpdatesDisabled
 from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from serve.weights import UpdateWeightsRequest
 
 router = APIRouter()
 
@@ -45,7 +47,21 @@ async def models(request: Request):
     extra = {"family": info.family, "max_model_len": info.max_length, "demo": info.demo,
              "source": info.source, "mesh": info.mesh, "defaults": family_defaults(info.family),
              "algorithms": algorithm_names(info.family), "algorithm_aliases": aliases(info.family)}
+    extra.update(request.app.state.engine.weights().card())  # the current weights: source, version, loaded_at
     return {"object": "list", "data": [responses.model_card(name, info.created, extra) for name in info.names]}
+
+
+def _weight_updates_allowed(request: Request) -> None:
+    """403 before the body is looked at, on a server started without --allow-weight-updates."""
+    if not request.app.state.engine.options.allow_weight_updates:
+        raise WeightUpdatesDisabled()
+
+
+@router.post("/update_weights_from_disk", dependencies=[Depends(_weight_updates_allowed)])
+async def update_weights_from_disk(body: UpdateWeightsRequest, request: Request):
+    """SGLang's endpoint: new weights of the running architecture, no restart, no recompile."""
+    body.check()
+    return await request.app.state.engine.update_weights(body.model_path, label=body.weight_version)
 
 
 @router.get("/health")

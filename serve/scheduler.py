@@ -20,6 +20,11 @@ At every block boundary (``Scheduler._schedule``):
    tokens, which are posted to the request's handle; finished or cancelled rows free their
    slot for step 1.
 
+Weights versions (``serve.weights``): a session runs on the version it was opened with and
+admits only sequences of that version (each sequence carries its request's), so a weight
+update never mixes versions within a request; the ``Swapper`` installs new versions and
+retires old ones at the top of each iteration, between block steps.
+
 Every device-facing call goes through ``serve.executor.Executor`` (process 0 of a
 multi-host server broadcasts it); the asyncio side talks to this thread only through the
 ``Inbox`` (new sequences, cancellations) and each request's ``Handle`` (events back), both
@@ -51,6 +56,7 @@ class Session:
     key: ProgramKey
     group: ProgramKey
     slots: dict[int, Seq]
+    weights: object = None  # the serve.weights.Weights it runs on (a lease on them while it runs)
 
     def free(self) -> list[int]:
         return [i for i in range(self.key.batch) if i not in self.slots]
@@ -60,8 +66,9 @@ class Scheduler:
     """Owns the sessions; ``loop`` runs on the scheduler thread until the inbox says stop."""
 
     def __init__(self, model, executor: Executor, compiler: Compiler, options, metrics: Metrics, inbox: Inbox,
-                 prompt_buckets):
+                 prompt_buckets, weights=None):
         self.model, self.executor, self.compiler = model, executor, compiler
+        self.weights = weights  # the serve.weights.Swapper (None: weights never change)
         self.options, self.metrics, self.inbox = options, metrics, inbox
         self.prompt_buckets = prompt_buckets
         self.waiting: list[Seq] = []
@@ -79,6 +86,8 @@ class Scheduler:
             new, cancels, stopping = self.inbox.take(idle=not (self.sessions or self.scoring),
                                                      timeout=self._idle_timeout())
             if stopping:
+                if self.weights is not None:
+                    self.weights.shutdown()
                 self.compiler.shutdown()
                 self.executor.shutdown()
                 for job in self.scoring + self.inbox.take_scores():
@@ -86,6 +95,8 @@ class Scheduler:
                 return
             self.waiting.extend(new)
             self.scoring.extend(self.inbox.take_scores())
+            if self.weights is not None:
+                self.weights.tick()
             if self.scoring:
                 self._score(self.scoring.pop(0))
             if cancels:
@@ -134,19 +145,19 @@ class Scheduler:
             target = None
             if not barrier:
                 target = next((s for s in self.sessions if s.group == seq.group and s.key.prompt_len >= seq.need
-                               and free[s.sid]), None)
+                               and free[s.sid] and s.weights is _weights(seq)), None)
             if target is None:
                 rest.append(seq)
                 barrier = barrier or len(self.sessions) >= opts.max_sessions
                 continue
             admits.setdefault(target.sid, {})[free[target.sid].pop(0)] = seq
-        # New sessions for groups that are ready.
-        groups: dict[ProgramKey, list[Seq]] = {}
+        # New sessions for groups that are ready (one weights version per session).
+        groups: dict[tuple[ProgramKey, object], list[Seq]] = {}
         for seq in rest:
-            groups.setdefault(seq.group, []).append(seq)
+            groups.setdefault((seq.group, _weights(seq)), []).append(seq)
         self._track_demand(now)
         self._blocked = set()
-        for group, seqs in groups.items():
+        for (group, weights), seqs in groups.items():
             if len(self.sessions) >= opts.max_sessions:
                 break
             # full = the recent peak demand of this group (1 when it is quiet), or max_batch_size
@@ -168,7 +179,7 @@ class Scheduler:
                     self._blocked.add(group)
                     continue
                 chosen = chosen[:key.batch]
-                session = Session(self.executor.open(key), key, group, {})
+                session = Session(self.executor.open(key, _version(weights)), key, group, {}, weights)
                 self.compiler.add(key)  # (multi-host: compiled inline at its first step)
             except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
                 failed = {s.id for s in chosen}
@@ -242,6 +253,9 @@ class Scheduler:
                     n = len(tokens)
                     event.logprobs, event.top_ids, event.top_logprobs = \
                         u.logprobs[:n], u.top_ids[:n], u.top_logprobs[:n]
+                if u.commit_step is not None:
+                    n = len(tokens)
+                    event.commit_step, event.commit_conf = u.commit_step[:n], u.commit_conf[:n]
                 seq.handle.post(event)
             if done:
                 self.metrics.inc("nfe_total", u.nfe)
@@ -253,7 +267,7 @@ class Scheduler:
         self.inbox.dequeued(len(job.sequences))
         t0 = time.monotonic()
         try:
-            result = self.executor.score(job.sequences, job.top_k)
+            result = self.executor.score(job.sequences, job.top_k, _version(getattr(job, "weights", None)))
         except Exception as e:  # noqa: BLE001 - fail this job only
             log.error("scoring failed: %s: %s", type(e).__name__, e, exc_info=e)
             job.resolve(error=EngineFailed("scoring the prompt", e))
@@ -316,3 +330,12 @@ class Scheduler:
         for job in self.scoring + self.inbox.take_scores():
             job.resolve(error=err)
         self.scoring = []
+
+
+def _weights(seq: Seq):
+    """The weights version a sequence runs on (None: the only one there is)."""
+    return getattr(seq, "weights", None)
+
+
+def _version(weights) -> int:
+    return 0 if weights is None else weights.version

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import time
 from typing import Callable, Sequence
 
@@ -58,7 +59,7 @@ class Choices:
                  skip_special_tokens: bool = True, include_stop: bool = False, kind: str = "chat",
                  logprobs: int | None = None, prefixes: Sequence[str] | None = None,
                  prefix_logprobs: Sequence[CompletionLogprobs] | None = None,
-                 eos_ids: frozenset[int] = frozenset()):
+                 eos_ids: frozenset[int] = frozenset(), trace: tuple[int, int] | None = None):
         self.handle, self.metrics, self.kind, self.k = handle, metrics, kind, logprobs
         self.streams = [TextStream(tokenizer, stops, skip_special_tokens=skip_special_tokens,
                                    include_stop=include_stop) for _ in range(count)]
@@ -71,6 +72,15 @@ class Choices:
         self.chat_lp: list[list] = [[] for _ in range(count)]
         self.comp_lp = list(prefix_logprobs) if prefix_logprobs is not None else \
             [CompletionLogprobs() for _ in range(count)]
+        # stream_trace: (gen_length, block_length) of the canvas; per choice the latest event,
+        # how many of its tokens are covered by what was sent, and how many traced so far
+        self.layout = trace
+        self.nfe = [0] * count
+        self._last: list[Event | None] = [None] * count
+        self._end = [0] * count
+        self._traced = [0] * count
+        if trace is not None and self.tt is None:
+            self.tt = TokenText(tokenizer)
 
     @property
     def done(self) -> bool:
@@ -94,7 +104,28 @@ class Choices:
             self.reasons[i] = reason
             self.tokens[i] = ts.n_tokens
             self.metrics.finished(reason, ts.n_tokens)
-        return delta, reason, self._logprobs(i, ev, ts.n_tokens if reason is not None else ts.tokens_covering())
+        end = ts.n_tokens if reason is not None else ts.tokens_covering()
+        if self.layout is not None:
+            self._last[i], self._end[i], self.nfe[i] = ev, min(end, len(ev.tokens)), ev.nfe
+        return delta, reason, self._logprobs(i, ev, end)
+
+    def trace(self, i: int) -> dict | None:
+        """stream_trace: choice ``i``'s tokens covered by the text sent so far and not traced yet,
+        with each one's commit step and confidence (None without stream_trace)."""
+        if self.layout is None:
+            return None
+        ev, start = self._last[i], self._traced[i]
+        end = max(start, self._end[i])
+        self._traced[i] = end
+        ids = [] if ev is None else [int(t) for t in ev.tokens[start:end]]
+        steps = conf = ()
+        if ev is not None and ev.commit_step is not None:
+            steps, conf = ev.commit_step[start:end], ev.commit_conf[start:end]
+        gen_length, block_length = self.layout
+        return {"index": i, "start": start, "token_ids": ids, "tokens": [self.tt.text(t) for t in ids],
+                "commit_step": [int(x) for x in steps],
+                "confidence": [round(float(c), 4) if math.isfinite(c) else 0.0 for c in conf],
+                "nfe": self.nfe[i], "gen_length": gen_length, "block_length": block_length}
 
     def _logprobs(self, i: int, ev: Event, end: int):
         if self.k is None:
@@ -311,10 +342,11 @@ class Serving:
                               "n")
         tok = job.info.tokenizer
         prefixes = prefix_lp = None
+        weights = self.engine.weights()  # one weights version for all of it (prompt scores and completion)
         if job.echo:
             prefixes = [texts[i] for i in range(len(prompts)) for _ in range(n)]
             if job.logprobs is not None:
-                prefix_lp = await self._prompt_logprobs(job, prompts)
+                prefix_lp = await self._prompt_logprobs(job, prompts, weights)
         prompt_tokens = sum(len(p) for p in prompts)
         self.metrics.inc("prompt_tokens_total", prompt_tokens)
         rid = responses.new_id("chatcmpl" if job.kind == "chat" else "cmpl")
@@ -323,11 +355,12 @@ class Serving:
             return responses.completion(rid, responses.now(), job.model, [(t, "length") for t in prefixes],
                                         responses.usage(prompt_tokens, 0), lps)
         seqs = [SeqRequest(p, job.params[j], job.max_tokens) for p in prompts for j in range(n)]
-        handle = self.engine.submit(seqs)
+        handle = self.engine.submit(seqs, weights=weights)
         choices = Choices(handle, tok, stop_list(req.stop), len(seqs), self.metrics,
                           skip_special_tokens=req.skip_special_tokens is not False,
                           include_stop=bool(req.include_stop_str_in_output), kind=job.kind, logprobs=job.logprobs,
-                          prefixes=prefixes, prefix_logprobs=prefix_lp, eos_ids=job.eos_ids)
+                          prefixes=prefixes, prefix_logprobs=prefix_lp, eos_ids=job.eos_ids,
+                          trace=(job.params[0].gen_length, job.params[0].block_length) if req.stream_trace else None)
         call = Call(kind=job.kind, id=rid, created=responses.now(), model=job.model, handle=handle, choices=choices,
                     prompt_tokens=prompt_tokens,
                     include_usage=bool(req.stream_options and req.stream_options.include_usage),
@@ -336,7 +369,7 @@ class Serving:
             return sse_stream(call)
         return await self._complete(call, request)
 
-    async def _prompt_logprobs(self, job: Job, prompts: list[list[int]]) -> list[CompletionLogprobs]:
+    async def _prompt_logprobs(self, job: Job, prompts: list[list[int]], weights=None) -> list[CompletionLogprobs]:
         """echo + logprobs: every prompt token with log p(x_i | x_<i) (``Model.score``), per choice."""
         cost = sum(len(p) - 1 for p in prompts)
         limit = self.engine.options.max_score_tokens
@@ -345,7 +378,7 @@ class Serving:
                                 f"forward passes); this server scores at most {limit} per request "
                                 "(--max-score-tokens)", param="prompt", code="too_many_score_tokens")
         k = job.logprobs
-        scores = await self.engine.score(prompts, top_k=k)
+        scores = await self.engine.score(prompts, top_k=k, weights=weights)
         tt = TokenText(job.info.tokenizer)
         out = []
         for p, sc in zip(prompts, scores):

@@ -6,6 +6,11 @@ with the logprobs of its own new tokens when asked for), a final chunk per choic
 when ``stream_options.include_usage``, then ``data: [DONE]``. An error after the stream has
 started is sent as one ``data: {"error": ...}`` event before ``[DONE]`` (an engine error
 mapped by ``Call.errors``, the app's mapping).
+
+With ``stream_trace`` (the playground's opt-in extension) the same chunks are sent, and each
+text / finish chunk also carries a top-level ``dllm_trace`` (``Choices.trace``: the tokens its
+text covers, with their commit steps and confidences), the usage chunk ``{"nfe": total}``.
+Without it the stream is byte for byte what it was.
 """
 
 from __future__ import annotations
@@ -51,6 +56,11 @@ async def _events(call: Call) -> AsyncIterator[str]:
             return responses.completion_chunk(rid, created, model, i, text or "", reason, with_usage=include_usage,
                                               logprobs=logprobs)
 
+    def traced(body: dict, trace: dict | None) -> dict:
+        if trace is not None:
+            body["dllm_trace"] = trace
+        return body
+
     first = True
     try:
         if kind == "chat":
@@ -67,14 +77,16 @@ async def _events(call: Call) -> AsyncIterator[str]:
                 if first:
                     metrics.observe("time_to_first_chunk_seconds", time.monotonic() - handle.arrival)
                     first = False
-                yield sse(chunk(event.index, text, logprobs=logprobs if new_logprobs else None))
+                yield sse(traced(chunk(event.index, text, logprobs=logprobs if new_logprobs else None),
+                                 choices.trace(event.index)))
             if reason is not None:
-                yield sse(chunk(event.index, reason=reason))
+                yield sse(traced(chunk(event.index, reason=reason), choices.trace(event.index)))
         metrics.observe("request_latency_seconds", time.monotonic() - handle.arrival)
         if include_usage:
             use = responses.usage(call.prompt_tokens, sum(choices.tokens))
             usage_chunk = responses.chat_usage_chunk if kind == "chat" else responses.completion_usage_chunk
-            yield sse(usage_chunk(rid, created, model, use))
+            yield sse(traced(usage_chunk(rid, created, model, use),
+                             None if choices.layout is None else {"nfe": sum(choices.nfe)}))
         yield DONE
     except (APIError, ServeError) as e:
         yield sse(call.errors(e).body())

@@ -74,8 +74,9 @@ class Server:
                 except httpx.TransportError:
                     pass
                 time.sleep(0.1)  # poll interval; readiness itself is decided by /health
+        output = self.output()  # before stop(), which closes and removes the log
         self.stop()
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.output()}")
+        raise TimeoutError(f"server not ready after {timeout}s:\n{output}")
 
     def output(self) -> str:
         self.log.flush()

@@ -7,12 +7,14 @@ follower.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
 import openai
 import pytest
 
+from helpers import LLADA_DIR
 from serve_helpers import LLADA_MODEL, REPO, Server, chat_ids, free_port, reference, server_env
 
 pytestmark = pytest.mark.slow
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.slow
 def cluster(tmp_path_factory):
     coord = f"127.0.0.1:{free_port()}"
     common = ["--model", str(LLADA_MODEL), "--mesh", "8", "--max-batch-size", "8", "--warmup-buckets", "none",
-              "--max-wait-ms", "50", "--coordinator-address", coord, "--num-processes", "2"]
+              "--max-wait-ms", "50", "--coordinator-address", coord, "--num-processes", "2", "--allow-weight-updates"]
     env = server_env(devices=4)
     log = tmp_path_factory.mktemp("multihost") / "follower.log"
     with open(log, "w") as f:
@@ -56,6 +58,41 @@ def test_scoring_runs_on_both_processes(cluster, llada_model):
     for c, sc in zip(scored.choices, llada_model.score(ids)):
         assert c.logprobs.token_logprobs[0] is None
         assert max(abs(a - b) for a, b in zip(c.logprobs.token_logprobs[1:], sc.token_logprobs[1:])) <= 1e-4
+
+
+def test_weight_update_reaches_every_process(cluster, llada_model, tmp_path):
+    """POST /update_weights_from_disk: both processes read it and swap at the same command (a
+    follower left on the old weights would answer its rows of the data-parallel batch with them)."""
+    import httpx
+    import numpy as np
+
+    import dllm_jax
+    from dllm_jax.checkpoint import SafetensorsSource, save_safetensors
+
+    leader, follower, log = cluster
+    src = SafetensorsSource(LLADA_MODEL)
+    rng = np.random.default_rng(3)
+    tensors = {k: np.array(src.read(k)) for k in src.tensors()}
+    tensors = {k: (v + 0.5 * v.std() * rng.standard_normal(v.shape)).astype(v.dtype) if v.ndim == 2 else v
+               for k, v in tensors.items()}
+    shutil.copytree(LLADA_MODEL, tmp_path / "b")
+    save_safetensors(tensors, tmp_path / "b" / "model.safetensors")
+    b_model = dllm_jax.load(tmp_path / "b")
+    tok = llada_model.tokenizer
+    ids = [tok.encode(t) for t in ["The cat", "Once upon a time"]]
+    client = openai.OpenAI(base_url=leader.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    name = client.models.list().data[0].id
+    try:
+        for path, model in ((tmp_path / "b", b_model), (LLADA_DIR / "dcp/policy", llada_model)):
+            r = httpx.post(leader.url + "/update_weights_from_disk", json={"model_path": str(path)}, timeout=300)
+            assert r.status_code == 200 and r.json()["success"], r.text
+            # 2 prompts x n=4: slots 0-7 of a batch of 8 over 8 devices, rows 4-7 on process 1's
+            out = client.completions.create(model=name, prompt=ids, max_tokens=24, n=4)
+            assert [c.text for c in out.choices] == [t for t in reference(model, ids, [24, 24]) for _ in range(4)], path
+        r = httpx.post(leader.url + "/update_weights_from_disk", json={"model_path": str(tmp_path / "nope")})
+        assert r.status_code == 400 and "no such directory" in r.json()["error"]["message"]
+    finally:
+        assert follower.poll() is None, log.read_text()[-3000:]
 
 
 def test_two_processes_answer_like_one_device(cluster, llada_model):

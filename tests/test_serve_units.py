@@ -247,9 +247,9 @@ class FakeExecutor:
         self.warm_gate = threading.Event()
         self.warm_gate.set()
 
-    def open(self, key):
+    def open(self, key, version=0):
         sid, self.next = self.next, self.next + 1
-        self.sessions[sid] = {"key": key, "rows": {}}
+        self.sessions[sid] = {"key": key, "rows": {}, "version": version}
         self.log.append(("open", sid, key.batch))
         self.opened.append(key)
         return sid
@@ -286,7 +286,7 @@ class FakeExecutor:
         self.warm_gate.wait(TIMEOUT)
         self.log.append(("compiled", key))
 
-    def score(self, sequences, top_k):
+    def score(self, sequences, top_k, version=0):
         from dllm_jax.sampling import ScoreOutput
 
         self.log.append(("score", [len(q) for q in sequences], top_k))

@@ -13,6 +13,7 @@ from dllm_jax.checkpoint.load import (
     load,
     load_tokenizer,
     read_hf_config,
+    read_params,
     resolve_source,
 )
 from dllm_jax.checkpoint.safetensors_io import SafetensorsSource, save_safetensors
@@ -30,5 +31,5 @@ from dllm_jax.models import key_map
 __all__ = [
     "CheckpointError", "MANIFEST", "ORBAX_PARAMS_DIR", "SafetensorsSource", "TOKENIZER_DIR", "TensorInfo",
     "TensorSource", "assemble", "check_source", "dtypes", "is_ignorable", "key_map", "load", "load_tokenizer",
-    "nest_params", "read_hf_config", "resolve_source", "save_safetensors",
+    "nest_params", "read_hf_config", "read_params", "resolve_source", "save_safetensors",
 ]

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dllm_jax import models
 from dllm_jax.checkpoint import dtypes
 from dllm_jax.checkpoint.safetensors_io import SafetensorsSource
-from dllm_jax.checkpoint.tensors import CheckpointError, assemble, check_source, is_ignorable
+from dllm_jax.checkpoint.tensors import CheckpointError, TensorSource, assemble, check_source, is_ignorable
 from dllm_jax.configs import ModelConfig, config_from_hf
 from dllm_jax.model import Model, abstract_params, param_shardings
 from dllm_jax.sharding import as_mesh, make_mesh
@@ -88,22 +88,28 @@ def _place(name: str, array, shardings: dict, out: dict) -> None:
         out[name] = jax.device_put(array, shardings[name])
 
 
-def _from_safetensors(directory: Path, config: ModelConfig, dtype, mesh):
-    source = SafetensorsSource(directory)
+def _from_source(source: TensorSource, config: ModelConfig, dtype, mesh, key_prefix: str = ""):
     key_map = models.key_map(config)
-    check_source(source, key_map, config.spec(), ignore=is_ignorable)
+    check_source(source, key_map, config.spec(), ignore=is_ignorable, key_prefix=key_prefix)
     if dtype is None:  # the checkpoint's own (of its embedding), when it is a parameter dtype
-        first = dtypes.from_code(source.tensors()[next(iter(key_map))].dtype)
+        first = dtypes.from_code(source.tensors()[key_prefix + next(iter(key_map))].dtype)
         dtype = first if first.name in dtypes.PARAM_DTYPES else dtypes.param_dtype("float32")
     graphdef, state = abstract_params(config, dtype, mesh)
     shardings = param_shardings(state)
     params: dict = {}
-    for name, array in assemble(source, key_map, config.spec(), dtype):
+    for name, array in assemble(source, key_map, config.spec(), dtype, key_prefix=key_prefix):
         _place(name, array, shardings, params)
         del array
-    source.close()
     nnx.replace_by_pure_dict(state, params)
     return graphdef, state
+
+
+def _from_safetensors(directory: Path, config: ModelConfig, dtype, mesh):
+    source = SafetensorsSource(directory)
+    try:
+        return _from_source(source, config, dtype, mesh)
+    finally:
+        source.close()
 
 
 def _stacked_target(shardings: dict, state, mesh) -> dict:
@@ -142,6 +148,38 @@ def _from_orbax(directory: Path, config: ModelConfig, dtype, mesh):
             _place(name, restored.pop(name), shardings, params)
     nnx.replace_by_pure_dict(state, params)
     return graphdef, state
+
+
+def read_params(path: str | os.PathLike | None, config: ModelConfig, *, dtype, mesh,
+                source: TensorSource | None = None, key_prefix: str = ""):
+    """The parameters of ``config`` from a checkpoint, built as ``load`` builds them.
+
+    The same abstract-first tree (``abstract_params``), restored straight into each
+    parameter's sharding on ``mesh``, so a running ``Model`` of that config can take them
+    (``Model.with_params``) without a recompile. Nothing is returned until every parameter
+    was read: a failure part way leaves no half-filled tree behind.
+
+    Args:
+      path: a local Orbax directory (``params/``) or a directory of safetensors (ignored when
+        ``source`` is given). Its config.json is not read: check it against ``config`` first.
+      config: the architecture the tensors must have (names and shapes are checked first).
+      dtype: parameter dtype (None: the checkpoint's own, as in ``load``).
+      mesh: the mesh to place the parameters on.
+      source: read these tensors instead (any ``TensorSource``, e.g. convert's DCP reader).
+      key_prefix: a prefix on every source key (NeMo-RL's DCP: ``"model."``).
+
+    Returns:
+      An ``nnx.State`` with the structure of ``abstract_params(config, dtype, mesh)``.
+
+    Raises:
+      CheckpointError: missing, truncated or mismatching tensors (names the key and file).
+    """
+    if source is not None:
+        return _from_source(source, config, dtypes.param_dtype(dtype), mesh, key_prefix)[1]
+    directory = Path(path)
+    if (directory / ORBAX_PARAMS_DIR).is_dir():
+        return _from_orbax(directory, config, dtypes.param_dtype(dtype), mesh)[1]
+    return _from_safetensors(directory, config, dtypes.param_dtype(dtype), mesh)[1]
 
 
 def load(path: str | os.PathLike, *, mesh=None, dtype=None):

@@ -134,6 +134,9 @@ class SamplingParams:
         nothing at T = 0 (the greedy token is inside every filter).
       logprobs: record, for each committed token, its log-probability and the ``logprobs``
         most probable tokens (<= MAX_TOP_LOGPROBS) at the step it was committed (None = off).
+      trace: a ``DecodeSession`` reports, for this row, each final token's commit step and
+        confidence (``SlotUpdate.commit_step`` / ``commit_conf``; the server's
+        ``stream_trace``). Changes nothing else: not the tokens, not the compiled program.
     """
 
     gen_length: int = 128
@@ -153,6 +156,7 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     logprobs: int | None = None
+    trace: bool = False
 
     def resolve(self, family: str) -> "SamplingParams":
         """Validate and fill defaults; raises SamplingError naming the offending argument."""
@@ -229,7 +233,7 @@ class SamplingParams:
         return dataclasses.replace(self, algorithm=algo.name, steps=steps, threshold=threshold, factor=factor,
                                    shift_logits=bool(shift), stop_token_ids=stops,
                                    temperature=float(self.temperature), cfg_scale=float(self.cfg_scale),
-                                   top_p=float(self.top_p), min_p=float(self.min_p))
+                                   top_p=float(self.top_p), min_p=float(self.min_p), trace=bool(self.trace))
 
     @property
     def rule(self) -> int:

@@ -56,6 +56,9 @@ class SlotUpdate:
       nfe: forward passes this row took part in.
       logprobs: with a logprobs program: [len(tokens)] log-probability of each final token at
         its commit step; top_ids / top_logprobs: [len(tokens), K] that step's K most probable.
+      commit_step, commit_conf: for a row with ``params.trace``: [len(tokens)] the row's forward
+        pass (1-based) that committed each final token, and that commit's confidence (only
+        traced rows' arrays leave the device).
     """
 
     slot: int
@@ -66,6 +69,8 @@ class SlotUpdate:
     logprobs: np.ndarray | None = None
     top_ids: np.ndarray | None = None
     top_logprobs: np.ndarray | None = None
+    commit_step: np.ndarray | None = None
+    commit_conf: np.ndarray | None = None
 
 
 class Programs:
@@ -249,10 +254,15 @@ class DecodeSession:
         if self.key.logprobs:
             wanted.update(commit_logprob=self.state.commit_logprob, top_ids=self.state.top_ids,
                           top_logprobs=self.state.top_logprobs)
+        traced = [slot for slot in sorted(self.slots) if self.slots[slot].params.trace]
+        if traced:  # only the rows that asked (a gather on the device, then their rows)
+            rows = np.asarray(traced, np.int32)
+            wanted.update(trace_step=self.state.commit_step[rows], trace_conf=self.state.commit_conf[rows])
         host = fetch(wanted)
-        return [self._update(slot, host) for slot in sorted(self.slots)]
+        trace_row = {slot: j for j, slot in enumerate(traced)}
+        return [self._update(slot, host, trace_row.get(slot)) for slot in sorted(self.slots)]
 
-    def _update(self, slot: int, host) -> SlotUpdate:
+    def _update(self, slot: int, host, trace_row: int | None = None) -> SlotUpdate:
         lp, g = self.key.prompt_len, self.key.gen_length
         gen = host["canvas"][slot, lp:lp + g]
         row = self.slots[slot]
@@ -266,6 +276,10 @@ class DecodeSession:
             n = len(final)
             update.logprobs = host["commit_logprob"][slot, :n]
             update.top_ids, update.top_logprobs = host["top_ids"][slot, :n], host["top_logprobs"][slot, :n]
+        if trace_row is not None:  # its row in the traced rows' arrays
+            n = len(final)
+            update.commit_step = host["trace_step"][trace_row, :n]
+            update.commit_conf = host["trace_conf"][trace_row, :n]
         return update
 
     @property

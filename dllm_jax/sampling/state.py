@@ -108,10 +108,19 @@ def seed_key_data(seeds: Sequence[int]) -> np.ndarray:
 
     Seeds are 64-bit: the keys are made with 64-bit integers enabled, since without x64
     ``jax.random.key`` silently keeps only the low 32 bits of a larger seed.
+    The keys are made one seed at a time by one jitted scalar program, so admitting any number
+    of rows never compiles anything new (a ``vmap`` over the seeds compiled once per count).
     """
+    if len(seeds) == 0:
+        shape, dtype = key_data_spec()
+        return np.zeros((0, *shape), dtype)
     with jax.enable_x64(True):
-        keys = jax.vmap(jax.random.key)(np.asarray(seeds, np.int64))
-        return np.asarray(jax.random.key_data(keys))
+        return np.stack([np.asarray(_key_data_of_seed(np.int64(s))) for s in seeds])
+
+
+@jax.jit
+def _key_data_of_seed(seed):
+    return jax.random.key_data(jax.random.key(seed))
 
 
 def key_data_spec() -> tuple[tuple[int, ...], np.dtype]:

@@ -1,0 +1,363 @@
+"""New weights without a restart: ``POST /update_weights_from_disk`` (SGLang's endpoint).
+
+Terms: a weights *version* is one set of parameters the server has held (0: the one it
+started with). The compiled programs take the parameters as an argument, so a version of the
+same architecture (same config, vocab, mask id; same dtype and shardings, which the reader
+guarantees) runs on them without a recompile (``Model.with_params``).
+
+**The swap point.** A request runs entirely on the version that was current when it was
+queued (``Engine.submit``; an echo + logprobs request when its prompts were sent to scoring,
+so its prompt scores and its completion agree). A ``Weights`` object is the lease: queued
+sequences, running sessions and scoring jobs hold theirs; a session is opened on one version
+and admits only sequences of that version. So requests running when the new weights arrive
+finish on the old ones, requests queued after the swap get the new ones, and no request ever
+sees both. When the last reference to an old version goes, it is retired
+(``Executor.retire`` frees its device buffers).
+
+**Memory.** Two copies are resident from the start of a load until the old version's last
+request ends; a further update waits until then (never three copies).
+
+**Where the load runs.** Single host: on a loader thread while the batches keep running; the
+scheduler installs the result at its next block boundary. Multi-host: every process reads
+the same path inline at the broadcast ``load_weights`` command (they must enter the same
+collectives in the same order), they check that all succeeded, and all install it at that
+command, or none does. A bad path, a truncated file or a failure part way leaves the old
+weights serving: the new tree is installed only once every parameter was read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from convert.dcp import DcpSource, choose_key_prefix, detect_layout
+from dllm_jax import UnsupportedConfigError
+from dllm_jax.checkpoint import (
+    ORBAX_PARAMS_DIR,
+    CheckpointError,
+    SafetensorsSource,
+    key_map,
+    read_hf_config,
+    read_params,
+)
+from serve.errors import EngineDead, IncompatibleWeights, ServeError, WeightUpdateFailed
+from serve.protocol import _Strict, bad_request, check_known
+
+log = logging.getLogger("serve.weights")
+
+
+class UpdateWeightsRequest(_Strict):
+    """SGLang's ``POST /update_weights_from_disk`` body (the fields that apply here)."""
+
+    model_path: str
+    load_format: str | None = None      # "auto" or null: the format is detected
+    weight_version: str | None = None   # a label shown in /v1/models (e.g. "step_300")
+    flush_cache: bool | None = None     # accepted: no cache outlives a request here
+
+    def check(self) -> None:
+        check_known(self)
+        if self.load_format not in (None, "auto"):
+            raise bad_request(f"load_format {self.load_format!r} is not supported: the format (Orbax, HF "
+                              "safetensors, NeMo-RL DCP) is detected from the directory; send \"auto\" or omit it",
+                              "load_format")
+        if not self.model_path.strip():
+            raise bad_request("model_path must name a directory", "model_path")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Weights:
+    """One weights version (and the lease on it: it stays resident while this object lives).
+
+    Attributes:
+      version: 0 for the weights the server started with, then 1, 2, ...
+      source: where they came from (``--model``, or the update's ``model_path``).
+      loaded_at: when they started serving (unix seconds).
+      label: the update's ``weight_version`` (None at start).
+      layout: the checkpoint layout read (``orbax``, ``hf``, ``dcp:policy/weights`` ...).
+    """
+
+    version: int
+    source: str
+    loaded_at: float
+    label: str | None = None
+    layout: str = "startup"
+
+    def card(self) -> dict:
+        return {"source": self.source, "weights_version": self.version, "weight_version": self.label,
+                "weights_loaded_at": int(self.loaded_at), "weights_layout": self.layout}
+
+
+@dataclasses.dataclass
+class Staged:
+    """A checkpoint read for the running model, not installed yet."""
+
+    path: str
+    layout: str
+    params: Any
+    seconds: float
+    nbytes: int
+
+
+# ---- reading a checkpoint for the running model ------------------------------------------
+
+def config_difference(running, found) -> tuple[str, Any, Any] | None:
+    """The first config field in which ``found`` differs from ``running``: (name, running, found).
+
+    Every field counts: the compiled programs were built for the running config (shapes,
+    vocab, mask and EOS ids, RoPE base, norm epsilon, attention layout), so any difference
+    would run the new weights with the old model's math.
+    """
+    if type(found) is not type(running):
+        return "family", running.family, found.family
+    for field in dataclasses.fields(running):
+        a, b = getattr(running, field.name), getattr(found, field.name)
+        if a != b:
+            return field.name, a, b
+    return None
+
+
+def read(model, path: str) -> Staged:
+    """Read the checkpoint at ``path`` for ``model`` (same dtype and shardings); install nothing.
+
+    ``path``: a local Orbax dir (``convert``), an HF dir, or a NeMo-RL checkpoint (any level:
+    ``step_N/``, ``policy/``, the DCP ``weights/`` dir). A DCP dir has no config.json: the
+    running model's config applies (the tensor shapes are still checked against it).
+
+    Raises:
+      WeightUpdateFailed (IncompatibleWeights): the path or the checkpoint is unusable.
+      CheckpointError / UnsupportedConfigError: from the readers (a bad checkpoint).
+    """
+    t0 = time.monotonic()
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        raise WeightUpdateFailed(path, "no such directory (model_path must be a local directory on the server: "
+                                       "an Orbax dir, an HF dir or a NeMo-RL checkpoint)")
+    if not directory.is_dir():
+        raise WeightUpdateFailed(path, "not a directory")
+    running = model.config
+    if (directory / ORBAX_PARAMS_DIR).is_dir():
+        layout = "orbax"
+        _check_config(path, running, read_hf_config(directory))
+        params = read_params(directory, running, dtype=model.dtype, mesh=model.mesh)
+    else:
+        found = detect_layout(directory)
+        layout = found.kind
+        if found.config_dir is not None:
+            _check_config(path, running, read_hf_config(found.config_dir))
+        source = DcpSource(found.weights) if found.format == "dcp" else SafetensorsSource(found.weights)
+        try:
+            prefix = choose_key_prefix(source.tensors(), key_map(running)) if found.format == "dcp" else ""
+            params = read_params(None, running, dtype=model.dtype, mesh=model.mesh, source=source,
+                                 key_prefix=prefix)
+        finally:
+            source.close()
+    jax.block_until_ready(params)  # (transfers are asynchronous: time them, and meet their errors, here)
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    return Staged(path, layout, params, time.monotonic() - t0, nbytes)
+
+
+def _check_config(path: str, running, found) -> None:
+    diff = config_difference(running, found)
+    if diff is not None:
+        raise IncompatibleWeights(path, *diff)
+
+
+def failure(path: str, exc: BaseException) -> WeightUpdateFailed:
+    """The domain error for whatever a load raised (a bad checkpoint, or the server failing)."""
+    if isinstance(exc, WeightUpdateFailed):
+        return exc
+    if isinstance(exc, (CheckpointError, UnsupportedConfigError, FileNotFoundError, NotADirectoryError,
+                        PermissionError, IsADirectoryError)):
+        return WeightUpdateFailed(path, " ".join(str(exc).split()), bad_checkpoint=True)
+    return WeightUpdateFailed(path, f"{type(exc).__name__}: {' '.join(str(exc).split())}", bad_checkpoint=False)
+
+
+def live_array_bytes() -> int:
+    """Bytes of every live JAX array of this process (logical sizes: params, decode state ...)."""
+    return sum(x.nbytes for x in jax.live_arrays())
+
+
+def memory_in_use() -> dict:
+    """Live array bytes, and the first local device's allocator (GPU/TPU) or this process's RSS (CPU)."""
+    out = {"live_array_bytes": live_array_bytes()}
+    stats = jax.local_devices()[0].memory_stats()
+    if stats:
+        out.update(device_bytes_in_use=stats.get("bytes_in_use"),
+                   device_peak_bytes_in_use=stats.get("peak_bytes_in_use"))
+        return out
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    out["process_rss_bytes"] = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    out["process_peak_rss_bytes"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+# ---- the update queue, run by the scheduler thread ----------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class UpdateJob:
+    """One ``update_weights_from_disk`` call; the answer goes to ``future`` (on ``loop``)."""
+
+    path: str
+    label: str | None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+    def resolve(self, result=None, error: Exception | None = None) -> None:  # scheduler thread
+        def put():
+            if not self.future.done():
+                if error is not None:
+                    self.future.set_exception(error)
+                else:
+                    self.future.set_result(result)
+        try:
+            self.loop.call_soon_threadsafe(put)
+        except RuntimeError:  # event loop closed (shutdown)
+            pass
+
+
+@dataclasses.dataclass
+class _Loading:
+    job: UpdateJob
+    version: int
+    future: concurrent.futures.Future
+    before: dict
+    t0: float
+
+
+class Swapper:
+    """Weight updates in order, one at a time; ``tick`` runs at every scheduler iteration."""
+
+    def __init__(self, executor, inbox, metrics, *, background: bool, initial: Weights):
+        self.executor, self.inbox, self.metrics, self.background = executor, inbox, metrics, background
+        self._current = initial
+        self._resident = {initial.version}
+        self._next = initial.version + 1
+        self._jobs: collections.deque[UpdateJob] = collections.deque()
+        self._retired: collections.deque[int] = collections.deque()
+        self._loading: _Loading | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dllm-weights") \
+            if background else None
+        self._watch(initial)
+        metrics.set("weights_resident", 1)
+
+    @property
+    def current(self) -> Weights:
+        """The version new requests get (any thread; replaced, never mutated)."""
+        return self._current
+
+    def request(self, job: UpdateJob) -> None:
+        """Queue an update (event loop thread)."""
+        self._jobs.append(job)
+        self.inbox.wake()
+
+    def busy(self) -> bool:
+        return bool(self._jobs) or self._loading is not None
+
+    # ---- the scheduler thread --------------------------------------------------------------
+
+    def tick(self) -> None:
+        self._retire()
+        if self._loading is not None and self._loading.future.done():
+            loading, self._loading = self._loading, None
+            try:
+                staged = loading.future.result()
+                self.executor.install(loading.version, staged)
+            except Exception as e:  # noqa: BLE001 - the old weights keep serving
+                self._failed(loading.job, e)
+            else:
+                self._installed(loading.job, loading.version, staged, loading.before, loading.t0)
+        # a new load only once the older version is gone: never three copies resident
+        if self._loading is None and self._jobs and len(self._resident) <= 1:
+            job = self._jobs.popleft()
+            version = self._next  # (taken only if it installs: versions count the weights that served)
+            before, t0 = memory_in_use(), time.monotonic()
+            log.info("loading weights version %d from %s (%s)", version, job.path,
+                     "in the background" if self.background else "inline, on every process")
+            if self.background:
+                future = self._pool.submit(self.executor.read_weights, job.path)
+                future.add_done_callback(lambda _: self.inbox.wake())
+                self._loading = _Loading(job, version, future, before, t0)
+            else:
+                try:
+                    staged = self.executor.load_weights(job.path, version)
+                except Exception as e:  # noqa: BLE001
+                    self._failed(job, e)
+                else:
+                    self._installed(job, version, staged, before, t0)
+
+    def _retire(self) -> None:
+        while self._retired:
+            version = self._retired.popleft()
+            try:
+                self.executor.retire(version)
+            except Exception:  # noqa: BLE001 - keep serving; the memory may stay allocated
+                log.exception("retiring weights version %d failed", version)
+            self._resident.discard(version)
+            self.metrics.set("weights_resident", len(self._resident))
+            log.info("weights version %d retired (its last request ended)", version)
+
+    def _installed(self, job: UpdateJob, version: int, staged: Staged, before: dict, t0: float) -> None:
+        seconds = time.monotonic() - t0
+        self._next = version + 1
+        both = memory_in_use()  # both copies resident: the old one is still current until the next line
+        self._current = Weights(version, job.path, time.time(), job.label, staged.layout)
+        self._watch(self._current)
+        self._resident.add(version)
+        self.metrics.inc("weights_loaded_total")
+        self.metrics.observe("weight_update_seconds", seconds)
+        self.metrics.set("weights_resident", len(self._resident))
+        log.info("weights version %d (%s, %s, %.2f GB) serving new requests after %.2fs", version, job.path,
+                 staged.layout, staged.nbytes / 1e9, seconds)
+        job.resolve({
+            "success": True,
+            "message": f"loaded {job.path} ({staged.layout}) in {seconds:.2f}s; requests queued from now on run "
+                       "on it, running ones finish on the previous weights",
+            "model_path": job.path, "weights_version": version, "weight_version": job.label,
+            "layout": staged.layout, "load_seconds": round(seconds, 3), "read_seconds": round(staged.seconds, 3),
+            "params_bytes": staged.nbytes, "memory": {"before": before, "both_resident": both},
+        })
+        staged.params = None
+
+    def _failed(self, job: UpdateJob, exc: BaseException) -> None:
+        err = failure(job.path, exc)
+        self.metrics.inc("weight_update_failures_total")
+        log.error("weight update from %s failed: %s", job.path, err)
+        job.resolve(error=err)
+
+    def _watch(self, weights: Weights) -> None:
+        finalizer = weakref.finalize(weights, self._gone, weights.version)
+        finalizer.atexit = False
+
+    def _gone(self, version: int) -> None:  # any thread: the last reference to a version went
+        self._retired.append(version)
+        self.inbox.wake()
+
+    def fail_all(self, err: ServeError) -> None:
+        """Shutdown or a dead engine: every pending update gets ``err``."""
+        if self._loading is not None:
+            self._loading.future.cancel()
+            self._loading.job.resolve(error=err)
+            self._loading = None
+        while self._jobs:
+            self._jobs.popleft().resolve(error=err)
+
+    def shutdown(self) -> None:
+        self.fail_all(EngineDead("the server is shutting down"))
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
