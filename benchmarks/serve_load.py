@@ -3,6 +3,7 @@
     python -m benchmarks.serve_load                       # starts the demo server itself
     python -m benchmarks.serve_load --model DIR --clients 1 8 32
     python -m benchmarks.serve_load --url http://host:8000 --model DIR   # a running server
+    python -m benchmarks.serve_load --model demo          # the demo model on its own tasks
 
 Each client sends streamed /v1/completions requests (token-id prompts, so prompt lengths are
 exact) one after another from a shared list (closed loop). Per concurrency level it prints
@@ -17,6 +18,10 @@ alike).
 
 Prompt lengths: 50% short (16-64 tokens), 35% medium (64-192), 15% long (192-384), capped
 so prompt + max_tokens fits the context.
+
+``--model demo``: the trained demo model (``dllm_jax.DEMO_MODEL``) on real chat prompts, half
+held-out additions and half counts (``max_tokens`` 128 by default): replies of 2-93 tokens,
+and threshold decoding takes 2 to 30+ steps per block, as on a real model.
 """
 
 from __future__ import annotations
@@ -42,6 +47,18 @@ def prompt_lengths(n: int, rng: np.random.Generator, cap: int) -> list[int]:
     kind = rng.choice(3, size=n, p=[0.5, 0.35, 0.15])
     lo, hi = np.array([16, 64, 192])[kind], np.array([64, 192, 384])[kind]
     return [int(min(cap, rng.integers(a, b + 1))) for a, b in zip(lo, hi)]
+
+
+def demo_prompts(n: int, seed: int, tokenizer) -> list[list[int]]:
+    """Chat-templated token ids of n demo tasks: held-out additions and counts, alternating."""
+    from dllm_jax.demo import evaluate, tasks
+
+    adds = tasks.held_out_additions((n + 1) // 2, seed=seed)
+    counts = tasks.counts(held_out=False) + tasks.counts(held_out=True)
+    rng = np.random.default_rng(seed)
+    counts = [counts[i] for i in rng.choice(len(counts), size=n // 2, replace=False)]
+    mixed = [ex for pair in zip(adds, counts + [None]) for ex in pair if ex is not None][:n]
+    return [evaluate.chat_ids(tokenizer, ex.prompt) for ex in mixed]
 
 
 def make_prompts(n: int, seed: int, vocab: int, avoid: set[int], cap: int) -> list[list[int]]:
@@ -168,17 +185,23 @@ def pct(values, q):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running server (else one is started)")
-    p.add_argument("--model", help="checkpoint the server serves (default: the demo model)")
+    p.add_argument("--model", help="checkpoint the server serves (default: the demo model, random-token "
+                   "prompts); 'demo': the demo model on its own tasks (additions and counts)")
     p.add_argument("--mesh", default=None)
     p.add_argument("--api-key", default=os.environ.get("DLLM_API_KEY"))
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=None, help="default 64 (128 with --model demo)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--no-direct", action="store_true", help="skip the Model.generate comparison")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    demo_workload = args.model == "demo"
+    if demo_workload:
+        args.model = None
+    if args.max_tokens is None:
+        args.max_tokens = 128 if demo_workload else 64
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     proc = None
@@ -192,7 +215,13 @@ def main(argv=None):
         model = None if args.no_direct else load_model(args)
         vocab = model.spec.vocab if model is not None else 256
         avoid = set(model.stop_token_ids) | {model.mask_token_id} if model is not None else set()
-        prompts = make_prompts(args.requests, args.seed, vocab, avoid, context - args.max_tokens - 64)
+        if demo_workload:
+            import dllm_jax
+            from dllm_jax.checkpoint import load_tokenizer
+
+            prompts = demo_prompts(args.requests, args.seed, load_tokenizer(dllm_jax.DEMO_MODEL))
+        else:
+            prompts = make_prompts(args.requests, args.seed, vocab, avoid, context - args.max_tokens - 64)
         print(f"model {model_name} ({card.get('family')}, mesh {card.get('mesh')}), {args.requests} requests, "
               f"max_tokens {args.max_tokens}, prompt tokens mean {statistics.mean(map(len, prompts)):.0f} "
               f"(min {min(map(len, prompts))}, max {max(map(len, prompts))}), max batch {args.max_batch_size}")

@@ -1,5 +1,11 @@
 """dllm-jax: masked-diffusion language models (LLaDA, Nemotron-Diffusion) in JAX/Flax."""
 
+from pathlib import Path as _Path
+
+# The demo model trained in this repo (``python -m dllm_jax.demo.train``), shipped as an HF dir:
+# ``dllm_jax.load(dllm_jax.DEMO_MODEL)``.
+DEMO_MODEL = str(_Path(__file__).parent / "assets" / "demo_model")
+
 # ---- configs ---------------------------------------------------------------------------
 from dllm_jax.configs import (
     LLaDAConfig,
@@ -24,7 +30,7 @@ from dllm_jax.sampling import ALGORITHMS, GenerateOutput, SamplingError, Samplin
 from dllm_jax import viz
 
 __all__ = [
-    "ALGORITHMS", "CheckpointError", "GenerateOutput", "LLaDAConfig", "Model", "NemotronDiffusionConfig",
+    "ALGORITHMS", "CheckpointError", "DEMO_MODEL", "GenerateOutput", "LLaDAConfig", "Model", "NemotronDiffusionConfig",
     "SamplingError", "SamplingParams", "ScoreOutput", "TransformerSpec", "UnsupportedConfigError", "config_from_hf", "load",
     "make_mesh", "sampling", "viz",
 ]

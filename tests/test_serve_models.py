@@ -73,8 +73,16 @@ def test_nemotron_plain_request(servers, nemotron_model):
 def test_demo_model_without_model_flag(servers):
     url = servers["demo"].url
     card = httpx.get(url + "/v1/models").json()["data"][0]
-    assert card["id"] == "dllm-jax-demo-random" and card["demo"] is True
+    assert card["id"] == "dllm-jax-demo" and card["demo"] is True
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
-    out = client.chat.completions.create(model="dllm-jax-demo-random",
+    out = client.chat.completions.create(model="dllm-jax-demo",
                                          messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
     assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens <= 8
+    # the trained demo model answers its tasks with the server's defaults (a held-out pair)
+    out = client.chat.completions.create(model="dllm-jax-demo",
+                                         messages=[{"role": "user", "content": "What is 47+38?"}])
+    assert out.choices[0].message.content == "85" and out.choices[0].finish_reason == "stop"
+    out = client.chat.completions.create(model="dllm-jax-demo",
+                                         messages=[{"role": "user", "content": "Count from 7 to 21."}])
+    # it counts right; where to stop it has not learned (docs/performance.md, "Demo model")
+    assert out.choices[0].message.content.startswith(", ".join(map(str, range(7, 22))))

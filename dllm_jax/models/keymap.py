@@ -53,6 +53,22 @@ def to_param(kind: str, w: np.ndarray, spec: TransformerSpec) -> np.ndarray:
     raise KeyError(kind)
 
 
+def from_param(kind: str, w: np.ndarray, spec: TransformerSpec) -> np.ndarray:
+    """Our layout -> the source (PyTorch) layout: the inverse of ``to_param``."""
+    d, n, k, h = spec.d_model, spec.n_heads, spec.n_kv_heads, spec.head_dim
+    if kind in ("embed", "norm", "head_norm"):
+        return w
+    if kind in ("head", "mlp_in", "mlp_out"):
+        return w.T
+    if kind == "q":
+        return w.reshape(d, n * h).T
+    if kind == "kv":
+        return w.reshape(d, k * h).T
+    if kind == "o":
+        return w.reshape(n * h, d).T
+    raise KeyError(kind)
+
+
 def param_shapes(spec: TransformerSpec) -> dict[str, tuple[int, ...]]:
     shapes = {"embed": (spec.vocab, spec.d_model), "final_norm": (spec.d_model,),
               "lm_head": (spec.d_model, spec.vocab)}

@@ -1,0 +1,369 @@
+"""Train the demo model: a small LLaDA on the synthetic tasks of ``dllm_jax.demo.tasks``.
+
+    python -m dllm_jax.demo.train                      # writes dllm_jax/assets/demo_model
+    python -m dllm_jax.demo.train --out /tmp/demo --steps 50   # a quick smoke run
+
+Deterministic from ``--seed`` (same machine, same JAX version): a byte-level BPE tokenizer
+with every digit its own token is trained on the task texts, then the model is trained with
+LLaDA's SFT objective — the prompt is never masked; every response position (the reply, its
+``<|eot_id|>`` and the ``<|endoftext|>`` padding up to the canvas) is masked with probability
+t ~ U(0, 1]; cross-entropy on the masked positions weighted by 1/t, normalised by the
+response length — in JAX with optax (AdamW, warm-up + cosine). Two canvas lengths are
+trained (128 positions like the server's default ``max_tokens``, and 32 for short replies),
+so the model learns where to stop whichever canvas it is given.
+
+The output is an HF-format directory (``config.json``, ``model.safetensors`` with LLaDA's
+key names, tokenizer files with a LLaDA chat template) that ``dllm_jax.load`` and
+``python -m serve --model`` read like any other checkpoint. It is written to a temporary
+sibling directory and renamed into place, so an interrupted run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dllm_jax.checkpoint import save_safetensors
+from dllm_jax.configs import LLaDAConfig
+from dllm_jax.demo import tasks
+from dllm_jax.models.keymap import from_param
+from dllm_jax.models.llada import hf_key_map
+from dllm_jax.models.transformer import Transformer
+
+log = logging.getLogger("dllm_jax.demo")
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
+
+SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>",
+                  "<|end_header_id|>", "<|mdm_mask|>"]
+BOS, EOS, EOT, MASK = 0, 1, 2, 5
+# LLaDA-8B-Instruct's template (BOS, then header / content / <|eot_id|> per message).
+CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    steps: int = 2600
+    batch: int = 32              # rows per step on the long canvas
+    short_batch: int = 64        # rows per step on the short canvas (4x shorter rows)
+    lr: float = 2e-3
+    warmup: int = 150
+    weight_decay: float = 0.01
+    long_canvas: int = 128       # the server's default max_tokens
+    short_canvas: int = 32
+    short_fraction: float = 0.5  # share of steps on the short canvas (additions and short chats)
+    # Optional stage 2 (off by default; see docs/performance.md "Demo model" for what it did):
+    # the same objective with semi-autoregressive masks on block_fraction of the rows.
+    stage2_steps: int = 0
+    stage2_lr: float = 1e-3
+    stage2_warmup: int = 50
+    block_fraction: float = 0.5
+    stage2_short_fraction: float | None = None  # None: stage 1's mix
+    stage2_count_share: float | None = None     # of the long rows (the rest additions and chat, 4:1)
+    block_length: int = 32       # the server's default block length
+    d_model: int = 192
+    n_layers: int = 4
+    n_heads: int = 6
+    mlp_hidden_size: int = 512
+    vocab_size: int = 320
+
+
+# ---- tokenizer -------------------------------------------------------------------------
+
+
+def train_tokenizer(vocab_size: int):
+    """A byte-level BPE over the task texts; digits never merge (one token per digit)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Digits split first (each its own pre-token, so never merged); the rest is byte-level
+    # without the GPT-2 regex, so ", " and "Count from " can become single tokens.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = list(tasks.corpus())
+    # The chat scaffolding as plain text, so "user", "assistant" and "\n\n" get merges too.
+    texts += ["user\n\n", "assistant\n\n"] * 100
+    tok.train_from_iterator(texts, trainer)
+    for i, name in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(name) == i, (name, tok.token_to_id(name))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|mdm_mask|>"],
+        model_max_length=512, clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def reply_ids(tokenizer, reply: str) -> list[int]:
+    return tokenizer.encode(reply, add_special_tokens=False) + [EOT]
+
+
+# ---- data ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Encoded:
+    prompts: list[list[int]]
+    replies: list[list[int]]
+
+
+def encode(tokenizer, examples) -> Encoded:
+    return Encoded([prompt_ids(tokenizer, e.prompt) for e in examples],
+                   [reply_ids(tokenizer, e.reply) for e in examples])
+
+
+class Batches:
+    """Deterministic training batches: [B, L] tokens and the [B] prompt lengths.
+
+    Every row is ``prompt + reply + <|eot_id|> + <|endoftext|>...`` up to L = max prompt
+    length + canvas; long steps draw from every task, short steps (canvas 32) from the
+    replies that fit.
+    """
+
+    def __init__(self, tokenizer, cfg: TrainConfig):
+        self.cfg = cfg
+        self.sets = {name: encode(tokenizer, group) for name, group in tasks.training_set().items()}
+        every = tasks.additions(True) + tasks.counts(True) + tasks.chats() + tasks.additions(False)[:1]
+        self.max_prompt = max(len(prompt_ids(tokenizer, e.prompt)) for e in every)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.mix = {"long": {"add": 0.35, "count": 0.55, "chat": 0.10}, "short": {"add": 0.9, "chat": 0.1}}
+
+    def length(self, kind: str) -> int:
+        return self.max_prompt + (self.cfg.long_canvas if kind == "long" else self.cfg.short_canvas)
+
+    def next(self) -> tuple[str, np.ndarray, np.ndarray]:
+        cfg, rng = self.cfg, self.rng
+        kind = "short" if rng.random() < cfg.short_fraction else "long"
+        seq_len = self.length(kind)
+        names = list(self.mix[kind])
+        probs = np.array([self.mix[kind][n] for n in names])
+        rows = cfg.batch if kind == "long" else cfg.short_batch
+        tokens = np.full((rows, seq_len), EOS, np.int32)
+        plen = np.zeros(rows, np.int32)
+        for r in range(rows):
+            while True:
+                data = self.sets[names[rng.choice(len(names), p=probs)]]
+                i = rng.integers(len(data.prompts))
+                p, a = data.prompts[i], data.replies[i]
+                if len(p) + len(a) < seq_len:  # room for at least one <|endoftext|>
+                    break
+            tokens[r, :len(p)] = p
+            tokens[r, len(p):len(p) + len(a)] = a
+            plen[r] = len(p)
+        return kind, tokens, plen
+
+
+# ---- objective -------------------------------------------------------------------------
+
+
+def sft_loss(model: Transformer, tokens, prompt_len, key, *, block_fraction: float = 0.0, block_length: int = 32,
+             eps: float = 1e-3):
+    """LLaDA's SFT loss on a batch: [B, L] tokens, [B] prompt lengths.
+
+    Every response position is masked with probability p = (1 - eps) t + eps, t ~ U(0, 1) per
+    row, and the cross-entropy of the masked positions is weighted 1/p and normalised by the
+    response length. With ``block_fraction`` > 0 that share of the rows gets a
+    semi-autoregressive mask instead, the state block decoding puts the canvas in: a random
+    response block k is masked with probability p, the blocks before it are clean and the
+    blocks after it fully masked (probability 1, weight 1) — without such rows the model
+    rarely sees a fully masked tail and cannot tell where a long reply ends.
+    """
+    b, seq_len = tokens.shape
+    k_t, k_m = jax.random.split(key)
+    t = jax.random.uniform(k_t, (b, 1))
+    p = (1 - eps) * t + eps                                            # [B, 1]
+    pos = jnp.arange(seq_len)[None, :]                                 # [1, L]
+    response = pos >= prompt_len[:, None]                              # [B, L]
+    p_mask = jnp.broadcast_to(p, (b, seq_len))                         # [B, L]
+    if block_fraction > 0:
+        blk = (pos - prompt_len[:, None]) // block_length              # [B, L] response block index
+        n_blocks = (seq_len - prompt_len[:, None] + block_length - 1) // block_length  # [B, 1]
+        k_row, k_blk = jax.random.split(jax.random.fold_in(key, 1))
+        k = jnp.floor(jax.random.uniform(k_blk, (b, 1)) * n_blocks).astype(jnp.int32)  # [B, 1]
+        semi = jnp.where(blk < k, 0.0, jnp.where(blk == k, p, 1.0))    # [B, L]
+        use = jax.random.uniform(k_row, (b, 1)) < block_fraction       # [B, 1]
+        p_mask = jnp.where(use, semi, p_mask)
+    masked = response & (jax.random.uniform(k_m, (b, seq_len)) < p_mask)
+    noisy = jnp.where(masked, MASK, tokens)
+    positions = jnp.broadcast_to(pos, (b, seq_len))
+    attend = jnp.ones((b, seq_len, seq_len), bool)                     # bidirectional, no padding
+    logits = model(noisy, positions, attend)                           # [B, L, V] float32
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)  # [B, L]
+    answer_len = jnp.sum(response, axis=-1, keepdims=True)             # [B, 1]
+    p_safe = jnp.maximum(p_mask, eps)  # p >= eps already; 0 only at clean positions (never masked)
+    loss = jnp.sum(jnp.where(masked, ce / p_safe / answer_len, 0.0)) / b
+    acc = jnp.sum(jnp.where(masked, jnp.argmax(logits, -1) == tokens, False)) / jnp.maximum(jnp.sum(masked), 1)
+    return loss, acc
+
+
+def model_config(cfg: TrainConfig, vocab: int) -> LLaDAConfig:
+    embedding = int(math.ceil(vocab / 64) * 64)
+    return LLaDAConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads, n_layers=cfg.n_layers,
+                       mlp_hidden_size=cfg.mlp_hidden_size, vocab_size=vocab, embedding_size=embedding,
+                       max_sequence_length=512, rope_theta=10000.0, mask_token_id=MASK, eos_token_id=EOS,
+                       pad_token_id=EOS)
+
+
+def train(cfg: TrainConfig, tokenizer, *, init: Transformer | None = None, log_every: int = 100):
+    """Both stages (or stage 2 only from ``init``, a stage-1 model).
+
+    Returns (LLaDAConfig, trained Transformer, history of (stage, step, loss, masked-token acc)).
+    """
+    config = model_config(cfg, len(tokenizer))
+    history = []
+    if init is None:
+        model = Transformer(config.spec(), dtype=jnp.float32, rngs=nnx.Rngs(cfg.seed))
+        history += run_stage(model, cfg, tokenizer, stage=1, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
+                             block_fraction=0.0, log_every=log_every)
+    else:
+        model = init
+    history += run_stage(model, cfg, tokenizer, stage=2, steps=cfg.stage2_steps, lr=cfg.stage2_lr,
+                         warmup=cfg.stage2_warmup, block_fraction=cfg.block_fraction, log_every=log_every)
+    return config, model, history
+
+
+def run_stage(model, cfg: TrainConfig, tokenizer, *, stage: int, steps: int, lr: float, warmup: int,
+              block_fraction: float, log_every: int):
+    """AdamW (fresh state) with warm-up + cosine decay for ``steps`` steps; updates ``model``."""
+    if steps <= 0:
+        return []
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, max(steps // 2, 1)), max(steps, 2),
+                                                  end_value=lr * 0.05)
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    loss_fn = functools.partial(sft_loss, block_fraction=block_fraction, block_length=cfg.block_length)
+
+    @nnx.jit
+    def step(model, optimizer, tokens, prompt_len, key):
+        (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens, prompt_len, key)
+        optimizer.update(model, grads)
+        return loss, acc
+
+    seed = cfg.seed + 1000 * (stage - 1)
+    batches = Batches(tokenizer, dataclasses.replace(cfg, seed=seed))
+    if stage == 2 and cfg.stage2_short_fraction is not None:
+        batches.cfg = dataclasses.replace(batches.cfg, short_fraction=cfg.stage2_short_fraction)
+    if stage == 2 and cfg.stage2_count_share is not None:  # where stage 1 leaves the most to learn
+        rest = 1.0 - cfg.stage2_count_share
+        batches.mix["long"] = {"add": rest * 0.8, "count": cfg.stage2_count_share, "chat": rest * 0.2}
+    key = jax.random.key(seed)
+    history, t0, window = [], time.perf_counter(), []
+    for i in range(steps):
+        kind, tokens, plen = batches.next()
+        loss, acc = step(model, optimizer, jnp.asarray(tokens), jnp.asarray(plen), jax.random.fold_in(key, i))
+        window.append((float(loss), float(acc)))
+        if (i + 1) % log_every == 0 or i + 1 == steps:
+            l, a = np.mean(window, axis=0)
+            history.append((stage, i + 1, float(l), float(a)))
+            log.info("stage %d step %d/%d  loss %.4f  masked-token acc %.3f  lr %.2e  %.1f s", stage, i + 1, steps,
+                     l, a, float(schedule(i)), time.perf_counter() - t0)
+            window = []
+    return history
+
+
+# ---- writing ---------------------------------------------------------------------------
+
+
+def hf_tensors(config: LLaDAConfig, model: Transformer, dtype=np.float32) -> dict[str, np.ndarray]:
+    """The model's parameters under LLaDA's HF state-dict names and layouts."""
+    spec = config.spec()
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    out = {}
+    for key, target in hf_key_map(config).items():
+        if target.layer is None:
+            w = params[target.param]
+        else:
+            w = params["layers"][target.layer][target.param.split("/", 1)[1]]
+        out[key] = np.asarray(from_param(target.kind, np.asarray(w, np.float32), spec)).astype(dtype)
+    return out
+
+
+def write(out: Path, config: LLaDAConfig, model: Transformer, tokenizer, meta: dict) -> Path:
+    """Write the HF dir atomically (temp sibling, then rename over ``out``)."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_safetensors(hf_tensors(config, model), tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2) + "\n")
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="a stage-1 output dir (same config and seed): run stage 2 only, from it")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        default = getattr(defaults, f.name)
+        ap.add_argument("--" + f.name.replace("_", "-"), type=float if default is None else type(default),
+                        default=default)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer(cfg.vocab_size)
+    init = None
+    if args.init is not None:
+        from dllm_jax.checkpoint import load
+
+        stage1 = load(args.init)
+        if stage1.tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise SystemExit(f"{args.init} was not written by stage 1 of this config: its tokenizer differs")
+        init = stage1.module()
+        log.info("stage 2 from %s", args.init)
+    config, model, history = train(cfg, tokenizer, init=init)
+    seconds = time.perf_counter() - t0
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    meta = {"train_config": dataclasses.asdict(cfg), "parameters": n_params, "train_seconds": round(seconds, 1),
+            "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "jax": jax.__version__,
+            "history": history}
+    path = write(args.out, config, model, tokenizer, meta)
+    log.info("wrote %s (%d parameters, %.1f min)", path, n_params, seconds / 60)
+    return path
+
+
+if __name__ == "__main__":
+    main()
