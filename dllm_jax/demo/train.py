@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dllm_jax.checkpoint import save_safetensors
+from dllm_jax.checkpoint import load, save_safetensors
 from dllm_jax.configs import LLaDAConfig
 from dllm_jax.demo import tasks
 from dllm_jax.models.keymap import from_param
@@ -347,8 +347,6 @@ def main(argv=None) -> Path:
     tokenizer = train_tokenizer(cfg.vocab_size)
     init = None
     if args.init is not None:
-        from dllm_jax.checkpoint import load
-
         stage1 = load(args.init)
         if stage1.tokenizer.get_vocab() != tokenizer.get_vocab():
             raise SystemExit(f"{args.init} was not written by stage 1 of this config: its tokenizer differs")
