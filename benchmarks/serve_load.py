@@ -214,7 +214,8 @@ def main(argv=None):
         model_name, context = card["id"], card["max_model_len"]
         model = None if args.no_direct else load_model(args)
         vocab = model.spec.vocab if model is not None else 256
-        avoid = set(model.stop_token_ids) | {model.mask_token_id} if model is not None else set()
+        # without the model here: keep off the low ids, where the demo tokenizer keeps its specials
+        avoid = set(model.stop_token_ids) | {model.mask_token_id} if model is not None else set(range(8))
         if demo_workload:
             import dllm_jax
             from dllm_jax.checkpoint import load_tokenizer
