@@ -1,7 +1,7 @@
 """``python -m serve``: an OpenAI-compatible server for LLaDA / Nemotron-Diffusion.
 
     python -m serve --model <orbax dir | hf dir | hub id> --mesh 8 --port 8000
-    python -m serve            # no --model: a tiny random-weight demo model, no download
+    python -m serve            # no --model: the trained demo model (dllm_jax.DEMO_MODEL), no download
 
 The HTTP server starts at once; /health answers 503 while the model loads and the
 configured buckets compile, then 200. See docs/api.md.
@@ -22,7 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="Orbax dir from convert, HF dir or hub id (default: the random demo model)")
+    p.add_argument("--model", help="Orbax dir from convert, HF dir or hub id (default: the trained demo model, dllm_jax.DEMO_MODEL)")
     p.add_argument("--mesh", default=None, help="'8' (data parallel) or '4x2' (data x model); default: all devices")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use in 'model' (default: the checkpoint dir name or hub id)")
