@@ -65,12 +65,14 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
+    import jax
+
     import dllm_jax
     from benchmarks.common import device_description
     from dllm_jax.demo import evaluate, tasks
 
     model = dllm_jax.load(args.model or dllm_jax.DEMO_MODEL)
-    n_params = sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(model.params))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
     if args.quick:
         args.add, args.count = min(args.add, 48), min(args.count, 16)
     sets = {"add": tasks.held_out_additions(args.add, seed=1), "count": tasks.held_out_counts(args.count, seed=1)}

@@ -117,22 +117,18 @@ def scrape(url: str, headers: dict) -> dict[str, float]:
     return out
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def launch(serve_args: list[str], timeout: float = 600) -> tuple[subprocess.Popen, str]:
+    """``python -m serve --port P *serve_args`` on a free port; returns once /health says 200."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "serve", "--port", str(port), "--max-batch-size", str(args.max_batch_size),
-           "--warmup-buckets", "none", "--max-wait-ms", str(args.max_wait_ms)]
-    if args.model:
-        cmd += ["--model", args.model]
-    if args.mesh:
-        cmd += ["--mesh", args.mesh]
+    cmd = [sys.executable, "-m", "serve", "--port", str(port), *serve_args]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}")
@@ -144,6 +140,16 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         time.sleep(0.2)
     proc.kill()
     raise SystemExit("server did not become ready")
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    serve_args = ["--max-batch-size", str(args.max_batch_size), "--warmup-buckets", "none",
+                  "--max-wait-ms", str(args.max_wait_ms)]
+    if args.model:
+        serve_args += ["--model", args.model]
+    if args.mesh:
+        serve_args += ["--mesh", args.mesh]
+    return launch(serve_args)
 
 
 # ---- direct Model.generate on the same requests ----------------------------------------------

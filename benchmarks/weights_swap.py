@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.serve_load import launch, scrape
+
 
 
 def rss(pid: int) -> dict[str, int]:
@@ -53,44 +53,17 @@ def reset_peak(pid: int) -> bool:
 
 
 def metrics(url: str) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
-        for s in family.samples:
-            if not s.name.endswith("_bucket"):
-                out[s.name] = out.get(s.name, 0.0) + s.value
-    return out
+    return scrape(url, {})
 
 
 def start(args, model: str) -> tuple[subprocess.Popen, str]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     b = args.max_batch_size
-    cmd = [sys.executable, "-m", "serve", "--port", str(port), "--model", model, "--allow-weight-updates",
-           "--max-batch-size", str(b), "--batch-buckets", str(b), "--prompt-buckets", "64",
-           "--warmup-buckets", f"{b}x64x{args.max_tokens}"]
+    serve_args = ["--model", model, "--allow-weight-updates", "--max-batch-size", str(b), "--batch-buckets", str(b),
+                  "--prompt-buckets", "64", "--warmup-buckets", f"{b}x64x{args.max_tokens}"]
     for flag in ("mesh", "dtype"):
         if getattr(args, flag):
-            cmd += [f"--{flag}", getattr(args, flag)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 1800
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready")
+            serve_args += [f"--{flag}", getattr(args, flag)]
+    return launch(serve_args, timeout=1800)
 
 
 def prepare(args, tmp: Path) -> tuple[str, list[tuple[str, str]]]:
@@ -198,8 +171,8 @@ def main(argv=None) -> int:
             for label, path in targets:
                 rows.append(("idle", label, swap(url, proc.pid, path), None))
             counts["idle swaps"] = (m0, metrics(url))
-            with Load(url, args.clients, args.max_tokens):  # (the first admissions of each row count
-                time.sleep(args.load_seconds)               # compile a small seed-key helper: not timed)
+            with Load(url, args.clients, args.max_tokens):  # (warm the loaded path once:
+                time.sleep(args.load_seconds)               # not timed)
             m0 = metrics(url)
             for label, path in targets:
                 with Load(url, args.clients, args.max_tokens) as load:

@@ -81,6 +81,21 @@ class Handle:
         self.inbox.cancel(ids)
 
 
+def resolve_future(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result=None,
+                   error: Exception | None = None) -> None:
+    """Set ``future`` (owned by ``loop``) from another thread: to ``error`` if given, else ``result``."""
+    def put():
+        if not future.done():  # (the waiter may have gone: client disconnected)
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+    try:
+        loop.call_soon_threadsafe(put)
+    except RuntimeError:  # event loop closed (shutdown)
+        pass
+
+
 @dataclasses.dataclass(eq=False)
 class ScoreJob:
     """Sequences to score (``Model.score``) on the scheduler thread; the result goes to ``future``."""
@@ -91,16 +106,7 @@ class ScoreJob:
     future: asyncio.Future
 
     def resolve(self, result=None, error: Exception | None = None) -> None:  # scheduler thread
-        def put():
-            if not self.future.done():  # (the waiter may have gone: client disconnected)
-                if error is not None:
-                    self.future.set_exception(error)
-                else:
-                    self.future.set_result(result)
-        try:
-            self.loop.call_soon_threadsafe(put)
-        except RuntimeError:  # event loop closed (shutdown)
-            pass
+        resolve_future(self.loop, self.future, result, error)
 
 
 @dataclasses.dataclass(eq=False)

@@ -51,6 +51,7 @@ from dllm_jax.checkpoint import (
 )
 from serve.errors import EngineDead, IncompatibleWeights, ServeError, WeightUpdateFailed
 from serve.protocol import _Strict, bad_request, check_known
+from serve.requests import resolve_future
 
 log = logging.getLogger("serve.weights")
 
@@ -218,16 +219,7 @@ class UpdateJob:
     future: asyncio.Future
 
     def resolve(self, result=None, error: Exception | None = None) -> None:  # scheduler thread
-        def put():
-            if not self.future.done():
-                if error is not None:
-                    self.future.set_exception(error)
-                else:
-                    self.future.set_result(result)
-        try:
-            self.loop.call_soon_threadsafe(put)
-        except RuntimeError:  # event loop closed (shutdown)
-            pass
+        resolve_future(self.loop, self.future, result, error)
 
 
 @dataclasses.dataclass

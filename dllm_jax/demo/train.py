@@ -41,6 +41,7 @@ from flax import nnx
 from dllm_jax.checkpoint import load, save_safetensors
 from dllm_jax.configs import LLaDAConfig
 from dllm_jax.demo import tasks
+from dllm_jax.demo.evaluate import chat_ids
 from dllm_jax.models.keymap import from_param
 from dllm_jax.models.llada import hf_key_map
 from dllm_jax.models.transformer import Transformer
@@ -120,12 +121,6 @@ def train_tokenizer(vocab_size: int):
     return fast
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
 def reply_ids(tokenizer, reply: str) -> list[int]:
     return tokenizer.encode(reply, add_special_tokens=False) + [EOT]
 
@@ -140,7 +135,7 @@ class Encoded:
 
 
 def encode(tokenizer, examples) -> Encoded:
-    return Encoded([prompt_ids(tokenizer, e.prompt) for e in examples],
+    return Encoded([chat_ids(tokenizer, e.prompt) for e in examples],
                    [reply_ids(tokenizer, e.reply) for e in examples])
 
 
@@ -156,7 +151,7 @@ class Batches:
         self.cfg = cfg
         self.sets = {name: encode(tokenizer, group) for name, group in tasks.training_set().items()}
         every = tasks.additions(True) + tasks.counts(True) + tasks.chats() + tasks.additions(False)[:1]
-        self.max_prompt = max(len(prompt_ids(tokenizer, e.prompt)) for e in every)
+        self.max_prompt = max(len(chat_ids(tokenizer, e.prompt)) for e in every)
         self.rng = np.random.default_rng(cfg.seed)
         self.mix = {"long": {"add": 0.35, "count": 0.55, "chat": 0.10}, "short": {"add": 0.9, "chat": 0.1}}
 
