@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from dllm_jax.sampling import PROMPT_BUCKETS, ContextOverflow, program_key
+from dllm_jax.sampling import PROMPT_BUCKETS, STEPS_PER_CALL, ContextOverflow, program_key
 from serve.compiler import Compiler
 from serve.errors import ContextLengthExceeded, EngineDead, EngineNotReady, WeightUpdatesDisabled
 from serve.executor import Executor
@@ -78,6 +78,7 @@ class EngineOptions:
     background_compile: bool = True                 # single host; multi-host compiles inline (in order)
     max_programs: int | None = 64                   # compiled programs kept (LRU); None: unbounded
     allow_weight_updates: bool = False              # POST /update_weights_from_disk
+    steps_per_call: int = STEPS_PER_CALL            # denoising steps per device call (fewer once a row finishes)
 
     def batch_bucket_list(self) -> tuple[int, ...]:
         if self.batch_buckets:
@@ -215,6 +216,7 @@ class Engine:
             model = self._load()
             self.model = model
             self.executor = self._make_executor(model)
+            self.executor.steps_per_call = self.options.steps_per_call
             programs = getattr(model, "programs", None)  # (test doubles have none)
             self.compiler = Compiler(self.executor.warmup, background=self.options.background_compile,
                                      on_done=self.inbox.wake, metrics=self.metrics,

@@ -43,6 +43,7 @@ class Command:
       version: the weights version to run on ('open', 'score'), to load ('load_weights') or to
         free ('retire').
       path: the checkpoint directory ('load_weights').
+      steps: the session's denoising steps per call ('open'; None: the library default).
     """
 
     op: str
@@ -54,6 +55,7 @@ class Command:
     top_k: int = 0
     version: int = 0
     path: str | None = None
+    steps: int | None = None
 
 
 class Executor:
@@ -68,23 +70,30 @@ class Executor:
         self.versions: dict[int, Any] = {0: model.with_params(model.params)} if hasattr(model, "with_params") \
             else {0: model}
         self.version = 0
+        self.steps_per_call: int | None = None  # sessions' step budget per call (None: the library default)
 
     # ---- the scheduler's verbs (process 0) ------------------------------------------------
 
     def open(self, key: ProgramKey, version: int = 0) -> int:
         sid = self._next_sid
         self._next_sid += 1
-        self.run(Command("open", sid, key=key, version=version))
+        self.run(Command("open", sid, key=key, version=version, steps=self.steps_per_call))
         return sid
 
     def admit(self, sid: int, rows: dict[int, tuple[list[int], SamplingParams]]) -> None:
         self.run(Command("admit", sid, rows=rows))
 
     def step(self, sid: int) -> list[SlotUpdate]:
+        """One decode call of a session: a few denoising steps (fewer once a row finishes)."""
         return self.run(Command("step", sid))
 
     def release(self, sid: int, slot: int) -> None:
         self.run(Command("release", sid, slot=slot))
+
+    def last_steps(self, sid: int) -> int:
+        """Denoising steps the session's last ``step`` ran (process 0's copy; 1 when unknown)."""
+        session = self.sessions.get(sid)
+        return getattr(session, "last_steps", 1) if session is not None else 1
 
     def close(self, sid: int) -> None:
         self.run(Command("close", sid))
@@ -130,7 +139,8 @@ class Executor:
     def apply(self, cmd: Command) -> Any:
         op = cmd.op
         if op == "open":
-            self.sessions[cmd.sid] = DecodeSession(self.versions[cmd.version], cmd.key)
+            self.sessions[cmd.sid] = DecodeSession(self.versions[cmd.version], cmd.key,
+                                                   **({"steps_per_call": cmd.steps} if cmd.steps else {}))
         elif op == "admit":
             self.sessions[cmd.sid].admit({slot: Row(list(prompt), params)
                                           for slot, (prompt, params) in cmd.rows.items()})

@@ -40,9 +40,10 @@ COUNTERS = {  # prometheus_client renders a Counter named x as x_total
     "prompt_tokens_total": "Prompt tokens of admitted requests (no padding).",
     "generation_tokens_total": "Completion tokens returned.",
     "nfe_total": "Model forward passes summed over finished sequences.",
-    "batch_steps_total": "Block programs run.",
-    "batch_rows_total": "Occupied slots summed over block programs.",
-    "batch_slots_total": "Compiled slots summed over block programs (fill = rows / slots).",
+    "batch_steps_total": "Denoising steps run (one step advances every row of a batch by one step).",
+    "decode_calls_total": "Decode calls (device round trips, each a few denoising steps) run.",
+    "batch_rows_total": "Occupied slots summed over denoising steps.",
+    "batch_slots_total": "Compiled slots summed over denoising steps (fill = rows / slots).",
     "requests_cancelled_total": "Sequences dropped because the client went away.",
     "compiles_total": "Block programs compiled (warm-up and background).",
     "programs_built_total": "Programs built into the cache (block and scoring, including rebuilds after eviction).",
@@ -53,11 +54,11 @@ COUNTERS = {  # prometheus_client renders a Counter named x as x_total
     "xla_compiles_total": "XLA compilations in this process (any program, jax.monitoring backend-compile events).",
 }
 HISTOGRAMS = {
-    "batch_size": ("Occupied slots per block program.", BATCH_BUCKETS),
+    "batch_size": ("Occupied slots per decode call.", BATCH_BUCKETS),
     "queue_time_seconds": ("Time from arrival to admission into a batch.", LATENCY_BUCKETS),
     "request_latency_seconds": ("Time from arrival to the last token of a request.", LATENCY_BUCKETS),
     "time_to_first_chunk_seconds": ("Time from arrival to the first streamed text.", LATENCY_BUCKETS),
-    "block_step_seconds": ("Wall time of one block program (device + host round trip).", LATENCY_BUCKETS),
+    "block_step_seconds": ("Wall time of one decode call (device + host round trip).", LATENCY_BUCKETS),
     "score_seconds": ("Wall time of one scoring job (Model.score of a request's prompts).", LATENCY_BUCKETS),
     "weight_update_seconds": ("Time from the start of a weight load to the new version serving.", LATENCY_BUCKETS),
 }
@@ -119,12 +120,13 @@ class Metrics:
     def observe(self, name: str, value: float) -> None:
         self._hist[name].observe(value)
 
-    def batch(self, rows: int, slots: int, seconds: float) -> None:
-        """One block program ran with ``rows`` of its ``slots`` occupied."""
+    def batch(self, rows: int, slots: int, seconds: float, steps: int = 1) -> None:
+        """One decode call ran ``steps`` denoising steps with ``rows`` of its ``slots`` occupied."""
         with self._lock:
-            self._counters["batch_steps_total"].inc()
-            self._counters["batch_rows_total"].inc(rows)
-            self._counters["batch_slots_total"].inc(slots)
+            self._counters["decode_calls_total"].inc()
+            self._counters["batch_steps_total"].inc(steps)
+            self._counters["batch_rows_total"].inc(rows * steps)
+            self._counters["batch_slots_total"].inc(slots * steps)
             self._hist["batch_size"].observe(rows)
             self._hist["block_step_seconds"].observe(seconds)
 

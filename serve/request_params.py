@@ -14,7 +14,7 @@ import dataclasses
 import math
 import random
 
-from dllm_jax.sampling import ALGORITHMS, ALIASES, MAX_STOP_IDS, SamplingError, SamplingParams
+from dllm_jax.sampling import ALGORITHMS, ALIASES, MAX_STOP_IDS, SamplingError, SamplingParams, SlidingDecoder
 from serve.protocol import DiffusionFields, bad_request, top_logprobs
 
 DEFAULT_MAX_TOKENS = 128
@@ -41,7 +41,7 @@ def algorithm_names(family: str) -> dict:
     """Algorithms usable with this family: name -> description (aliases listed separately)."""
     out = {}
     for name, algo in ALGORITHMS.items():
-        if algo.cache == "sliding" and family != "nemotron":
+        if isinstance(algo.decoder, SlidingDecoder) and family != "nemotron":
             continue
         out[name] = algo.description
     return out

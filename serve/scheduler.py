@@ -1,6 +1,8 @@
-"""The scheduler thread: admission at block boundaries, batching, streaming events back.
+"""The scheduler thread: admission at any denoising step, batching, streaming events back.
 
-At every block boundary (``Scheduler._schedule``):
+A session's device call runs a few denoising steps (``steps_per_call``) and returns early as
+soon as one of its rows finishes; every row is at its own block and step. Between two calls
+(``Scheduler._schedule``):
 
 1. waiting sequences (FIFO) are admitted into free slots of running sessions of their
    *group* (requests whose ProgramKeys are equal up to batch size and prompt bucket share a
@@ -16,14 +18,14 @@ At every block boundary (``Scheduler._schedule``):
    fairness, no starvation);
 3. a pending scoring job (echo + logprobs: ``Model.score`` of prompts) runs, at most one
    per boundary, so long prompts to score and running batches take turns;
-4. one session (round robin) runs one block program; each occupied slot reports its final
-   tokens, which are posted to the request's handle; finished or cancelled rows free their
-   slot for step 1.
+4. one session (round robin) runs one call of its step program; each occupied slot reports
+   its final tokens, which are posted to the request's handle; finished or cancelled rows
+   free their slot for step 1, so a waiting request joins at the next step.
 
 Weights versions (``serve.weights``): a session runs on the version it was opened with and
 admits only sequences of that version (each sequence carries its request's), so a weight
 update never mixes versions within a request; the ``Swapper`` installs new versions and
-retires old ones at the top of each iteration, between block steps.
+retires old ones at the top of each iteration, between device calls.
 
 Every device-facing call goes through ``serve.executor.Executor`` (process 0 of a
 multi-host server broadcasts it); the asyncio side talks to this thread only through the
@@ -72,7 +74,7 @@ class Scheduler:
         self.options, self.metrics, self.inbox = options, metrics, inbox
         self.prompt_buckets = prompt_buckets
         self.waiting: list[Seq] = []
-        self.scoring: list[ScoreJob] = []  # run one per iteration, between block steps
+        self.scoring: list[ScoreJob] = []  # run one per iteration, between device calls
         self.sessions: list[Session] = []
         self._rr = 0
         self._last_command = time.monotonic()
@@ -232,10 +234,11 @@ class Scheduler:
         try:
             updates = self.executor.step(session.sid)
         except Exception as e:  # noqa: BLE001 - fail this batch only
-            self._fail(session, list(session.slots.values()), e, "running a block")
+            self._fail(session, list(session.slots.values()), e, "running a decode step")
             return
         self._last_command = time.monotonic()
-        self.metrics.batch(len(session.slots), session.key.batch, self._last_command - t0)
+        self.metrics.batch(len(session.slots), session.key.batch, self._last_command - t0,
+                           self.executor.last_steps(session.sid))
         for u in updates:
             seq = session.slots.get(u.slot)
             if seq is None:
@@ -263,7 +266,7 @@ class Scheduler:
                     return
 
     def _score(self, job: ScoreJob) -> None:
-        """One scoring job (``Model.score`` through the executor), between two block steps."""
+        """One scoring job (``Model.score`` through the executor), between two device calls."""
         self.inbox.dequeued(len(job.sequences))
         t0 = time.monotonic()
         try:

@@ -263,9 +263,10 @@ def test_mesh_outputs_equal_single_device(mesh_shape):
         np.testing.assert_array_equal(a.nfe_per_row, b.nfe_per_row)
 
 
-def test_session_admits_at_block_boundaries(llada_model):
-    """A slot freed by a row that stopped early takes a waiting request at the next block
-    boundary; every result equals standalone generation."""
+def test_session_admits_at_the_step_a_slot_frees(llada_model):
+    """A slot freed by a row that stopped early takes a waiting request at the very next
+    denoising step (the call that finished the row returns at that step, while its batch-mate
+    is still mid-canvas); every result equals standalone generation."""
     from dllm_jax.sampling import DecodeSession, Row, program_key
 
     rng = np.random.default_rng(9)
@@ -276,21 +277,27 @@ def test_session_admits_at_block_boundaries(llada_model):
     params = [dataclasses.replace(base, stop_token_ids=(int(plain.tokens[0][0]),))] + [base] * 3
     params = [p.resolve("llada") for p in params]
     key = program_key(llada_model, 16, params[0], 2)
-    session = DecodeSession(llada_model, key)
+    session = DecodeSession(llada_model, key, steps_per_call=100)  # calls end when a row finishes
     session.admit({0: Row(prompts[0], params[0]), 1: Row(prompts[1], params[1])})
-    owner, waiting, results, steps = {0: 0, 1: 1}, [3, 2], {}, 0
+    owner, waiting, results, joined = {0: 0, 1: 1}, [3, 2], {}, {}
+    steps = lambda: int(np.asarray(session.state.batch_steps))  # noqa: E731
     while session.busy:
-        steps += 1
         for u in session.step():
             if u.done:
-                results[owner.pop(u.slot)] = (u.tokens, steps)
+                results[owner.pop(u.slot)] = (u.tokens, steps())
                 session.release(u.slot)
                 if waiting:
                     owner[u.slot] = waiting.pop()
+                    other = 1 - u.slot
+                    joined[owner[u.slot]] = (steps(), int(np.asarray(session.state.block)[other]),
+                                             int(np.asarray(session.state.call)[other]))
                     session.admit({u.slot: Row(prompts[owner[u.slot]], params[owner[u.slot]])})
     assert sorted(results) == [0, 1, 2, 3]
-    assert results[0][1] == 1 and len(results[0][0]) == 0  # finished after its first block
-    assert results[2][1] == 1 + G // LB  # admitted into slot 0 after one block, then ran G // LB blocks
+    # row 0 finished after its first block (STEPS / (G / LB) = 4 calls: refresh + 3 cached calls in 3 steps)
+    assert len(results[0][0]) == 0 and results[0][1] == 3
+    # joined at the step row 0 left, while row 1 is mid-block: batch 2 refreshes one row at a time,
+    # so row 1 waited at step 1 and has made 3 of its block-0 calls
+    assert joined[2] == (3, 0, 3)
     for i in range(4):
         want = llada_model.generate([prompts[i]], **dataclasses.asdict(params[i]))
         np.testing.assert_array_equal(results[i][0], want.tokens[0][: want.lengths[0]])

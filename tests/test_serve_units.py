@@ -278,6 +278,9 @@ class FakeExecutor:
         self.sessions[sid]["rows"].pop(slot)
         self.log.append(("release", sid, slot))
 
+    def last_steps(self, sid):
+        return 1
+
     def close(self, sid):
         self.sessions.pop(sid)
         self.log.append(("close", sid))

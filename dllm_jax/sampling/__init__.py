@@ -1,4 +1,4 @@
-"""Diffusion sampling: jitted block programs with static schedules, driven block by block."""
+"""Diffusion sampling: jitted step programs with static block schedules, every row at its own step."""
 
 from dllm_jax.sampling import rules
 from dllm_jax.sampling.params import (
@@ -17,7 +17,9 @@ from dllm_jax.sampling.params import (
     resolve_algorithm,
 )
 from dllm_jax.sampling.score import ScoreOutput, score
+from dllm_jax.sampling.decoders import BlockDecoder, Decoder, SlidingDecoder
 from dllm_jax.sampling.session import (
+    STEPS_PER_CALL,
     DecodeSession,
     GenerateOutput,
     SlotUpdate,
@@ -28,7 +30,7 @@ from dllm_jax.sampling.session import (
 from dllm_jax.sampling.state import DecodeState, Row
 
 __all__ = [
-    "ALGORITHMS", "ALIASES", "Algorithm", "BATCH_BUCKETS", "ContextOverflow", "DEFAULT_ALGORITHM",
+    "ALGORITHMS", "ALIASES", "Algorithm", "BATCH_BUCKETS", "BlockDecoder", "Decoder", "SlidingDecoder", "STEPS_PER_CALL", "ContextOverflow", "DEFAULT_ALGORITHM",
     "DecodeSession", "DecodeState", "GenerateOutput", "MAX_STOP_IDS", "MAX_TOP_LOGPROBS", "PROMPT_BUCKETS",
     "ProgramKey", "Row", "SamplingError", "SamplingParams", "ScoreOutput", "SlotUpdate", "final_prefix",
     "generate", "program_key", "resolve_algorithm", "rules", "score",

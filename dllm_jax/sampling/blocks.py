@@ -1,31 +1,39 @@
-"""One block of the LLaDA-style algorithms (basic, no_cache, prefix_cache, dual_cache, dInfer).
+"""The step program of the LLaDA-style algorithms (basic, no_cache, prefix_cache, dual_cache, dInfer).
 
-``run_block`` is a pure function of (params, state): every active row denoises its current
-block to completion (a ``lax.while_loop`` over model calls, each row stepping only while it
-still needs to), then advances to its next block. The host calls it once per block, so
-finished blocks can be streamed and new requests admitted between calls.
+``run(params, state, budget, exit_on_done)`` is a pure function: a ``lax.while_loop`` whose
+every iteration advances each live row by one denoising step of *its own* block. A row whose
+block is resolved moves to its next block at the next step, so rows in one batch may be in
+different blocks and phases, and a slot freed by a finished row takes a waiting request at
+the next host call, whatever step the others are at.
 
 Model calls per algorithm (upstream semantics, per row):
 
 * basic: a full-canvas forward per scheduled step, ``steps_per_block`` of them even when the
   schedule commits nothing (the original LLaDA generate).
 * no_cache: the same but leaves the block once it has no masks (Fast-dLLM generate).
-* prefix_cache / dual_cache: a full forward at the block start (it builds the KV cache and
-  commits the first step), then cached calls: at least one, and more while masks remain.
+* prefix_cache / dual_cache: a full forward at the block start (it builds the row's KV cache
+  and commits the first step), then cached calls: at least one, and more while masks remain.
   prefix: the queries are the whole generated region (only positions >= block start take
-  fresh keys/values; the earlier ones read the cache); dual: only the block is fed, its
-  fresh keys/values overwrite the cache while the rest stays as of the block start.
+  fresh keys/values; the earlier ones read the cache); dual: only the block is fed, its fresh
+  keys/values overwrite the cache while the rest stays as of the block start.
+
+One step of a cached algorithm: the rows that have just entered a block (``call == 0``) run
+their block-start *refresh* forward, gathered into a refresh batch of a static ``refresh_rows``
+rows (the longest-waiting first; more than that wait one step), then every row past its
+refresh (including the ones just refreshed) runs one cached call. Both forwards run only when
+some row needs them (``lax.cond``), so a step without refreshes costs one cached call.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from dllm_jax.sampling import rules
-from dllm_jax.sampling.params import ALGORITHMS, ProgramKey
-from dllm_jax.sampling.state import DecodeState
+
+# (annotations only: ``ProgramKey`` is dllm_jax.sampling.params', ``DecodeState`` state's, and
+# ``BlockDecoder`` decoders'; those modules import this one)
 
 
 def take(x, start, size):
@@ -42,126 +50,204 @@ def contains_stop(tokens, stop_ids):
     return jnp.any((tokens[:, :, None] == stop_ids[:, None, :]) & (stop_ids[:, None, :] >= 0), axis=-1)
 
 
-def make_block_program(key: ProgramKey, graphdef, *, mask_id: int, fill_id: int):
-    """Build ``run_block(params, state) -> state`` for one program key (jit it outside)."""
-    algo = ALGORITHMS[key.algorithm]
-    cache_mode, rule_static = algo.cache, algo.rule
+@struct.dataclass
+class StepLoop:
+    """Carry of a step program's loop.
+
+    Attributes:
+      state: the decode state.
+      steps: [] int32 steps run in this call.
+      finished: [] bool some row finished in this call.
+    """
+
+    state: DecodeState
+    steps: jax.Array
+    finished: jax.Array
+
+
+def step_loop(step, st: DecodeState, budget, exit_on_done) -> DecodeState:
+    """Run ``step`` up to ``budget`` times, while some row runs (and, with ``exit_on_done``, until one finishes)."""
+    done_before = st.done  # [B]
+
+    def cond(loop: StepLoop):
+        running = loop.state.active & ~loop.state.done  # [B]
+        return (loop.steps < budget) & jnp.any(running) & ~(exit_on_done & loop.finished)
+
+    def body(loop: StepLoop) -> StepLoop:
+        new = step(loop.state)
+        new = new.replace(batch_steps=new.batch_steps + 1)
+        return StepLoop(new, loop.steps + 1, jnp.any(new.done & ~done_before))
+
+    return jax.lax.while_loop(cond, body, StepLoop(st, jnp.int32(0), jnp.bool_(False))).state
+
+
+# Refresh-batch size as a fraction of the batch (docs/performance.md, "Step-level scheduling").
+REFRESH_FRACTION = 0.5
+
+
+def refresh_rows(batch: int, fraction: float | None = None) -> int:
+    """Rows one refresh forward takes: ceil(fraction * batch), at least 1."""
+    fraction = REFRESH_FRACTION if fraction is None else fraction
+    return min(batch, max(1, -(-int(round(fraction * 1000)) * batch // 1000)))
+
+
+def make_step_program(key: "ProgramKey", decoder: "BlockDecoder", graphdef, *, mask_id: int, fill_id: int,
+                      refresh_fraction: float | None = None):
+    """Build ``run(params, state, budget, exit_on_done) -> state`` for one program key (jit it outside).
+
+    ``decoder`` is the key's ``BlockDecoder`` (cache mode, fixed rule, empty steps);
+    ``refresh_fraction``: the refresh batch as a fraction of the batch (default REFRESH_FRACTION;
+    1 = every row, no gather)."""
+    cache_mode, rule_static = decoder.cache, decoder.rule
     lp, g, lb, spb = key.prompt_len, key.gen_length, key.block_length, key.steps_per_block
     num_blocks = g // lb
     shift = 1 if key.shift else 0
-    length = key.canvas_len
+    b, length = key.batch, key.canvas_len
+    r = refresh_rows(b, refresh_fraction)
     max_calls = max(spb, lb) + 1  # every threshold/factor step commits >= 1 token
 
-    def run_block(params, st: DecodeState) -> DecodeState:
+    def run(params, st: DecodeState, budget, exit_on_done) -> DecodeState:
         model = nnx.merge(graphdef, params)
-        running = st.active & ~st.done
-        bs = lp + jnp.minimum(st.block, num_blocks - 1) * lb  # [B] block start in the canvas
-        key_mask = st.valid[:, None, :]  # [B, 1, L]
 
-        def block_logits(h, start):
-            """Logits predicting the block's positions from hidden states h (indexed from start)."""
-            return model.head(take(h, bs - shift - start, lb))
+        def block_start(st):
+            return lp + jnp.minimum(st.block, num_blocks - 1) * lb  # [B] in the canvas
 
-        def full_call(canvas, want_kv):
-            tokens, positions, mask = canvas, st.positions, key_mask
+        def has_mask(st):
+            return jnp.any(take(st.canvas, block_start(st), lb) == mask_id, axis=-1)  # [B]
+
+        def full_forward(canvas, positions, valid, prompt, cfg_scale, bs, want_kv):
+            """Logits [n, Lb, V] of the rows' blocks from a full-canvas forward (and its K/V)."""
+            tokens, mask = canvas, valid[:, None, :]  # [n, L], [n, 1, L]
             if key.cfg:
-                uncond = jnp.where(st.prompt, mask_id, canvas)
-                tokens = jnp.concatenate([canvas, uncond])
+                uncond = jnp.where(prompt, mask_id, canvas)  # [n, L]
+                tokens = jnp.concatenate([canvas, uncond])  # [2n, L]
                 positions = jnp.concatenate([positions, positions])
                 mask = jnp.concatenate([mask, mask])
-            h, kv = model.hidden(tokens, positions, mask, return_kv=want_kv)
+            h, kv = model.hidden(tokens, positions, mask, return_kv=want_kv)  # [n or 2n, L, D]
             if key.cfg:
-                b = canvas.shape[0]
-                cond, unc = model.head(take(h[:b], bs - shift, lb)), model.head(take(h[b:], bs - shift, lb))
-                w = st.cfg_scale[:, None, None]
+                n = canvas.shape[0]
+                cond = model.head(take(h[:n], bs - shift, lb))  # [n, Lb, V]
+                unc = model.head(take(h[n:], bs - shift, lb))
+                w = cfg_scale[:, None, None]
                 return jnp.where(w > 0, unc + (w + 1.0) * (cond - unc), cond), kv
-            return block_logits(h, 0), kv
+            return model.head(take(h, bs - shift, lb)), kv
 
-        def cached_call(canvas, cache):
-            if cache_mode == "dual":
-                start, size = bs - shift, lb + shift
-            else:  # prefix: the whole generated region (static size), fresh from the block on
-                start, size = jnp.full_like(bs, lp + g) - g - shift, g + shift
-            tokens, positions = take(canvas, start, size), take(st.positions, start, size)
-            write = (start[:, None] + jnp.arange(size)[None, :]) >= bs[:, None]
-            h, new_cache = model.hidden(tokens, positions, key_mask, cache=cache, write_start=start,
-                                        write_mask=write, return_kv=cache_mode == "dual")
-            return block_logits(h, start), (new_cache if cache_mode == "dual" else cache)
-
-        def commit(carry, logits, live):
-            """Propose, select and write tokens for rows in ``live``; count their forward pass."""
-            canvas, nfe, call, commit_step, commit_conf, credit, record = carry
-            block_tokens = take(canvas, bs, lb)
-            masked = (block_tokens == mask_id) & live[:, None]
-            raw_logits = logits
+        def commit(st: DecodeState, logits, live) -> DecodeState:
+            """Propose, select and write tokens for rows in ``live`` [B]; count their forward pass."""
+            bs = block_start(st)  # [B]
+            block_tokens = take(st.canvas, bs, lb)  # [B, Lb]
+            masked = (block_tokens == mask_id) & live[:, None]  # [B, Lb]
+            raw_logits, credit = logits, st.credit  # [B, Lb, V]
             if rule_static == rules.CREDIT:
-                logits, new_credit = rules.credit_fuse(logits, credit, masked, call[:, None, None] == 0)
+                logits, new_credit = rules.credit_fuse(logits, credit, masked, (st.call == 0)[:, None, None])
                 credit = jnp.where(live[:, None, None], new_credit, credit)
-            x0, conf = rules.propose(logits, st.temperature, jax.vmap(jax.random.fold_in)(st.rng, nfe),
-                                     mask_id, st.random_remask, filters=(st.top_k, st.top_p, st.min_p))
-            k = jnp.take_along_axis(sched, jnp.minimum(call, spb - 1)[:, None], axis=1)[:, 0]
-            transfer = rules.select(rule_static, st.rule, conf, masked, k, st.threshold, st.factor)
-            canvas = put(canvas, bs, jnp.where(transfer, x0, block_tokens))
-            nfe = nfe + live
-            gen_idx = bs - lp
+            x0, conf = rules.propose(logits, st.temperature, jax.vmap(jax.random.fold_in)(st.rng, st.nfe),
+                                     mask_id, st.random_remask, filters=(st.top_k, st.top_p, st.min_p))  # [B, Lb]
+            # the static schedule's share of this call: LLaDA's get_num_transfer_tokens(n)[call]
+            n0, idx = st.block_masks, jnp.minimum(st.call, spb - 1)  # [B]
+            k = n0 // spb + (idx < n0 % spb)  # [B]
+            transfer = rules.select(rule_static, st.rule, conf, masked, k, st.threshold, st.factor)  # [B, Lb]
+            canvas = put(st.canvas, bs, jnp.where(transfer, x0, block_tokens))  # [B, L]
+            nfe = st.nfe + live
+            gen_idx = bs - lp  # [B] block start in the generated region
 
-            def keep_new(old, new):
+            def keep_new(old, new):  # old [B, G, ...], new [B, Lb, ...]: write committed positions
                 sel = transfer.reshape(transfer.shape + (1,) * (new.ndim - 2))
                 return put(old, gen_idx, jnp.where(sel, new, take(old, gen_idx, lb)))
 
-            commit_step = keep_new(commit_step, jnp.broadcast_to(nfe[:, None], transfer.shape))
-            commit_conf = keep_new(commit_conf, conf)
+            record = {}
             if key.logprobs:  # of the model's own distribution (before credit fusion / filters)
                 chosen, top_ids, top_lp = rules.token_logprobs(raw_logits, x0, key.logprobs, mask_id)
-                record = tuple(keep_new(old, new) for old, new in zip(record, (chosen, top_ids, top_lp)))
-            return canvas, nfe, call + live, commit_step, commit_conf, credit, record
+                record = dict(commit_logprob=keep_new(st.commit_logprob, chosen), top_ids=keep_new(st.top_ids, top_ids),
+                              top_logprobs=keep_new(st.top_logprobs, top_lp))
+            return st.replace(canvas=canvas, nfe=nfe, call=st.call + live, credit=credit,
+                              commit_step=keep_new(st.commit_step, jnp.broadcast_to(nfe[:, None], transfer.shape)),
+                              commit_conf=keep_new(st.commit_conf, conf), batch_nfe=st.batch_nfe + 1, **record)
 
-        def needs_call(canvas, call):
-            has_mask = jnp.any(take(canvas, bs, lb) == mask_id, axis=-1)
-            if algo.run_empty_steps:
-                need = jnp.where(st.rule == rules.FIXED, call < spb, has_mask)
-            elif cache_mode == "none":
-                need = has_mask
+        def needs_full_call(st):
+            """Full-canvas algorithms: the row calls the model this step."""
+            mask_left = has_mask(st)
+            if decoder.run_empty_steps:
+                need = jnp.where(st.rule == rules.FIXED, st.call < spb, mask_left)
             else:
-                need = (call == 1) | has_mask  # at least one cached call after the full one
-            return running & need & (call < max_calls)
+                need = mask_left
+            return need & (st.call < max_calls)  # [B]
 
-        sched = rules.schedule(jnp.sum(take(st.canvas, bs, lb) == mask_id, axis=-1), spb)
-        credit = jnp.zeros((st.canvas.shape[0], lb, model.spec.vocab) if rule_static == rules.CREDIT else (), jnp.float32)
-        record = (st.commit_logprob, st.top_ids, st.top_logprobs)
-        carry = (st.canvas, st.nfe, jnp.zeros_like(st.nfe), st.commit_step, st.commit_conf, credit, record)
-        cache, batch_nfe = st.cache, st.batch_nfe
+        def needs_cached_call(st):
+            """Cached algorithms, past the refresh: at least one cached call, more while masks remain."""
+            return (st.call >= 1) & ((st.call == 1) | has_mask(st)) & (st.call < max_calls)  # [B]
 
-        if cache_mode != "none":  # block-start full forward: builds the cache, commits step 0
-            logits, kv = full_call(carry[0], want_kv=True)
-            cache = kv.astype(cache.k[0].dtype)
-            carry = commit(carry, logits, running)
-            batch_nfe = batch_nfe + jnp.any(running)
+        def full_step(st, live):
+            logits, _ = full_forward(st.canvas, st.positions, st.valid, st.prompt, st.cfg_scale, block_start(st),
+                                     want_kv=False)
+            return commit(st, logits, live)
 
-        def cond(loop):
-            carry, _, _ = loop
-            return jnp.any(needs_call(carry[0], carry[2]))
+        def refresh_step(st, refresh):
+            """Block-start forward of up to ``r`` refreshing rows: rebuilds their cache, commits their step 0."""
+            bs = block_start(st)
+            if r == b:  # every row fits: no gather
+                logits, kv = full_forward(st.canvas, st.positions, st.valid, st.prompt, st.cfg_scale, bs, True)
+                sel = refresh[:, None, None, None]
+                cache = jax.tree.map(lambda old, new: jnp.where(sel, new.astype(old.dtype), old), st.cache, kv)
+                return commit(st.replace(cache=cache), logits, refresh)
+            slots = jnp.arange(b)
+            # the r refreshing rows that waited longest first (round robin over the slots)
+            priority = jnp.where(refresh, (slots - st.batch_steps) % b, b + slots)  # [B]
+            rows = jnp.argsort(priority)[:r]  # [R]
+            taken = refresh[rows]  # [R]
+            logits_r, kv = full_forward(st.canvas[rows], st.positions[rows], st.valid[rows], st.prompt[rows],
+                                        st.cfg_scale[rows], bs[rows], True)  # [R, Lb, V]
+            dest = jnp.where(taken, rows, b)  # rows not taken: out of range, dropped
+            cache = jax.tree.map(lambda old, new: old.at[dest].set(new.astype(old.dtype), mode="drop"), st.cache, kv)
+            logits = jnp.zeros((b,) + logits_r.shape[1:], logits_r.dtype).at[dest].set(logits_r, mode="drop")
+            live = jnp.zeros(b, bool).at[dest].set(True, mode="drop")  # [B]
+            return commit(st.replace(cache=cache), logits, live)
 
-        def body(loop):
-            carry, cache, batch_nfe = loop
-            live = needs_call(carry[0], carry[2])
+        def cached_step(st, live):
+            bs = block_start(st)
+            if cache_mode == "dual":
+                start, size = bs - shift, lb + shift
+            else:  # prefix: the whole generated region (static size), fresh from the block on
+                start, size = jnp.full_like(bs, lp - shift), g + shift
+            tokens, positions = take(st.canvas, start, size), take(st.positions, start, size)  # [B, S]
+            write = ((start[:, None] + jnp.arange(size)[None, :]) >= bs[:, None]) & live[:, None]  # [B, S]
+            h, new_cache = model.hidden(tokens, positions, st.valid[:, None, :], cache=st.cache, write_start=start,
+                                        write_mask=write, return_kv=cache_mode == "dual")  # [B, S, D]
+            logits = model.head(take(h, bs - shift - start, lb))  # [B, Lb, V]
+            if cache_mode == "dual":
+                st = st.replace(cache=new_cache)
+            return commit(st, logits, live)
+
+        def advance(st, running):
+            """Rows whose block is resolved move to their next block (or finish: last block, early stop)."""
             if cache_mode == "none":
-                logits, _ = full_call(carry[0], want_kv=False)
+                resolved = running & ~needs_full_call(st)
             else:
-                logits, cache = cached_call(carry[0], cache)
-            return commit(carry, logits, live), cache, batch_nfe + 1
+                resolved = running & (st.call >= 1) & ~needs_cached_call(st)  # [B]
+            bs = block_start(st)
+            stop_here = st.early_stop & jnp.any(contains_stop(take(st.canvas, bs, lb), st.stop_ids), axis=-1)
+            next_block = st.block + resolved
+            done = st.done | (resolved & ((next_block >= num_blocks) | stop_here))
+            after = jnp.arange(length)[None, :] >= (bs + lb)[:, None]  # [B, L]
+            canvas = jnp.where((resolved & stop_here)[:, None] & after, fill_id, st.canvas)
+            return st.replace(canvas=canvas, block=next_block, done=done, call=jnp.where(resolved, 0, st.call))
 
-        carry, cache, batch_nfe = jax.lax.while_loop(cond, body, (carry, cache, batch_nfe))
-        canvas, nfe, _, commit_step, commit_conf, _, (commit_logprob, top_ids, top_logprobs) = carry
+        def step(st: DecodeState) -> DecodeState:
+            running = st.active & ~st.done  # [B]
+            entering = running & (st.call == 0)  # [B] rows at a block start
+            masks_now = jnp.sum(take(st.canvas, block_start(st), lb) == mask_id, axis=-1)  # [B]
+            st = st.replace(block_masks=jnp.where(entering, masks_now, st.block_masks))
+            if rule_static == rules.CREDIT:
+                st = st.replace(credit=jnp.where(entering[:, None, None], 0.0, st.credit))
+            if cache_mode == "none":
+                live = running & needs_full_call(st)
+                st = jax.lax.cond(jnp.any(live), lambda s: full_step(s, live), lambda s: s, st)
+            else:
+                st = jax.lax.cond(jnp.any(entering), lambda s: refresh_step(s, entering), lambda s: s, st)
+                live = running & needs_cached_call(st)
+                st = jax.lax.cond(jnp.any(live), lambda s: cached_step(s, live), lambda s: s, st)
+            return advance(st, running)
 
-        # Block finished: advance, stop rows whose block holds a stop token (early_stop).
-        stop_here = st.early_stop & jnp.any(contains_stop(take(canvas, bs, lb), st.stop_ids), axis=-1)
-        next_block = st.block + running
-        done = st.done | (running & ((next_block >= num_blocks) | stop_here))
-        after = jnp.arange(length)[None, :] >= (bs + lb)[:, None]
-        canvas = jnp.where((running & stop_here)[:, None] & after, fill_id, canvas)
-        return st.replace(canvas=canvas, nfe=nfe, block=jnp.where(running, next_block, st.block), done=done,
-                          commit_step=commit_step, commit_conf=commit_conf, commit_logprob=commit_logprob,
-                          top_ids=top_ids, top_logprobs=top_logprobs, cache=cache, batch_nfe=batch_nfe)
+        return step_loop(step, st, budget, exit_on_done)
 
-    return run_block
+    return run

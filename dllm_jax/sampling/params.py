@@ -11,19 +11,13 @@ import dataclasses
 from typing import Sequence
 
 from dllm_jax.sampling import rules
+from dllm_jax.sampling.decoders import BlockDecoder, Decoder, SlidingDecoder
+from dllm_jax.sampling.errors import SamplingError
 
 # Stop tokens a row can hold on the device (early stop compares against all of them).
 MAX_STOP_IDS = 8
 # Width of the top-logprobs record of a program that tracks logprobs (a request asks for <= this).
 MAX_TOP_LOGPROBS = 20
-
-
-class SamplingError(ValueError):
-    """Invalid sampling arguments (the message names the argument and its value)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 class ContextOverflow(SamplingError):
@@ -58,6 +52,13 @@ class Algorithm:
     run_empty_steps: bool = False
     default_threshold: float | None = None
     description: str = ""
+
+    @property
+    def decoder(self) -> Decoder:
+        """The program kind that runs it (``dllm_jax.sampling.decoders``)."""
+        if self.cache == "sliding":
+            return SlidingDecoder()
+        return BlockDecoder(cache=self.cache, rule=self.rule, run_empty_steps=self.run_empty_steps)
 
 
 ALGORITHMS = {a.name: a for a in [
@@ -99,7 +100,7 @@ def resolve_algorithm(name: str | None, family: str) -> Algorithm:
         valid = sorted(ALGORITHMS) + sorted(ALIASES)
         raise SamplingError(f"unknown algorithm {name!r}; valid: {', '.join(valid)}", "algorithm")
     algo = ALGORITHMS[canonical]
-    if algo.cache == "sliding" and family != "nemotron":
+    if isinstance(algo.decoder, SlidingDecoder) and family != "nemotron":
         raise SamplingError(f"algorithm {name!r} is the Nemotron-Diffusion decoder; this is a {family} model",
                             "algorithm")
     return algo
@@ -169,9 +170,6 @@ class SamplingParams:
         num_blocks = g // lb
         steps = g if self.steps is None else self.steps
         _int_at_least(steps, 1, "steps")
-        if algo.cache != "sliding" and steps % num_blocks:
-            raise SamplingError(f"steps={steps} must be a multiple of the number of blocks "
-                                f"(gen_length/block_length = {num_blocks})", "steps")
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
             raise SamplingError(f"temperature={self.temperature!r} must be a finite number >= 0", "temperature")
         if self.remasking not in ("low_confidence", "random"):
@@ -183,14 +181,10 @@ class SamplingParams:
             raise SamplingError(f"threshold={threshold!r} must be in (0, 1]", "threshold")
         if factor is not None and not (isinstance(factor, (int, float)) and 0 <= factor < float("inf")):
             raise SamplingError(f"factor={factor!r} must be a finite number >= 0", "factor")
-        if algo.cache == "sliding":
-            for name, bad in (("threshold", threshold is not None), ("temperature", self.temperature > 0),
-                              ("remasking", self.remasking != "low_confidence"), ("cfg_scale", self.cfg_scale > 0)):
-                if bad:
-                    raise SamplingError(f"{name} is not supported by algorithm 'static_block' (greedy, "
-                                        "confidence-factor acceptance only)", name)
-            factor = 1.0 if factor is None else factor
-        else:
+        decoder = algo.decoder
+        overrides = decoder.check(dataclasses.replace(self, algorithm=algo.name, steps=steps), family)
+        factor = overrides.get("factor", factor)
+        if isinstance(decoder, BlockDecoder):
             if threshold is not None and factor is not None:
                 raise SamplingError("give either threshold or factor, not both", "factor")
             if factor is not None and factor == 0 and algo.rule is None:
@@ -199,10 +193,10 @@ class SamplingParams:
                 raise SamplingError(f"factor is not used by algorithm {algo.name!r}", "factor")
             if algo.rule is not None and threshold is None:
                 threshold = algo.default_threshold
-            if self.cfg_scale > 0 and algo.cache != "none":
+            if self.cfg_scale > 0 and decoder.uses_cache:
                 raise SamplingError(f"cfg_scale > 0 needs a full-canvas algorithm ('basic' or 'no_cache'), "
                                     f"not {algo.name!r}", "cfg_scale")
-            if algo.cache in ("prefix", "dual") and algo.rule is None and threshold is None \
+            if decoder.uses_cache and algo.rule is None and threshold is None \
                     and factor is None and steps // num_blocks < 2:
                 raise SamplingError(f"{algo.name} with a fixed schedule needs at least 2 steps per block "
                                     f"(got steps={steps} for {num_blocks} blocks); upstream Fast-dLLM fails "
@@ -210,9 +204,6 @@ class SamplingParams:
         shift = self.shift_logits
         if shift is None:
             shift = family == "nemotron"
-        if algo.cache == "sliding" and self.shift_logits is False:
-            raise SamplingError("static_block always reads shifted predictions (shift_logits=False is not "
-                                "possible with it)", "shift_logits")
         _int_at_least(self.top_k, 0, "top_k")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise SamplingError(f"top_p={self.top_p!r} must be in (0, 1]", "top_p")
@@ -268,9 +259,12 @@ class ProgramKey:
     logprobs: int = 0  # top-logprobs width recorded per committed token (0: no logprobs tracked)
 
     @property
+    def decoder(self) -> Decoder:
+        return ALGORITHMS[self.algorithm].decoder
+
+    @property
     def canvas_len(self) -> int:
-        extra = 2 * self.block_length if ALGORITHMS[self.algorithm].cache == "sliding" else 0
-        return self.prompt_len + self.gen_length + extra
+        return self.prompt_len + self.gen_length + self.decoder.extra_length(self.block_length)
 
 
 def bucket(n: int, buckets: Sequence[int]) -> int:

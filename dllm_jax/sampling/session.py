@@ -1,10 +1,12 @@
 """Host side of sampling: compiled programs per key, a slot-based session, ``generate``.
 
-A ``DecodeSession`` owns one compiled program and a device state of B slots. ``admit``
-puts requests into free slots, ``step`` runs one block program for every active slot (one
-host round trip) and reports, per slot, the tokens that became final and whether the row is
-done. ``generate`` is a session that admits everything at once and steps until all rows
-are done; the server drives sessions directly to stream blocks and refill slots.
+A ``DecodeSession`` owns one compiled step program and a device state of B slots. ``admit``
+puts requests into free slots, ``step`` runs the program for a few denoising steps (one host
+round trip: ``steps_per_call`` steps, or fewer once a row finishes) and reports, per slot, the
+tokens that became final and whether the row is done. Every row advances through its own
+blocks, so a freed slot takes a waiting request at the next call whatever step the other rows
+are at. ``generate`` is a session that admits everything at once and runs until all rows are
+done (one call); the server drives sessions directly to stream tokens and refill slots.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from dllm_jax.sampling import blocks, sliding
 from dllm_jax.sampling.params import (
     ALGORITHMS,
     BATCH_BUCKETS,
@@ -89,11 +90,14 @@ class Programs:
     Attributes:
       max_programs: the cap (None: unbounded).
       builds / evictions: entries built / dropped so far.
+      refresh_fraction: the block decoders' refresh batch as a fraction of the batch (None:
+        ``blocks.REFRESH_FRACTION``); programs built after a change use it.
     """
 
-    def __init__(self, model, max_programs: int | None = None):
+    def __init__(self, model, max_programs: int | None = None, refresh_fraction: float | None = None):
         self.model = model
         self.max_programs = max_programs
+        self.refresh_fraction = refresh_fraction
         self._cache: collections.OrderedDict = collections.OrderedDict()  # oldest use first
         self._users: dict = {}  # key -> WeakSet of the sessions using it
         self._lock = threading.RLock()
@@ -173,12 +177,10 @@ class Programs:
         m = self.model
         shardings = state_shardings(key, m.mesh, m.spec)
         param_shardings = jax.tree.map(lambda x: x.sharding, m.params)
-        if ALGORITHMS[key.algorithm].cache == "sliding":
-            fn = sliding.make_sliding_program(key, m.graphdef, mask_id=m.mask_token_id)
-        else:
-            fn = blocks.make_block_program(key, m.graphdef, mask_id=m.mask_token_id,
-                                           fill_id=m.config.eos_token_id)
-        program = jax.jit(fn, in_shardings=(param_shardings, shardings), out_shardings=shardings,
+        fn = key.decoder.build(key, m.graphdef, mask_id=m.mask_token_id, fill_id=m.config.eos_token_id,
+                               refresh_fraction=self.refresh_fraction)
+        scalar = shardings.batch_nfe  # (budget, exit_on_done): replicated scalars
+        program = jax.jit(fn, in_shardings=(param_shardings, shardings, scalar, scalar), out_shardings=shardings,
                           donate_argnums=(1,))
         # a fresh function per entry: jax caches traces and executables weakly by function, so
         # jitting the shared merge_rows would keep every evicted key's merge executable alive
@@ -191,8 +193,8 @@ def program_key(model, prompt_len: int, params: SamplingParams, batch: int, *,
                 prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
                 batch_buckets: Sequence[int] = BATCH_BUCKETS) -> ProgramKey:
     """The bucketed program key for a request (``params`` must be resolved)."""
-    algo = ALGORITHMS[params.algorithm]
-    extra = 2 * params.block_length if algo.cache == "sliding" else 0
+    decoder = ALGORITHMS[params.algorithm].decoder
+    extra = decoder.extra_length(params.block_length)
     limit = model.max_length - params.gen_length - extra
     if prompt_len + params.gen_length + extra > model.max_length:
         raise ContextOverflow(prompt_len, params.gen_length, extra, model.max_length)
@@ -201,21 +203,38 @@ def program_key(model, prompt_len: int, params: SamplingParams, batch: int, *,
     b = bucket(batch, batch_buckets)
     b = -(-b // data) * data
     num_blocks = params.gen_length // params.block_length
-    spb = params.steps // num_blocks if algo.cache != "sliding" else 0
+    spb = decoder.steps_per_block(params.steps, num_blocks)
     return ProgramKey(algorithm=params.algorithm, batch=b, prompt_len=lp, gen_length=params.gen_length,
                       block_length=params.block_length, steps_per_block=spb, cfg=params.cfg_scale > 0,
                       shift=bool(params.shift_logits),
                       logprobs=MAX_TOP_LOGPROBS if params.logprobs is not None else 0)
 
 
-class DecodeSession:
-    """B slots sharing one compiled program (see module docstring)."""
+# Denoising steps per host round trip of ``DecodeSession.step`` (a call also returns as soon as
+# a row finishes, so its slot can be refilled). Chosen by measurement: docs/performance.md,
+# "Step-level scheduling".
+STEPS_PER_CALL = 2
+# ``generate``'s budget: everything in one call.
+UNBOUNDED = 2**30
 
-    def __init__(self, model, key: ProgramKey):
+
+class DecodeSession:
+    """B slots sharing one compiled step program (see module docstring).
+
+    Attributes:
+      steps_per_call: the step budget of one ``step`` call.
+      last_steps: denoising steps the last ``step`` call ran.
+    """
+
+    def __init__(self, model, key: ProgramKey, steps_per_call: int = STEPS_PER_CALL):
         self.model, self.key = model, key
         self.program, self.merge, self.shardings, empty = model.programs.get(key, user=self)
         self.state: DecodeState = empty()
         self.slots: dict[int, Row] = {}
+        self.steps_per_call = steps_per_call
+        self.last_steps = 0  # denoising steps the last ``step`` call ran
+        self._steps = 0
+        self._finished: set[int] = set()  # slots whose row is done on the device
 
     def admit(self, rows: dict[int, Row]) -> None:
         """Put requests into free slots; they start at the next ``step``."""
@@ -227,10 +246,18 @@ class DecodeSession:
                             d_model=m.spec.d_model)
         self.state = self.merge(self.state, self._to_device(arrays))
         self.slots.update(rows)
+        self._finished.difference_update(rows)
 
     def release(self, slot: int) -> None:
-        """Forget a slot (finished or cancelled); its row is frozen until reused."""
+        """Forget a slot (finished or cancelled); its row is frozen until reused.
+
+        A row the device already finished is frozen as it is (no device call); a cancelled
+        row is cleared so it stops taking part in steps.
+        """
         self.slots.pop(slot, None)
+        if slot in self._finished:
+            return
+        self._finished.add(slot)
         arrays = row_arrays(self.key, {}, mask_id=self.model.mask_token_id, default_stops=(),
                             d_model=self.model.spec.d_model)
         arrays["replace"][slot] = True
@@ -243,14 +270,20 @@ class DecodeSession:
 
     def warmup(self) -> None:
         """Compile this key's programs (runs one step and one admission on empty slots)."""
+        self._finished.discard(0)
         self.release(0)
-        self.state = self.program(self.model.params, self.state)
+        self.state = self._run(1, True)
         jax.block_until_ready(self.state.done)
 
-    def step(self) -> list[SlotUpdate]:
-        """Run one block program (one host round trip) and report every occupied slot."""
-        self.state = self.program(self.model.params, self.state)
-        wanted = {"canvas": self.state.canvas, "done": self.state.done, "nfe": self.state.nfe}
+    def _run(self, steps: int, exit_on_done: bool) -> DecodeState:
+        return self.program(self.model.params, self.state, np.int32(steps), np.bool_(exit_on_done))
+
+    def step(self, steps: int | None = None, exit_on_done: bool = True) -> list[SlotUpdate]:
+        """Run up to ``steps`` (default ``steps_per_call``) denoising steps in one host round trip
+        (fewer once a row finishes, with ``exit_on_done``) and report every occupied slot."""
+        self.state = self._run(self.steps_per_call if steps is None else steps, exit_on_done)
+        wanted = {"canvas": self.state.canvas, "done": self.state.done, "nfe": self.state.nfe,
+                  "batch_steps": self.state.batch_steps}
         if self.key.logprobs:
             wanted.update(commit_logprob=self.state.commit_logprob, top_ids=self.state.top_ids,
                           top_logprobs=self.state.top_logprobs)
@@ -260,7 +293,11 @@ class DecodeSession:
             wanted.update(trace_step=self.state.commit_step[rows], trace_conf=self.state.commit_conf[rows])
         host = fetch(wanted)
         trace_row = {slot: j for j, slot in enumerate(traced)}
-        return [self._update(slot, host, trace_row.get(slot)) for slot in sorted(self.slots)]
+        updates = [self._update(slot, host, trace_row.get(slot)) for slot in sorted(self.slots)]
+        self._finished.update(u.slot for u in updates if u.done)
+        steps = int(host["batch_steps"])
+        self.last_steps, self._steps = steps - self._steps, steps
+        return updates
 
     def _update(self, slot: int, host, trace_row: int | None = None) -> SlotUpdate:
         lp, g = self.key.prompt_len, self.key.gen_length
@@ -389,7 +426,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, return_trace: bool = Fa
     session = DecodeSession(model, key)
     session.admit({i: Row(prompts[i], per_row[i]) for i in range(n)})
     while True:
-        updates = session.step()
+        updates = session.step(UNBOUNDED, exit_on_done=False)
         if all(u.done for u in updates):
             break
     st = session.state

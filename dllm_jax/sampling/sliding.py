@@ -11,8 +11,9 @@ when a window start with a decoded run reaches ``s + Lb >= P + G`` or holds a st
 with no mask before it. The prompt prefill (bidirectional within the prompt) is not counted
 in NFE, as upstream.
 
-One call of the program advances every running row by at least ``Lb`` positions (or to its
-end), so the host sees progress once per block's worth of tokens.
+The program is a step program (``blocks.step_loop``): one step is one decode forward of every
+live row's window, preceded (in the step a row starts) by its prompt prefill, so rows of one
+batch slide independently and a freed slot takes a new request at the next host call.
 """
 
 from __future__ import annotations
@@ -22,94 +23,81 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dllm_jax.sampling import rules
-from dllm_jax.sampling.blocks import contains_stop, put, take
-from dllm_jax.sampling.params import ProgramKey
-from dllm_jax.sampling.state import DecodeState
+from dllm_jax.sampling.blocks import contains_stop, put, step_loop, take
+
+# (annotations only: ``ProgramKey`` / ``DecodeState`` are dllm_jax.sampling.params' / state's)
 
 
-def make_sliding_program(key: ProgramKey, graphdef, *, mask_id: int):
+def make_step_program(key: "ProgramKey", graphdef, *, mask_id: int):
+    """Build ``run(params, state, budget, exit_on_done) -> state`` (see the module docstring)."""
     lp, g, lb, length = key.prompt_len, key.gen_length, key.block_length, key.canvas_len
-    max_iters = 2 * lb + 2
     q_idx = jnp.arange(lb)
     k_idx = jnp.arange(length)
 
-    def run(params, st: DecodeState) -> DecodeState:
+    def run(params, st: DecodeState, budget, exit_on_done) -> DecodeState:
         model = nnx.merge(graphdef, params)
-        running = st.active & ~st.done
-        cache, ctx = st.cache, st.ctx
 
-        # Prefill rows that just entered: the prompt region, bidirectional within the prompt.
-        prefill = running & (st.nfe == 0) & (st.block == lp)
+        def prefill(st: DecodeState, rows) -> DecodeState:
+            """The prompt region of rows that just entered, bidirectional within the prompt."""
+            mask = st.valid[:, None, :] & (k_idx < lp)[None, None, :]  # [B, 1, L]
+            h, cache = model.hidden(st.canvas[:, :lp], st.positions[:, :lp], mask, cache=st.cache,
+                                    write_start=jnp.zeros_like(st.block),
+                                    write_mask=jnp.broadcast_to(rows[:, None], (rows.shape[0], lp)),
+                                    return_kv=True)  # [B, Lp, D]
+            ctx = jnp.where(rows[:, None], h[:, lp - 1].astype(st.ctx.dtype), st.ctx)  # [B, D]
+            return st.replace(cache=cache, ctx=ctx)
 
-        def do_prefill(operands):
-            cache, ctx = operands
-            mask = st.valid[:, None, :] & (k_idx < lp)[None, None, :]
-            h, new_cache = model.hidden(st.canvas[:, :lp], st.positions[:, :lp], mask, cache=cache,
-                                        write_start=jnp.zeros_like(st.block),
-                                        write_mask=jnp.broadcast_to(prefill[:, None], (prefill.shape[0], lp)),
-                                        return_kv=True)
-            ctx = jnp.where(prefill[:, None], h[:, lp - 1].astype(ctx.dtype), ctx)
-            return new_cache, ctx
-
-        cache, ctx = jax.lax.cond(jnp.any(prefill), do_prefill, lambda ops: ops, (cache, ctx))
-        s0 = st.block
-
-        def live_rows(c):
-            _, _, s, _, _, _, _, done, _, _, it, _ = c
-            return running & ~done & (s - s0 < lb) & (it < max_iters)
-
-        def cond(c):
-            return jnp.any(live_rows(c))
-
-        def body(c):
-            canvas, cache, s, pre, mblock, ctx, nfe, done, commit_step, commit_conf, it, record = c
-            live = live_rows(c)
-            tokens, positions = take(canvas, s, lb), take(st.positions, s, lb)
-            visible = st.valid[:, None, :] & (k_idx[None, None, :] < (s + lb)[:, None, None])
+        def step(st: DecodeState) -> DecodeState:
+            running = st.active & ~st.done  # [B]
+            entering = running & (st.nfe == 0) & (st.block == lp)
+            st = jax.lax.cond(jnp.any(entering), lambda s: prefill(s, entering), lambda s: s, st)
+            live = running
+            s, pre, mblock, ctx = st.block, st.prefix, st.mblock, st.ctx  # [B], [B], [B, Lb], [B, D]
+            tokens, positions = take(st.canvas, s, lb), take(st.positions, s, lb)  # [B, Lb]
+            visible = st.valid[:, None, :] & (k_idx[None, None, :] < (s + lb)[:, None, None])  # [B, 1, L]
             hidden_tail = (q_idx[None, :, None] < pre[:, None, None]) & (k_idx[None, None, :] >= (s + pre)[:, None, None])
-            h, cache = model.hidden(tokens, positions, visible & ~hidden_tail, cache=cache, write_start=s,
+            h, cache = model.hidden(tokens, positions, visible & ~hidden_tail, cache=st.cache, write_start=s,
                                     write_mask=jnp.broadcast_to(live[:, None], tokens.shape), return_kv=True)
-            predictors = jnp.concatenate([ctx[:, None, :].astype(h.dtype), h[:, :-1]], axis=1)
-            logits = model.head(predictors)
-            x0, conf = rules.propose(logits, jnp.zeros_like(st.temperature), jax.vmap(jax.random.fold_in)(st.rng, nfe),
-                                     mask_id)
-            transfer = rules.transfer_nemotron(conf, mblock & live[:, None], st.factor)
-            canvas = put(canvas, s, jnp.where(transfer, x0, tokens))
+            predictors = jnp.concatenate([ctx[:, None, :].astype(h.dtype), h[:, :-1]], axis=1)  # [B, Lb, D]
+            logits = model.head(predictors)  # [B, Lb, V]
+            x0, conf = rules.propose(logits, jnp.zeros_like(st.temperature),
+                                     jax.vmap(jax.random.fold_in)(st.rng, st.nfe), mask_id)  # [B, Lb]
+            transfer = rules.transfer_nemotron(conf, mblock & live[:, None], st.factor)  # [B, Lb]
+            canvas = put(st.canvas, s, jnp.where(transfer, x0, tokens))  # [B, L]
             mblock = mblock & ~transfer
-            nfe = nfe + live
-            gen_idx = jnp.where(transfer, s[:, None] - lp + q_idx[None, :], g)  # g = out of range: dropped
+            nfe = st.nfe + live
+            gen_idx = jnp.where(transfer, s[:, None] - lp + q_idx[None, :], g)  # [B, Lb]; g: out of range, dropped
             rows = jnp.arange(gen_idx.shape[0])[:, None]
-            commit_step = commit_step.at[rows, gen_idx].set(jnp.broadcast_to(nfe[:, None], gen_idx.shape), mode="drop")
-            commit_conf = commit_conf.at[rows, gen_idx].set(conf, mode="drop")
+            record = {}
             if key.logprobs:
-                new = rules.token_logprobs(logits, x0, key.logprobs, mask_id)
-                record = tuple(old.at[rows, gen_idx].set(value, mode="drop") for old, value in zip(record, new))
+                chosen, top_ids, top_lp = rules.token_logprobs(logits, x0, key.logprobs, mask_id)
+                record = dict(commit_logprob=st.commit_logprob.at[rows, gen_idx].set(chosen, mode="drop"),
+                              top_ids=st.top_ids.at[rows, gen_idx].set(top_ids, mode="drop"),
+                              top_logprobs=st.top_logprobs.at[rows, gen_idx].set(top_lp, mode="drop"))
+            commit_step = st.commit_step.at[rows, gen_idx].set(jnp.broadcast_to(nfe[:, None], gen_idx.shape),
+                                                               mode="drop")
+            commit_conf = st.commit_conf.at[rows, gen_idx].set(conf, mode="drop")
             # A commit forward slides the window past its committed prefix.
             slide = live & (pre > 0)
             ctx = jnp.where(slide[:, None], take(h, pre, 1)[:, 0].astype(ctx.dtype), ctx)
             s = jnp.where(slide, s + pre + 1, s)
             pre = jnp.where(slide, 0, pre)
-            block = take(canvas, s, lb)
+            block = take(canvas, s, lb)  # [B, Lb] the (new) window
             mblock = jnp.where(slide[:, None], block == mask_id, mblock)
             # Stop / commit checks on the (new) window.
             is_mask = block == mask_id
-            first = jnp.where(jnp.any(is_mask, -1), jnp.argmax(is_mask, -1), lb)
+            first = jnp.where(jnp.any(is_mask, -1), jnp.argmax(is_mask, -1), lb)  # [B] decoded run at its start
             advance = live & (first > 0)
             pre = jnp.where(advance, first - 1, pre)
             at_end = advance & (s + lb >= lp + g)
-            stop = contains_stop(block, st.stop_ids)
+            stop = contains_stop(block, st.stop_ids)  # [B, Lb]
             first_stop = jnp.argmax(stop, -1)
             masked_before = jnp.any(mblock & (q_idx[None, :] < first_stop[:, None]), -1)
             eos = advance & jnp.any(stop, -1) & ~masked_before
-            done = done | at_end | eos
-            return canvas, cache, s, pre, mblock, ctx, nfe, done, commit_step, commit_conf, it + 1, record
+            return st.replace(canvas=canvas, cache=cache, block=s, prefix=pre, mblock=mblock, ctx=ctx, nfe=nfe,
+                              done=st.done | at_end | eos, commit_step=commit_step, commit_conf=commit_conf,
+                              batch_nfe=st.batch_nfe + 1, **record)
 
-        init = (st.canvas, cache, st.block, st.prefix, st.mblock, ctx, st.nfe, st.done, st.commit_step,
-                st.commit_conf, jnp.int32(0), (st.commit_logprob, st.top_ids, st.top_logprobs))
-        (canvas, cache, s, pre, mblock, ctx, nfe, done, commit_step, commit_conf, iters,
-         (commit_logprob, top_ids, top_logprobs)) = jax.lax.while_loop(cond, body, init)
-        return st.replace(canvas=canvas, cache=cache, block=s, prefix=pre, mblock=mblock, ctx=ctx, nfe=nfe, done=done,
-                          commit_step=commit_step, commit_conf=commit_conf, commit_logprob=commit_logprob,
-                          top_ids=top_ids, top_logprobs=top_logprobs, batch_nfe=st.batch_nfe + iters)
+        return step_loop(step, st, budget, exit_on_done)
 
     return run

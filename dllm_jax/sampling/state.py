@@ -1,9 +1,9 @@
-"""The decode state (a named pytree carried between block programs) and how rows enter it.
+"""The decode state (a named pytree carried through and between step programs) and how rows enter it.
 
 A batch has B *slots*. Each slot holds one request (or nothing): its left-padded prompt,
-its canvas of masks, its own block position, knobs and RNG. Slots are filled from the host
-(``RowData``) and merged into the device state between programs, so a finished row's slot
-can take a waiting request at a block boundary.
+its canvas of masks, its own block position and phase in that block, knobs and RNG. Slots
+are filled from the host (``row_arrays``) and merged into the device state between program
+calls, so a finished row's slot can take a waiting request at any denoising step.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import numpy as np
 from flax import struct
 
 from dllm_jax.models.transformer import CACHE_AXES, KVCache
-from dllm_jax.sampling.params import ALGORITHMS, MAX_STOP_IDS, ProgramKey, SamplingError, SamplingParams
+from dllm_jax.sampling import rules
+from dllm_jax.sampling.params import MAX_STOP_IDS, ProgramKey, SamplingError, SamplingParams
 from dllm_jax.sharding import named
 
 
@@ -34,8 +35,12 @@ class DecodeState:
       active: [B] the slot holds a request.
       done: [B] the row is finished (always True for empty slots).
       block: [B] block index (block algorithms) or window start in the canvas (sliding).
+      call: [B] model calls the row made in its current block (0: it has just entered it; the
+        cached algorithms then run its block-start refresh forward).
+      block_masks: [B] masks in the row's block when it entered it (the static schedule's n).
       nfe: [B] forward passes this row took part in.
       batch_nfe: [] forward passes of the batch program.
+      batch_steps: [] denoising steps of the batch program (one step advances every live row).
       rng: [B] typed PRNG keys (``jax.random.key(seed)``, the default implementation); step keys
         are fold_in(rng, nfe). The host carries them as key data (``row_arrays``).
       temperature, threshold, factor, cfg_scale: [B] float32 knobs.
@@ -51,6 +56,8 @@ class DecodeState:
       top_ids, top_logprobs: [B, G, K] the K = key.logprobs most probable tokens of that same
         distribution (K = 0 when the program tracks no logprobs).
       cache: KVCache (per layer [B, K, L, H]) for cached algorithms, else None.
+      credit: [B, Lb, V] dInfer credit of the row's block (credit programs; else [B, 0, 0]).
+        Reset on the device when a row enters a block, so it never travels from the host.
       prefix: [B] pending committed-prefix length (sliding decoder).
       mblock: [B, Lb] tracked mask of the current window (sliding decoder).
       ctx: [B, D] hidden state that predicts the window's first position (sliding decoder).
@@ -63,8 +70,11 @@ class DecodeState:
     active: jax.Array
     done: jax.Array
     block: jax.Array
+    call: jax.Array
+    block_masks: jax.Array
     nfe: jax.Array
     batch_nfe: jax.Array
+    batch_steps: jax.Array
     rng: jax.Array
     temperature: jax.Array
     threshold: jax.Array
@@ -83,13 +93,14 @@ class DecodeState:
     top_ids: jax.Array
     top_logprobs: jax.Array
     cache: KVCache | None
+    credit: jax.Array
     prefix: jax.Array
     mblock: jax.Array
     ctx: jax.Array
 
 
 # Per-row fields (everything with a leading batch axis except the cache).
-ROW_FIELDS = ("canvas", "valid", "positions", "prompt", "active", "done", "block", "nfe", "rng",
+ROW_FIELDS = ("canvas", "valid", "positions", "prompt", "active", "done", "block", "call", "block_masks", "nfe", "rng",
               "temperature", "threshold", "factor", "cfg_scale", "rule", "random_remask", "early_stop",
               "stop_ids", "commit_step", "commit_conf", "top_k", "top_p", "min_p", "commit_logprob", "top_ids",
               "top_logprobs", "prefix", "mblock", "ctx")
@@ -135,7 +146,14 @@ def _key_data_spec(impl: str) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def uses_cache(key: ProgramKey) -> bool:
-    return ALGORITHMS[key.algorithm].cache in ("prefix", "dual", "sliding")
+    return key.decoder.uses_cache
+
+
+def credit_shape(key: ProgramKey, vocab: int) -> tuple[int, int, int]:
+    """[B, Lb, V] for credit programs, [B, 0, 0] otherwise."""
+    if getattr(key.decoder, "rule", None) == rules.CREDIT:
+        return (key.batch, key.block_length, vocab)
+    return (key.batch, 0, 0)
 
 
 def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_stops: Sequence[int],
@@ -149,6 +167,7 @@ def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_s
         "positions": np.zeros((b, length), np.int32),
         "prompt": np.zeros((b, length), bool),
         "active": np.zeros(b, bool), "done": np.ones(b, bool), "block": np.zeros(b, np.int32),
+        "call": np.zeros(b, np.int32), "block_masks": np.zeros(b, np.int32),
         "nfe": np.zeros(b, np.int32), "rng": np.zeros((b,) + key_shape, key_dtype),
         "temperature": np.zeros(b, np.float32), "threshold": np.ones(b, np.float32),
         "factor": np.ones(b, np.float32), "cfg_scale": np.zeros(b, np.float32),
@@ -178,7 +197,7 @@ def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_s
         out["prompt"][slot, pad:lp] = True
         out["active"][slot] = True
         out["done"][slot] = False
-        out["block"][slot] = lp if ALGORITHMS[key.algorithm].cache == "sliding" else 0
+        out["block"][slot] = key.decoder.initial_position(lp)
         out["temperature"][slot] = p.temperature
         out["threshold"][slot] = 1.0 if p.threshold is None else p.threshold
         out["factor"][slot] = 1.0 if p.factor is None else p.factor
@@ -209,24 +228,35 @@ def state_shardings(key: ProgramKey, mesh, spec) -> DecodeState:
     fields = {f: rows(2 if f in ("canvas", "valid", "positions", "prompt", "stop_ids", "commit_step",
                                  "commit_conf", "commit_logprob", "mblock", "ctx") else
                          3 if f in ("top_ids", "top_logprobs") else 1) for f in ROW_FIELDS}
-    return DecodeState(**fields, batch_nfe=named(mesh, (), ()), cache=cache)
+    scalar = named(mesh, (), ())
+    return DecodeState(**fields, batch_nfe=scalar, batch_steps=scalar, cache=cache, credit=rows(3))
 
 
 def empty_state_fn(key: ProgramKey, spec, dtype, shardings: DecodeState, *, mask_id: int):
     """A function creating the all-empty state (slots done, cache zeroed) on the mesh."""
     arrays = row_arrays(key, {}, mask_id=mask_id, default_stops=(), d_model=spec.d_model)
     arrays.pop("replace")
-    zeros = None
-    if uses_cache(key):
-        shape = (key.batch, spec.n_kv_heads, key.canvas_len, spec.head_dim)
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=shardings.cache.k[0])
+    credit = credit_shape(key, spec.vocab)
+    n = spec.n_layers
+    kv_shape = (key.batch, spec.n_kv_heads, key.canvas_len, spec.head_dim)
+
+    def zeros():  # the cache and the credit, zeroed on the mesh (one small program)
+        cache = None
+        if uses_cache(key):
+            cache = KVCache(tuple(jnp.zeros(kv_shape, dtype) for _ in range(n)),
+                            tuple(jnp.zeros(kv_shape, dtype) for _ in range(n)))
+        return cache, jnp.zeros(credit, jnp.float32)
+
+    if uses_cache(key) or credit[1]:
+        zeros = jax.jit(zeros, out_shardings=(shardings.cache, shardings.credit))
+    else:  # nothing to allocate on the device: no program
+        zeros = lambda: (None, jax.device_put(np.zeros(credit, np.float32), shardings.credit))  # noqa: E731
 
     def make() -> DecodeState:
         fields = {f: to_device(f, arrays[f], getattr(shardings, f)) for f in ROW_FIELDS}
-        cache = None
-        if zeros is not None:
-            cache = KVCache(tuple(zeros() for _ in range(spec.n_layers)), tuple(zeros() for _ in range(spec.n_layers)))
-        return DecodeState(**fields, batch_nfe=jax.device_put(np.int32(0), shardings.batch_nfe), cache=cache)
+        cache, credit_zeros = zeros()
+        counter = lambda: jax.device_put(np.int32(0), shardings.batch_nfe)  # noqa: E731
+        return DecodeState(**fields, batch_nfe=counter(), batch_steps=counter(), cache=cache, credit=credit_zeros)
 
     return make
 

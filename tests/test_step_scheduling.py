@@ -1,0 +1,105 @@
+"""Step-level scheduling: rows join and leave a batch at any denoising step, outputs unchanged.
+
+A ``DecodeSession`` stepped one denoising step per call, with requests admitted into freed
+slots whenever one is free (so rows join while their batch-mates are mid-block, in other
+blocks, or refreshing), gives every request the tokens of its solo ``Model.generate`` - in
+bf16, the dtype real checkpoints are served in.
+"""
+
+import dataclasses
+import functools
+
+import numpy as np
+import pytest
+from helpers import LLADA_DIR, NEMOTRON_DIR
+
+import dllm_jax
+from dllm_jax.sampling import DecodeSession, Row, SamplingParams, program_key
+
+G, LB = 16, 8
+
+
+@functools.cache
+def _model(family: str):
+    path = (LLADA_DIR if family == "llada" else NEMOTRON_DIR) / "model"
+    return dllm_jax.load(path, dtype="bfloat16", mesh=dllm_jax.make_mesh("1"))
+
+
+def _params(algorithm: str, n: int) -> list[SamplingParams]:
+    family = "nemotron" if algorithm == "static_block" else "llada"
+    out = []
+    for i in range(n):
+        if algorithm == "static_block":
+            p = SamplingParams(algorithm=algorithm, gen_length=G, block_length=LB, factor=[1.0, 2.0][i % 2])
+        else:
+            # variable steps per block (threshold / factor rows) beside fixed-schedule rows, seeded T > 0
+            rule = [dict(threshold=0.3), dict(), dict(factor=1.5), dict(threshold=0.6)][i % 4]
+            if algorithm.startswith("dinfer"):
+                rule = dict(threshold=[0.3, 0.6][i % 2])
+            p = SamplingParams(algorithm=algorithm, gen_length=G, block_length=LB, steps=G, early_stop=i % 3 == 0,
+                               temperature=0.7 if i % 2 else 0.0, seed=40 + i, **rule)
+        out.append(p.resolve(family))
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["basic", "no_cache", "prefix_cache", "dual_cache", "dinfer_credit",
+                                       "static_block"])
+def test_rows_join_at_any_step(algorithm):
+    family = "nemotron" if algorithm == "static_block" else "llada"
+    model = _model(family)
+    rng = np.random.default_rng(5)
+    n = 7
+    prompts = [rng.integers(0, 256, int(k)).tolist() for k in rng.integers(3, 41, n)]
+    params = _params(algorithm, n)
+    # 4 slots, refresh batch 2: more rows enter a block at once than one refresh takes
+    session = DecodeSession(model, program_key(model, 40, params[0], 4), steps_per_call=1)
+    waiting = list(range(n))
+    owner, results, joined_mid_block = {}, {}, 0
+    arrivals = {0: 2, 1: 1, 3: 1}  # step -> how many requests arrive (the rest: whenever a slot frees)
+    step = 0
+    while waiting or owner:
+        arriving = arrivals.get(step, 0) if step in arrivals else (len(waiting) if step > 3 else 0)
+        free = [s for s in range(session.key.batch) if s not in owner]
+        rows = {}
+        for slot in free[:min(arriving, len(waiting))]:
+            owner[slot] = waiting.pop(0)
+            rows[slot] = Row(prompts[owner[slot]], params[owner[slot]])
+        if rows:
+            call, block = np.asarray(session.state.call), np.asarray(session.state.block)
+            # a batch-mate is mid-block (cached algorithms: past its refresh) or past its first block
+            joined_mid_block += any(call[s] > 0 or block[s] > (40 if family == "nemotron" else 0)
+                                    for s in owner if s not in rows)
+            session.admit(rows)
+        for u in session.step():
+            if u.done:
+                results[owner.pop(u.slot)] = u.tokens
+                session.release(u.slot)
+        step += 1
+        assert step < 500
+    assert joined_mid_block >= 2
+    assert sorted(results) == list(range(n))
+    for i in range(n):
+        want = model.generate([prompts[i]], **dataclasses.asdict(params[i]))
+        np.testing.assert_array_equal(results[i], want.tokens[0][: want.lengths[0]],
+                                      err_msg=f"{algorithm} request {i}")
+
+
+def test_step_budget_and_early_return():
+    """One call runs at most ``steps`` denoising steps and returns at the step a row finishes;
+    a row entering a block when the refresh batch is full waits one step."""
+    model = _model("llada")
+    fixed = SamplingParams(algorithm="dual_cache", gen_length=G, block_length=LB, steps=G).resolve("llada")
+    fast = dataclasses.replace(fixed, threshold=0.01)  # commits its whole block at the refresh
+    session = DecodeSession(model, program_key(model, 16, fixed, 2))  # batch 2: refresh batch of 1
+    session.admit({0: Row([5, 6, 7], fixed), 1: Row([8, 9], fast)})
+    counted = lambda: int(np.asarray(session.state.batch_steps))  # noqa: E731
+    # step 1: slot 0 refreshes and makes its first cached call; slot 1 waits for the refresh batch
+    updates = {u.slot: u for u in session.step(steps=1)}
+    assert counted() == 1 and (updates[0].nfe, updates[1].nfe) == (2, 0)
+    # steps 2 and 3: the fast row resolves a block per step (refresh + the cached call every block
+    # takes); the call returns at the step it finishes
+    updates = {u.slot: u for u in session.step(steps=100)}
+    assert counted() == 3 and updates[1].done and updates[1].nfe == 4 and not updates[0].done
+    # fixed schedule, 8 calls per block: a refresh step (full + cached call), then 6 cached steps
+    updates = {u.slot: u for u in session.step(steps=100)}
+    assert counted() == 14 and updates[0].done and updates[0].nfe == G
