@@ -13,7 +13,7 @@ rows per block program and the fraction of wall time the engine spent in block p
 the ratio to calling ``Model.generate`` directly
 in this process on the same requests in batches of min(clients, max batch) - the server's
 overhead (queueing, HTTP, SSE, detokenisation, scheduling). Each level first runs untimed
-until the server compiles no new programs, so compiles are not measured (server and direct
+until the server compiles no new programs (and none is compiling), so compiles are not measured (server and direct
 alike).
 
 Prompt lengths: 50% short (16-64 tokens), 35% medium (64-192), 15% long (192-384), capped
@@ -149,7 +149,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         serve_args += ["--model", args.model]
     if args.mesh:
         serve_args += ["--mesh", args.mesh]
-    return launch(serve_args)
+    return launch(serve_args + args.serve_args.split())
 
 
 # ---- direct Model.generate on the same requests ----------------------------------------------
@@ -202,6 +202,7 @@ def main(argv=None):
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--no-direct", action="store_true", help="skip the Model.generate comparison")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--serve-args", default="", help="more arguments of the server, e.g. '--steps-per-call 1'")
     args = p.parse_args(argv)
     demo_workload = args.model == "demo"
     if demo_workload:
@@ -240,6 +241,8 @@ def main(argv=None):
             for _ in range(6):  # warm until no new programs compile (steady state)
                 compiles = scrape(url, headers).get("dllm_compiles_total", 0)
                 asyncio.run(run_load(url, model_name, prompts, clients, args.max_tokens, headers))
+                while scrape(url, headers).get("dllm_compiles_in_flight", 0):  # one started late in the pass
+                    time.sleep(0.2)
                 if scrape(url, headers).get("dllm_compiles_total", 0) == compiles:
                     break
             before = scrape(url, headers)

@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-per-call", type=int, default=None,
                    help="denoising steps per device call; a call also ends as soon as a row finishes, so its "
                         "slot takes a waiting request at the next step (default: dllm_jax's STEPS_PER_CALL)")
+    p.add_argument("--refill-wait-ms", type=float, default=5.0,
+                   help="after rows finish, hold the next step up to this long (and a quarter of a step) for "
+                        "their clients' next requests, when recent demand says they come back (0: never)")
     p.add_argument("--batch-buckets", default=None,
                    help="compiled batch sizes, e.g. '1,8,32' (default: powers of two up to --max-batch-size)")
     p.add_argument("--prompt-buckets", default=None, help="compiled prompt lengths, e.g. '64,256,1024'")
@@ -63,10 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--process-id", type=int, default=None)
     args = p.parse_args(argv)
     if args.max_batch_size < 1 or args.max_queue < 1 or args.max_sessions < 1 or args.max_wait_ms < 0 \
-            or (args.steps_per_call is not None and args.steps_per_call < 1) \
+            or (args.steps_per_call is not None and args.steps_per_call < 1) or args.refill_wait_ms < 0 \
             or args.max_score_tokens < 0 or args.max_programs < 0:
         p.error("--max-batch-size, --max-queue, --max-sessions and --steps-per-call must be >= 1, --max-wait-ms, "
-                "--max-score-tokens and --max-programs >= 0")
+                "--refill-wait-ms, --max-score-tokens and --max-programs >= 0")
     return args
 
 
@@ -144,6 +147,7 @@ def main(argv=None) -> None:
         max_score_tokens=args.max_score_tokens, heartbeat_s=10.0 if multi else None,
         background_compile=not multi, max_programs=args.max_programs or None,
         allow_weight_updates=args.allow_weight_updates,
+        refill_wait_ms=args.refill_wait_ms,
         **({"steps_per_call": args.steps_per_call} if args.steps_per_call else {}))
     if args.allow_weight_updates and not args.api_key:
         log.warning("--allow-weight-updates without an API key: anyone who reaches this port can replace the "

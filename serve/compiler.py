@@ -71,6 +71,11 @@ class Compiler:
                 self._pool.submit(self._compile, key)
             return False
 
+    def in_flight(self) -> int:
+        """Background compiles running or queued."""
+        with self._lock:
+            return len(self._compiling)
+
     def take_failure(self, key: ProgramKey) -> Exception | None:
         """The error of a failed background compile of ``key`` (reported once; a later request retries)."""
         with self._lock:

@@ -32,6 +32,7 @@ GAUGES = {
     "running_rows": "Sequences in running batches (the running batch size).",
     "sessions": "Open decode sessions (compiled batches in flight).",
     "engine_ready": "1 when the engine serves requests.",
+    "compiles_in_flight": "Programs compiling in the background right now.",
     "programs_cached": "Compiled programs in the model's cache (block and scoring; at most --max-programs).",
     "weights_resident": "Weights versions in memory (2 while an update loads or old requests finish).",
     "live_array_bytes": "Bytes of the process's live JAX arrays (logical sizes; params, decode state ...), at scrape.",

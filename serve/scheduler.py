@@ -15,12 +15,17 @@ soon as one of its rows finishes; every row is at its own block and step. Betwee
    compiled in the background (``serve.compiler``) while the group borrows a compiled one or
    waits. When the session limit blocks the oldest waiting sequence, later arrivals stop
    joining running sessions, so those drain and the blocked group gets its turn (FIFO
-   fairness, no starvation);
+   fairness, no starvation). A session smaller than another of its group, or (at the session
+   limit) smaller than its group's recent peak demand, admits no more rows either
+   (``_draining``): rows join at every step, so without this a batch-1 session opened on a
+   quiet server would be refilled forever beside the bigger batch its group needs;
 3. a pending scoring job (echo + logprobs: ``Model.score`` of prompts) runs, at most one
    per boundary, so long prompts to score and running batches take turns;
 4. one session (round robin) runs one call of its step program; each occupied slot reports
    its final tokens, which are posted to the request's handle; finished or cancelled rows
-   free their slot for step 1, so a waiting request joins at the next step.
+   free their slot for step 1, so a waiting request joins at the next step. When rows left
+   and the group's recent demand says their clients will be back, the next call waits up to
+   ``refill_wait_ms`` for them (``_expect_refill``).
 
 Weights versions (``serve.weights``): a session runs on the version it was opened with and
 admits only sequences of that version (each sequence carries its request's), so a weight
@@ -40,7 +45,7 @@ import dataclasses
 import logging
 import time
 
-from dllm_jax.sampling import ProgramKey, program_key
+from dllm_jax.sampling import ProgramKey, bucket, program_key
 from serve.compiler import Compiler
 from serve.errors import EngineDead, EngineFailed, ServeError
 from serve.executor import Executor
@@ -82,11 +87,17 @@ class Scheduler:
         self._demand: dict[ProgramKey, tuple[int, float]] = {}  # group -> (peak sequences, since)
         self._programs = getattr(model, "programs", None)  # the model's compiled-program cache
         self._builds = 0  # its builds already counted in programs_built_total
+        self._refill_by = 0.0  # (monotonic) wait for returning clients until then: slots just freed
 
     def loop(self) -> None:
         while True:
-            new, cancels, stopping = self.inbox.take(idle=not (self.sessions or self.scoring),
-                                                     timeout=self._idle_timeout())
+            refill = self._refill_by - time.monotonic()
+            self._refill_by = 0.0
+            if refill > 0 and not self.waiting and not self.scoring:  # a short wait for the next request
+                new, cancels, stopping = self.inbox.take(idle=True, timeout=refill)
+            else:
+                new, cancels, stopping = self.inbox.take(idle=not (self._busy() or self.scoring),
+                                                         timeout=self._idle_timeout())
             if stopping:
                 if self.weights is not None:
                     self.weights.shutdown()
@@ -104,16 +115,53 @@ class Scheduler:
             if cancels:
                 self._apply_cancels(cancels)
             self._schedule(time.monotonic())
-            if self.sessions:
-                self._rr = (self._rr + 1) % len(self.sessions)
-                self._step(self.sessions[self._rr])
+            busy = self._busy()
+            if busy:
+                self._rr = (self._rr + 1) % len(busy)
+                self._step(busy[self._rr])
             elif self.options.heartbeat_s and time.monotonic() - self._last_command > self.options.heartbeat_s:
                 self.executor.noop()
                 self._last_command = time.monotonic()
             self._publish()
 
+    def _busy(self) -> list[Session]:
+        """Sessions with rows (an empty one kept open for returning clients is not stepped)."""
+        return [s for s in self.sessions if s.slots]
+
+    def _wanted(self, session: Session) -> bool:
+        """Keep ``session`` open while it is empty: it has the batch size its group's recent demand
+        asks for, that demand exceeds the rows the group runs (closed-loop clients are about to
+        send their next requests) and it is not draining.
+        Closing it would make the next arrival open a fresh batch, and at every lull the group
+        would thrash between sessions instead of refilling one."""
+        peak, since = self._demand.get(session.group, (0, 0.0))
+        if time.monotonic() - since > self.options.demand_window_s or session.sid in self._draining():
+            return False
+        if session.key.batch != self._batch_for(min(self.options.max_batch_size, peak)):
+            return False  # (a borrowed or outgrown program: the next arrival opens the right one)
+        return peak > sum(len(s.slots) for s in self.sessions if s.group == session.group)
+
+    def _close_idle(self) -> None:
+        """Close empty sessions no longer wanted, or all of them when the session limit keeps
+        another group's requests waiting."""
+        at_cap = len(self.sessions) >= self.options.max_sessions
+        for session in [s for s in self.sessions if not s.slots]:
+            others = at_cap and any(q.group != session.group for q in self.waiting)
+            if others or not self._wanted(session):
+                self._close(session)
+
+    def _close(self, session: Session) -> None:
+        try:
+            self.executor.close(session.sid)
+        except Exception:  # noqa: BLE001 - an empty session: nothing to fail
+            log.exception("closing a session")
+        self.sessions.remove(session)
+        log.debug("closed session %d (batch %d), %d sessions", session.sid, session.key.batch, len(self.sessions))
+
     def _idle_timeout(self) -> float | None:
         timeouts = []
+        if any(not s.slots for s in self.sessions):  # wake up to close empty sessions once unwanted
+            timeouts.append(self.options.demand_window_s)
         waiting = [s for s in self.waiting if s.group not in self._blocked]  # blocked: woken by the compile
         if waiting:
             oldest = min(s.arrival for s in waiting)
@@ -137,9 +185,41 @@ class Scheduler:
                     self.metrics.inc("requests_cancelled_total")
                     self._release(session, slot)
 
+    def _draining(self) -> set[int]:
+        """Sessions that admit no more rows, so they empty and close: a session smaller than another
+        of its group (the round robin would give its few rows as many steps as the bigger batch),
+        or smaller than its group's recent peak demand when a program of that size is compiled and
+        the group runs several sessions or ``max_sessions`` are running (a session refilled at
+        every step would otherwise never end, and its group never get one batch of its size)."""
+        opts = self.options
+        groups: dict[tuple[ProgramKey, object], list[Session]] = {}
+        for s in self.sessions:
+            groups.setdefault((s.group, s.weights), []).append(s)
+        at_cap = len(self.sessions) >= opts.max_sessions
+        out = set()
+        for (group, _), sessions in groups.items():
+            biggest = max(s.key.batch for s in sessions)
+            want = min(opts.max_batch_size, self._demand.get(group, (0, 0.0))[0])
+            for s in sessions:
+                if s.key.batch < biggest:
+                    out.add(s.sid)
+                elif (at_cap or len(sessions) > 1) and s.key.batch < want:
+                    bigger = dataclasses.replace(s.key, batch=self._batch_for(want))
+                    if bigger.batch > s.key.batch and self.compiler.ready(bigger):
+                        out.add(s.sid)
+        return out
+
+    def _batch_for(self, rows: int) -> int:
+        """The compiled batch size that holds ``rows`` (as ``program_key`` rounds it)."""
+        b = bucket(rows, self.options.batch_bucket_list())
+        data = self.model.mesh.shape["data"] if hasattr(self.model, "mesh") else 1
+        return -(-b // data) * data
+
     def _schedule(self, now: float) -> None:
         opts = self.options
-        free = {s.sid: s.free() for s in self.sessions}
+        self._close_idle()
+        draining = self._draining() if self.sessions else set()
+        free = {s.sid: ([] if s.sid in draining else s.free()) for s in self.sessions}
         admits: dict[int, dict[int, Seq]] = {}
         rest: list[Seq] = []
         barrier = False
@@ -190,6 +270,8 @@ class Scheduler:
                 self._fail(None, chosen, e, "opening a batch")
                 continue
             self.sessions.append(session)
+            log.debug("opened session %d: batch %d (%d rows), %d sessions", session.sid, key.batch, len(chosen),
+                      len(self.sessions))
             admits[session.sid] = dict(enumerate(chosen))
         if not admits:
             return
@@ -239,6 +321,7 @@ class Scheduler:
         self._last_command = time.monotonic()
         self.metrics.batch(len(session.slots), session.key.batch, self._last_command - t0,
                            self.executor.last_steps(session.sid))
+        freed = False
         for u in updates:
             seq = session.slots.get(u.slot)
             if seq is None:
@@ -264,6 +347,21 @@ class Scheduler:
                 self.metrics.inc("nfe_total", u.nfe)
                 if not self._release(session, u.slot):
                     return
+                freed = True
+        if freed:
+            self._expect_refill(session, self._last_command - t0)
+
+    def _expect_refill(self, session: Session, call_s: float) -> None:
+        """Rows just left ``session``: if its group's recent demand says their clients come back
+        (closed-loop harnesses send the next request as soon as a reply ends), hold the next
+        device call for up to ``refill_wait_ms`` (and a quarter of a call) so the request joins at
+        the next step instead of one call later. Returns at once when a request arrives."""
+        wait_s = min(self.options.refill_wait_ms / 1e3, 0.25 * call_s)
+        if wait_s <= 0 or any(seq.group == session.group for seq in self.waiting):
+            return
+        running = sum(len(s.slots) for s in self.sessions if s.group == session.group)
+        if self._demand.get(session.group, (0, 0.0))[0] > running:
+            self._refill_by = time.monotonic() + wait_s
 
     def _score(self, job: ScoreJob) -> None:
         """One scoring job (``Model.score`` through the executor), between two device calls."""
@@ -299,10 +397,10 @@ class Scheduler:
                 log.exception("closing a failed session")
 
     def _release(self, session: Session, slot: int) -> bool:
-        """Free a slot (the session closes when empty); False if that failed the session."""
+        """Free a slot (the session closes when empty, unless ``_wanted``); False if it closed or failed."""
         del session.slots[slot]
         try:
-            if session.slots:
+            if session.slots or self._wanted(session):
                 self.executor.release(session.sid, slot)
                 return True
             self.executor.close(session.sid)
@@ -310,12 +408,15 @@ class Scheduler:
             self._fail(session, list(session.slots.values()), e, "freeing a slot")
             return False
         self.sessions.remove(session)
+        log.debug("closed session %d (batch %d), %d sessions", session.sid, session.key.batch, len(self.sessions))
         return False
 
     def _publish(self) -> None:
         self.metrics.set("queue_depth", self.inbox.queued)
         self.metrics.set("running_rows", sum(len(s.slots) for s in self.sessions))
         self.metrics.set("sessions", len(self.sessions))
+        in_flight = getattr(self.compiler, "in_flight", None)
+        self.metrics.set("compiles_in_flight", in_flight() if in_flight is not None else 0)
         if self._programs is not None:
             self.metrics.set("programs_cached", len(self._programs))
             builds = self._programs.builds

@@ -584,3 +584,36 @@ def test_scoring_runs_on_the_scheduler_between_block_steps(make_engine):
     assert ex.log[i] == ("score", [3, 2], 2)
     assert "step" in ops[:i] and "step" in ops[i:]  # between two block steps of the running batch
     assert engine.inbox.queued == 0
+
+
+def test_small_sessions_drain_so_their_group_gets_a_bigger_batch():
+    """Rows join at every step, so a session is refilled forever unless told to drain: one smaller
+    than another of its group drains; at the session limit, so does one smaller than the group's
+    recent demand - once a program of the demanded size is compiled (else it keeps serving)."""
+    from dllm_jax.sampling import program_key
+    from serve.scheduler import Scheduler, Session
+
+    model = fake_model()
+    key = program_key(model, 10, default_params("llada", 64), 1)
+    ready = {"yes": True}
+    compiler = types.SimpleNamespace(ready=lambda k: ready["yes"])
+    sched = Scheduler(model, None, compiler, EngineOptions(max_batch_size=8, max_sessions=2), Metrics("fake"),
+                      None, None)
+
+    def session(sid, batch):
+        return Session(sid, dataclasses.replace(key, batch=batch), key, {})
+
+    sched.sessions = [session(0, 1), session(1, 8)]
+    assert sched._draining() == {0}  # beside a batch of 8, the batch-1 session drains
+    sched.sessions = [session(0, 1), session(1, 1)]  # at the limit of 2 sessions, demand 8
+    sched._demand[key] = (8, time.monotonic())
+    assert sched._draining() == {0, 1}
+    ready["yes"] = False  # the batch-8 program is not compiled yet: keep serving meanwhile
+    assert sched._draining() == set()
+    ready["yes"] = True
+    sched.sessions = [session(0, 1)]  # below the limit: the waiting rows open a batch of 8 instead
+    assert sched._draining() == set()
+    sched.options = EngineOptions(max_batch_size=16, max_sessions=4)
+    sched._demand[key] = (16, time.monotonic())
+    sched.sessions = [session(0, 8), session(1, 8)]  # two batches of 8 for 16 clients: one of 16 instead
+    assert sched._draining() == {0, 1}

@@ -213,7 +213,7 @@ def program_key(model, prompt_len: int, params: SamplingParams, batch: int, *,
 # Denoising steps per host round trip of ``DecodeSession.step`` (a call also returns as soon as
 # a row finishes, so its slot can be refilled). Chosen by measurement: docs/performance.md,
 # "Step-level scheduling".
-STEPS_PER_CALL = 2
+STEPS_PER_CALL = 1
 # ``generate``'s budget: everything in one call.
 UNBOUNDED = 2**30
 
