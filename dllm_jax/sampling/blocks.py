@@ -21,7 +21,7 @@ One step of a cached algorithm: the rows that have just entered a block (``call 
 their block-start *refresh* forward, gathered into a refresh batch of a static ``refresh_rows``
 rows (the longest-waiting first; more than that wait one step), then every row past its
 refresh (including the ones just refreshed) runs one cached call. Both forwards run only when
-some row needs them (``lax.cond``), so a step without refreshes costs one cached call.
+some row needs them (``when``), so a step without refreshes costs one cached call.
 """
 
 from __future__ import annotations
@@ -79,6 +79,17 @@ def step_loop(step, st: DecodeState, budget, exit_on_done) -> DecodeState:
         return StepLoop(new, loop.steps + 1, jnp.any(new.done & ~done_before))
 
     return jax.lax.while_loop(cond, body, StepLoop(st, jnp.int32(0), jnp.bool_(False))).state
+
+
+def when(pred, fn, st):
+    """``fn(st)`` if ``pred`` else ``st``, as a while loop of zero or one iteration: XLA:CPU keeps a
+    while loop's carry (the KV cache) in place, where a ``lax.cond`` returning the state copied
+    it on every step (measured: docs/performance.md, "Step-level scheduling")."""
+    def body(carry):
+        _, st = carry
+        return jnp.bool_(False), fn(st)
+
+    return jax.lax.while_loop(lambda carry: carry[0], body, (pred, st))[1]
 
 
 # Refresh-batch size as a fraction of the batch (docs/performance.md, "Step-level scheduling").
@@ -241,11 +252,11 @@ def make_step_program(key: "ProgramKey", decoder: "BlockDecoder", graphdef, *, m
                 st = st.replace(credit=jnp.where(entering[:, None, None], 0.0, st.credit))
             if cache_mode == "none":
                 live = running & needs_full_call(st)
-                st = jax.lax.cond(jnp.any(live), lambda s: full_step(s, live), lambda s: s, st)
+                st = when(jnp.any(live), lambda s: full_step(s, live), st)
             else:
-                st = jax.lax.cond(jnp.any(entering), lambda s: refresh_step(s, entering), lambda s: s, st)
+                st = when(jnp.any(entering), lambda s: refresh_step(s, entering), st)
                 live = running & needs_cached_call(st)
-                st = jax.lax.cond(jnp.any(live), lambda s: cached_step(s, live), lambda s: s, st)
+                st = when(jnp.any(live), lambda s: cached_step(s, live), st)
             return advance(st, running)
 
         return step_loop(step, st, budget, exit_on_done)

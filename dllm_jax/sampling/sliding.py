@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dllm_jax.sampling import rules
-from dllm_jax.sampling.blocks import contains_stop, put, step_loop, take
+from dllm_jax.sampling.blocks import contains_stop, put, step_loop, take, when
 
 # (annotations only: ``ProgramKey`` / ``DecodeState`` are dllm_jax.sampling.params' / state's)
 
@@ -50,7 +50,7 @@ def make_step_program(key: "ProgramKey", graphdef, *, mask_id: int):
         def step(st: DecodeState) -> DecodeState:
             running = st.active & ~st.done  # [B]
             entering = running & (st.nfe == 0) & (st.block == lp)
-            st = jax.lax.cond(jnp.any(entering), lambda s: prefill(s, entering), lambda s: s, st)
+            st = when(jnp.any(entering), lambda s: prefill(s, entering), st)
             live = running
             s, pre, mblock, ctx = st.block, st.prefix, st.mblock, st.ctx  # [B], [B], [B, Lb], [B, D]
             tokens, positions = take(st.canvas, s, lb), take(st.positions, s, lb)  # [B, Lb]
