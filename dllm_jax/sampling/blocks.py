@@ -26,6 +26,8 @@ some row needs them (``when``), so a step without refreshes costs one cached cal
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -99,7 +101,7 @@ REFRESH_FRACTION = 0.5
 def refresh_rows(batch: int, fraction: float | None = None) -> int:
     """Rows one refresh forward takes: ceil(fraction * batch), at least 1."""
     fraction = REFRESH_FRACTION if fraction is None else fraction
-    return min(batch, max(1, -(-int(round(fraction * 1000)) * batch // 1000)))
+    return min(batch, max(1, math.ceil(fraction * batch)))
 
 
 def make_step_program(key: "ProgramKey", decoder: "BlockDecoder", graphdef, *, mask_id: int, fill_id: int,

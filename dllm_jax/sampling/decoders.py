@@ -24,7 +24,10 @@ from dllm_jax.sampling.errors import SamplingError
 class Decoder:
     """Base: what a program kind decides (see module docstring)."""
 
-    uses_cache: bool = False
+    @property
+    def uses_cache(self) -> bool:
+        """The state holds a KV cache."""
+        return True
 
     def extra_length(self, block_length: int) -> int:
         """Canvas positions a row needs after prompt + gen_length."""
@@ -62,8 +65,9 @@ class BlockDecoder(Decoder):
     rule: int | None = None
     run_empty_steps: bool = False
 
-    def __post_init__(self):
-        object.__setattr__(self, "uses_cache", self.cache != "none")
+    @property
+    def uses_cache(self) -> bool:
+        return self.cache != "none"
 
     def check(self, params, family: str) -> dict:
         num_blocks = params.gen_length // params.block_length
@@ -80,8 +84,6 @@ class BlockDecoder(Decoder):
 @dataclasses.dataclass(frozen=True)
 class SlidingDecoder(Decoder):
     """NeMo-RL's static-block sliding window (Nemotron-Diffusion): greedy, factor acceptance."""
-
-    uses_cache: bool = True
 
     def extra_length(self, block_length: int) -> int:
         return 2 * block_length  # the window may run up to two blocks past the canvas
