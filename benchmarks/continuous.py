@@ -72,6 +72,9 @@ def run_pass(model, prompts, params, batch: int, steps_per_call: int | None = No
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model dir (default: the demo model)")
+    p.add_argument("--workload", choices=("demo", "ragged"), default="demo",
+                   help="demo: the demo tasks; ragged: random-token prompts of 16-384 tokens (serve_load's "
+                   "bench-model workload)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--threshold", type=float, default=0.9)
@@ -81,7 +84,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-per-call", type=int, default=None, help="step programs: steps per device call")
-    p.add_argument("--refresh-fraction", type=float, default=None, help="step programs: refresh batch / batch")
+    p.add_argument("--refresh-rows", type=int, default=None, help="step programs: rows per refresh chunk")
     p.add_argument("--out", help="save per-request tokens (JSON)")
     p.add_argument("--label", default="", help="a name for this run in the table")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two --out files and exit")
@@ -99,13 +102,17 @@ def main(argv=None) -> None:
 
     import dllm_jax
     from benchmarks.common import device_description
-    from benchmarks.serve_load import demo_prompts
+    from benchmarks.serve_load import demo_prompts, make_prompts
     from dllm_jax.sampling import SamplingParams
 
     model = dllm_jax.load(args.model or dllm_jax.DEMO_MODEL)
-    if args.refresh_fraction is not None:
-        model.programs.refresh_fraction = args.refresh_fraction
-    prompts = demo_prompts(args.requests, args.seed, model.tokenizer)
+    if args.refresh_rows is not None:
+        model.programs.refresh_rows = args.refresh_rows
+    if args.workload == "demo":
+        prompts = demo_prompts(args.requests, args.seed, model.tokenizer)
+    else:
+        avoid = set(model.stop_token_ids) | {model.mask_token_id}
+        prompts = make_prompts(args.requests, args.seed, model.spec.vocab, avoid, 384)
     params = SamplingParams(gen_length=args.gen_length, block_length=args.block_length, algorithm=args.algorithm,
                             threshold=args.threshold, early_stop=True,
                             stop_token_ids=tuple(model.stop_token_ids)).resolve(model.family)
@@ -119,7 +126,7 @@ def main(argv=None) -> None:
     stats = passes[0]
     print(f"# continuous batching: {device_description()}; model {args.model or 'demo'} "
           f"({model.spec.n_layers} layers, d_model {model.spec.d_model}), {np.dtype(model.dtype).name}")
-    print(f"# {args.requests} requests (demo workload, prompts {min(map(len, prompts))}-{max(map(len, prompts))} "
+    print(f"# {args.requests} requests ({args.workload} workload, prompts {min(map(len, prompts))}-{max(map(len, prompts))} "
           f"tokens), batch {args.batch}, gen_length {args.gen_length}, block {args.block_length}, "
           f"{args.algorithm}, threshold {args.threshold}, T=0, early stop; median of {args.repeats} passes")
     print("| run | tokens/s | req/s | wall s | device calls | denoising steps | batch forwards | tokens/forward "

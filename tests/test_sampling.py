@@ -295,9 +295,9 @@ def test_session_admits_at_the_step_a_slot_frees(llada_model):
     assert sorted(results) == [0, 1, 2, 3]
     # row 0 finished after its first block (STEPS / (G / LB) = 4 calls: refresh + 3 cached calls in 3 steps)
     assert len(results[0][0]) == 0 and results[0][1] == 3
-    # joined at the step row 0 left, while row 1 is mid-block: batch 2 refreshes one row at a time,
-    # so row 1 waited at step 1 and has made 3 of its block-0 calls
-    assert joined[2] == (3, 0, 3)
+    # joined at the step row 0 left, the step row 1 resolved its first block (both refreshed at
+    # step 1); the two then enter their blocks together
+    assert joined[2] == (3, 1, 0)
     for i in range(4):
         want = llada_model.generate([prompts[i]], **dataclasses.asdict(params[i]))
         np.testing.assert_array_equal(results[i][0], want.tokens[0][: want.lengths[0]])

@@ -20,9 +20,13 @@ G, LB = 16, 8
 
 
 @functools.cache
-def _model(family: str):
+def _model(family: str, refresh_rows: int = 2):
+    """The fixture model in bf16; block decoders refresh ``refresh_rows`` rows per forward
+    (fewer than the batch, so a step's refreshes run in several gathered chunks)."""
     path = (LLADA_DIR if family == "llada" else NEMOTRON_DIR) / "model"
-    return dllm_jax.load(path, dtype="bfloat16", mesh=dllm_jax.make_mesh("1"))
+    model = dllm_jax.load(path, dtype="bfloat16", mesh=dllm_jax.make_mesh("1"))
+    model.programs.refresh_rows = refresh_rows
+    return model
 
 
 def _params(algorithm: str, n: int) -> list[SamplingParams]:
@@ -51,7 +55,7 @@ def test_rows_join_at_any_step(algorithm):
     n = 6
     prompts = [rng.integers(0, 256, int(k)).tolist() for k in rng.integers(3, 17, n)]  # one prompt bucket
     params = _params(algorithm, n)
-    # 4 slots, refresh batch 2: more rows enter a block at once than one refresh takes
+    # 4 slots, refresh chunks of 2: more rows enter a block at once than one chunk takes
     session = DecodeSession(model, program_key(model, 16, params[0], 4), steps_per_call=1)
     start = session.key.decoder.initial_position(session.key.prompt_len)
     waiting = list(range(n))
@@ -86,20 +90,22 @@ def test_rows_join_at_any_step(algorithm):
 
 def test_step_budget_and_early_return():
     """One call runs at most ``steps`` denoising steps and returns at the step a row finishes;
-    a row entering a block when the refresh batch is full waits one step."""
-    model = _model("llada")
+    every row entering a block is refreshed in that step, one chunk after another."""
+    model = _model("llada", refresh_rows=1)
     fixed = SamplingParams(algorithm="dual_cache", gen_length=G, block_length=LB, steps=G).resolve("llada")
     fast = dataclasses.replace(fixed, threshold=0.01)  # commits its whole block at the refresh
-    session = DecodeSession(model, program_key(model, 16, fixed, 2))  # batch 2: refresh batch of 1
+    session = DecodeSession(model, program_key(model, 16, fixed, 2))  # batch 2: refresh chunks of 1
     session.admit({0: Row([5, 6, 7], fixed), 1: Row([8, 9], fast)})
     counted = lambda: int(np.asarray(session.state.batch_steps))  # noqa: E731
-    # step 1: slot 0 refreshes and makes its first cached call; slot 1 waits for the refresh batch
+    forwards = lambda: int(np.asarray(session.state.batch_nfe))  # noqa: E731
+    # step 1: both rows refresh (two one-row forwards) and make their first cached call (one forward)
     updates = {u.slot: u for u in session.step(steps=1)}
-    assert counted() == 1 and (updates[0].nfe, updates[1].nfe) == (2, 0)
-    # steps 2 and 3: the fast row resolves a block per step (refresh + the cached call every block
-    # takes); the call returns at the step it finishes
+    assert counted() == 1 and forwards() == 3 and (updates[0].nfe, updates[1].nfe) == (2, 2)
+    # step 2: the fast row resolved its first block in step 1 (refresh + the cached call every block
+    # takes) and does its second now; the call returns at the step it finishes
     updates = {u.slot: u for u in session.step(steps=100)}
-    assert counted() == 3 and updates[1].done and updates[1].nfe == 4 and not updates[0].done
+    assert counted() == 2 and forwards() == 5 and updates[1].done and updates[1].nfe == 4
+    assert not updates[0].done
     # fixed schedule, 8 calls per block: a refresh step (full + cached call), then 6 cached steps
     updates = {u.slot: u for u in session.step(steps=100)}
     assert counted() == 14 and updates[0].done and updates[0].nfe == G

@@ -18,9 +18,10 @@ Model calls per algorithm (upstream semantics, per row):
   keys/values overwrite the cache while the rest stays as of the block start.
 
 One step of a cached algorithm: the rows that have just entered a block (``call == 0``) run
-their block-start *refresh* forward, gathered into a refresh batch of a static ``refresh_rows``
-rows (the longest-waiting first; more than that wait one step), then every row past its
-refresh (including the ones just refreshed) runs one cached call. Both forwards run only when
+their block-start *refresh* forward, in gathered chunks of a static ``refresh_rows`` rows (a
+``while_loop`` over the chunks, so a step refreshes every entering row and pays for
+ceil(entering / refresh_rows) chunks, not a fixed batch), then every row past its refresh
+(including the ones just refreshed) runs one cached call. Both forwards run only when
 some row needs them (``when``), so a step without refreshes costs one cached call.
 """
 
@@ -67,6 +68,23 @@ class StepLoop:
     finished: jax.Array
 
 
+@struct.dataclass
+class RefreshLoop:
+    """Carry of the refresh loop (block-start forwards, ``refresh_rows`` rows at a time).
+
+    Attributes:
+      cache: the KV cache, the refreshed rows rebuilt.
+      logits: [B, Lb, V] float32 block logits of the refreshed rows (zeros elsewhere).
+      pending: [B] bool rows still to refresh.
+      forwards: [] int32 refresh forwards run.
+    """
+
+    cache: object
+    logits: jax.Array
+    pending: jax.Array
+    forwards: jax.Array
+
+
 def step_loop(step, st: DecodeState, budget, exit_on_done) -> DecodeState:
     """Run ``step`` up to ``budget`` times, while some row runs (and, with ``exit_on_done``, until one finishes)."""
     done_before = st.done  # [B]
@@ -94,29 +112,32 @@ def when(pred, fn, st):
     return jax.lax.while_loop(lambda carry: carry[0], body, (pred, st))[1]
 
 
-# Refresh-batch size as a fraction of the batch (docs/performance.md, "Step-level scheduling").
-REFRESH_FRACTION = 0.5
+# Canvas tokens one refresh chunk aims at (docs/performance.md, "Step-level scheduling"): a
+# chunk is ceil(REFRESH_TOKENS / canvas) rows, so short canvases refresh a few rows per forward
+# and long ones one, and a step pays for about the rows that enter a block, not a fixed batch.
+REFRESH_TOKENS = 256
 
 
-def refresh_rows(batch: int, fraction: float | None = None) -> int:
-    """Rows one refresh forward takes: ceil(fraction * batch), at least 1."""
-    fraction = REFRESH_FRACTION if fraction is None else fraction
-    return min(batch, max(1, math.ceil(fraction * batch)))
+def refresh_rows(batch: int, canvas_len: int, rows: int | None = None) -> int:
+    """Rows of one refresh forward: ``rows`` if given, else ceil(REFRESH_TOKENS / canvas_len); within [1, batch]."""
+    if rows is None:
+        rows = math.ceil(REFRESH_TOKENS / canvas_len)
+    return min(batch, max(1, rows))
 
 
 def make_step_program(key: "ProgramKey", decoder: "BlockDecoder", graphdef, *, mask_id: int, fill_id: int,
-                      refresh_fraction: float | None = None):
+                      refresh_rows_override: int | None = None):
     """Build ``run(params, state, budget, exit_on_done) -> state`` for one program key (jit it outside).
 
     ``decoder`` is the key's ``BlockDecoder`` (cache mode, fixed rule, empty steps);
-    ``refresh_fraction``: the refresh batch as a fraction of the batch (default REFRESH_FRACTION;
-    1 = every row, no gather)."""
+    ``refresh_rows_override``: rows per refresh chunk (default from REFRESH_TOKENS; the batch
+    size = every row in one forward, no gather)."""
     cache_mode, rule_static = decoder.cache, decoder.rule
     lp, g, lb, spb = key.prompt_len, key.gen_length, key.block_length, key.steps_per_block
     num_blocks = g // lb
     shift = 1 if key.shift else 0
     b, length = key.batch, key.canvas_len
-    r = refresh_rows(b, refresh_fraction)
+    r = refresh_rows(b, length, refresh_rows_override)
     max_calls = max(spb, lb) + 1  # every threshold/factor step commits >= 1 token
 
     def run(params, st: DecodeState, budget, exit_on_done) -> DecodeState:
@@ -195,26 +216,31 @@ def make_step_program(key: "ProgramKey", decoder: "BlockDecoder", graphdef, *, m
                                      want_kv=False)
             return commit(st, logits, live)
 
-        def refresh_step(st, refresh):
-            """Block-start forward of up to ``r`` refreshing rows: rebuilds their cache, commits their step 0."""
+        def refresh_step(st, entering):
+            """Block-start forwards of the entering rows, ``r`` at a time: rebuild their cache, commit their step 0."""
             bs = block_start(st)
-            if r == b:  # every row fits: no gather
+            if r == b:  # every row in one forward: no gather
                 logits, kv = full_forward(st.canvas, st.positions, st.valid, st.prompt, st.cfg_scale, bs, True)
-                sel = refresh[:, None, None, None]
+                sel = entering[:, None, None, None]
                 cache = jax.tree.map(lambda old, new: jnp.where(sel, new.astype(old.dtype), old), st.cache, kv)
-                return commit(st.replace(cache=cache), logits, refresh)
-            slots = jnp.arange(b)
-            # the r refreshing rows that waited longest first (round robin over the slots)
-            priority = jnp.where(refresh, (slots - st.batch_steps) % b, b + slots)  # [B]
-            rows = jnp.argsort(priority)[:r]  # [R]
-            taken = refresh[rows]  # [R]
-            logits_r, kv = full_forward(st.canvas[rows], st.positions[rows], st.valid[rows], st.prompt[rows],
-                                        st.cfg_scale[rows], bs[rows], True)  # [R, Lb, V]
-            dest = jnp.where(taken, rows, b)  # rows not taken: out of range, dropped
-            cache = jax.tree.map(lambda old, new: old.at[dest].set(new.astype(old.dtype), mode="drop"), st.cache, kv)
-            logits = jnp.zeros((b,) + logits_r.shape[1:], logits_r.dtype).at[dest].set(logits_r, mode="drop")
-            live = jnp.zeros(b, bool).at[dest].set(True, mode="drop")  # [B]
-            return commit(st.replace(cache=cache), logits, live)
+                return commit(st.replace(cache=cache), logits, entering)
+
+            def chunk(c: RefreshLoop) -> RefreshLoop:
+                rows = jnp.argsort(~c.pending, stable=True)[:r]  # [R] the first pending rows
+                taken = c.pending[rows]  # [R]
+                logits_r, kv = full_forward(st.canvas[rows], st.positions[rows], st.valid[rows], st.prompt[rows],
+                                            st.cfg_scale[rows], bs[rows], True)  # [R, Lb, V]
+                dest = jnp.where(taken, rows, b)  # padding rows: out of range, dropped
+                cache = jax.tree.map(lambda old, new: old.at[dest].set(new.astype(old.dtype), mode="drop"),
+                                     c.cache, kv)
+                return RefreshLoop(cache, c.logits.at[dest].set(logits_r, mode="drop"),
+                                   c.pending.at[dest].set(False, mode="drop"), c.forwards + 1)
+
+            logits0 = jnp.zeros((b, lb, model.spec.vocab), jnp.float32)  # [B, Lb, V]
+            loop = jax.lax.while_loop(lambda c: jnp.any(c.pending), chunk,
+                                      RefreshLoop(st.cache, logits0, entering, jnp.int32(0)))
+            st = commit(st.replace(cache=loop.cache), loop.logits, entering)
+            return st.replace(batch_nfe=st.batch_nfe + loop.forwards - 1)  # commit counted one
 
         def cached_step(st, live):
             bs = block_start(st)

@@ -45,8 +45,8 @@ class Decoder:
         """Decoder-specific request checks (raise SamplingError); returns resolved overrides."""
         return {}
 
-    def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_fraction: float | None = None):
-        """The step program of ``key`` (``refresh_fraction``: see ``blocks.make_step_program``)."""
+    def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_rows: int | None = None):
+        """The step program of ``key`` (``refresh_rows``: rows per refresh chunk, see ``blocks.make_step_program``)."""
         raise NotImplementedError
 
 
@@ -76,9 +76,9 @@ class BlockDecoder(Decoder):
                                 f"(gen_length/block_length = {num_blocks})", "steps")
         return {}
 
-    def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_fraction: float | None = None):
+    def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_rows: int | None = None):
         return blocks.make_step_program(key, self, graphdef, mask_id=mask_id, fill_id=fill_id,
-                                        refresh_fraction=refresh_fraction)
+                                        refresh_rows_override=refresh_rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,5 +108,5 @@ class SlidingDecoder(Decoder):
                                 "possible with it)", "shift_logits")
         return {"factor": 1.0 if params.factor is None else params.factor}
 
-    def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_fraction: float | None = None):
+    def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_rows: int | None = None):
         return sliding.make_step_program(key, graphdef, mask_id=mask_id)

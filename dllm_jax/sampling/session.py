@@ -90,14 +90,14 @@ class Programs:
     Attributes:
       max_programs: the cap (None: unbounded).
       builds / evictions: entries built / dropped so far.
-      refresh_fraction: the block decoders' refresh batch as a fraction of the batch (None:
-        ``blocks.REFRESH_FRACTION``); programs built after a change use it.
+      refresh_rows: rows per refresh chunk of the block decoders (None: from
+        ``blocks.REFRESH_TOKENS`` and the canvas); programs built after a change use it.
     """
 
-    def __init__(self, model, max_programs: int | None = None, refresh_fraction: float | None = None):
+    def __init__(self, model, max_programs: int | None = None, refresh_rows: int | None = None):
         self.model = model
         self.max_programs = max_programs
-        self.refresh_fraction = refresh_fraction
+        self.refresh_rows = refresh_rows
         self._cache: collections.OrderedDict = collections.OrderedDict()  # oldest use first
         self._users: dict = {}  # key -> WeakSet of the sessions using it
         self._lock = threading.RLock()
@@ -178,7 +178,7 @@ class Programs:
         shardings = state_shardings(key, m.mesh, m.spec)
         param_shardings = jax.tree.map(lambda x: x.sharding, m.params)
         fn = key.decoder.build(key, m.graphdef, mask_id=m.mask_token_id, fill_id=m.config.eos_token_id,
-                               refresh_fraction=self.refresh_fraction)
+                               refresh_rows=self.refresh_rows)
         scalar = shardings.batch_nfe  # (budget, exit_on_done): replicated scalars
         program = jax.jit(fn, in_shardings=(param_shardings, shardings, scalar, scalar), out_shardings=shardings,
                           donate_argnums=(1,))
