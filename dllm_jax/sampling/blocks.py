@@ -18,9 +18,9 @@ Model calls per algorithm (upstream semantics, per row):
   keys/values overwrite the cache while the rest stays as of the block start.
 
 One step of a cached algorithm: the rows that have just entered a block (``call == 0``) run
-their block-start *refresh* forward, in gathered chunks of a static ``refresh_rows`` rows (a
+their block-start *refresh* forward, in gathered chunks of a static ``chunk_rows`` rows (a
 ``while_loop`` over the chunks, so a step refreshes every entering row and pays for
-ceil(entering / refresh_rows) chunks, not a fixed batch), then every row past its refresh
+ceil(entering / chunk_rows) chunks, not a fixed batch), then every row past its refresh
 (including the ones just refreshed) runs one cached call. Both forwards run only when
 some row needs them (``when``), so a step without refreshes costs one cached call.
 """
@@ -70,7 +70,7 @@ class StepLoop:
 
 @struct.dataclass
 class RefreshLoop:
-    """Carry of the refresh loop (block-start forwards, ``refresh_rows`` rows at a time).
+    """Carry of the refresh loop (block-start forwards, ``chunk_rows`` rows at a time).
 
     Attributes:
       cache: the KV cache, the refreshed rows rebuilt.
@@ -118,7 +118,7 @@ def when(pred, fn, st):
 REFRESH_TOKENS = 256
 
 
-def refresh_rows(batch: int, canvas_len: int, rows: int | None = None) -> int:
+def chunk_rows(batch: int, canvas_len: int, rows: int | None = None) -> int:
     """Rows of one refresh forward: ``rows`` if given, else ceil(REFRESH_TOKENS / canvas_len); within [1, batch]."""
     if rows is None:
         rows = math.ceil(REFRESH_TOKENS / canvas_len)
@@ -126,18 +126,18 @@ def refresh_rows(batch: int, canvas_len: int, rows: int | None = None) -> int:
 
 
 def make_step_program(key: "ProgramKey", decoder: "BlockDecoder", graphdef, *, mask_id: int, fill_id: int,
-                      refresh_rows_override: int | None = None):
+                      refresh_rows: int | None = None):
     """Build ``run(params, state, budget, exit_on_done) -> state`` for one program key (jit it outside).
 
     ``decoder`` is the key's ``BlockDecoder`` (cache mode, fixed rule, empty steps);
-    ``refresh_rows_override``: rows per refresh chunk (default from REFRESH_TOKENS; the batch
+    ``refresh_rows``: rows per refresh chunk (default from REFRESH_TOKENS; the batch
     size = every row in one forward, no gather)."""
     cache_mode, rule_static = decoder.cache, decoder.rule
     lp, g, lb, spb = key.prompt_len, key.gen_length, key.block_length, key.steps_per_block
     num_blocks = g // lb
     shift = 1 if key.shift else 0
     b, length = key.batch, key.canvas_len
-    r = refresh_rows(b, length, refresh_rows_override)
+    r = chunk_rows(b, length, refresh_rows)
     max_calls = max(spb, lb) + 1  # every threshold/factor step commits >= 1 token
 
     def run(params, st: DecodeState, budget, exit_on_done) -> DecodeState:

@@ -78,7 +78,7 @@ class BlockDecoder(Decoder):
 
     def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_rows: int | None = None):
         return blocks.make_step_program(key, self, graphdef, mask_id=mask_id, fill_id=fill_id,
-                                        refresh_rows_override=refresh_rows)
+                                        refresh_rows=refresh_rows)
 
 
 @dataclasses.dataclass(frozen=True)
