@@ -40,9 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-per-call", type=int, default=None,
                    help="denoising steps per device call; a call also ends as soon as a row finishes, so its "
                         "slot takes a waiting request at the next step (default: dllm_jax's STEPS_PER_CALL)")
-    p.add_argument("--refill-wait-ms", type=float, default=5.0,
+    p.add_argument("--refill-wait-ms", type=float, default=20.0,
                    help="after rows finish, hold the next step up to this long (and a quarter of a step) for "
-                        "their clients' next requests, when recent demand says they come back (0: never)")
+                        "their clients' next requests, when recent demand says they come back; it ends once as "
+                        "many requests arrived as rows left (0: never)")
     p.add_argument("--batch-buckets", default=None,
                    help="compiled batch sizes, e.g. '1,8,32' (default: powers of two up to --max-batch-size)")
     p.add_argument("--prompt-buckets", default=None, help="compiled prompt lengths, e.g. '64,256,1024'")

@@ -79,7 +79,7 @@ class EngineOptions:
     max_programs: int | None = 64                   # compiled programs kept (LRU); None: unbounded
     allow_weight_updates: bool = False              # POST /update_weights_from_disk
     steps_per_call: int = STEPS_PER_CALL            # denoising steps per device call (fewer once a row finishes)
-    refill_wait_ms: float = 5.0                     # after rows leave, wait this long for returning clients
+    refill_wait_ms: float = 20.0                    # after rows leave, wait this long for returning clients
 
     def batch_bucket_list(self) -> tuple[int, ...]:
         if self.batch_buckets:

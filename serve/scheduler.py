@@ -24,8 +24,8 @@ soon as one of its rows finishes; every row is at its own block and step. Betwee
 4. one session (round robin) runs one call of its step program; each occupied slot reports
    its final tokens, which are posted to the request's handle; finished or cancelled rows
    free their slot for step 1, so a waiting request joins at the next step. When rows left
-   and the group's recent demand says their clients will be back, the next call waits up to
-   ``refill_wait_ms`` for them (``_expect_refill``).
+   and the group's recent demand says their clients will be back, the next call waits until as
+   many requests arrived, for at most ``refill_wait_ms`` (``_expect_refill``, ``_take_refill``).
 
 Weights versions (``serve.weights``): a session runs on the version it was opened with and
 admits only sequences of that version (each sequence carries its request's), so a weight
@@ -88,13 +88,14 @@ class Scheduler:
         self._programs = getattr(model, "programs", None)  # the model's compiled-program cache
         self._builds = 0  # its builds already counted in programs_built_total
         self._refill_by = 0.0  # (monotonic) wait for returning clients until then: slots just freed
+        self._refill_want = 0  # ... or until this many new sequences arrived
 
     def loop(self) -> None:
         while True:
-            refill = self._refill_by - time.monotonic()
-            self._refill_by = 0.0
-            if refill > 0 and not self.waiting and not self.scoring:  # a short wait for the next request
-                new, cancels, stopping = self.inbox.take(idle=True, timeout=refill)
+            refill_by, want = self._refill_by, self._refill_want
+            self._refill_by, self._refill_want = 0.0, 0
+            if refill_by > time.monotonic() and not self.waiting and not self.scoring:
+                new, cancels, stopping = self._take_refill(refill_by, want)  # returning clients
             else:
                 new, cancels, stopping = self.inbox.take(idle=not (self._busy() or self.scoring),
                                                          timeout=self._idle_timeout())
@@ -123,6 +124,17 @@ class Scheduler:
                 self.executor.noop()
                 self._last_command = time.monotonic()
             self._publish()
+
+    def _take_refill(self, deadline: float, want: int) -> tuple[list[Seq], set[int], bool]:
+        """Wait until ``want`` new sequences arrived (the clients of the rows that just left), a
+        cancellation or stop, or ``deadline``. Returning at the first arrival would refill one of
+        the freed slots and leave the others empty for a whole call."""
+        new: list[Seq] = []
+        while True:
+            got, cancels, stopping = self.inbox.take(idle=True, timeout=max(deadline - time.monotonic(), 0.0))
+            new.extend(got)
+            if stopping or cancels or len(new) >= want or time.monotonic() >= deadline:
+                return new, cancels, stopping
 
     def _busy(self) -> list[Session]:
         """Sessions with rows (an empty one kept open for returning clients is not stepped)."""
@@ -321,7 +333,7 @@ class Scheduler:
         self._last_command = time.monotonic()
         self.metrics.batch(len(session.slots), session.key.batch, self._last_command - t0,
                            self.executor.last_steps(session.sid))
-        freed = False
+        freed = 0
         for u in updates:
             seq = session.slots.get(u.slot)
             if seq is None:
@@ -347,21 +359,27 @@ class Scheduler:
                 self.metrics.inc("nfe_total", u.nfe)
                 if not self._release(session, u.slot):
                     return
-                freed = True
+                freed += 1
         if freed:
-            self._expect_refill(session, self._last_command - t0)
+            self._expect_refill(session, freed, self._last_command - t0)
 
-    def _expect_refill(self, session: Session, call_s: float) -> None:
-        """Rows just left ``session``: if its group's recent demand says their clients come back
-        (closed-loop harnesses send the next request as soon as a reply ends), hold the next
-        device call for up to ``refill_wait_ms`` (and a quarter of a call) so the request joins at
-        the next step instead of one call later. Returns at once when a request arrives."""
+    def _expect_refill(self, session: Session, freed: int, call_s: float) -> None:
+        """``freed`` rows just left ``session``: if its group's recent demand says their clients come
+        back (closed-loop harnesses send the next request as soon as a reply ends), hold the next
+        device call for up to ``refill_wait_ms`` (and a quarter of a call) so those requests join at
+        the next step instead of one call later. The wait ends once as many sequences arrived as
+        the demand says are coming back."""
         wait_s = min(self.options.refill_wait_ms / 1e3, 0.25 * call_s)
         if wait_s <= 0 or any(seq.group == session.group for seq in self.waiting):
             return
+        peak, since = self._demand.get(session.group, (0, 0.0))
+        if time.monotonic() - since > self.options.demand_window_s:  # an old peak: nobody is coming back
+            return
         running = sum(len(s.slots) for s in self.sessions if s.group == session.group)
-        if self._demand.get(session.group, (0, 0.0))[0] > running:
+        coming = min(freed, peak - running)
+        if coming > 0:
             self._refill_by = time.monotonic() + wait_s
+            self._refill_want = max(self._refill_want, coming)
 
     def _score(self, job: ScoreJob) -> None:
         """One scoring job (``Model.score`` through the executor), between two device calls."""

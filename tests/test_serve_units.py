@@ -617,3 +617,36 @@ def test_small_sessions_drain_so_their_group_gets_a_bigger_batch():
     sched._demand[key] = (16, time.monotonic())
     sched.sessions = [session(0, 8), session(1, 8)]  # two batches of 8 for 16 clients: one of 16 instead
     assert sched._draining() == {0, 1}
+
+
+def test_refill_wait_holds_for_every_returning_client_not_just_the_first():
+    """Rows that finish in one call free several slots; the next call waits (up to its deadline)
+    until as many requests came back, so all of them join at the next step, and no longer."""
+    from serve.requests import Inbox
+    from serve.scheduler import Scheduler
+
+    inbox = Inbox(max_queue=100)
+    sched = Scheduler(fake_model(), None, None, EngineOptions(), Metrics("fake"), inbox, None)
+
+    def arrive(delays):
+        def run():
+            for d in delays:
+                time.sleep(d)
+                inbox.put([object()])
+        threading.Thread(target=run, daemon=True).start()
+
+    arrive([0.02, 0.02, 0.02])  # three clients come back one after another
+    t0 = time.monotonic()
+    new, cancels, stopping = sched._take_refill(t0 + 5.0, want=3)
+    assert len(new) == 3 and not cancels and not stopping
+    assert time.monotonic() - t0 < 4.0  # returned at the third arrival, not at the deadline
+
+    arrive([0.01])  # only one of two comes back: the wait ends at the deadline
+    t0 = time.monotonic()
+    new, _, _ = sched._take_refill(t0 + 0.3, want=2)
+    assert len(new) == 1 and time.monotonic() - t0 >= 0.29
+
+    inbox.cancel([7])  # a cancellation ends the wait at once
+    t0 = time.monotonic()
+    new, cancels, _ = sched._take_refill(t0 + 5.0, want=2)
+    assert cancels == {7} and new == [] and time.monotonic() - t0 < 4.0
