@@ -27,3 +27,21 @@ def nemotron_model():
     import dllm_jax
 
     return dllm_jax.load(NEMOTRON_DIR / "model")
+
+
+_NOTEBOOK_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Collect ``notebook_seconds`` (tests/test_notebooks.py); reports reach the controlling
+    process under pytest-xdist too, with their user properties."""
+    for name, value in getattr(report, "user_properties", ()):
+        if name == "notebook_seconds" and report.when == "call":
+            _NOTEBOOK_SECONDS[report.nodeid.rsplit("[", 1)[-1].rstrip("]")] = value
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _NOTEBOOK_SECONDS:
+        terminalreporter.write_sep("-", "notebook execution times")
+        for name, secs in sorted(_NOTEBOOK_SECONDS.items()):
+            terminalreporter.write_line(f"{name}: {secs:.1f} s")

@@ -3,7 +3,8 @@
 The kernel is a subprocess: it does not run conftest.py, so the notebooks set what they need
 (HF_HUB_OFFLINE, XLA_FLAGS in 03) themselves. To check that, those variables are removed from
 the kernel's environment; JAX_PLATFORMS is kept so the suite stays on CPU on a GPU machine.
-Execution times are printed at the end of the module (and kept in NOTEBOOK_SECONDS).
+Execution times go into each test's ``notebook_seconds`` property, which conftest.py prints in
+the terminal summary (also from pytest-xdist workers).
 """
 
 import ast
@@ -27,32 +28,12 @@ STRIPPED_ENV = ("XLA_FLAGS", "HF_HUB_OFFLINE", "PYTHONPATH")
 # what notebooks may import from the project: the public API (and the converter)
 ALLOWED_PROJECT_MODULES = {"dllm_jax", "dllm_jax.viz", "dllm_jax.sampling", "convert.hf_to_orbax"}
 
-NOTEBOOK_SECONDS: dict[str, float] = {}
-
-
 def _read(path):
     return nbformat.read(path, as_version=4)
 
 
 def _code(nb):
     return [c for c in nb.cells if c.cell_type == "code"]
-
-
-class _TimesReport:
-    """Prints NOTEBOOK_SECONDS in pytest's terminal summary (shown even with -q)."""
-
-    def pytest_terminal_summary(self, terminalreporter):
-        if NOTEBOOK_SECONDS:
-            terminalreporter.write_sep("-", "notebook execution times")
-            for name, secs in NOTEBOOK_SECONDS.items():
-                terminalreporter.write_line(f"{name}: {secs:.1f} s")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_times(request):
-    manager = request.config.pluginmanager
-    if not manager.has_plugin("notebook-times"):
-        manager.register(_TimesReport(), "notebook-times")
 
 
 def test_there_are_notebooks():
@@ -87,14 +68,14 @@ def test_opens_with_gpu_instructions_and_uses_public_api(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path):
+def test_notebook_runs(path, record_property):
     nb = _read(path)
     env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
     client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name=KERNEL_NAME,
                                      resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     client.execute(env=env)  # raises CellExecutionError (with the cell and traceback) on any error
-    NOTEBOOK_SECONDS[path.name] = time.perf_counter() - start
+    record_property("notebook_seconds", time.perf_counter() - start)
     errors = [o for c in _code(nb) for o in c.outputs if o.output_type == "error"]
     assert not errors
     images = sum("image/png" in o.get("data", {}) for c in _code(nb) for o in c.outputs)

@@ -246,23 +246,6 @@ def test_zero_recompiles_after_warmup(llada_model):
     assert compiles == []
 
 
-@pytest.mark.parametrize("mesh_shape", ["8", "4x2"])
-def test_mesh_outputs_equal_single_device(mesh_shape):
-    from helpers import NEMOTRON_DIR
-
-    rng = np.random.default_rng(5)
-    prompts = _prompts(rng, 5)
-    for path, kw in ((LLADA_DIR / "model", dict(algorithm="dual_cache", threshold=0.8)),
-                     (LLADA_DIR / "model", dict(algorithm="basic", temperature=0.7, seed=3)),
-                     (NEMOTRON_DIR / "model", dict(algorithm="static_block"))):
-        single = dllm_jax.load(path)
-        meshed = dllm_jax.load(path, mesh=dllm_jax.make_mesh(mesh_shape))
-        kw = dict(kw, gen_length=G, block_length=LB, **({} if kw["algorithm"] == "static_block" else {"steps": STEPS}))
-        a, b = single.generate(prompts, **kw), meshed.generate(prompts, **kw)
-        np.testing.assert_array_equal(a.tokens, b.tokens)
-        np.testing.assert_array_equal(a.nfe_per_row, b.nfe_per_row)
-
-
 def test_session_admits_at_the_step_a_slot_frees(llada_model):
     """A slot freed by a row that stopped early takes a waiting request at the very next
     denoising step (the call that finished the row returns at that step, while its batch-mate
