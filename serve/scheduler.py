@@ -146,12 +146,20 @@ class Scheduler:
         send their next requests) and it is not draining.
         Closing it would make the next arrival open a fresh batch, and at every lull the group
         would thrash between sessions instead of refilling one."""
-        peak, since = self._demand.get(session.group, (0, 0.0))
-        if time.monotonic() - since > self.options.demand_window_s or session.sid in self._draining():
+        peak = self._recent_peak(session.group)
+        if not peak or session.sid in self._draining():
             return False
         if session.key.batch != self._batch_for(min(self.options.max_batch_size, peak)):
             return False  # (a borrowed or outgrown program: the next arrival opens the right one)
-        return peak > sum(len(s.slots) for s in self.sessions if s.group == session.group)
+        return peak > self._running(session.group)
+
+    def _recent_peak(self, group: ProgramKey) -> int:
+        """The group's peak demand (``_track_demand``), 0 once it is older than ``demand_window_s``."""
+        peak, since = self._demand.get(group, (0, 0.0))
+        return 0 if time.monotonic() - since > self.options.demand_window_s else peak
+
+    def _running(self, group: ProgramKey) -> int:
+        return sum(len(s.slots) for s in self.sessions if s.group == group)
 
     def _close_idle(self) -> None:
         """Close empty sessions no longer wanted, or all of them when the session limit keeps
@@ -372,14 +380,9 @@ class Scheduler:
         wait_s = min(self.options.refill_wait_ms / 1e3, 0.25 * call_s)
         if wait_s <= 0 or any(seq.group == session.group for seq in self.waiting):
             return
-        peak, since = self._demand.get(session.group, (0, 0.0))
-        if time.monotonic() - since > self.options.demand_window_s:  # an old peak: nobody is coming back
-            return
-        running = sum(len(s.slots) for s in self.sessions if s.group == session.group)
-        coming = min(freed, peak - running)
+        coming = min(freed, self._recent_peak(session.group) - self._running(session.group))
         if coming > 0:
-            self._refill_by = time.monotonic() + wait_s
-            self._refill_want = max(self._refill_want, coming)
+            self._refill_by, self._refill_want = time.monotonic() + wait_s, coming
 
     def _score(self, job: ScoreJob) -> None:
         """One scoring job (``Model.score`` through the executor), between two device calls."""
