@@ -26,7 +26,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mesh", default=None, help="'8' (data parallel) or '4x2' (data x model); default: all devices")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use in 'model' (default: the checkpoint dir name or hub id)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default loopback; see --allowed-hosts and docs/security.md)")
+    p.add_argument("--allowed-hosts", nargs="*", default=None,
+                   help="Host names answered besides localhost/127.0.0.1/::1 ('*': any). Without an API key a "
+                        "server on a loopback address answers only loopback names (DNS-rebinding protection); "
+                        "with a key, or bound to another address, any name unless this flag is given")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request's headers before it is closed (0: none)")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections + in-flight requests before new requests get 503")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("DLLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: env DLLM_API_KEY; prefer the env var)")
@@ -65,10 +74,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
     g.add_argument("--num-processes", type=int, default=None)
     g.add_argument("--process-id", type=int, default=None)
+    g.add_argument("--coordinator-bind-address", default=None,
+                   help="host:port process 0's coordination service listens on (default: --coordinator-address; "
+                        "under SLURM auto-detection jax's default, every interface)")
+    g.add_argument("--peer-timeout", type=float, default=30.0,
+                   help="seconds without a heartbeat from a peer process before this one reports it lost "
+                        "(process 0: /health 503, then exit status 3) and exits")
     args = p.parse_args(argv)
     if args.max_batch_size < 1 or args.max_queue < 1 or args.max_sessions < 1 or args.max_wait_ms < 0 \
             or (args.steps_per_call is not None and args.steps_per_call < 1) or args.refill_wait_ms < 0 \
-            or args.max_score_tokens < 0 or args.max_programs < 0:
+            or args.max_score_tokens < 0 or args.max_programs < 0 or args.header_timeout < 0 \
+            or args.max_connections < 1 or args.peer_timeout <= 0:
         p.error("--max-batch-size, --max-queue, --max-sessions and --steps-per-call must be >= 1, --max-wait-ms, "
                 "--refill-wait-ms, --max-score-tokens and --max-programs >= 0")
     return args
@@ -107,7 +123,11 @@ def main(argv=None) -> None:
 
     from serve import multihost
 
-    multi = multihost.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    multi = multihost.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                                 args.coordinator_bind_address)
+    engine = None  # (process 0 reports a lost follower through its /health)
+    liveness = multihost.Liveness(args.peer_timeout, multihost.exit_on_peer_lost(
+        lambda why: engine is not None and engine.fail(why))).start() if multi else None
 
     import jax
 
@@ -131,6 +151,7 @@ def main(argv=None) -> None:
         model = load()
         model.programs.set_limit(args.max_programs or None)  # the same cache as process 0's
         multihost.follow(model)
+        liveness.stop()
         jax.distributed.shutdown()
         return
 
@@ -139,6 +160,7 @@ def main(argv=None) -> None:
     from serve.app import create_app
     from serve.engine import Engine, EngineOptions
     from serve.metrics import Metrics
+    from serve.security import allowed_hosts, guarded_protocol
 
     names = args.served_model_name or [default_name(args.model)]
     options = EngineOptions(
@@ -155,12 +177,19 @@ def main(argv=None) -> None:
                     "weights (set DLLM_API_KEY)")
     engine = Engine(load, names=names, options=options, metrics=Metrics(names[0]), demo=args.model is None,
                     make_executor=multihost.leader_executor if multi else None)
-    app = create_app(engine, api_key=args.api_key, on_shutdown=jax.distributed.shutdown if multi else None)
+    def stop_distributed():
+        liveness.stop()
+        jax.distributed.shutdown()
+
+    hosts = allowed_hosts(args.host, args.api_key, args.allowed_hosts)
+    app = create_app(engine, api_key=args.api_key, on_shutdown=stop_distributed if multi else None,
+                     allowed_hosts=hosts)
     engine.start()
-    log.info("serving %s on http://%s:%d (API key %s)", ", ".join(names), args.host, args.port,
-             "required" if args.api_key else "off")
+    log.info("serving %s on http://%s:%d (API key %s; Host names %s)", ", ".join(names), args.host, args.port,
+             "required" if args.api_key else "off", "any" if hosts is None else ", ".join(sorted(hosts)))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
+                    http=guarded_protocol(args.header_timeout), limit_concurrency=args.max_connections)
     finally:
         engine.stop()
 

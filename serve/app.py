@@ -43,6 +43,7 @@ from serve.playground import is_open as playground_path
 from serve.playground import router as playground_router
 from serve.protocol import APIError
 from serve.routes import router
+from serve.security import HostCheck
 from serve.serving import Serving
 
 log = logging.getLogger("serve")
@@ -138,8 +139,9 @@ class RequestContext:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics | None = None,
-               on_shutdown=None) -> FastAPI:
-    """The app; ``on_shutdown`` runs after the engine stopped (multi-host: jax.distributed.shutdown)."""
+               on_shutdown=None, allowed_hosts: frozenset[str] | None = None) -> FastAPI:
+    """The app; ``on_shutdown`` runs after the engine stopped (multi-host: jax.distributed.shutdown);
+    ``allowed_hosts``: the Host names answered (None: any; ``serve.security.allowed_hosts``)."""
     metrics = metrics or engine.metrics
 
     @contextlib.asynccontextmanager
@@ -206,5 +208,6 @@ def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics |
     app.add_exception_handler(json.JSONDecodeError, lambda r, e: error_response(
         APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json")))
 
+    app.add_middleware(HostCheck, allowed=allowed_hosts)  # (inside RequestContext: a 403 has a request id)
     app.add_middleware(RequestContext, api_key=api_key, metrics=metrics)
     return app

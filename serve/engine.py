@@ -143,6 +143,12 @@ class Engine:
             self.state, self.error = State.DEAD, self.error or "scheduler thread exited"
         return self.state is State.READY, self.state.value
 
+    def fail(self, reason: str) -> None:
+        """Declare the engine dead from outside its thread (multi-host: a peer process was lost):
+        /health answers 503 and new requests are refused from now on."""
+        self.error, self.state = reason, State.DEAD
+        self.metrics.set("engine_ready", 0)
+
     def info(self) -> ModelInfo:
         """The served model; raises EngineNotReady unless ready."""
         ready, state = self.health()

@@ -14,11 +14,12 @@ from fastapi import APIRouter
 from starlette.responses import FileResponse
 
 from serve.protocol import APIError
+from serve.security import PAGE_HEADERS
 
 STATIC = Path(__file__).resolve().parent / "static"
 PAGE = "index.html"
 ASSETS = {"playground.css": "text/css; charset=utf-8", "playground.js": "text/javascript; charset=utf-8"}
-HEADERS = {"Cache-Control": "no-cache"}
+HEADERS = {"Cache-Control": "no-cache", **PAGE_HEADERS}
 
 router = APIRouter()
 

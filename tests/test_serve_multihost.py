@@ -111,3 +111,46 @@ def test_two_processes_answer_like_one_device(cluster, llada_model):
     assert follower.poll() is None, log.read_text()[-3000:]
     leader.stop()
     assert follower.wait(60) == 0, log.read_text()[-3000:]
+
+
+def test_lost_follower_turns_health_503_then_process_0_exits(tmp_path):
+    """A follower killed mid-job: process 0 (which would wait in the next collective forever, with
+    /health at 200) notices the missing heartbeats, answers /health 503, and exits with status 3
+    and a message; its coordination service listened only on the address it was given."""
+    import signal
+    import time
+
+    import httpx
+
+    port = free_port()
+    common = ["--model", str(LLADA_MODEL), "--mesh", "8", "--warmup-buckets", "none", "--peer-timeout", "3",
+              "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
+    env = server_env(devices=4)
+    with open(tmp_path / "follower.log", "w") as f:
+        follower = subprocess.Popen([sys.executable, "-m", "serve", *common, "--process-id", "1"], cwd=REPO,
+                                    env=env, stdout=f, stderr=subprocess.STDOUT)
+    leader = None
+    try:
+        leader = Server(*common, "--process-id", "0", env=env, timeout=300)
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        # (jax's default was every interface, "[::]:port"; "[::ffff:127.0.0.1]" is the IPv4 loopback)
+        assert listening.split() and all("127.0.0.1" in line.split()[3] for line in listening.splitlines()), \
+            listening
+        follower.send_signal(signal.SIGKILL)
+        follower.wait()
+        statuses = []
+        deadline = time.monotonic() + 60
+        while leader.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                statuses.append(httpx.get(leader.url + "/health", timeout=2).status_code)
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert leader.proc.wait(30) == 3, leader.output()[-3000:]
+        assert 503 in statuses and statuses[0] == 200, statuses
+        assert "process 1 sent no heartbeat" in leader.output()
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+        if leader is not None:
+            leader.stop()
