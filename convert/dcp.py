@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from dllm_jax.checkpoint import CheckpointError, TensorInfo, dtypes
+from dllm_jax.checkpoint.tensors import excerpt, file_in, regular_file
 
 DCP_METADATA = ".metadata"
 TOKENIZER_FILES = (
@@ -135,6 +136,151 @@ def _torch():
     return torch, dcp
 
 
+_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+# What torch.distributed.checkpoint.save (2.4 ... 2.13) writes into .metadata: its dataclasses,
+# torch.Size, dtypes/layouts/memory formats (singletons, by name), the layout and memory-format
+# reducers, a pathlib checkpoint id. Nothing here runs code or reaches other objects.
+_DCP_CLASSES = {
+    (_DCP_METADATA_MODULE, name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+_DCP_GLOBALS = _DCP_CLASSES | {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+}
+
+
+def read_dcp_metadata(path: Path):
+    """Unpickle a DCP ``.metadata`` file admitting only the classes DCP itself writes.
+
+    ``FileSystemReader.read_metadata`` is a plain ``pickle.load``: a checkpoint, which other jobs
+    may write, could run anything. Here every global the pickle names must be one of
+    ``_DCP_GLOBALS`` (or a torch dtype / layout / memory format by name), and state may be set
+    (the BUILD opcode) only on a DCP metadata object the pickle itself created, never on a
+    global (a class, a function, an enum member), so not even shared state can change. The
+    result must be a ``Metadata`` whose file names stay inside the directory (checked by the
+    caller).
+
+    Raises:
+      CheckpointError: naming the file, and the refused global when that was the reason.
+    """
+    import importlib
+    import pickle
+
+    torch, _ = _torch()
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    admitted = set(_DCP_GLOBALS)
+    singletons = (torch.dtype, torch.layout, torch.memory_format)
+    # BUILD only on instances of DCP's dataclasses (not on the _MEM_FORMAT_ENCODING enum's members)
+    instance_types = {getattr(importlib.import_module(m), n) for m, n in _DCP_CLASSES if n != "_MEM_FORMAT_ENCODING"}
+
+    class Refused(Exception):
+        pass
+
+    class Unpickler(pickle._Unpickler):  # the Python implementation: BUILD can be checked
+        dispatch = dict(pickle._Unpickler.dispatch)
+
+        def find_class(self, module, name):
+            if (module, name) in admitted:
+                return super().find_class(module, name)
+            if module == "torch" and "." not in name and isinstance(getattr(torch, name, None), singletons):
+                return getattr(torch, name)
+            raise Refused(f"{module}.{name}")
+
+        def load_build(self):
+            target = self.stack[-2]
+            if type(target) not in instance_types:
+                raise Refused(f"setting the state of {excerpt(target, 60)} (a "
+                              f"{type(target).__module__}.{type(target).__qualname__})")
+            super().load_build()
+
+        dispatch[pickle.BUILD[0]] = load_build
+
+        def persistent_load(self, pid):
+            raise Refused("a persistent id")
+
+    size = regular_file(path, "DCP metadata").stat().st_size
+    if size > MAX_DCP_METADATA_BYTES:
+        raise CheckpointError(f"DCP metadata {path} is {size:,} bytes, over the {MAX_DCP_METADATA_BYTES:,}-byte limit")
+    try:
+        with open(path, "rb") as f:
+            metadata = Unpickler(f).load()
+    except Refused as e:
+        raise CheckpointError(f"DCP metadata {path} refused: it references {e}, which a DCP checkpoint never "
+                              "contains (a crafted or foreign pickle?); nothing in it was run") from None
+    except Exception as e:  # noqa: BLE001 - a damaged pickle raises anything; its text may quote the file
+        raise CheckpointError(f"could not read DCP metadata {path}: not a valid DCP metadata pickle "
+                              f"({type(e).__name__})") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"DCP metadata {path} holds a {type(metadata).__name__}, not a DCP Metadata")
+    return metadata
+
+
+MAX_DCP_METADATA_BYTES = 1 << 30
+
+
+def _check_metadata(metadata, directory: Path, meta_path: Path, torch) -> None:
+    """Types and ranges of what the reader uses from ``.metadata`` (before it is used)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
+
+    def bad(what):
+        return CheckpointError(f"DCP metadata {meta_path} is malformed: {what}")
+
+    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data, dict):
+        raise bad("state_dict_metadata and storage_data must be dicts")
+    for key, meta in metadata.state_dict_metadata.items():
+        if not isinstance(key, str):
+            raise bad(f"key {excerpt(key)} is not a string")
+        if isinstance(meta, TensorStorageMetadata):
+            if not (isinstance(meta.size, torch.Size) and all(isinstance(d, int) and d >= 0 for d in meta.size)
+                    and isinstance(getattr(meta.properties, "dtype", None), torch.dtype)):
+                raise bad(f"tensor {excerpt(key)} has no valid size and dtype")
+        elif not isinstance(meta, BytesStorageMetadata):
+            raise bad(f"entry {excerpt(key)} is a {type(meta).__name__}")
+    for index, info in metadata.storage_data.items():
+        ints = (getattr(info, "offset", None), getattr(info, "length", None))
+        if not isinstance(index, MetadataIndex) or not isinstance(index.fqn, str) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints):
+            raise bad(f"storage entry {excerpt(index)} has no valid file, offset and length")
+        file_in(directory, getattr(info, "relative_path", None), meta_path)
+
+
+def _reader_and_planner(dcp, directory: Path, metadata):
+    """torch's FileSystemReader and DefaultLoadPlanner, except that the reader hands out the
+    already checked ``metadata`` (instead of unpickling ``.metadata`` again) and the planner
+    refuses to unpickle a non-tensor entry (torch would ``torch.load(weights_only=False)`` it)."""
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            raise CheckpointError(f"DCP entry {read_item.dest_index.fqn!r} in {directory} is a pickled object, "
+                                  "which is never loaded (only tensors are read)")
+
+    return Reader(str(directory)), Planner()
+
+
+def _torch_error(e: Exception) -> str:
+    """What a failed tensor read says: torch's own message (the structure of the file), unless it
+    comes from unpickling, whose message may quote the file's bytes."""
+    import pickle
+
+    if isinstance(e, (pickle.UnpicklingError, UnicodeDecodeError, EOFError)):
+        text = str(e)
+        refused = "Weights only load failed" in text or "Unsupported global" in text
+        return (f"{type(e).__name__}: not a tensor saved by torch"
+                + (" (torch.load(weights_only=True) refused a global in it)" if refused else ""))
+    return f"{type(e).__name__}: " + " ".join(str(e).split())[:300]
+
+
 class DcpSource:
     """TensorSource over a DCP directory, reading one tensor per ``read`` call.
 
@@ -144,6 +290,11 @@ class DcpSource:
     single key (it assembles FSDP shards from several files if needed), so peak memory is one
     tensor plus DCP's own staging copy of it. Non-tensor entries (bytes) are listed with
     shape ``()`` and dtype ``"bytes"`` so the bookkeeping sees them too.
+
+    Nothing from the checkpoint is unpickled without restriction: ``.metadata`` through
+    :func:`read_dcp_metadata`, tensor data by torch's ``torch.load(weights_only=True)``, and
+    non-tensor entries (pickled objects) are never loaded. Every file name in the metadata must
+    stay inside the directory (``file_in``).
     """
 
     def __init__(self, directory: str | Path):
@@ -153,23 +304,19 @@ class DcpSource:
         meta_path = self.directory / DCP_METADATA
         if not meta_path.is_file():
             raise CheckpointError(f"no {DCP_METADATA} in {self.directory}: not a complete DCP checkpoint")
-        self._reader = dcp.FileSystemReader(str(self.directory))
-        try:
-            metadata = self._reader.read_metadata()
-        except Exception as e:  # unpickling a damaged file raises anything
-            raise CheckpointError(f"could not read DCP metadata {meta_path}: {type(e).__name__}: {e}") from None
+        metadata = read_dcp_metadata(file_in(self.directory, DCP_METADATA))
+        _check_metadata(metadata, self.directory, meta_path, torch)
+        self._reader, self._planner = _reader_and_planner(dcp, self.directory, metadata)
         files: dict[str, set[str]] = {}
         sizes: dict[str, int] = {}
         for index, info in metadata.storage_data.items():
             file = self.directory / info.relative_path
-            if file.name not in sizes:
-                if not file.is_file():
-                    raise CheckpointError(f"DCP file {file} (listed in {meta_path}) is missing")
-                sizes[file.name] = file.stat().st_size
+            if str(file) not in sizes:
+                sizes[str(file)] = file.stat().st_size
             end = info.offset + info.length
-            if end > sizes[file.name]:
-                raise CheckpointError(f"truncated DCP file {file}: tensor {index.fqn!r} needs bytes up to {end}, "
-                                      f"the file has {sizes[file.name]}")
+            if end > sizes[str(file)]:
+                raise CheckpointError(f"truncated DCP file {file}: tensor {excerpt(index.fqn)} needs bytes up to "
+                                      f"{end}, the file has {sizes[str(file)]}")
             files.setdefault(index.fqn, set()).add(str(file))
         self._meta = metadata.state_dict_metadata
         self._infos: dict[str, TensorInfo] = {}
@@ -191,10 +338,11 @@ class DcpSource:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             try:
-                self._dcp.load({key: target}, storage_reader=self._reader, no_dist=True)
+                self._dcp.load({key: target}, storage_reader=self._reader, planner=self._planner, no_dist=True)
+            except CheckpointError:
+                raise
             except Exception as e:  # torch raises CheckpointException / RuntimeError / pickle errors
-                msg = " ".join(str(e).split())[:500]
-                raise CheckpointError(f"could not read tensor {key!r} from {info.file}: {type(e).__name__}: {msg}") from None
+                raise CheckpointError(f"could not read tensor {key!r} from {info.file}: {_torch_error(e)}") from None
         if target.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits, no copy
             return target.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return target.numpy()

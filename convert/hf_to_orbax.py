@@ -45,6 +45,7 @@ from dllm_jax.checkpoint import (  # noqa: E402
     MANIFEST, ORBAX_PARAMS_DIR, TOKENIZER_DIR, CheckpointError, SafetensorsSource, assemble, check_source, dtypes,
     is_ignorable, key_map, nest_params, read_hf_config, resolve_source,
 )
+from dllm_jax.checkpoint.tensors import file_in  # noqa: E402
 
 log = logging.getLogger("convert")
 
@@ -132,8 +133,8 @@ def _copy_tokenizer(candidates: list[Path | None], dest: Path) -> Path | None:
         if has_tokenizer(directory):
             dest.mkdir()
             for name in TOKENIZER_FILES:
-                if (directory / name).is_file():
-                    shutil.copy2(directory / name, dest / name)
+                if (directory / name).exists() or (directory / name).is_symlink():
+                    shutil.copy2(file_in(directory, name), dest / name)  # (kept inside the directory)
             return directory
     log.warning("no tokenizer files in %s: the converted model will have no tokenizer",
                 ", ".join(str(c) for c in candidates if c is not None) or "the source")
@@ -242,7 +243,7 @@ def convert(source, dest, *, base_model=None, dtype: str = "bfloat16", overwrite
         log.info("writing %.2f GB of Orbax params to %s", n_bytes / 1e9, dest / ORBAX_PARAMS_DIR)
         save_params(tmp / ORBAX_PARAMS_DIR, nest_params(params))
         del params
-        shutil.copy2(config_dir / "config.json", tmp / "config.json")
+        shutil.copy2(file_in(config_dir, "config.json"), tmp / "config.json")
         tokenizer_from = _copy_tokenizer([layout.tokenizer_dir, base], tmp / TOKENIZER_DIR)
         manifest = {
             "format": "dllm-jax-orbax/1",

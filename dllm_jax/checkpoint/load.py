@@ -7,7 +7,6 @@ fills them straight into those shardings, one parameter at a time.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -19,7 +18,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dllm_jax import models
 from dllm_jax.checkpoint import dtypes
 from dllm_jax.checkpoint.safetensors_io import SafetensorsSource
-from dllm_jax.checkpoint.tensors import CheckpointError, TensorSource, assemble, check_source, is_ignorable
+from dllm_jax.checkpoint.tensors import (
+    CheckpointError, TensorSource, assemble, check_source, file_in, is_ignorable, read_json,
+)
 from dllm_jax.configs import ModelConfig, config_from_hf
 from dllm_jax.model import Model, abstract_params, param_shardings
 from dllm_jax.sharding import as_mesh, make_mesh
@@ -29,16 +30,16 @@ log = logging.getLogger(__name__)
 ORBAX_PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 MANIFEST = "manifest.json"
+MAX_CONFIG_BYTES = 16 << 20  # config.json / manifest.json: a few KB in practice
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
 def read_hf_config(directory: str | os.PathLike) -> ModelConfig:
     path = Path(directory) / "config.json"
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"no config.json in {directory}")
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    raw = read_json(file_in(directory, "config.json"), "config", limit=MAX_CONFIG_BYTES)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
     return config_from_hf(raw)
 
 
@@ -129,7 +130,9 @@ def _stacked_target(shardings: dict, state, mesh) -> dict:
 def _from_orbax(directory: Path, config: ModelConfig, dtype, mesh):
     import orbax.checkpoint as ocp
 
-    manifest = json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).exists() else {}
+    manifest = read_json(file_in(directory, MANIFEST), "manifest", limit=MAX_CONFIG_BYTES) \
+        if (directory / MANIFEST).exists() else {}
+    manifest = manifest if isinstance(manifest, dict) else {}
     dtype = dtype or dtypes.param_dtype(manifest.get("dtype", "float32"))
     graphdef, state = abstract_params(config, dtype, mesh)
     shardings = param_shardings(state)

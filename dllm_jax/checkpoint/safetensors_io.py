@@ -3,11 +3,17 @@
 Parses the header itself so that every tensor's byte range is checked against the file size
 up front (a truncated download fails with the file and tensor named, before any conversion),
 reads one tensor at a time through a memory map, and handles bfloat16 via ml_dtypes.
+
+The files are untrusted: the header length is checked against the format's 100 MB limit and
+the file size before the header is read, every header entry's fields are type-checked, shard
+names from the index must stay inside the directory (``file_in``), and no error quotes a
+file's bytes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -15,22 +21,63 @@ from pathlib import Path
 import numpy as np
 
 from dllm_jax.checkpoint import dtypes
-from dllm_jax.checkpoint.tensors import CheckpointError, TensorInfo
+from dllm_jax.checkpoint.tensors import CheckpointError, TensorInfo, excerpt, file_in, read_json, regular_file
+
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit (the reference reader refuses more)
+INDEX = "model.safetensors.index.json"
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header and where the data starts; the header's length is checked against the
+    format's limit and the file size before a byte of it is read. Errors never quote the file."""
+    path = regular_file(path, "safetensors file")
     size = path.stat().st_size
     if size < 8:
         raise CheckpointError(f"truncated safetensors file {path}: {size} bytes, no header")
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES:  # (the length itself is not shown: in a file that is not safetensors
+            # at all, it is the file's first 8 bytes)
+            raise CheckpointError(f"{path} is not a valid safetensors file: its header length exceeds the format's "
+                                  f"limit of {MAX_HEADER_BYTES:,} bytes (100 MB)")
         if n > size - 8:
-            raise CheckpointError(f"truncated safetensors file {path}: header of {n} bytes, file has {size}")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise CheckpointError(f"corrupt safetensors header in {path}: {e}") from None
+            raise CheckpointError(f"truncated safetensors file {path}: its header length exceeds the file's "
+                                  f"{size:,} bytes")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"corrupt safetensors header in {path}: not UTF-8 (at byte {8 + e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"corrupt safetensors header in {path}: {e.msg} (at byte {8 + e.pos})") from None
+    except RecursionError:
+        raise CheckpointError(f"corrupt safetensors header in {path}: nested too deeply") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"corrupt safetensors header in {path}: not a JSON object")
     return header, 8 + n
+
+
+def _check_entry(path: Path, key, meta) -> None:
+    """One header entry has the fields and types the format prescribes (before they are used)."""
+    ok = (isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and isinstance(meta.get("shape"), list)
+          and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in meta["shape"])
+          and isinstance(meta.get("data_offsets"), list) and len(meta["data_offsets"]) == 2
+          and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in meta["data_offsets"])
+          and meta["data_offsets"][0] <= meta["data_offsets"][1])
+    if not ok:
+        raise CheckpointError(f"corrupt safetensors header in {path}: entry {excerpt(key)} is not "
+                              "{dtype, shape, data_offsets} with non-negative integers")
+
+
+def _index_shards(directory: Path) -> list[Path]:
+    """The shard files named by ``model.safetensors.index.json``, each kept inside ``directory``."""
+    index = file_in(directory, INDEX)
+    raw = read_json(index, "safetensors index")
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index} has no weight_map of tensor name -> shard file name")
+    return [file_in(directory, name, index) for name in sorted(set(weight_map.values()))]
 
 
 class SafetensorsSource:
@@ -39,41 +86,38 @@ class SafetensorsSource:
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
         if path.is_dir():
-            index = path / "model.safetensors.index.json"
             single = path / "model.safetensors"
-            if index.exists():
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                paths = [path / f for f in files]
-            elif single.exists():
-                paths = [single]
+            if (path / INDEX).exists() or (path / INDEX).is_symlink():
+                paths = _index_shards(path)
+            elif single.exists() or single.is_symlink():
+                paths = [file_in(path, single.name)]
             else:
                 found = sorted(p.name for p in path.glob("*.safetensors"))
                 if not found:
                     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
-                paths = [path / f for f in found]
+                paths = [file_in(path, f) for f in found]
         else:
             paths = [path]
         self._entries: dict[str, tuple[Path, int, dict]] = {}
         for p in paths:
-            if not p.exists():
-                raise CheckpointError(f"safetensors shard {p} listed in the index is missing")
             header, data_start = _read_header(p)
             size = p.stat().st_size
             for key, meta in header.items():
                 if key == "__metadata__":
                     continue
+                _check_entry(p, key, meta)
                 if not dtypes.is_code(meta["dtype"]):
-                    raise CheckpointError(f"tensor {key!r} in {p}: unsupported dtype {meta['dtype']}")
+                    raise CheckpointError(f"tensor {excerpt(key)} in {p}: unsupported dtype {excerpt(meta['dtype'])}")
                 begin, end = meta["data_offsets"]
-                nbytes = int(np.prod(meta["shape"], dtype=np.int64)) * dtypes.itemsize(meta["dtype"])
+                nbytes = math.prod(meta["shape"]) * dtypes.itemsize(meta["dtype"])  # (Python ints: no overflow)
                 if end - begin != nbytes:
-                    raise CheckpointError(f"tensor {key!r} in {p}: byte range {end - begin} does not match "
+                    raise CheckpointError(f"tensor {excerpt(key)} in {p}: byte range {end - begin} does not match "
                                           f"shape {meta['shape']} x {meta['dtype']}")
                 if data_start + end > size:
-                    raise CheckpointError(f"truncated safetensors file {p}: tensor {key!r} needs bytes up to "
+                    raise CheckpointError(f"truncated safetensors file {p}: tensor {excerpt(key)} needs bytes up to "
                                           f"{data_start + end}, the file has {size}")
                 if key in self._entries:
-                    raise CheckpointError(f"tensor {key!r} appears in both {self._entries[key][0]} and {p}")
+                    raise CheckpointError(f"tensor {excerpt(key)} appears in both {self._entries[key][0]} and {p}")
                 self._entries[key] = (p, data_start, meta)
         self._maps: dict[Path, np.memmap] = {}
 

@@ -10,7 +10,11 @@ source key used or explicitly ignored.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
+import stat
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator, Mapping, Protocol
 
 import numpy as np
@@ -21,6 +25,90 @@ from dllm_jax.models.keymap import Target, param_shapes, source_shape, to_param
 
 class CheckpointError(ValueError):
     """A checkpoint does not match the architecture (names the key, shapes and file)."""
+
+
+def excerpt(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: what a message may quote of a checkpoint's content."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def inside(directory: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether ``path``, symlinks resolved, lies inside ``directory`` (itself resolved: a linked-in
+    directory is fine), or, for a Hugging Face hub cache snapshot (``snapshots/<revision>/``), in
+    that repository's ``blobs/``, where the hub keeps the files its snapshot links point to."""
+    root, target = Path(directory).resolve(), Path(path).resolve()
+    if root == target or root in target.parents:
+        return True
+    return root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
+
+
+def file_in(directory: str | os.PathLike, name, listed_in: str | os.PathLike | None = None) -> Path:
+    """``directory / name`` for a file of a checkpoint, kept inside ``directory``.
+
+    ``name``, when read from the checkpoint (``listed_in``: an index, DCP metadata), must be a
+    relative path without ``..`` components. The file, symlinks resolved, must lie inside
+    ``directory`` (see ``inside``: a symlink to a file elsewhere would make a reader, or a
+    converter copying it to its output, use a file the checkpoint's author chose), and be a
+    regular file: FIFOs and devices, which could block a reader or never end, are refused.
+
+    Raises:
+      CheckpointError: naming the file (an excerpt of the name), never its content.
+    """
+    where = (f"{listed_in} names the file {excerpt(name)}" if listed_in is not None
+             else f"checkpoint file {Path(directory) / str(name)}")
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{where}: not a file name inside {directory}")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts or pure.name in ("", "."):
+        raise CheckpointError(f"{where}: file names in a checkpoint must stay inside its directory {directory} "
+                              "(relative, no '..')")
+    path = Path(directory) / pure
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}, which is missing from {directory}") from None
+    except OSError as e:
+        raise CheckpointError(f"{where}, which cannot be read: {e.strerror}") from None
+    if not inside(directory, path):
+        raise CheckpointError(f"{where}, which is a symlink to a file outside {directory}: the files of a "
+                              "checkpoint must stay inside its directory (link the whole directory instead)")
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{where}, which is not a regular file")
+    return path
+
+
+def regular_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` if it is a regular file (symlinks followed), else CheckpointError naming it."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {path} is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"{what} {path} cannot be read: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{what} {path} is not a regular file")
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str, limit: int = 100_000_000):
+    """A JSON file of a checkpoint (at most ``limit`` bytes, checked before reading); errors name
+    the file and the position, never its content."""
+    path = regular_file(path, what)
+    size = path.stat().st_size
+    if size > limit:
+        raise CheckpointError(f"{what} {path} is {size:,} bytes, over the {limit:,}-byte limit")
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{what} {path} is not UTF-8 text (at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{what} {path} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise CheckpointError(f"{what} {path} is nested too deeply") from None
 
 
 @dataclasses.dataclass(frozen=True)
