@@ -126,19 +126,20 @@ def config_difference(running, found) -> tuple[str, Any, Any] | None:
     return None
 
 
-def read(model, path: str) -> Staged:
+def read(model, path: str, *, root: str | None = None) -> Staged:
     """Read the checkpoint at ``path`` for ``model`` (same dtype and shardings); install nothing.
 
     ``path``: a local Orbax dir (``convert``), an HF dir, or a NeMo-RL checkpoint (any level:
     ``step_N/``, ``policy/``, the DCP ``weights/`` dir). A DCP dir has no config.json: the
-    running model's config applies (the tensor shapes are still checked against it).
+    running model's config applies (the tensor shapes are still checked against it). ``root``:
+    the directory ``path`` must lie inside (``confine``), if any.
 
     Raises:
       WeightUpdateFailed (IncompatibleWeights): the path or the checkpoint is unusable.
       CheckpointError / UnsupportedConfigError: from the readers (a bad checkpoint).
     """
     t0 = time.monotonic()
-    directory = Path(path).expanduser()
+    directory = confine(path, root)
     if not directory.exists():
         raise WeightUpdateFailed(path, "no such directory (model_path must be a local directory on the server: "
                                        "an Orbax dir, an HF dir or a NeMo-RL checkpoint)")
@@ -147,11 +148,15 @@ def read(model, path: str) -> Staged:
     running = model.config
     if (directory / ORBAX_PARAMS_DIR).is_dir():
         layout = "orbax"
+        confine(str(directory / ORBAX_PARAMS_DIR), root)
         _check_config(path, running, read_hf_config(directory))
         params = read_params(directory, running, dtype=model.dtype, mesh=model.mesh)
     else:
         found = detect_layout(directory)
         layout = found.kind
+        for inner in (found.weights, found.config_dir):  # (the layout's subdirectories: inside the root too)
+            if inner is not None:
+                confine(str(inner), root)
         if found.config_dir is not None:
             _check_config(path, running, read_hf_config(found.config_dir))
         source = DcpSource(found.weights) if found.format == "dcp" else SafetensorsSource(found.weights)
@@ -164,6 +169,24 @@ def read(model, path: str) -> Staged:
     jax.block_until_ready(params)  # (transfers are asynchronous: time them, and meet their errors, here)
     nbytes = sum(x.nbytes for x in jax.tree.leaves(params))
     return Staged(path, layout, params, time.monotonic() - t0, nbytes)
+
+
+def confine(path: str, root: str | None) -> Path:
+    """``model_path`` as a directory, resolved; with a weights root (``--weights-root``), it must
+    lie inside that root once symlinks are resolved (else ``WeightUpdateFailed``, a 400).
+
+    ``read`` applies it to the directories the layout names as well (``policy/weights`` ...), and
+    the readers keep every file inside its directory (``dllm_jax.checkpoint.file_in``), so
+    nothing outside the root is read.
+    """
+    directory = Path(path).expanduser()
+    if root is None:
+        return directory
+    real, real_root = directory.resolve(), Path(root).expanduser().resolve()
+    if real != real_root and real_root not in real.parents:
+        raise WeightUpdateFailed(path, f"model_path must be a directory inside the server's weights root "
+                                       f"{real_root} (--weights-root); it resolves to {real}")
+    return real
 
 
 def _check_config(path: str, running, found) -> None:

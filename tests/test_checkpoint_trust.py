@@ -10,6 +10,7 @@ import shutil
 import struct
 import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,3 +238,22 @@ class _Spy:
 
     def __exit__(self, *exc):
         self._h.close()
+
+
+def test_weights_root_confines_update_paths(tmp_path):
+    """``serve.weights.confine`` (the --weights-root check): paths resolve inside the root or are refused."""
+    root = tmp_path / "root"
+    (root / "ckpt").mkdir(parents=True)
+    (root / "escape").symlink_to(tmp_path, target_is_directory=True)
+    assert weights.confine(str(root / "ckpt"), str(root)) == (root / "ckpt").resolve()
+    assert weights.confine("/anything", None) == Path("/anything")
+    for bad in (str(root / "../elsewhere"), "/etc", str(root / "escape/x")):
+        with pytest.raises(weights.WeightUpdateFailed, match="weights root") as e:
+            weights.confine(bad, str(root))
+        assert e.value.bad_checkpoint
+    # a layout subdirectory linked out of the root is refused as well (before any file is read)
+    step = root / "step_1/policy"
+    step.mkdir(parents=True)
+    (step / "weights").symlink_to(LLADA_WEIGHTS.absolute(), target_is_directory=True)
+    with pytest.raises(weights.WeightUpdateFailed, match="weights root"):
+        weights.read(types.SimpleNamespace(config=None), str(root / "step_1"), root=str(root))
