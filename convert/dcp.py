@@ -136,6 +136,7 @@ def _torch():
     return torch, dcp
 
 
+MAX_DCP_METADATA_BYTES = 1 << 30
 _DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 # What torch.distributed.checkpoint.save (2.4 ... 2.13) writes into .metadata: its dataclasses,
 # torch.Size, dtypes/layouts/memory formats (singletons, by name), the layout and memory-format
@@ -185,21 +186,22 @@ def read_dcp_metadata(path: Path):
         def find_class(self, module, name):
             if (module, name) in admitted:
                 return super().find_class(module, name)
-            if module == "torch" and "." not in name and isinstance(getattr(torch, name, None), singletons):
-                return getattr(torch, name)
-            raise Refused(f"{module}.{name}")
+            if module == "torch" and isinstance(vars(torch).get(name), singletons):  # (no lazy imports)
+                return vars(torch)[name]
+            raise Refused(f"it references {module}.{name}, which a DCP checkpoint never contains")
 
         def load_build(self):
             target = self.stack[-2]
             if type(target) not in instance_types:
-                raise Refused(f"setting the state of {excerpt(target, 60)} (a "
-                              f"{type(target).__module__}.{type(target).__qualname__})")
+                owner = target if hasattr(target, "__qualname__") else type(target)
+                raise Refused(f"it sets the state of {owner.__module__}.{owner.__qualname__} (BUILD), which a DCP "
+                              "checkpoint only does on the metadata objects it creates")
             super().load_build()
 
         dispatch[pickle.BUILD[0]] = load_build
 
         def persistent_load(self, pid):
-            raise Refused("a persistent id")
+            raise Refused("it references a persistent id, which a DCP checkpoint never contains")
 
     size = regular_file(path, "DCP metadata").stat().st_size
     if size > MAX_DCP_METADATA_BYTES:
@@ -208,17 +210,14 @@ def read_dcp_metadata(path: Path):
         with open(path, "rb") as f:
             metadata = Unpickler(f).load()
     except Refused as e:
-        raise CheckpointError(f"DCP metadata {path} refused: it references {e}, which a DCP checkpoint never "
-                              "contains (a crafted or foreign pickle?); nothing in it was run") from None
+        raise CheckpointError(f"DCP metadata {path} refused: {e} (a crafted or foreign pickle?); nothing in it "
+                              "was run") from None
     except Exception as e:  # noqa: BLE001 - a damaged pickle raises anything; its text may quote the file
         raise CheckpointError(f"could not read DCP metadata {path}: not a valid DCP metadata pickle "
                               f"({type(e).__name__})") from None
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f"DCP metadata {path} holds a {type(metadata).__name__}, not a DCP Metadata")
     return metadata
-
-
-MAX_DCP_METADATA_BYTES = 1 << 30
 
 
 def _check_metadata(metadata, directory: Path, meta_path: Path, torch) -> None:
