@@ -80,8 +80,16 @@ class Executor:
         self.run(Command("open", sid, key=key, version=version, steps=self.steps_per_call))
         return sid
 
-    def admit(self, sid: int, rows: dict[int, tuple[list[int], SamplingParams]]) -> None:
-        self.run(Command("admit", sid, rows=rows))
+    def admit(self, sid: int, rows: dict[int, tuple[list[int], SamplingParams]]) -> dict[int, Exception]:
+        """Admit rows; returns {slot: error} for the rows left out (their slots stay free).
+
+        A row fails alone when its own values cannot be laid out (``DecodeSession.admit`` with
+        ``isolate``); anything else raises for the whole command. Multi-host: the rule is a pure
+        function of the broadcast command (host-side layout of each row, no collective), so
+        every process leaves out the same rows and runs the same merge; process 0's answer
+        is what the scheduler acts on.
+        """
+        return self.run(Command("admit", sid, rows=rows))
 
     def step(self, sid: int) -> list[SlotUpdate]:
         """One decode call of a session: a few denoising steps (fewer once a row finishes)."""
@@ -142,8 +150,8 @@ class Executor:
             self.sessions[cmd.sid] = DecodeSession(self.versions[cmd.version], cmd.key,
                                                    **({"steps_per_call": cmd.steps} if cmd.steps else {}))
         elif op == "admit":
-            self.sessions[cmd.sid].admit({slot: Row(list(prompt), params)
-                                          for slot, (prompt, params) in cmd.rows.items()})
+            return self.sessions[cmd.sid].admit({slot: Row(list(prompt), params)
+                                                 for slot, (prompt, params) in cmd.rows.items()}, isolate=True)
         elif op == "step":
             return self.sessions[cmd.sid].step()
         elif op == "release":

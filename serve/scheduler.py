@@ -36,7 +36,14 @@ Every device-facing call goes through ``serve.executor.Executor`` (process 0 of 
 multi-host server broadcasts it); the asyncio side talks to this thread only through the
 ``Inbox`` (new sequences, cancellations) and each request's ``Handle`` (events back), both
 in ``serve.requests``. A failure reaches the requests involved as ``serve.errors.EngineFailed``
-(the engine dying: ``EngineDead``), never as an HTTP error.
+(the engine dying: ``EngineDead``), never as an HTTP error. What it fails:
+
+- one row: a row whose own values cannot be laid out at admission (``executor.admit`` returns
+  it; the other rows of the round are admitted, its slot stays free), and a row whose update
+  cannot be reported (``_report``: cutting and posting its tokens/logprobs; its slot is freed);
+- the rows of one admission: an admit failure that is not one row's (the device merge, memory);
+- one session: a failed ``step`` (one device program for all its rows: nothing to attribute)
+  or a failed release; opening a batch fails the rows it was opened for.
 """
 
 from __future__ import annotations
@@ -302,10 +309,13 @@ class Scheduler:
             session = by_sid[sid]
             self.inbox.dequeued(len(rows))
             try:
-                self.executor.admit(sid, {slot: (seq.req.prompt, seq.req.params) for slot, seq in rows.items()})
-            except Exception as e:  # noqa: BLE001
+                failed = self.executor.admit(sid, {slot: (seq.req.prompt, seq.req.params)
+                                                   for slot, seq in rows.items()}) or {}
+            except Exception as e:  # noqa: BLE001 - not one row's fault: the rows of this admission
                 self._fail(session if not session.slots else None, list(rows.values()), e, "admitting rows")
                 continue
+            for slot, error in failed.items():  # a row that failed alone: that request only, its slot stays free
+                self._fail(None, [rows.pop(slot)], error, "admitting a row")
             session.slots.update(rows)
             for seq in rows.values():
                 self.metrics.observe("queue_time_seconds", now - seq.arrival)
@@ -346,23 +356,13 @@ class Scheduler:
             seq = session.slots.get(u.slot)
             if seq is None:
                 continue
-            limit = seq.req.max_tokens
-            tokens, done, reason = u.tokens[:limit], u.done, u.finish_reason
-            if done and len(u.tokens) > limit:
-                reason = "length"
-            elif not done and len(u.tokens) >= limit:
-                done, reason = True, "length"
-            if done or len(tokens) != seq.sent:
-                seq.sent = len(tokens)
-                event = Event(seq.index, tokens, done, reason, u.nfe)
-                if u.logprobs is not None:
-                    n = len(tokens)
-                    event.logprobs, event.top_ids, event.top_logprobs = \
-                        u.logprobs[:n], u.top_ids[:n], u.top_logprobs[:n]
-                if u.commit_step is not None:
-                    n = len(tokens)
-                    event.commit_step, event.commit_conf = u.commit_step[:n], u.commit_conf[:n]
-                seq.handle.post(event)
+            try:
+                done = self._report(seq, u)
+            except Exception as e:  # noqa: BLE001 - this row's host-side report: that request alone
+                self._fail(None, [seq], e, "reporting a row's tokens")
+                if not self._release(session, u.slot):
+                    return
+                continue
             if done:
                 self.metrics.inc("nfe_total", u.nfe)
                 if not self._release(session, u.slot):
@@ -370,6 +370,26 @@ class Scheduler:
                 freed += 1
         if freed:
             self._expect_refill(session, freed, self._last_command - t0)
+
+    def _report(self, seq: Seq, u) -> bool:
+        """Post one row's update to its request (cut at ``max_tokens``); True when the row is done."""
+        limit = seq.req.max_tokens
+        tokens, done, reason = u.tokens[:limit], u.done, u.finish_reason
+        if done and len(u.tokens) > limit:
+            reason = "length"
+        elif not done and len(u.tokens) >= limit:
+            done, reason = True, "length"
+        if done or len(tokens) != seq.sent:
+            seq.sent = len(tokens)
+            event = Event(seq.index, tokens, done, reason, u.nfe)
+            if u.logprobs is not None:
+                n = len(tokens)
+                event.logprobs, event.top_ids, event.top_logprobs = u.logprobs[:n], u.top_ids[:n], u.top_logprobs[:n]
+            if u.commit_step is not None:
+                n = len(tokens)
+                event.commit_step, event.commit_conf = u.commit_step[:n], u.commit_conf[:n]
+            seq.handle.post(event)
+        return done
 
     def _expect_refill(self, session: Session, freed: int, call_s: float) -> None:
         """``freed`` rows just left ``session``: if its group's recent demand says their clients come

@@ -650,3 +650,120 @@ def test_refill_wait_holds_for_every_returning_client_not_just_the_first():
     t0 = time.monotonic()
     new, cancels, _ = sched._take_refill(t0 + 5.0, want=2)
     assert cancels == {7} and new == [] and time.monotonic() - t0 < 4.0
+
+
+def test_a_row_that_cannot_be_admitted_fails_alone_its_batch_mates_match_their_solo_runs(llada_model):
+    """Defence in depth behind the HTTP validation: rows whose params overflow the int32 device
+    arrays (top_k >= 2**63, a stop token id >= 2**31; built directly, bypassing ``resolve``) are
+    admitted in the same round as good rows into one session of the real engine on the tiny
+    fixture. Only they fail (EngineFailed); every batch-mate's tokens equal those of its solo run
+    (alone in a session of the same compiled program: no second compile; the batch invariance of
+    the programs is test_step_scheduling's and test_batch_invariance's); the failed slots stay free."""
+    from dllm_jax.sampling import DecodeSession, Row, SamplingParams
+    from serve.executor import Executor
+
+    model = llada_model  # (shared: the engine's changes to its program cache are undone below)
+    limit, listeners = model.programs.max_programs, list(model.programs.on_evict)
+    admits, keys, sent = [], [], []
+
+    class Recording(Executor):  # (and a multi-host leader: its commands go to ``sent``)
+        def __init__(self, model):
+            super().__init__(model, broadcast=sent.append)
+
+        def open(self, key, version=0):
+            keys.append(key)
+            return super().open(key, version)
+
+        def admit(self, sid, rows):
+            failed = super().admit(sid, rows)
+            admits.append((sorted(rows), sorted(failed), sorted(self.sessions[sid].slots)))
+            return failed
+
+    engine = Engine(lambda: model, names=["x"], options=EngineOptions(max_batch_size=8, warmup=()),
+                    make_executor=Recording)
+    engine.start()
+    base = SamplingParams(gen_length=16, block_length=8, algorithm="dual_cache", threshold=0.9).resolve("llada")
+    prompts = [[5, 49, 146, 244], [7, 8, 9], [11, 12, 13, 14, 15], [20, 21], [30, 31, 32], [40]]
+    params = [base, dataclasses.replace(base, top_k=2**63), dataclasses.replace(base, temperature=0.7, seed=3),
+              dataclasses.replace(base, stop_token_ids=(2**31,)), dataclasses.replace(base, top_k=5, seed=9,
+                                                                                    temperature=1.0), base]
+    bad = {1, 3}
+
+    async def main():
+        await until(lambda: engine.health()[0], "ready")
+        with engine.inbox.cv:  # the scheduler takes all of them in one go: one session, one admission
+            handles = [engine.submit([SeqRequest(p, q, 16)]) for p, q in zip(prompts, params)]
+        return await asyncio.gather(*(collect(h) for h in handles), return_exceptions=True)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.stop()
+        model.programs.on_evict[:] = listeners
+        model.programs.set_limit(limit)
+    for i, (prompt, p, result) in enumerate(zip(prompts, params, results)):
+        if i in bad:
+            assert isinstance(result, EngineFailed) and isinstance(result.cause, OverflowError), result
+            continue
+        assert not isinstance(result, BaseException), (i, result)  # (before: EngineFailed, as the bad rows)
+        solo = DecodeSession(model, keys[0])
+        solo.admit({0: Row(prompt, p)})
+        while not (update := solo.step(8)[0]).done:
+            pass
+        assert result[0].tokens.tolist() == update.tokens.tolist() and len(update.tokens), i
+    # one session, one admission of all six; the two bad rows left out, their slots free
+    assert len(keys) == 1 and admits == [([0, 1, 2, 3, 4, 5], [1, 3], [0, 2, 4, 5])]
+    # a multi-host follower replaying the same commands leaves out the same rows
+    follower = Executor(model)
+    open_, admit_ = (next(c for c in sent if c.op == op) for op in ("open", "admit"))
+    follower.apply(open_)
+    assert sorted(follower.apply(admit_)) == [1, 3] and sorted(follower.sessions[admit_.sid].slots) == [0, 2, 4, 5]
+    # the session itself: the failed row's slot stays free and untouched; without isolate the
+    # whole admission raises and nothing is merged
+    session = DecodeSession(model, keys[0])
+    before = np.asarray(session.state.canvas).copy()
+    with pytest.raises(OverflowError):
+        session.admit({0: Row(prompts[0], base), 1: Row(prompts[1], params[1])})
+    assert not session.slots and (np.asarray(session.state.canvas) == before).all()
+    failed = session.admit({0: Row(prompts[0], base), 1: Row(prompts[1], params[1])}, isolate=True)
+    assert list(failed) == [1] and list(session.slots) == [0]
+    assert np.asarray(session.state.active).tolist()[:2] == [True, False]
+
+
+def test_a_row_whose_update_cannot_be_reported_fails_alone(make_engine):
+    """Per-row host work after a step (cutting and posting one row's tokens and logprobs) that
+    fails for one row fails that request alone: its slot is freed and reused, its batch-mate
+    finishes, the engine keeps serving (before: the exception left the scheduler loop and the
+    engine died, every request getting EngineDead)."""
+    engine = make_engine(max_batch_size=2, max_wait_ms=50)
+    ex = engine.executor
+    admit, step, bad = ex.admit, ex.step, set()
+
+    def admit_marking_the_bad_row(sid, rows):
+        bad.update((sid, slot) for slot, (prompt, _) in rows.items() if len(prompt) == 11)
+        return admit(sid, rows)
+
+    def step_with_a_broken_row(sid):
+        out = step(sid)
+        for u in out:
+            if (sid, u.slot) in bad:  # logprobs without their top ids: the row's report cannot be cut
+                u.logprobs = np.zeros(len(u.tokens), np.float32)
+        return out
+
+    ex.admit, ex.step = admit_marking_the_bad_row, step_with_a_broken_row
+
+    async def main():
+        with engine.inbox.cv:  # one batch
+            good = engine.submit([seq(gen=64)])
+            broken = engine.submit([seq(prompt_len=11, gen=64)])
+        with pytest.raises(EngineFailed) as e:
+            await collect(broken)
+        assert "reporting" in str(e.value)
+        return await collect(good), await collect(engine.submit([seq(prompt_len=12, gen=64)]))
+
+    a, later = asyncio.run(main())
+    assert len(a[0].tokens) == 64 and a[0].finish_reason == "length" and len(later[0].tokens) == 64
+    (sid, slot), = bad
+    admits = [e for e in ex.log if e[0] == "admit"]
+    assert admits[0][2] == [0, 1] and ("release", sid, slot) in ex.log
+    assert engine.health() == (True, "ready")

@@ -216,6 +216,11 @@ def program_key(model, prompt_len: int, params: SamplingParams, batch: int, *,
 STEPS_PER_CALL = 1
 # ``generate``'s budget: everything in one call.
 UNBOUNDED = 2**30
+# Errors computed from one row's own values while laying it out on the host (a value that does
+# not fit its array, a prompt that does not fit the bucket): ``DecodeSession.admit(isolate=True)``
+# fails that row alone. Anything else (out of memory, a device error) is not one row's fault and
+# fails the whole admission, as it may not happen the same way on every process.
+ROW_ERRORS = (ValueError, TypeError, ArithmeticError, LookupError)
 
 
 class DecodeSession:
@@ -236,17 +241,48 @@ class DecodeSession:
         self._steps = 0
         self._finished: set[int] = set()  # slots whose row is done on the device
 
-    def admit(self, rows: dict[int, Row]) -> None:
-        """Put requests into free slots; they start at the next ``step``."""
+    def admit(self, rows: dict[int, Row], *, isolate: bool = False) -> dict[int, Exception]:
+        """Put requests into free slots; they start at the next ``step``.
+
+        With ``isolate``, a row whose own values cannot be laid out (``ROW_ERRORS``: e.g. a
+        ``top_k`` or stop token id that does not fit the int32 device arrays) is left out and
+        returned as {slot: error}; the other rows are admitted and the failed row's slot stays
+        free. The session's state changes only once every row is laid out (one merge of the
+        good rows), so a failure never leaves it half-updated. Without ``isolate`` any failure raises, as a whole.
+        """
         for slot in rows:
             if slot in self.slots:
                 raise ValueError(f"slot {slot} is busy")
-        m = self.model
-        arrays = row_arrays(self.key, rows, mask_id=m.mask_token_id, default_stops=m.stop_token_ids,
-                            d_model=m.spec.d_model)
-        self.state = self.merge(self.state, self._to_device(arrays))
+        try:
+            arrays, failed = self._row_arrays(self.key, rows), {}
+        except ROW_ERRORS:
+            if not isolate:
+                raise
+            # Which rows? Each alone, in a batch-1 layout (host arrays of one row, its seed's key
+            # data from a local program: no collective): a pure function of the row's prompt and
+            # params, so under multi-host every process (which replays the same 'admit' command)
+            # leaves out the same rows and merges the same rest. (Only on this failure path: the
+            # common one lays the rows out once.)
+            one = dataclasses.replace(self.key, batch=1)
+            failed = {}
+            for slot, row in rows.items():
+                try:
+                    self._row_arrays(one, {0: row})
+                except ROW_ERRORS as e:
+                    failed[slot] = e
+            rows = {slot: row for slot, row in rows.items() if slot not in failed}
+            if not failed:  # (only together: not one row's fault)
+                raise
+            arrays = self._row_arrays(self.key, rows) if rows else None
+        if arrays is not None:
+            self.state = self.merge(self.state, self._to_device(arrays))
         self.slots.update(rows)
         self._finished.difference_update(rows)
+        return failed
+
+    def _row_arrays(self, key: ProgramKey, rows: dict[int, Row]) -> dict[str, np.ndarray]:
+        m = self.model
+        return row_arrays(key, rows, mask_id=m.mask_token_id, default_stops=m.stop_token_ids, d_model=m.spec.d_model)
 
     def release(self, slot: int) -> None:
         """Forget a slot (finished or cancelled); its row is frozen until reused.
