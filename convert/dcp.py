@@ -21,8 +21,7 @@ from typing import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
-from dllm_jax.checkpoint import CheckpointError, TensorInfo, dtypes
-from dllm_jax.checkpoint.tensors import excerpt, file_in, regular_file
+from dllm_jax.checkpoint import CheckpointError, TensorInfo, dtypes, excerpt, file_in, regular_file
 
 DCP_METADATA = ".metadata"
 TOKENIZER_FILES = (

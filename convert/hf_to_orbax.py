@@ -43,9 +43,8 @@ from convert.dcp import TOKENIZER_FILES, DcpSource, Layout, choose_key_prefix, d
 from dllm_jax import UnsupportedConfigError  # noqa: E402
 from dllm_jax.checkpoint import (  # noqa: E402
     MANIFEST, ORBAX_PARAMS_DIR, TOKENIZER_DIR, CheckpointError, SafetensorsSource, assemble, check_source, dtypes,
-    is_ignorable, key_map, nest_params, read_hf_config, resolve_source,
+    file_in, is_ignorable, key_map, nest_params, read_hf_config, resolve_source,
 )
-from dllm_jax.checkpoint.tensors import file_in  # noqa: E402
 
 log = logging.getLogger("convert")
 

@@ -23,13 +23,19 @@ from dllm_jax.checkpoint.tensors import (
     TensorSource,
     assemble,
     check_source,
+    excerpt,
+    file_in,
+    inside,
     is_ignorable,
     nest_params,
+    read_json,
+    regular_file,
 )
 from dllm_jax.models import key_map
 
 __all__ = [
     "CheckpointError", "MANIFEST", "ORBAX_PARAMS_DIR", "SafetensorsSource", "TOKENIZER_DIR", "TensorInfo",
-    "TensorSource", "assemble", "check_source", "dtypes", "is_ignorable", "key_map", "load", "load_tokenizer",
-    "nest_params", "read_hf_config", "read_params", "resolve_source", "save_safetensors",
+    "TensorSource", "assemble", "check_source", "dtypes", "excerpt", "file_in", "inside", "is_ignorable", "key_map",
+    "load", "load_tokenizer", "nest_params", "read_hf_config", "read_json", "read_params", "regular_file",
+    "resolve_source", "save_safetensors",
 ]
