@@ -70,6 +70,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="enable POST /update_weights_from_disk (new weights of the same architecture, no restart; "
                         "protect it with --api-key / DLLM_API_KEY)")
     p.add_argument("--log-level", default="info")
+    lim = p.add_argument_group("request limits (docs/api.md, Limits)")
+    lim.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
+                     help="largest request body; more is a 413 before it is parsed (default 8 MiB)")
+    lim.add_argument("--max-prompt-chars", type=int, default=0,
+                     help="characters of a prompt (or all message contents) before it is tokenized; more is a 413 "
+                          "(0, the default: the context x the longest vocabulary entry, which refuses no prompt that "
+                          "fits the context); also /tokenize and /detokenize (tokens)")
+    lim.add_argument("--max-gen-length", type=int, default=0,
+                     help="canvas cap: max_tokens, block_length and max_tokens rounded up to whole blocks; steps are "
+                          "at most the canvas (0, the default: the model's context)")
+    lim.add_argument("--max-stop-chars", type=int, default=256,
+                     help="characters of one stop string (streaming holds back that many characters)")
     g = p.add_argument_group("multi-host (SLURM is auto-detected)")
     g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
     g.add_argument("--num-processes", type=int, default=None)
@@ -84,7 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.max_batch_size < 1 or args.max_queue < 1 or args.max_sessions < 1 or args.max_wait_ms < 0 \
             or (args.steps_per_call is not None and args.steps_per_call < 1) or args.refill_wait_ms < 0 \
             or args.max_score_tokens < 0 or args.max_programs < 0 or args.header_timeout < 0 \
-            or args.max_connections < 1 or args.peer_timeout <= 0:
+            or args.max_connections < 1 or args.peer_timeout <= 0 \
+            or args.max_body_bytes < 1 or args.max_stop_chars < 1 or args.max_prompt_chars < 0 \
+            or args.max_gen_length < 0:
         p.error("--max-batch-size, --max-queue, --max-sessions and --steps-per-call must be >= 1, --max-wait-ms, "
                 "--refill-wait-ms, --max-score-tokens and --max-programs >= 0")
     return args
@@ -171,6 +185,8 @@ def main(argv=None) -> None:
         background_compile=not multi, max_programs=args.max_programs or None,
         allow_weight_updates=args.allow_weight_updates,
         refill_wait_ms=args.refill_wait_ms,
+        max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars or None,
+        max_gen_length=args.max_gen_length or None, max_stop_chars=args.max_stop_chars,
         **({"steps_per_call": args.steps_per_call} if args.steps_per_call else {}))
     if args.allow_weight_updates and not args.api_key:
         log.warning("--allow-weight-updates without an API key: anyone who reaches this port can replace the "

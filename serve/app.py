@@ -41,7 +41,8 @@ from serve.errors import (
 from serve.metrics import Metrics
 from serve.playground import is_open as playground_path
 from serve.playground import router as playground_router
-from serve.protocol import APIError
+from serve.limits import BodyLimit
+from serve.protocol import REQUEST_ID, APIError, clip, request_id
 from serve.routes import router
 from serve.security import HostCheck
 from serve.serving import Serving
@@ -63,12 +64,18 @@ def api_error(exc: Exception) -> APIError:
         return APIError(413, f"prompt ({exc.prompt_tokens} tokens) + max_tokens rounded up to whole blocks "
                              f"({exc.gen_length}){extra} exceeds the model's context of {exc.context} tokens",
                         param="max_tokens", code="context_length_exceeded")
+    # 5xx: the message names the request id, the log keeps the exception text
     if isinstance(exc, EngineNotReady):
+        if exc.detail:
+            log.error("request %s: %s", request_id(), exc)
+            return APIError(503, f"the engine is {exc.state.replace('_', ' ')} ({_see_log()})", code=exc.state)
         return APIError(503, str(exc), code=exc.state)
     if isinstance(exc, EngineDead):
-        return APIError(503, str(exc), code="engine_dead")
+        log.error("request %s: %s", request_id(), exc)
+        return APIError(503, f"the engine died ({_see_log()})", code="engine_dead")
     if isinstance(exc, EngineFailed):
-        return APIError(500, str(exc), code="engine_error")
+        log.error("request %s: %s", request_id(), exc)
+        return APIError(500, f"generation failed while {exc.what} ({_see_log()})", code="engine_error")
     if isinstance(exc, ClientDisconnected):
         return APIError(499, str(exc), code="client_disconnected")
     if isinstance(exc, SamplingError):
@@ -80,8 +87,14 @@ def api_error(exc: Exception) -> APIError:
     if isinstance(exc, WeightUpdateFailed):
         if exc.bad_checkpoint:
             return APIError(400, str(exc), param="model_path", code="invalid_checkpoint")
-        return APIError(500, str(exc), code="weight_update_failed")
-    return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
+        log.error("request %s: %s", request_id(), exc)
+        return APIError(500, f"could not load weights from {clip(exc.path, 200)} ({_see_log()}); the previous "
+                             "weights keep serving", code="weight_update_failed")
+    return APIError(500, f"internal error ({_see_log()})", code="internal_error")
+
+
+def _see_log() -> str:
+    return f"request id {clip(request_id())}; the server log has the details"
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -118,6 +131,7 @@ class RequestContext:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         rid = headers.get("x-request-id") or uuid.uuid4().hex
+        REQUEST_ID.set(rid)
         status_seen = {}
 
         async def send_with_id(message):
@@ -201,7 +215,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics |
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception("unhandled error on %s %s (request id %s)", request.method, request.url.path, request_id())
         return error_response(api_error(exc))  # a 500 internal_error
 
     # json.JSONDecodeError of a body FastAPI did not parse itself (defensive).
@@ -209,5 +223,6 @@ def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics |
         APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json")))
 
     app.add_middleware(HostCheck, allowed=allowed_hosts)  # (inside RequestContext: a 403 has a request id)
+    app.add_middleware(BodyLimit, max_bytes=engine.options.max_body_bytes)  # 413 before a large body is read
     app.add_middleware(RequestContext, api_key=api_key, metrics=metrics)
     return app

@@ -37,6 +37,16 @@ log = logging.getLogger("serve.engine")
 __all__ = ["Engine", "EngineOptions", "Event", "Handle", "ModelInfo", "SeqRequest", "State", "Weights"]
 
 
+def prompt_chars_bound(model) -> int:
+    """The default character bound of a prompt: the context times the longest vocabulary entry
+    (a token never covers more characters than its own string, so no prompt that fits the
+    context in tokens is refused; byte-level entries count bytes, at least their characters)."""
+    tok = getattr(model, "tokenizer", None)
+    vocab = tok.get_vocab() if tok is not None and hasattr(tok, "get_vocab") else None
+    longest = max((len(t) for t in vocab), default=1) if vocab else 64  # (64: no vocabulary to read)
+    return model.max_length * max(longest, 1)
+
+
 class State(enum.Enum):
     LOADING = "loading"
     WARMING_UP = "warming_up"
@@ -59,6 +69,8 @@ class ModelInfo:
     demo: bool
     mesh: dict
     created: int
+    max_prompt_chars: int = 2**62   # a longer prompt is refused before it is tokenized (413)
+    max_gen_length: int = 2**62     # the canvas cap (max_tokens, block_length, gen_length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +92,12 @@ class EngineOptions:
     allow_weight_updates: bool = False              # POST /update_weights_from_disk
     steps_per_call: int = STEPS_PER_CALL            # denoising steps per device call (fewer once a row finishes)
     refill_wait_ms: float = 20.0                    # after rows leave, wait this long for returning clients
+    # request limits (docs/api.md "Limits"): bounded before any expensive work
+    max_body_bytes: int = 8 * 2**20                 # request body (413; Content-Length or as read)
+    max_prompt_chars: int | None = None             # characters of a prompt / messages before tokenizing
+                                                    # (413); None: context x the longest vocabulary entry
+    max_gen_length: int | None = None               # canvas cap: max_tokens, block_length, gen_length (400)
+    max_stop_chars: int = 256                       # characters of one stop string (400)
 
     def batch_bucket_list(self) -> tuple[int, ...]:
         if self.batch_buckets:
@@ -239,7 +257,9 @@ class Engine:
                 names=self.names, family=model.family, tokenizer=model.tokenizer, max_length=model.max_length,
                 vocab=model.spec.vocab, mask_token_id=model.mask_token_id,
                 stop_token_ids=tuple(model.stop_token_ids), source=str(model.source), demo=self.demo,
-                mesh=dict(model.mesh.shape), created=int(time.time()))
+                mesh=dict(model.mesh.shape), created=int(time.time()),
+                max_prompt_chars=self.options.max_prompt_chars or prompt_chars_bound(model),
+                max_gen_length=min(self.options.max_gen_length or model.max_length, model.max_length))
             log.info("loaded %r in %.1fs", model, time.monotonic() - t0)
             self.state = State.WARMING_UP
             self._warmup()

@@ -10,12 +10,37 @@ supplied"), so nothing that changes results is silently ignored. The diffusion f
 
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dllm_jax.sampling import MAX_TOP_LOGPROBS
+from dllm_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS
+
+# The X-Request-Id of the request being handled (set by serve.app.RequestContext); 5xx bodies
+# carry it instead of the exception text, which stays in the log.
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+EXCERPT_CHARS = 80     # a client value quoted in an error message: at most this many characters
+MAX_MESSAGE_CHARS = 1000  # an error message as a whole (a backstop behind excerpt)
+
+
+def excerpt(value, limit: int = EXCERPT_CHARS) -> str:
+    """``repr(value)``, cut to ``limit`` characters (with the full length) when longer: what an
+    error message may quote of a client's value (a 5 MB field is never echoed back)."""
+    return clip(repr(value), limit)
+
+
+def clip(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """``text`` itself, cut to ``limit`` characters (with the full length) when longer."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def request_id() -> str:
+    return REQUEST_ID.get() or "none"
 
 
 class APIError(Exception):
@@ -27,6 +52,8 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message)} characters)"
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
@@ -109,7 +136,7 @@ class ChatCompletionRequest(DiffusionFields):
     def max_new_tokens(self) -> int | None:
         a, b = self.max_tokens, self.max_completion_tokens
         if a is not None and b is not None and a != b:
-            raise bad_request(f"max_tokens={a} and max_completion_tokens={b} disagree; give one of them",
+            raise bad_request(f"max_tokens={excerpt(a)} and max_completion_tokens={excerpt(b)} disagree; give one of them",
                               "max_completion_tokens")
         return b if b is not None else a
 
@@ -143,7 +170,7 @@ class DetokenizeRequest(_Strict):
 def check_known(req: _Strict) -> None:
     """Unknown fields of the tokenizer endpoints: a 400 naming the first."""
     for name in (req.model_extra or {}):
-        raise bad_request(f"Unrecognized request argument supplied: {name}", name, "unrecognized_argument")
+        raise bad_request(f"Unrecognized request argument supplied: {clip(name)}", clip(name), "unrecognized_argument")
 
 
 # ---- field policy ------------------------------------------------------------------------
@@ -191,10 +218,17 @@ NEUTRAL_ONLY: dict[str, tuple[Any, str]] = {
 
 MAX_N = 64
 MAX_STOP = 16
+MAX_STOP_CHARS = 256   # default of --max-stop-chars: streaming holds back len(longest stop) - 1 characters
+INT32_MAX = 2**31 - 1  # ints that reach an int32 device array (top_k, stop token ids)
+MAX_SEED = 2**62       # seeds are 64-bit; choice i of n uses seed + i
 
 
-def check_fields(req: DiffusionFields) -> None:
-    """Reject what we cannot honour (400 naming the field)."""
+def check_fields(req: DiffusionFields, *, max_stop_chars: int = MAX_STOP_CHARS) -> None:
+    """Reject what we cannot honour (400 naming the field and its allowed range).
+
+    The ranges that need the model (``stop_token_ids`` < vocab, ``steps`` <= the canvas, the
+    canvas cap) are checked by ``serve.request_params.request_params``.
+    """
     fields = dict(req.model_extra or {})
     for name in ("logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty", "suffix",
                  "best_of", "min_tokens", "spaces_between_special_tokens"):
@@ -206,29 +240,49 @@ def check_fields(req: DiffusionFields) -> None:
         if name in NEUTRAL_ONLY:
             ok, why = NEUTRAL_ONLY[name]
             if not ok(value):
-                raise bad_request(f"{why} (got {name}={value!r})", name, "unsupported_parameter")
+                raise bad_request(f"{why} (got {name}={excerpt(value)})", name, "unsupported_parameter")
             continue
         if name not in type(req).model_fields:
-            raise bad_request(f"Unrecognized request argument supplied: {name}", name, "unrecognized_argument")
+            raise bad_request(f"Unrecognized request argument supplied: {clip(name)}", clip(name),
+                              "unrecognized_argument")
     if req.top_p is not None and not (math.isfinite(req.top_p) and 0 < req.top_p <= 1):
         raise bad_request(f"top_p={req.top_p} must be in (0, 1]", "top_p")
-    if req.top_k is not None and req.top_k < -1:
-        raise bad_request(f"top_k={req.top_k} must be -1 or 0 (off) or a positive integer", "top_k")
+    if req.top_k is not None and not -1 <= req.top_k <= INT32_MAX:
+        raise bad_request(f"top_k={excerpt(req.top_k)} must be -1 or 0 (off) or a positive integer <= {INT32_MAX} "
+                          "(a top_k of at least the vocabulary size is off)", "top_k")
     if req.min_p is not None and not (math.isfinite(req.min_p) and 0 <= req.min_p <= 1):
         raise bad_request(f"min_p={req.min_p} must be in [0, 1]", "min_p")
-    if req.stop_token_ids is not None and any(t < 0 for t in req.stop_token_ids):
-        raise bad_request(f"stop_token_ids={req.stop_token_ids} must be non-negative token ids", "stop_token_ids")
+    if req.stop_token_ids is not None:
+        ids = req.stop_token_ids
+        if len(ids) > MAX_STOP_IDS:
+            raise bad_request(f"stop_token_ids has {len(ids)} tokens; at most {MAX_STOP_IDS} are supported",
+                              "stop_token_ids")
+        if any(not 0 <= t <= INT32_MAX for t in ids):
+            raise bad_request(f"stop_token_ids={excerpt(ids)} must be token ids in [0, vocabulary size)",
+                              "stop_token_ids")
     check_logprobs(req)
     if req.n is not None and not 1 <= req.n <= MAX_N:
-        raise bad_request(f"n={req.n} must be between 1 and {MAX_N}", "n")
+        raise bad_request(f"n={excerpt(req.n)} must be between 1 and {MAX_N}", "n")
     if req.temperature is not None and not (math.isfinite(req.temperature) and req.temperature >= 0):
         raise bad_request(f"temperature={req.temperature} must be a finite number >= 0", "temperature")
-    if req.seed is not None and not 0 <= req.seed < 2**62:
-        raise bad_request(f"seed={req.seed} must be an integer in [0, 2^62)", "seed")
+    for name in ("threshold", "factor", "cfg_scale"):
+        value = getattr(req, name)
+        if value is not None and not math.isfinite(value):
+            raise bad_request(f"{name}={value} must be a finite number", name)
+    if req.seed is not None and not 0 <= req.seed < MAX_SEED:
+        raise bad_request(f"seed={excerpt(req.seed)} must be an integer in [0, 2^62)", "seed")
+    for name in ("max_tokens", "max_completion_tokens", "steps", "block_length"):
+        value = getattr(req, name, None)
+        if value is not None and not 0 <= value <= INT32_MAX:  # the exact ranges: request_params
+            raise bad_request(f"{name}={excerpt(value)} must be an integer in [1, {INT32_MAX}]", name)
     stops = stop_list(req.stop)
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise bad_request(f"stop must be a non-empty string or a list of at most {MAX_STOP} non-empty strings",
                           "stop")
+    long = [s for s in stops if len(s) > max_stop_chars]
+    if long:
+        raise bad_request(f"stop strings may have at most {max_stop_chars} characters (got one of {len(long[0])}: "
+                          f"{excerpt(long[0], 40)})", "stop")
     if req.stream_trace and not req.stream:
         raise bad_request("stream_trace needs stream: true (it adds a trace to each streamed chunk)",
                           "stream_trace", "unsupported_parameter")
@@ -276,7 +330,7 @@ def message_text(messages: list[ChatMessage]) -> list[dict[str, str]]:
             for j, part in enumerate(content):
                 kind = part.get("type")
                 if kind != "text" or not isinstance(part.get("text"), str):
-                    raise bad_request(f"content part of type {kind!r} is not supported (text only)",
+                    raise bad_request(f"content part of type {excerpt(kind)} is not supported (text only)",
                                       f"messages[{i}].content[{j}]", "unsupported_content")
                 texts.append(part["text"])
             content = "\n".join(texts)

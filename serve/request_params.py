@@ -6,6 +6,12 @@
 block_length`` (the sampler needs whole blocks); ``steps`` defaults to ``gen_length`` (one
 token per step for the fixed schedule); the returned tokens are cut at ``max_tokens``
 (finish_reason "length" when that cut something).
+
+Bounds (400 naming the field and its range): ``max_tokens`` and ``block_length`` in
+[1, max_gen_length] (the server's canvas cap, ``--max-gen-length``, default the context), the
+canvas ``gen_length`` <= that cap, ``steps`` in [1, gen_length] (more steps than canvas tokens
+commit nothing: every extra step is an empty forward pass), ``stop_token_ids`` < vocab;
+``top_k`` >= vocab is off (0).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import math
 import random
 
 from dllm_jax.sampling import ALGORITHMS, ALIASES, MAX_STOP_IDS, SamplingError, SamplingParams, SlidingDecoder
-from serve.protocol import DiffusionFields, bad_request, top_logprobs
+from serve.protocol import DiffusionFields, bad_request, excerpt, top_logprobs
 
 DEFAULT_MAX_TOKENS = 128
 
@@ -63,10 +69,15 @@ def default_params(family: str, gen_length: int) -> SamplingParams:
                           threshold=d["threshold"], factor=d["factor"], early_stop=d["early_stop"]).resolve(family)
 
 
-def stop_ids_for(req: DiffusionFields, model_stops: tuple[int, ...]) -> tuple[int, ...] | None:
+def stop_ids_for(req: DiffusionFields, model_stops: tuple[int, ...], vocab: int | None = None
+                 ) -> tuple[int, ...] | None:
     """The row's stop tokens (vLLM semantics): the model's EOS / end-of-turn ids plus the request's
     ``stop_token_ids``; with ``ignore_eos`` only the request's own. None = the model's (no change)."""
     own = list(req.stop_token_ids or [])
+    bad = [t for t in own if not 0 <= t < (vocab if vocab is not None else 2**31)]
+    if bad:
+        raise bad_request(f"stop_token_ids: token id {excerpt(bad[0])} is out of range [0, "
+                          f"{vocab if vocab is not None else 2**31})", "stop_token_ids")
     if req.ignore_eos:
         stops = tuple(dict.fromkeys(own))
     elif own:
@@ -81,28 +92,43 @@ def stop_ids_for(req: DiffusionFields, model_stops: tuple[int, ...]) -> tuple[in
 
 
 def request_params(req: DiffusionFields, family: str, max_length: int, *, model_stops: tuple[int, ...] = (),
-                   allow_zero: bool = False) -> tuple[list[SamplingParams], int]:
+                   allow_zero: bool = False, vocab: int | None = None, max_gen_length: int | None = None
+                   ) -> tuple[list[SamplingParams], int]:
     """Resolved params of each of the request's n choices, and max_tokens.
 
     ``allow_zero``: max_tokens 0 is valid (echo: score the prompt only; the params are then those
-    of a 1-token canvas and unused). Raises APIError 400 naming the offending field.
+    of a 1-token canvas and unused). ``max_gen_length``: the server's canvas cap (default: the
+    context ``max_length``). ``vocab``: token ids must be below it. Raises APIError 400 naming
+    the offending field.
     """
     d = FAMILY_DEFAULTS[family]
+    cap = min(max_gen_length or max_length, max_length)
     max_tokens = req.max_new_tokens()
     param_name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS
     if max_tokens < (0 if allow_zero else 1):
         why = " (0 only with echo: true)" if max_tokens == 0 and hasattr(req, "echo") else ""
-        raise bad_request(f"{param_name}={max_tokens} must be >= 1{why}", param_name)
-    if max_tokens > max_length:
-        raise bad_request(f"{param_name}={max_tokens} exceeds the model's context of {max_length} tokens",
-                          param_name)
+        raise bad_request(f"{param_name}={excerpt(max_tokens)} must be >= 1{why}", param_name)
+    if max_tokens > cap:
+        where = (f"the model's context of {max_length} tokens" if cap == max_length else
+                 f"this server's canvas cap of {cap} tokens (--max-gen-length)")
+        raise bad_request(f"{param_name}={excerpt(max_tokens)} exceeds {where}; allowed: 1..{cap}", param_name)
     algorithm = req.algorithm if req.algorithm is not None else req.generation_algorithm
     algo_param = "algorithm" if req.algorithm is not None else "generation_algorithm"
     block_length = req.block_length if req.block_length is not None else d["block_length"]
-    if block_length < 1:
-        raise bad_request(f"block_length={block_length} must be >= 1", "block_length")
+    if not 1 <= block_length <= cap:
+        raise bad_request(f"block_length={excerpt(block_length)} must be between 1 and {cap} (the canvas cap)",
+                          "block_length")
+    gen_length = gen_length_for(max(max_tokens, 1), block_length)
+    if gen_length > cap and cap < max_length:  # (at the context itself: a 413 from the engine, with the prompt)
+        raise bad_request(f"{param_name}={max_tokens} rounded up to whole blocks of block_length={block_length} is "
+                          f"a canvas of {gen_length} tokens; this server's canvas cap is {cap} (--max-gen-length)",
+                          param_name)
+    if req.steps is not None and not 1 <= req.steps <= gen_length:
+        raise bad_request(f"steps={excerpt(req.steps)} must be between 1 and gen_length={gen_length} (the canvas: "
+                          f"{param_name} rounded up to whole blocks of {block_length}; more steps than canvas tokens "
+                          "commit nothing)", "steps")
     explicit = req.model_fields_set
     if algorithm is None and not {"threshold", "factor"} & explicit:
         # the family default algorithm comes with its default transfer rule
@@ -111,17 +137,17 @@ def request_params(req: DiffusionFields, family: str, max_length: int, *, model_
         threshold, factor = req.threshold, req.factor
     seed = req.seed if req.seed is not None else random.randrange(2**31)
     base = dict(
-        gen_length=gen_length_for(max(max_tokens, 1), block_length), steps=req.steps, block_length=block_length,
+        gen_length=gen_length, steps=req.steps, block_length=block_length,
         temperature=0.0 if req.temperature is None else float(req.temperature),
         cfg_scale=0.0 if req.cfg_scale is None else float(req.cfg_scale),
         remasking=req.remasking or "low_confidence", threshold=threshold, factor=factor,
         algorithm=algorithm if algorithm is not None else d["algorithm"],
         early_stop=d["early_stop"] if req.early_stop is None else req.early_stop,
         shift_logits=req.shift_logits,
-        top_k=0 if req.top_k in (None, -1) else req.top_k,
+        top_k=0 if req.top_k in (None, -1) or (vocab is not None and req.top_k >= vocab) else req.top_k,
         top_p=1.0 if req.top_p is None else float(req.top_p),
         min_p=0.0 if req.min_p is None else float(req.min_p),
-        logprobs=top_logprobs(req), stop_token_ids=stop_ids_for(req, tuple(model_stops)),
+        logprobs=top_logprobs(req), stop_token_ids=stop_ids_for(req, tuple(model_stops), vocab),
         trace=bool(req.stream_trace))
     try:
         first = SamplingParams(seed=seed, **base).resolve(family)
@@ -129,6 +155,6 @@ def request_params(req: DiffusionFields, family: str, max_length: int, *, model_
         param = {"gen_length": param_name, "algorithm": algo_param}.get(e.param, e.param)
         raise bad_request(str(e), param) from None
     except (TypeError, ValueError) as e:  # defensive: anything else the sampler rejects
-        raise bad_request(str(e)) from None
+        raise bad_request(str(e)) from None  # (APIError cuts a long message)
     n = req.n or 1
     return [dataclasses.replace(first, seed=seed + i) for i in range(n)], max_tokens

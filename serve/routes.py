@@ -28,12 +28,13 @@ async def completions(body: CompletionRequest, request: Request):
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request):
-    return await run_in_threadpool(request.app.state.serving.tokenize, body)
+    # tokenized and rendered to JSON off the event loop (a long prompt's id list is large)
+    return await run_in_threadpool(lambda: JSONResponse(request.app.state.serving.tokenize(body)))
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request):
-    return await run_in_threadpool(request.app.state.serving.detokenize, body)
+    return await run_in_threadpool(lambda: JSONResponse(request.app.state.serving.detokenize(body)))
 
 
 @router.get("/tokenizer_info")

@@ -39,6 +39,8 @@ from serve.protocol import (
     bad_request,
     check_fields,
     check_known,
+    clip,
+    excerpt,
     message_text,
     stop_list,
     top_logprobs,
@@ -193,12 +195,25 @@ class Serving:
 
     async def chat(self, req: ChatCompletionRequest, request: Request):
         job = self._job("chat", req)
+        self._check_rows(job, 1)
         messages = message_text(req.messages)
+        _check_chars(job.info, sum(len(m["content"]) for m in messages), "messages")
         prompt = await run_in_threadpool(self._chat_prompt, job.info, messages)
         return await self._run(job, [prompt], request)
 
     async def completion(self, req: CompletionRequest, request: Request):
         job = self._job("completion", req)
+        prompt = req.prompt
+        many = not (isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)))
+        if many:  # bounded before any of them is tokenized
+            self._check_rows(job, len(prompt))
+            for i, p in enumerate(prompt):
+                if isinstance(p, str):
+                    _check_chars(job.info, len(p), f"prompt[{i}]" if len(prompt) > 1 else "prompt")
+        else:
+            self._check_rows(job, 1)
+            if isinstance(prompt, str):
+                _check_chars(job.info, len(prompt), "prompt")
         prompts, texts = await run_in_threadpool(self._completion_prompts, job.info, req.prompt)
         return await self._run(job, prompts, request, texts)
 
@@ -207,7 +222,7 @@ class Serving:
     def _model_info(self, model: str | None) -> ModelInfo:
         info = self.engine.info()
         if model is not None and model not in info.names:
-            raise APIError(404, f"The model `{model}` does not exist (this server serves "
+            raise APIError(404, f"The model `{clip(model)}` does not exist (this server serves "
                                 f"{', '.join(info.names)})", param="model", code="model_not_found")
         if info.tokenizer is None:
             raise bad_request("this model has no tokenizer", "model")
@@ -223,12 +238,15 @@ class Serving:
             if req.add_generation_prompt is not None:
                 raise bad_request("add_generation_prompt needs messages", "add_generation_prompt")
             add = True if req.add_special_tokens is None else req.add_special_tokens
+            _check_chars(info, len(req.prompt), "prompt")
             ids = _encode(tok, req.prompt, "prompt", add_special_tokens=add)
         else:
             if not req.messages:
                 raise bad_request("messages must not be empty", "messages")
-            ids = self._template_ids(info, message_text(req.messages),
-                                     req.add_generation_prompt is not False, bool(req.add_special_tokens))
+            messages = message_text(req.messages)
+            _check_chars(info, sum(len(m["content"]) for m in messages), "messages")
+            ids = self._template_ids(info, messages, req.add_generation_prompt is not False,
+                                     bool(req.add_special_tokens))
         out = {"count": len(ids), "max_model_len": info.max_length, "tokens": ids}
         if req.return_token_strs:
             out["token_strs"] = tok.convert_ids_to_tokens(ids)
@@ -237,9 +255,12 @@ class Serving:
     def detokenize(self, req: DetokenizeRequest) -> dict:
         check_known(req)
         info = self._model_info(req.model)
+        if len(req.tokens) > info.max_prompt_chars:
+            raise APIError(413, f"{len(req.tokens)} tokens; this server detokenizes at most {info.max_prompt_chars} "
+                                "per request (--max-prompt-chars)", param="tokens", code="too_many_tokens")
         bad = [t for t in req.tokens if not 0 <= t < info.vocab]
         if bad:
-            raise bad_request(f"token id {bad[0]} is out of range [0, {info.vocab})", "tokens")
+            raise bad_request(f"token id {excerpt(bad[0])} is out of range [0, {info.vocab})", "tokens")
         return {"prompt": info.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
     def tokenizer_info(self) -> dict:
@@ -271,14 +292,14 @@ class Serving:
     # ---- steps -------------------------------------------------------------------------------
 
     def _job(self, kind: str, req: DiffusionFields) -> Job:
-        check_fields(req)
+        check_fields(req, max_stop_chars=self.engine.options.max_stop_chars)
         info = self.engine.info()
         if req.model is not None and req.model not in info.names:
-            raise APIError(404, f"The model `{req.model}` does not exist (this server serves "
+            raise APIError(404, f"The model `{clip(req.model)}` does not exist (this server serves "
                                 f"{', '.join(info.names)})", param="model", code="model_not_found")
         echo = kind == "completion" and bool(req.echo)
         params, max_tokens = request_params(req, info.family, info.max_length, model_stops=info.stop_token_ids,
-                                            allow_zero=echo)
+                                            allow_zero=echo, vocab=info.vocab, max_gen_length=info.max_gen_length)
         k = top_logprobs(req)
         eos_ids: frozenset[int] = frozenset()
         if echo and k is not None and max_tokens == 1:
@@ -289,6 +310,19 @@ class Serving:
             params = [dataclasses.replace(p, stop_token_ids=()) for p in params]
         return Job(kind, req, info, req.model or info.names[0], params, max_tokens, k, echo, eos_ids)
 
+    def _check_rows(self, job: Job, prompts: int) -> None:
+        """A request of more sequences than one request may have, or than the queue can ever hold,
+        is a 400 (not a 429 to retry), before its prompts are tokenized."""
+        n = len(job.params)
+        rows, what = prompts * n, f"{prompts} prompts x n={n}" if prompts > 1 else f"n={n}"
+        param = "n" if n > 1 or prompts == 1 else "prompt"
+        if rows > MAX_ROWS_PER_REQUEST:
+            raise bad_request(f"{what} exceeds {MAX_ROWS_PER_REQUEST} sequences per request", param)
+        limit = self.engine.options.max_queue
+        if rows > limit:
+            raise bad_request(f"{what} is {rows} sequences; this server's queue holds at most {limit} (--max-queue), "
+                              "so this request can never be queued", param, "too_many_sequences")
+
     @staticmethod
     def _template_ids(info: ModelInfo, messages: list[dict], add_generation_prompt: bool = True,
                       add_special_tokens: bool = False) -> list[int]:
@@ -298,7 +332,7 @@ class Serving:
         try:
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - jinja raises for conversations it does not accept
-            raise bad_request(f"the chat template rejected the messages: {e}", "messages") from None
+            raise bad_request(f"the chat template rejected the messages: {clip(str(e), 200)}", "messages") from None
         return _encode(tok, text, "messages", add_special_tokens=add_special_tokens)
 
     @staticmethod
@@ -325,7 +359,7 @@ class Serving:
                 ids = list(p)
                 bad = [t for t in ids if not 0 <= t < info.vocab or t == info.mask_token_id]
                 if bad:
-                    raise bad_request(f"token id {bad[0]} is out of range [0, {info.vocab}) or is the mask "
+                    raise bad_request(f"token id {excerpt(bad[0])} is out of range [0, {info.vocab}) or is the mask "
                                       f"token {info.mask_token_id}", param)
             if not ids:
                 raise bad_request("prompt must not be empty", param)
@@ -413,7 +447,15 @@ def _encode(tok, text: str, param: str, **kw) -> list[int]:
     try:
         return tok.encode(text, **kw)
     except Exception as e:  # noqa: BLE001 - e.g. lone surrogates the tokenizer cannot encode
-        raise bad_request(f"the text could not be tokenized: {type(e).__name__}: {e}", param) from None
+        raise bad_request(f"the text could not be tokenized: {type(e).__name__}: {clip(str(e), 200)}", param) from None
+
+
+def _check_chars(info: ModelInfo, chars: int, param: str) -> None:
+    """The first bound on a prompt, before it is tokenized: its characters."""
+    if chars > info.max_prompt_chars:
+        raise APIError(413, f"the prompt has {chars} characters; this server tokenizes at most {info.max_prompt_chars} "
+                            f"(--max-prompt-chars; by default the context of {info.max_length} tokens x the longest "
+                            "vocabulary entry)", param=param, code="prompt_too_long")
 
 
 def _check_fits(info: ModelInfo, ids: list[int], param: str) -> None:
