@@ -6,7 +6,7 @@
 
 Starts ``python -m serve`` as a subprocess on a free localhost port (nothing else is
 contacted) and runs ``--rounds`` rounds of ``--requests`` requests from ``--concurrency``
-concurrent clients (closed loop). The workload mixes chat and completions, streamed and not,
+concurrent clients (closed loop); with ``--repeat`` every round sends the same requests. The workload mixes chat and completions, streamed and not,
 temperature 0 and > 0 (with seeds), different ``max_tokens`` / ``block_length`` /
 algorithms / prompt lengths / logprobs, so many program keys are hit and, with a small
 ``--max-programs``, programs are evicted and rebuilt; some streams are dropped after their
@@ -14,8 +14,10 @@ first chunk (abandoned). A fixed set of temperature-0 requests is sent under loa
 round and again alone after it: the invariance rate is the fraction whose texts are equal.
 
 Per round it prints: requests, 5xx (must be 0), other errors, abandoned streams, server RSS
-(VmRSS of the server process after the round), programs built / evicted / cached (from
-/metrics) and the invariance rate. Every round and request is bounded in time
+(VmRSS of the server process after the round), programs built (in all and this round) /
+evicted / cached, block-program compiles (``dllm_compiles_total``) and XLA compilations this
+round (``dllm_xla_compiles_total``, any program) from /metrics, the invariance rate, the
+round's seconds and requests per second (load, probes under load and probes alone). Every round and request is bounded in time
 (``--round-timeout``, ``--request-timeout``).
 """
 
@@ -65,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-words", default="3,10,40,90", help="prompt lengths (words) to mix")
     p.add_argument("--logprobs-rate", type=float, default=0.15, help="fraction of requests with logprobs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", action="store_true",
+                   help="every round sends round 1's requests again (same prompts, settings and seeds): after "
+                        "round 1 nothing new should be built or compiled")
     p.add_argument("--server-arg", action="append", default=[], help="extra server argument (repeatable)")
     return p.parse_args(argv)
 
@@ -242,18 +247,20 @@ def main(argv=None) -> None:
               f"concurrency={args.concurrency} max-programs={args.max_programs} "
               f"max-batch-size={args.max_batch_size} prompt-buckets={args.prompt_buckets} "
               f"algorithms={args.algorithms} max-tokens={args.max_tokens} block-lengths={args.block_lengths} "
-              f"logprobs-rate={args.logprobs_rate} cancel-rate={args.cancel_rate} "
+              f"logprobs-rate={args.logprobs_rate} cancel-rate={args.cancel_rate} repeat={args.repeat} "
               f"server-args={' '.join(args.server_arg) or '-'} "
               f"device={server.device()} (ready in {time.monotonic() - t0:.0f}s, RSS {server.rss_mb():.0f} MB)",
               flush=True)
         prng = random.Random(args.seed + 10_000)
         probes = [make_request(prng, model, args, greedy=True, stream=(i % 2 == 1)) for i in range(args.invariance)]
         header = (f"{'round':>5} {'requests':>8} {'5xx':>4} {'errors':>6} {'abandoned':>9} {'rss_MB':>7} "
-                  f"{'built':>6} {'evicted':>7} {'cached':>6} {'invariant':>9} {'seconds':>7}")
+                  f"{'built':>6} {'+built':>6} {'evicted':>7} {'cached':>6} {'compiles':>8} {'+xla':>6} "
+                  f"{'invariant':>9} {'seconds':>7} {'req/s':>6}")
+        last = server.metrics()
         rows = [header]
         print(header, flush=True)
         for r in range(1, args.rounds + 1):
-            rng = random.Random(args.seed * 1000 + r)
+            rng = random.Random(args.seed * 1000 + (1 if args.repeat else r))
             work = [make_request(rng, model, args, cancel_rate=args.cancel_rate) for _ in range(args.requests)]
             t = time.monotonic()
             results, under_load = asyncio.run(run_round(server.url, work, probes, args.concurrency,
@@ -266,11 +273,18 @@ def main(argv=None) -> None:
             abandoned = sum(1 for x in results if x.get("abandoned"))
             same = sum(1 for a, b in zip(under_load, quiet) if "text" in a and "text" in b and a["text"] == b["text"])
             m = server.metrics()
+            nan = float("nan")
+
+            def delta(name):
+                return m.get(name, nan) - last.get(name, nan)
+
             row = (f"{r:>5} {len(results):>8} {n5xx:>4} {errors:>6} {abandoned:>9} {server.rss_mb():>7.0f} "
-                   f"{m.get('dllm_programs_built_total', float('nan')):>6.0f} "
-                   f"{m.get('dllm_programs_evicted_total', float('nan')):>7.0f} "
-                   f"{m.get('dllm_programs_cached', float('nan')):>6.0f} "
-                   f"{same}/{len(probes):<7} {seconds:>7.0f}")
+                   f"{m.get('dllm_programs_built_total', nan):>6.0f} {delta('dllm_programs_built_total'):>6.0f} "
+                   f"{m.get('dllm_programs_evicted_total', nan):>7.0f} "
+                   f"{m.get('dllm_programs_cached', nan):>6.0f} "
+                   f"{m.get('dllm_compiles_total', nan):>8.0f} {delta('dllm_xla_compiles_total'):>6.0f} "
+                   f"{same}/{len(probes):<7} {seconds:>7.0f} {len(everything) / seconds:>6.2f}")
+            last = m
             rows.append(row)
             print(row, flush=True)
             for x in everything:

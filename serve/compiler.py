@@ -15,12 +15,21 @@ nobody asks for again are forgotten after ``FAILURE_TTL_S`` (the table stays bou
 
 Multi-host: every process must enter programs and collectives in the same order, so a new
 key compiles inline at its first step (``background=False``); configure ``--warmup-buckets``.
+
+Memory: an XLA compile allocates and frees a lot of C++ heap; under glibc malloc the freed
+pages mostly stay in the process (RSS), so a server that keeps rebuilding evicted programs
+grew by ~1 MB per rebuild though nothing leaked (docs/performance.md, "Memory under a repeated
+workload"). ``trim_heap`` (glibc ``malloc_trim(0)``; a no-op elsewhere) returns them after
+every background compile and every eviction, at most once per ``TRIM_INTERVAL_S``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
+import ctypes.util
 import logging
+import sys
 import threading
 import time
 from typing import Callable
@@ -31,6 +40,39 @@ log = logging.getLogger("serve.engine")
 
 
 FAILURE_TTL_S = 600.0
+TRIM_INTERVAL_S = 1.0
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None on other platforms or C libraries)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim  # glibc only (musl has none)
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_trim = _malloc_trim()
+_trim_lock = threading.Lock()
+_last_trim = [float("-inf")]
+
+
+def trim_heap(force: bool = False) -> bool:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim(0)``), at most once per
+    ``TRIM_INTERVAL_S`` unless ``force``; True when it ran. Thread-safe; a no-op without glibc."""
+    if _trim is None:
+        return False
+    now = time.monotonic()
+    with _trim_lock:
+        if not force and now - _last_trim[0] < TRIM_INTERVAL_S:
+            return False
+        _last_trim[0] = now
+    _trim(0)
+    return True
 
 
 def cost(key: ProgramKey) -> int:
@@ -58,6 +100,7 @@ class Compiler:
         """The program cache dropped ``key`` (any thread): it is not compiled any more."""
         with self._lock:
             self.compiled.discard(key)
+        trim_heap()  # (its executable is freed once no session holds it; the next trim gets the rest)
 
     def ready(self, key: ProgramKey) -> bool:
         """True when ``key`` can run now; otherwise its compile is started (background mode)."""
@@ -117,6 +160,7 @@ class Compiler:
             with self._lock:
                 self._compiling.discard(key)
             self._on_done()
+            trim_heap()  # the compiler's freed scratch memory back to the OS
 
     def shutdown(self) -> None:
         if self._pool is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import threading
+import time
 import types
 import weakref
 
@@ -95,6 +96,73 @@ def test_compiler_forgets_evicted_keys_and_stale_failures(monkeypatch):
     compiler._failed["old"] = (RuntimeError("x"), 0.0)
     monkeypatch.setattr(compiler_mod.time, "monotonic", lambda: compiler_mod.FAILURE_TTL_S + 1.0)
     assert compiler.take_failure("other") is None and compiler._failed == {}
+
+
+def test_a_repeated_workload_that_fits_the_cache_builds_nothing_after_its_first_round(monkeypatch):
+    programs = Programs(types.SimpleNamespace(), max_programs=4)
+    monkeypatch.setattr(programs, "_build", lambda key: ("program", key))
+    work = ["a", "b", "a", "c", "d", "b", "d"] * 3
+    for key in work:
+        programs.get(key)
+    assert (programs.builds, programs.evictions) == (4, 0)
+    for _ in range(3):                  # the same rounds again: nothing built, nothing dropped
+        for key in work:
+            programs.get(key)
+    assert (programs.builds, programs.evictions) == (4, 0)
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_trim_heap_gives_freed_heap_pages_back(monkeypatch):
+    """Freed malloc chunks below a live one stay in RSS until ``malloc_trim`` (what an XLA compile
+    leaves behind, here made with libc's malloc directly)."""
+    import ctypes
+
+    import serve.compiler as compiler_mod
+
+    if compiler_mod._trim is None:   # not glibc: nothing to trim, never an error
+        assert not compiler_mod.trim_heap(force=True)
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    compiler_mod.trim_heap(force=True)
+    chunks = [libc.malloc(4000) for _ in range(20_000)]      # 80 MB in small chunks (the main heap)
+    for c in chunks:
+        ctypes.memset(c, 1, 4000)
+    keep = libc.malloc(4000)                                  # a live chunk above them: no automatic trim
+    for c in chunks:
+        libc.free(c)
+    before = _rss_kib()
+    assert compiler_mod.trim_heap(force=True)
+    freed_mb = (before - _rss_kib()) / 1024
+    libc.free(keep)
+    assert freed_mb > 40, f"malloc_trim gave back only {freed_mb:.0f} MB of 80"
+    monkeypatch.setattr(compiler_mod.time, "monotonic", lambda: 1e9)
+    assert compiler_mod.trim_heap() and not compiler_mod.trim_heap()   # at most once per TRIM_INTERVAL_S
+
+
+def test_compiler_trims_the_heap_after_each_compile_and_eviction(monkeypatch):
+    import serve.compiler as compiler_mod
+
+    trims = []
+    monkeypatch.setattr(compiler_mod, "trim_heap", lambda force=False: trims.append(force))
+    done = threading.Event()
+    compiler = Compiler(lambda key: None, background=True, on_done=done.set)
+    try:
+        assert not compiler.ready("k")
+        assert done.wait(30)
+        deadline = time.monotonic() + 30
+        while not trims and time.monotonic() < deadline:   # (trimmed after on_done)
+            time.sleep(0.01)
+        assert trims == [False] and compiler.ready("k")
+        compiler.evicted("k")
+        assert trims == [False, False]
+    finally:
+        compiler.shutdown()
 
 
 # ---- a server with --max-programs 2 and four program keys -----------------------------------
