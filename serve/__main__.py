@@ -71,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "protect it with --api-key / DLLM_API_KEY)")
     p.add_argument("--log-level", default="info")
     lim = p.add_argument_group("request limits (docs/api.md, Limits)")
-    lim.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
-                     help="largest request body; more is a 413 before it is parsed (default 8 MiB)")
+    lim.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                     help="largest request body; more is a 413 before it is parsed (default 4 MiB)")
     lim.add_argument("--max-prompt-chars", type=int, default=0,
                      help="characters of a prompt (or all message contents) before it is tokenized; more is a 413 "
                           "(0, the default: the context x the longest vocabulary entry, which refuses no prompt that "

@@ -93,7 +93,7 @@ class EngineOptions:
     steps_per_call: int = STEPS_PER_CALL            # denoising steps per device call (fewer once a row finishes)
     refill_wait_ms: float = 20.0                    # after rows leave, wait this long for returning clients
     # request limits (docs/api.md "Limits"): bounded before any expensive work
-    max_body_bytes: int = 8 * 2**20                 # request body (413; Content-Length or as read)
+    max_body_bytes: int = 4 * 2**20                 # request body (413; Content-Length or as read)
     max_prompt_chars: int | None = None             # characters of a prompt / messages before tokenizing
                                                     # (413); None: context x the longest vocabulary entry
     max_gen_length: int | None = None               # canvas cap: max_tokens, block_length, gen_length (400)

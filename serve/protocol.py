@@ -11,6 +11,7 @@ supplied"), so nothing that changes results is silently ignored. The diffusion f
 from __future__ import annotations
 
 import contextvars
+import itertools
 import math
 from typing import Any, Literal
 
@@ -27,9 +28,28 @@ MAX_MESSAGE_CHARS = 1000  # an error message as a whole (a backstop behind excer
 
 
 def excerpt(value, limit: int = EXCERPT_CHARS) -> str:
-    """``repr(value)``, cut to ``limit`` characters (with the full length) when longer: what an
-    error message may quote of a client's value (a 5 MB field is never echoed back)."""
-    return clip(repr(value), limit)
+    """A short ``repr(value)``: at most ``limit`` characters of it (the first items of a container,
+    the start of a string), so a 5 MB field is never echoed back, nor repr'd whole."""
+    text = _short(value, limit, 2)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _short(value, limit: int, depth: int) -> str:
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
+    if isinstance(value, (dict, list, tuple)):
+        if depth == 0:
+            return "{...}" if isinstance(value, dict) else "[...]"
+        if isinstance(value, dict):
+            parts = [f"{_short(k, limit, 0)}: {_short(v, limit, depth - 1)}"
+                     for k, v in itertools.islice(value.items(), 8)]
+            brackets = "{}"
+        else:
+            parts = [_short(v, limit, depth - 1) for v in itertools.islice(value, 8)]
+            brackets = "()" if isinstance(value, tuple) else "[]"
+        more = ", ..." if len(value) > 8 else ""
+        return brackets[0] + ", ".join(parts) + more + brackets[1]
+    return repr(value)
 
 
 def clip(text: str, limit: int = EXCERPT_CHARS) -> str:
