@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow-weight-updates", action="store_true",
                    help="enable POST /update_weights_from_disk (new weights of the same architecture, no restart; "
                         "protect it with --api-key / DLLM_API_KEY)")
+    p.add_argument("--weights-root", default=None,
+                   help="with --allow-weight-updates: model_path must be a directory inside DIR once symlinks are "
+                        "resolved (400 otherwise; default: any directory the server can read)")
     p.add_argument("--log-level", default="info")
     lim = p.add_argument_group("request limits (docs/api.md, Limits)")
     lim.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
@@ -164,7 +167,7 @@ def main(argv=None) -> None:
     if multi and jax.process_index() != 0:
         model = load()
         model.programs.set_limit(args.max_programs or None)  # the same cache as process 0's
-        multihost.follow(model)
+        multihost.follow(model, weights_root=args.weights_root)
         liveness.stop()
         jax.distributed.shutdown()
         return
@@ -183,7 +186,7 @@ def main(argv=None) -> None:
         prompt_buckets=_ints(args.prompt_buckets), warmup=warmup_buckets(args.warmup_buckets, args.max_batch_size),
         max_score_tokens=args.max_score_tokens, heartbeat_s=10.0 if multi else None,
         background_compile=not multi, max_programs=args.max_programs or None,
-        allow_weight_updates=args.allow_weight_updates,
+        allow_weight_updates=args.allow_weight_updates, weights_root=args.weights_root,
         refill_wait_ms=args.refill_wait_ms,
         max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars or None,
         max_gen_length=args.max_gen_length or None, max_stop_chars=args.max_stop_chars,

@@ -98,6 +98,7 @@ class EngineOptions:
                                                     # (413); None: context x the longest vocabulary entry
     max_gen_length: int | None = None               # canvas cap: max_tokens, block_length, gen_length (400)
     max_stop_chars: int = 256                       # characters of one stop string (400)
+    weights_root: str | None = None                 # update_weights_from_disk paths must lie inside it (400)
 
     def batch_bucket_list(self) -> tuple[int, ...]:
         if self.batch_buckets:
@@ -242,6 +243,7 @@ class Engine:
             self.model = model
             self.executor = self._make_executor(model)
             self.executor.steps_per_call = self.options.steps_per_call
+            self.executor.weights_root = self.options.weights_root
             programs = getattr(model, "programs", None)  # (test doubles have none)
             self.compiler = Compiler(self.executor.warmup, background=self.options.background_compile,
                                      on_done=self.inbox.wake, metrics=self.metrics,

@@ -71,6 +71,7 @@ class Executor:
             else {0: model}
         self.version = 0
         self.steps_per_call: int | None = None  # sessions' step budget per call (None: the library default)
+        self.weights_root: str | None = None  # update paths must lie inside it (--weights-root; None: anywhere)
 
     # ---- the scheduler's verbs (process 0) ------------------------------------------------
 
@@ -116,7 +117,7 @@ class Executor:
 
     def read_weights(self, path: str) -> "weights.Staged":
         """Single host, any thread: read a checkpoint for this model (nothing is installed)."""
-        return weights.read(self.model, path)
+        return weights.read(self.model, path, root=self.weights_root)
 
     def install(self, version: int, staged: "weights.Staged") -> None:
         """Single host, the scheduler thread: sessions opened from now on run on ``staged``."""
@@ -194,7 +195,7 @@ class Executor:
     def _load_everywhere(self, path: str, version: int) -> "weights.Staged":
         staged, error = None, None
         try:
-            staged = weights.read(self.model, path)
+            staged = weights.read(self.model, path, root=self.weights_root)
         except Exception as e:  # noqa: BLE001 - every process must reach the agreement below
             error = e
         ok = _all_processes(error is None)

@@ -93,11 +93,12 @@ def leader_executor(model) -> Executor:
     return Executor(model, broadcast=send)
 
 
-def follow(model) -> None:
+def follow(model, weights_root: str | None = None) -> None:
     """Followers: replay process 0's commands until it shuts down."""
     import jax
 
     executor = Executor(model)
+    executor.weights_root = weights_root  # (the same --weights-root as process 0's)
     log.info("process %d following process 0", jax.process_index())
     while True:
         cmd = receive()

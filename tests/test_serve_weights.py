@@ -480,6 +480,29 @@ def test_a_failure_part_way_through_a_load_installs_nothing(ckpts, monkeypatch, 
         engine.stop()
 
 
+def test_weights_root_confines_update_paths_end_to_end(ckpts, llada_model):
+    """--weights-root: an update whose model_path resolves outside the root is a 400 naming the
+    root (nothing read); one inside it loads."""
+    root = ckpts["b_hf"].parent
+    engine = Engine(lambda: llada_model.with_params(llada_model.params), names=["x"],
+                    options=EngineOptions(allow_weight_updates=True, warmup=(), weights_root=str(root)))
+    engine.start()
+
+    async def main():
+        transport = httpx.ASGITransport(app=create_app(engine))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            await until(lambda: engine.health()[0], "ready")
+            for outside in (LLADA_MODEL, root / ".." / root.name / ".." / "elsewhere"):
+                r = await client.post("/update_weights_from_disk", json={"model_path": str(outside)})
+                assert r.status_code == 400 and "--weights-root" in r.json()["error"]["message"], r.text
+            r = await client.post("/update_weights_from_disk", json={"model_path": str(ckpts["b_hf"])})
+            assert r.status_code == 200 and r.json()["success"], r.text
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.stop()
+
 
 def test_multi_host_update_is_one_broadcast_command_every_process_replays(ckpts):
     """Process 0's executor broadcasts load_weights / retire; a follower replaying them holds the
