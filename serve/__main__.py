@@ -96,14 +96,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds without a heartbeat from a peer process before this one reports it lost "
                         "(process 0: /health 503, then exit status 3) and exits")
     args = p.parse_args(argv)
-    if args.max_batch_size < 1 or args.max_queue < 1 or args.max_sessions < 1 or args.max_wait_ms < 0 \
-            or (args.steps_per_call is not None and args.steps_per_call < 1) or args.refill_wait_ms < 0 \
-            or args.max_score_tokens < 0 or args.max_programs < 0 or args.header_timeout < 0 \
-            or args.max_connections < 1 or args.peer_timeout <= 0 \
-            or args.max_body_bytes < 1 or args.max_stop_chars < 1 or args.max_prompt_chars < 0 \
-            or args.max_gen_length < 0:
-        p.error("--max-batch-size, --max-queue, --max-sessions and --steps-per-call must be >= 1, --max-wait-ms, "
-                "--refill-wait-ms, --max-score-tokens and --max-programs >= 0")
+    positive = ("max_batch_size", "max_queue", "max_sessions", "steps_per_call", "max_connections",
+                "max_body_bytes", "max_stop_chars", "peer_timeout")
+    non_negative = ("max_wait_ms", "refill_wait_ms", "max_score_tokens", "max_programs", "header_timeout",
+                    "max_prompt_chars", "max_gen_length")
+    for name in positive + non_negative:
+        value = getattr(args, name)
+        if value is not None and (value <= 0 if name in positive else value < 0):
+            p.error(f"--{name.replace('_', '-')} must be {'> 0' if name in positive else '>= 0'} (got {value})")
     return args
 
 
