@@ -39,11 +39,10 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from convert.dcp import TOKENIZER_FILES, DcpSource, Layout, choose_key_prefix, detect_layout, has_tokenizer  # noqa: E402
 from dllm_jax import UnsupportedConfigError  # noqa: E402
 from dllm_jax.checkpoint import (  # noqa: E402
-    MANIFEST, ORBAX_PARAMS_DIR, TOKENIZER_DIR, CheckpointError, SafetensorsSource, assemble, check_source, dtypes,
-    file_in, is_ignorable, key_map, nest_params, read_hf_config, resolve_source,
+    MANIFEST, ORBAX_PARAMS_DIR, TOKENIZER_DIR, TOKENIZER_FILES, CheckpointError, assemble, check_source, detect_layout,
+    dtypes, file_in, has_tokenizer, is_ignorable, key_map, nest_params, open_weights, read_hf_config, resolve_source,
 )
 
 log = logging.getLogger("convert")
@@ -66,27 +65,6 @@ def _version() -> str:
             return tomllib.loads(pyproject.read_text())["project"]["version"] + "+src"
         except Exception:
             return "unknown"
-
-
-class _OneMapAtATime:
-    """Drops the previous safetensors memory map before each read.
-
-    Pages of a still-mapped file count towards RSS; without this a conversion would look
-    (and, under cgroup limits, be charged) as if it held the whole source in memory.
-    """
-
-    def __init__(self, source: SafetensorsSource):
-        self._source = source
-
-    def tensors(self):
-        return self._source.tensors()
-
-    def read(self, key):
-        self._source.close()
-        return self._source.read(key)
-
-    def close(self):
-        self._source.close()
 
 
 def save_params(path: Path, params: dict) -> None:
@@ -112,12 +90,6 @@ def save_params(path: Path, params: dict) -> None:
         checkpointer.save(path.absolute(), args=ocp.args.PyTreeSave(params))
     finally:
         checkpointer.close()
-
-
-def _open(layout: Layout):
-    if layout.format == "dcp":
-        return DcpSource(layout.weights)
-    return _OneMapAtATime(SafetensorsSource(layout.weights))
 
 
 def _read_config(directory: Path):
@@ -205,9 +177,9 @@ def convert(source, dest, *, base_model=None, dtype: str = "bfloat16", overwrite
                               f"<HF dir or hub id of the model it was trained from> to supply it")
     config = _read_config(config_dir)  # validated before any tensor is read
     spec, keys = config.spec(), key_map(config)
-    tensor_source = _open(layout)
+    # (one safetensors memory map at a time: RSS stays near the output size plus one tensor)
+    tensor_source, prefix = open_weights(layout, config, one_map_at_a_time=True)
     infos = tensor_source.tensors()
-    prefix = choose_key_prefix(infos, keys) if layout.format == "dcp" else ""
     ignored = check_source(tensor_source, keys, spec, ignore=is_ignorable, key_prefix=prefix)
     if ignored:
         log.info("ignoring %d non-weight entries (e.g. %s)", len(ignored), ignored[0])

@@ -27,10 +27,10 @@ from dllm_jax.sampling import PROMPT_BUCKETS, STEPS_PER_CALL, ContextOverflow, p
 from serve.compiler import Compiler
 from serve.errors import ContextLengthExceeded, EngineDead, EngineNotReady, WeightUpdatesDisabled
 from serve.executor import Executor
-from serve.metrics import Metrics
+from serve.metrics import Metrics, live_array_bytes
 from serve.requests import Event, Handle, Inbox, ScoreJob, Seq, SeqRequest
 from serve.scheduler import Scheduler
-from serve.weights import Swapper, UpdateJob, Weights, live_array_bytes
+from serve.weights import Swapper, UpdateJob, Weights
 
 log = logging.getLogger("serve.engine")
 

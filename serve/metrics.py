@@ -85,6 +85,31 @@ def xla_compiles() -> int:
         return _xla["compiles"]
 
 
+def live_array_bytes() -> int:
+    """Bytes of every live JAX array of this process (logical sizes: params, decode state ...)."""
+    return sum(x.nbytes for x in jax.live_arrays())
+
+
+def memory_in_use() -> dict:
+    """Live array bytes, and the first local device's allocator (GPU/TPU) or this process's RSS (CPU)."""
+    out = {"live_array_bytes": live_array_bytes()}
+    stats = jax.local_devices()[0].memory_stats()
+    if stats:
+        out.update(device_bytes_in_use=stats.get("bytes_in_use"),
+                   device_peak_bytes_in_use=stats.get("peak_bytes_in_use"))
+        return out
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    out["process_rss_bytes"] = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    out["process_peak_rss_bytes"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
 class Metrics:
     """All server metrics; methods take the names above (without ``dllm_``)."""
 

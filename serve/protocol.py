@@ -187,6 +187,24 @@ class DetokenizeRequest(_Strict):
     tokens: list[int]
 
 
+class UpdateWeightsRequest(_Strict):
+    """SGLang's ``POST /update_weights_from_disk`` body (the fields that apply here)."""
+
+    model_path: str
+    load_format: str | None = None      # "auto" or null: the format is detected
+    weight_version: str | None = None   # a label shown in /v1/models (e.g. "step_300")
+    flush_cache: bool | None = None     # accepted: no cache outlives a request here
+
+    def check(self) -> None:
+        check_known(self)
+        if self.load_format not in (None, "auto"):
+            raise bad_request(f"load_format {self.load_format!r} is not supported: the format (Orbax, HF "
+                              "safetensors, NeMo-RL DCP) is detected from the directory; send \"auto\" or omit it",
+                              "load_format")
+        if not self.model_path.strip():
+            raise bad_request("model_path must name a directory", "model_path")
+
+
 def check_known(req: _Strict) -> None:
     """Unknown fields of the tokenizer endpoints: a 400 naming the first."""
     for name in (req.model_extra or {}):

@@ -10,8 +10,14 @@ from starlette.responses import JSONResponse, Response
 from serve import responses
 from serve.request_params import aliases, algorithm_names, family_defaults
 from serve.errors import WeightUpdatesDisabled
-from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from serve.weights import UpdateWeightsRequest
+from serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    UpdateWeightsRequest,
+)
 
 router = APIRouter()
 

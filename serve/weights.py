@@ -39,39 +39,20 @@ from typing import Any
 
 import jax
 
-from convert.dcp import DcpSource, choose_key_prefix, detect_layout
 from dllm_jax import UnsupportedConfigError
 from dllm_jax.checkpoint import (
     ORBAX_PARAMS_DIR,
     CheckpointError,
-    SafetensorsSource,
-    key_map,
+    detect_layout,
+    open_weights,
     read_hf_config,
     read_params,
 )
 from serve.errors import EngineDead, IncompatibleWeights, ServeError, WeightUpdateFailed
-from serve.protocol import _Strict, bad_request, check_known
+from serve.metrics import memory_in_use
 from serve.requests import resolve_future
 
 log = logging.getLogger("serve.weights")
-
-
-class UpdateWeightsRequest(_Strict):
-    """SGLang's ``POST /update_weights_from_disk`` body (the fields that apply here)."""
-
-    model_path: str
-    load_format: str | None = None      # "auto" or null: the format is detected
-    weight_version: str | None = None   # a label shown in /v1/models (e.g. "step_300")
-    flush_cache: bool | None = None     # accepted: no cache outlives a request here
-
-    def check(self) -> None:
-        check_known(self)
-        if self.load_format not in (None, "auto"):
-            raise bad_request(f"load_format {self.load_format!r} is not supported: the format (Orbax, HF "
-                              "safetensors, NeMo-RL DCP) is detected from the directory; send \"auto\" or omit it",
-                              "load_format")
-        if not self.model_path.strip():
-            raise bad_request("model_path must name a directory", "model_path")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -159,9 +140,8 @@ def read(model, path: str, *, root: str | None = None) -> Staged:
                 confine(str(inner), root)
         if found.config_dir is not None:
             _check_config(path, running, read_hf_config(found.config_dir))
-        source = DcpSource(found.weights) if found.format == "dcp" else SafetensorsSource(found.weights)
+        source, prefix = open_weights(found, running)
         try:
-            prefix = choose_key_prefix(source.tensors(), key_map(running)) if found.format == "dcp" else ""
             params = read_params(None, running, dtype=model.dtype, mesh=model.mesh, source=source,
                                  key_prefix=prefix)
         finally:
@@ -203,31 +183,6 @@ def failure(path: str, exc: BaseException) -> WeightUpdateFailed:
                         PermissionError, IsADirectoryError)):
         return WeightUpdateFailed(path, " ".join(str(exc).split()), bad_checkpoint=True)
     return WeightUpdateFailed(path, f"{type(exc).__name__}: {' '.join(str(exc).split())}", bad_checkpoint=False)
-
-
-def live_array_bytes() -> int:
-    """Bytes of every live JAX array of this process (logical sizes: params, decode state ...)."""
-    return sum(x.nbytes for x in jax.live_arrays())
-
-
-def memory_in_use() -> dict:
-    """Live array bytes, and the first local device's allocator (GPU/TPU) or this process's RSS (CPU)."""
-    out = {"live_array_bytes": live_array_bytes()}
-    stats = jax.local_devices()[0].memory_stats()
-    if stats:
-        out.update(device_bytes_in_use=stats.get("bytes_in_use"),
-                   device_peak_bytes_in_use=stats.get("peak_bytes_in_use"))
-        return out
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    out["process_rss_bytes"] = int(line.split()[1]) * 1024
-                elif line.startswith("VmHWM:"):
-                    out["process_peak_rss_bytes"] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return out
 
 
 # ---- the update queue, run by the scheduler thread ----------------------------------------

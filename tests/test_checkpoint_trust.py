@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert.dcp import DcpSource
 from convert.hf_to_orbax import convert
-from dllm_jax.checkpoint import CheckpointError, SafetensorsSource, save_safetensors
+from dllm_jax.checkpoint import CheckpointError, DcpSource, SafetensorsSource, save_safetensors
 from helpers import LLADA_DIR
 from serve import weights
 

@@ -1,5 +1,10 @@
 """The import graph of ``dllm_jax``: no cycles, no imports hidden inside functions, and the other
-packages (``serve``, ``convert``) use only its public modules."""
+packages (``serve``, ``convert``) use only its public modules and never import each other.
+
+Every import statement counts wherever it is: inside functions, under ``if TYPE_CHECKING:``
+(annotation-only imports), in ``try:`` blocks; relative imports are resolved against the
+importing module's package, and ``importlib.import_module("...")`` / ``__import__("...")`` with
+a literal name count as imports too."""
 
 import ast
 from pathlib import Path
@@ -18,27 +23,45 @@ def _modules(package: str) -> dict[str, Path]:
     return out
 
 
-def _imports(path: Path, name: str, known) -> list[tuple[str, int, bool]]:
-    """(imported dllm_jax module, line, at module level) for every import in the file."""
+def _targets(node: ast.AST, name: str, is_package: bool, known) -> list[str]:
+    """The modules one AST node imports (``name``: the module the node is in)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:  # relative: from the module's own package, up level - 1 packages
+            package = name.split(".") if is_package else name.split(".")[:-1]
+            package = package[:len(package) - (node.level - 1)]
+            base = ".".join(package + ([base] if base else []))
+        return [f"{base}.{a.name}" if f"{base}.{a.name}" in known or not node.module else base for a in node.names]
+    if (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and (isinstance(node.func, ast.Name) and node.func.id == "__import__"
+                 or isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")):
+        return [node.args[0].value]
+    return []
+
+
+def _all_imports(path: Path, name: str, known=()) -> list[tuple[str, int, bool]]:
+    """(imported module, line, at module level) for every import in the file, of any package."""
     tree = ast.parse(path.read_text())
     top = {id(n) for n in tree.body}
     for node in tree.body:  # `if __name__ == ...` / `try:` blocks at the top level count as top level
         if isinstance(node, (ast.If, ast.Try)):
             top.update(id(n) for n in ast.walk(node))
+    is_package = path.name == "__init__.py"
+    return [(t, node.lineno, id(node) in top) for node in ast.walk(tree)
+            for t in _targets(node, name, is_package, known)]
+
+
+def _imports(path: Path, name: str, known) -> list[tuple[str, int, bool]]:
+    """(imported dllm_jax module, line, at module level) for every import in the file."""
     out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            base = node.module
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
-        else:
-            continue
-        for t in targets:
-            if t.split(".")[0] == "dllm_jax":
-                while t not in known:
-                    t = t.rsplit(".", 1)[0]
-                out.append((t, node.lineno, id(node) in top))
+    for t, line, at_top in _all_imports(path, name, known):
+        if t.split(".")[0] == "dllm_jax":
+            while t not in known:
+                t = t.rsplit(".", 1)[0]
+            out.append((t, line, at_top))
     return out
 
 
@@ -84,3 +107,37 @@ def test_other_packages_use_the_public_api(package):
             if target not in PUBLIC:
                 private.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
     assert not private, private
+
+
+@pytest.mark.parametrize("package, other", [("serve", "convert"), ("convert", "serve")])
+def test_serve_and_convert_do_not_import_each_other(package, other):
+    """Both read checkpoints through ``dllm_jax.checkpoint``; neither reaches into the other."""
+    crossing = []
+    for name, path in _modules(package).items():
+        for target, line, _ in _all_imports(path, name, _modules(other)):
+            if target.split(".")[0] == other:
+                crossing.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+    assert not crossing, crossing
+
+
+def test_the_walker_sees_every_kind_of_import(tmp_path):
+    """Function-level, TYPE_CHECKING, relative and importlib imports are all found."""
+    source = tmp_path / "mod.py"
+    source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from convert import dcp\n"
+                      "def f():\n    import convert.hf_to_orbax\n    from .. import routes\n"
+                      "    importlib.import_module('convert.x')\n    __import__('serve.y')\n")
+    found = {t for t, _, _ in _all_imports(source, "serve.pkg.mod", {"convert.dcp"})}
+    assert {"convert.dcp", "convert.hf_to_orbax", "serve.routes", "convert.x", "serve.y"} <= found, found
+
+
+def test_dllm_jax_imports_no_server_converter_or_torch():
+    """``import dllm_jax`` pulls in neither ``serve``, ``convert`` nor FastAPI; torch is an optional
+    extra, imported only inside the DCP reader's functions (when a DCP checkpoint is read)."""
+    found = []
+    for name, path in _modules("dllm_jax").items():
+        for target, line, at_top in _all_imports(path, name):
+            root = target.split(".")[0]
+            lazy_torch = root == "torch" and not at_top and name == "dllm_jax.checkpoint.dcp"
+            if root in ("serve", "convert", "fastapi", "starlette", "uvicorn", "torch") and not lazy_torch:
+                found.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+    assert not found, found

@@ -1,129 +1,30 @@
-"""Finding the weights in a checkpoint directory, and reading PyTorch Distributed Checkpoints.
+"""Reading PyTorch Distributed Checkpoints (DCP), the format NeMo-RL saves a policy's weights in.
 
-NeMo-RL saves a policy as ``<ckpt>/step_N/policy/{weights,tokenizer,optimizer}``. ``weights`` is
-a DCP (``.metadata`` + ``__R_0.distcp`` files) of ``{"model": state_dict}``, so every key carries
-a ``model.`` prefix in front of the Hugging Face name. The newer DTensor-v2 / automodel path
-saves a flat state dict (HF names, no prefix) under ``weights/model/``, as DCP or as safetensors
-(optionally with a ``consolidated/`` HF copy). A user may point at any level of that tree;
-:func:`detect_layout` walks down to the weights and says which layout it found, so the log and
-the manifest record what was actually converted.
+``DcpSource`` is a ``TensorSource`` over a DCP directory (``.metadata`` + ``__R_0.distcp``
+files). Nothing from the checkpoint is unpickled without restriction: ``.metadata`` goes
+through :func:`read_dcp_metadata`, a restricted unpickler; tensor data through torch's
+``torch.load(weights_only=True)``; non-tensor entries are never loaded. Finding the DCP
+directory inside a checkpoint tree is ``layout.detect_layout``.
 
-Torch is imported lazily, only by :class:`DcpSource`: ``dllm_jax`` itself never imports it.
+Torch is an optional extra (``dllm-jax[dcp]``), imported lazily, only here and only when a DCP
+checkpoint is opened: ``import dllm_jax`` never imports it.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
+import pickle
 import warnings
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
 
-from dllm_jax.checkpoint import CheckpointError, TensorInfo, dtypes, excerpt, file_in, regular_file
+from dllm_jax.checkpoint import dtypes
+from dllm_jax.checkpoint.tensors import CheckpointError, TensorInfo, excerpt, file_in, regular_file
 
 DCP_METADATA = ".metadata"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.txt",
-)
-DCP_HINT = ("expected an HF dir (config.json + model.safetensors), or a NeMo-RL checkpoint: step_N/, "
-            "step_N/policy/, a DCP weights/ dir (.metadata + *.distcp) or weights/model/")
 
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where a checkpoint's pieces are.
-
-    Attributes:
-      kind: short name recorded in the manifest, e.g. ``hf``, ``dcp:step_N/policy/weights``,
-        ``dcp:weights/model``, ``safetensors:policy/weights/model/consolidated``.
-      format: ``"safetensors"`` or ``"dcp"``: which reader opens ``weights``.
-      weights: the directory holding the tensors.
-      config_dir: a directory with the checkpoint's own config.json, or None (DCP has none).
-      tokenizer_dir: the checkpoint's own tokenizer directory, or None.
-    """
-
-    kind: str
-    format: str
-    weights: Path
-    config_dir: Path | None
-    tokenizer_dir: Path | None
-
-
-def has_tokenizer(directory: Path | None) -> bool:
-    return directory is not None and any((directory / f).is_file() for f in TOKENIZER_FILES)
-
-
-def _has_safetensors(directory: Path) -> bool:
-    return (directory / "model.safetensors.index.json").is_file() or any(directory.glob("*.safetensors"))
-
-
-def detect_layout(path: Path) -> Layout:
-    """Classify ``path`` (an HF dir or any level of a NeMo-RL checkpoint) and find its weights.
-
-    Raises:
-      CheckpointError: the directory is neither, or a DCP directory lacks its ``.metadata``.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory; {DCP_HINT}")
-    in_weights = path.name == "model" and path.parent.name == "weights"
-    if _has_safetensors(path) and not (path / DCP_METADATA).exists() and not in_weights:
-        sharded = (path / "model.safetensors.index.json").is_file()
-        return Layout("hf-sharded" if sharded else "hf", "safetensors", path,
-                      path if (path / "config.json").is_file() else None, path if has_tokenizer(path) else None)
-    parts, d = [], path
-    if (d / "policy").is_dir():  # step_N/
-        parts.append("step_N")
-        d = d / "policy"
-    if (d / "weights").is_dir():  # policy/
-        parts.append("policy")
-        d = d / "weights"
-    parts.append("weights")
-    flat = False
-    if (d / "model").is_dir() and not (d / DCP_METADATA).exists():  # weights/model/ (DTensor v2)
-        d, flat = d / "model", True
-    elif in_weights:  # pointed straight at weights/model
-        flat = True
-    if flat:
-        parts.append("model")
-    weights_root = d.parent if flat else d
-    tokenizer = weights_root.parent / "tokenizer" if weights_root.name == "weights" else None
-    tokenizer = tokenizer if has_tokenizer(tokenizer) else None
-    shape = "/".join(parts)
-    if (d / DCP_METADATA).is_file():
-        return Layout(f"dcp:{shape}", "dcp", d, None, tokenizer)
-    if (d / "consolidated").is_dir() and _has_safetensors(d / "consolidated"):
-        c = d / "consolidated"
-        return Layout(f"safetensors:{shape}/consolidated", "safetensors", c,
-                      c if (c / "config.json").is_file() else None, c if has_tokenizer(c) else tokenizer)
-    if _has_safetensors(d) and flat:
-        return Layout(f"safetensors:{shape}", "safetensors", d, None, tokenizer)
-    if any(d.glob("*.distcp")):
-        raise CheckpointError(f"DCP directory {d} has *.distcp files but no {DCP_METADATA} (an interrupted "
-                              f"or partial copy?); cannot read it without the metadata")
-    if any(d.glob("*.bin")) or any(d.glob("*.pt")):
-        raise CheckpointError(f"{d} holds PyTorch pickle weights (*.bin / *.pt), which are not read (unsafe to "
-                              f"unpickle); save them as safetensors first; {DCP_HINT}")
-    raise CheckpointError(f"{path} holds no checkpoint: no config.json + *.safetensors and no DCP "
-                          f"{DCP_METADATA}; {DCP_HINT}")
-
-
-def choose_key_prefix(keys: Iterable[str], wanted: Mapping[str, object]) -> str:
-    """``"model."`` or ``""``: whichever makes more checkpoint keys hit the key map.
-
-    NeMo-RL's v1 DCP nests the state dict under ``model`` (keys ``model.<hf name>``); the flat
-    v2 layout does not. Counting hits (rather than testing ``startswith("model.")``) matters for
-    LLaDA, whose HF names themselves begin with ``model.``.
-    """
-    keys = list(keys)
-    hits = {p: sum(k.startswith(p) and k[len(p):] in wanted for k in keys) for p in ("model.", "")}
-    return "model." if hits["model."] > hits[""] else ""
-
-
-# ---- DCP reader ---------------------------------------------------------------------------
 
 def _torch():
     try:
@@ -165,9 +66,6 @@ def read_dcp_metadata(path: Path):
     Raises:
       CheckpointError: naming the file, and the refused global when that was the reason.
     """
-    import importlib
-    import pickle
-
     torch, _ = _torch()
     from torch.distributed.checkpoint.metadata import Metadata
 
@@ -269,8 +167,6 @@ def _reader_and_planner(dcp, directory: Path, metadata):
 def _torch_error(e: Exception) -> str:
     """What a failed tensor read says: torch's own message (the structure of the file), unless it
     comes from unpickling, whose message may quote the file's bytes."""
-    import pickle
-
     if isinstance(e, (pickle.UnpicklingError, UnicodeDecodeError, EOFError)):
         text = str(e)
         refused = "Weights only load failed" in text or "Unsupported global" in text

@@ -136,6 +136,27 @@ class SafetensorsSource:
         self._maps.clear()
 
 
+class OneMapAtATime:
+    """A ``SafetensorsSource`` that drops the previous file's memory map before each read.
+
+    Pages of a still-mapped file count towards RSS; without this a conversion would look
+    (and, under cgroup limits, be charged) as if it held the whole source in memory.
+    """
+
+    def __init__(self, source: SafetensorsSource):
+        self._source = source
+
+    def tensors(self):
+        return self._source.tensors()
+
+    def read(self, key):
+        self._source.close()
+        return self._source.read(key)
+
+    def close(self):
+        self._source.close()
+
+
 def save_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write a safetensors file (used by tests and the demo model; handles bfloat16)."""
     header, offset, blobs = {}, 0, []
