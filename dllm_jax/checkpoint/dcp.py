@@ -52,6 +52,44 @@ _DCP_GLOBALS = _DCP_CLASSES | {
 }
 
 
+class _Refused(Exception):
+    """What the restricted unpickler raises for anything a DCP checkpoint never contains."""
+
+
+def _restricted_unpickler(torch, file):
+    """A ``pickle`` unpickler over ``file`` admitting only ``_DCP_GLOBALS`` and torch's dtype,
+    layout and memory-format singletons, and state (BUILD) only on DCP's own dataclasses."""
+    admitted = set(_DCP_GLOBALS)
+    singletons = (torch.dtype, torch.layout, torch.memory_format)
+    # BUILD only on instances of DCP's dataclasses (not on the _MEM_FORMAT_ENCODING enum's members)
+    instance_types = {getattr(importlib.import_module(m), n) for m, n in _DCP_CLASSES if n != "_MEM_FORMAT_ENCODING"}
+
+    class Unpickler(pickle._Unpickler):  # the Python implementation: BUILD can be checked
+        dispatch = dict(pickle._Unpickler.dispatch)
+
+        def find_class(self, module, name):
+            if (module, name) in admitted:
+                return super().find_class(module, name)
+            if module == "torch" and isinstance(vars(torch).get(name), singletons):  # (no lazy imports)
+                return vars(torch)[name]
+            raise _Refused(f"it references {module}.{name}, which a DCP checkpoint never contains")
+
+        def load_build(self):
+            target = self.stack[-2]
+            if type(target) not in instance_types:
+                owner = target if hasattr(target, "__qualname__") else type(target)
+                raise _Refused(f"it sets the state of {owner.__module__}.{owner.__qualname__} (BUILD), which a DCP "
+                               "checkpoint only does on the metadata objects it creates")
+            super().load_build()
+
+        dispatch[pickle.BUILD[0]] = load_build
+
+        def persistent_load(self, pid):
+            raise _Refused("it references a persistent id, which a DCP checkpoint never contains")
+
+    return Unpickler(file)
+
+
 def read_dcp_metadata(path: Path):
     """Unpickle a DCP ``.metadata`` file admitting only the classes DCP itself writes.
 
@@ -69,44 +107,13 @@ def read_dcp_metadata(path: Path):
     torch, _ = _torch()
     from torch.distributed.checkpoint.metadata import Metadata
 
-    admitted = set(_DCP_GLOBALS)
-    singletons = (torch.dtype, torch.layout, torch.memory_format)
-    # BUILD only on instances of DCP's dataclasses (not on the _MEM_FORMAT_ENCODING enum's members)
-    instance_types = {getattr(importlib.import_module(m), n) for m, n in _DCP_CLASSES if n != "_MEM_FORMAT_ENCODING"}
-
-    class Refused(Exception):
-        pass
-
-    class Unpickler(pickle._Unpickler):  # the Python implementation: BUILD can be checked
-        dispatch = dict(pickle._Unpickler.dispatch)
-
-        def find_class(self, module, name):
-            if (module, name) in admitted:
-                return super().find_class(module, name)
-            if module == "torch" and isinstance(vars(torch).get(name), singletons):  # (no lazy imports)
-                return vars(torch)[name]
-            raise Refused(f"it references {module}.{name}, which a DCP checkpoint never contains")
-
-        def load_build(self):
-            target = self.stack[-2]
-            if type(target) not in instance_types:
-                owner = target if hasattr(target, "__qualname__") else type(target)
-                raise Refused(f"it sets the state of {owner.__module__}.{owner.__qualname__} (BUILD), which a DCP "
-                              "checkpoint only does on the metadata objects it creates")
-            super().load_build()
-
-        dispatch[pickle.BUILD[0]] = load_build
-
-        def persistent_load(self, pid):
-            raise Refused("it references a persistent id, which a DCP checkpoint never contains")
-
     size = regular_file(path, "DCP metadata").stat().st_size
     if size > MAX_DCP_METADATA_BYTES:
         raise CheckpointError(f"DCP metadata {path} is {size:,} bytes, over the {MAX_DCP_METADATA_BYTES:,}-byte limit")
     try:
         with open(path, "rb") as f:
-            metadata = Unpickler(f).load()
-    except Refused as e:
+            metadata = _restricted_unpickler(torch, f).load()
+    except _Refused as e:
         raise CheckpointError(f"DCP metadata {path} refused: {e} (a crafted or foreign pickle?); nothing in it "
                               "was run") from None
     except Exception as e:  # noqa: BLE001 - a damaged pickle raises anything; its text may quote the file
