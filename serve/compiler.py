@@ -18,7 +18,7 @@ key compiles inline at its first step (``background=False``); configure ``--warm
 
 Memory: an XLA compile allocates and frees a lot of C++ heap; under glibc malloc the freed
 pages mostly stay in the process (RSS), so a server that keeps rebuilding evicted programs
-grew by ~1 MB per rebuild though nothing leaked (docs/performance.md, "Memory under a repeated
+grew by 1-3.5 MB per rebuild though nothing leaked (docs/performance.md, "Memory under a repeated
 workload"). ``trim_heap`` (glibc ``malloc_trim(0)``; a no-op elsewhere) returns them after
 every background compile and every eviction, at most once per ``TRIM_INTERVAL_S``.
 """
