@@ -412,9 +412,9 @@ def run_model(name: str, args, python: Path) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny fixture, 1 pass, one warm-up pass "
-                   "per setting (a program may still compile in the measured pass)")
-    p.add_argument("--models", nargs="+", default=["tiny", "bench"], choices=sorted(SETTINGS))
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 pass (the tiny fixture unless --models), "
+                   "one warm-up pass per setting (a program may still compile in the measured pass)")
+    p.add_argument("--models", nargs="+", choices=sorted(SETTINGS), help="default: tiny bench (--quick: tiny)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     p.add_argument("--passes", type=int, default=6)
     p.add_argument("--prompts", type=int, default=32)
@@ -423,7 +423,8 @@ def main(argv=None):
     p.add_argument("--venv", type=Path, default=REPO / ".peers-venv")
     args = p.parse_args(argv)
     if args.quick:
-        args.models, args.passes = ["tiny"], 1
+        args.passes = 1
+    args.models = args.models or (["tiny"] if args.quick else ["tiny", "bench"])
     args.venv = args.venv.resolve()
 
     python = ensure_venv(args.venv)
