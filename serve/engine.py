@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 from dllm_jax.sampling import PROMPT_BUCKETS, STEPS_PER_CALL, ContextOverflow, program_key
 from serve.compiler import Compiler
 from serve.errors import ContextLengthExceeded, EngineDead, EngineNotReady, WeightUpdatesDisabled
-from serve.executor import Executor
+from serve.executor import Device, Executor, ServedModel
 from serve.metrics import Metrics, live_array_bytes
 from serve.requests import Event, Handle, Inbox, ScoreJob, Seq, SeqRequest
 from serve.scheduler import Scheduler
@@ -37,11 +37,11 @@ log = logging.getLogger("serve.engine")
 __all__ = ["Engine", "EngineOptions", "Event", "Handle", "ModelInfo", "SeqRequest", "State", "Weights"]
 
 
-def prompt_chars_bound(model) -> int:
+def prompt_chars_bound(model: ServedModel) -> int:
     """The default character bound of a prompt: the context times the longest vocabulary entry
     (a token never covers more characters than its own string, so no prompt that fits the
     context in tokens is refused; byte-level entries count bytes, at least their characters)."""
-    tok = getattr(model, "tokenizer", None)
+    tok = model.tokenizer
     vocab = tok.get_vocab() if tok is not None and hasattr(tok, "get_vocab") else None
     longest = max((len(t) for t in vocab), default=1) if vocab else 64  # (64: no vocabulary to read)
     return model.max_length * max(longest, 1)
@@ -129,7 +129,7 @@ class Engine:
 
     def __init__(self, load: Callable[[], object], *, names: Sequence[str], options: EngineOptions = EngineOptions(),
                  metrics: Metrics | None = None, demo: bool = False,
-                 make_executor: Callable[[object], Executor] | None = None):
+                 make_executor: Callable[[ServedModel], Device] | None = None):
         self._load, self.names, self.options, self.demo = load, tuple(names), options, demo
         self.metrics = metrics or Metrics(self.names[0] if self.names else "")
         self.metrics.on_scrape.append(lambda: self.metrics.set("live_array_bytes", live_array_bytes()))
@@ -137,7 +137,7 @@ class Engine:
         self.state = State.LOADING
         self.error: str | None = None
         self.model = None
-        self.executor: Executor | None = None
+        self.executor: Device | None = None
         self.compiler: Compiler | None = None
         self.scheduler: Scheduler | None = None
         self.swapper: Swapper | None = None
@@ -244,7 +244,7 @@ class Engine:
             self.executor = self._make_executor(model)
             self.executor.steps_per_call = self.options.steps_per_call
             self.executor.weights_root = self.options.weights_root
-            programs = getattr(model, "programs", None)  # (test doubles have none)
+            programs = model.programs  # (None: a model without a program cache)
             self.compiler = Compiler(self.executor.warmup, background=self.options.background_compile,
                                      on_done=self.inbox.wake, metrics=self.metrics,
                                      cached=(lambda key: key in programs) if programs is not None else None)

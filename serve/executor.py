@@ -18,7 +18,7 @@ read it) changes what new sessions get; ``retire`` frees a version nobody uses a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -58,6 +58,40 @@ class Command:
     steps: int | None = None
 
 
+class ServedModel(Protocol):
+    """What the engine and the scheduler read from the model (a ``dllm_jax.Model``; the
+    ``Executor`` needs all of it). Test doubles declare these fields."""
+
+    family: str
+    tokenizer: Any
+    max_length: int
+    spec: Any                    # its ModelSpec (``vocab``)
+    mask_token_id: int
+    stop_token_ids: Sequence[int]
+    source: Any
+    mesh: Any                    # a jax Mesh; ``shape["data"]`` rounds batch sizes
+    programs: Any                # its compiled-program cache (``Programs``); None: none to manage
+
+
+class Device(Protocol):
+    """What the engine and the scheduler call on an executor (``Executor``; a test double
+    declares the same)."""
+
+    steps_per_call: int | None
+    weights_root: str | None
+
+    def open(self, key: ProgramKey, version: int = 0) -> int: ...
+    def admit(self, sid: int, rows: dict[int, tuple[list[int], SamplingParams]]) -> dict[int, Exception]: ...
+    def step(self, sid: int) -> list[SlotUpdate]: ...
+    def release(self, sid: int, slot: int) -> None: ...
+    def last_steps(self, sid: int) -> int: ...
+    def close(self, sid: int) -> None: ...
+    def warmup(self, key: ProgramKey) -> None: ...
+    def score(self, sequences: list[list[int]], top_k: int, version: int = 0) -> list: ...
+    def noop(self) -> None: ...
+    def shutdown(self) -> None: ...
+
+
 class Executor:
     """Runs Commands against the model's sessions (one thread only, like the sessions)."""
 
@@ -67,8 +101,7 @@ class Executor:
         self.sessions: dict[int, DecodeSession] = {}
         self._next_sid = 0
         # weights version -> the model on it (never ``model`` itself, whose params follow the newest)
-        self.versions: dict[int, Any] = {0: model.with_params(model.params)} if hasattr(model, "with_params") \
-            else {0: model}
+        self.versions: dict[int, Any] = {0: model.with_params(model.params)}
         self.version = 0
         self.steps_per_call: int | None = None  # sessions' step budget per call (None: the library default)
         self.weights_root: str | None = None  # update paths must lie inside it (--weights-root; None: anywhere)
@@ -102,7 +135,7 @@ class Executor:
     def last_steps(self, sid: int) -> int:
         """Denoising steps the session's last ``step`` ran (process 0's copy; 1 when unknown)."""
         session = self.sessions.get(sid)
-        return getattr(session, "last_steps", 1) if session is not None else 1
+        return session.last_steps if session is not None else 1
 
     def close(self, sid: int) -> None:
         self.run(Command("close", sid))

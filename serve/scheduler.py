@@ -1,42 +1,19 @@
-"""The scheduler thread: admission at any denoising step, batching, streaming events back.
+"""The scheduler thread: it applies the batching policy's decisions (``serve.policy``) through
+the executor and streams each row's tokens back to its request.
 
-A session's device call runs a few denoising steps (``steps_per_call``) and returns early as
-soon as one of its rows finishes; every row is at its own block and step. Between two calls
-(``Scheduler._schedule``):
+Each iteration, between two device calls: weight updates install (``serve.weights``; a session
+runs on the version it was opened with and admits only sequences of it), at most one scoring
+job (``Model.score``) runs, cancelled rows leave; empty sessions close, waiting sequences join
+free slots and new sessions open as the policy decides (a program not compiled yet compiles in
+the background, ``serve.compiler``, while its group borrows one or waits). Then one session
+(round robin) runs one call of its step program (a few denoising steps, fewer once a row
+finishes): each row's tokens go to its request's ``Handle``, finished rows free their slot for
+the next step, and the next call may wait for returning clients (``Policy.refill``).
 
-1. waiting sequences (FIFO) are admitted into free slots of running sessions of their
-   *group* (requests whose ProgramKeys are equal up to batch size and prompt bucket share a
-   compiled program; a shorter prompt may join a session of a longer prompt bucket: it is
-   left-padded, which does not change its output);
-2. a group with no room opens a new session once it is *full* (``max_batch_size``, or the
-   group's recent peak demand, so a lone request on a quiet server starts at once) or its
-   oldest request has waited ``max_wait_ms``, as long as fewer than ``max_sessions``
-   sessions run; the session is sized for that demand. A program key not compiled yet is
-   compiled in the background (``serve.compiler``) while the group borrows a compiled one or
-   waits. When the session limit blocks the oldest waiting sequence, later arrivals stop
-   joining running sessions, so those drain and the blocked group gets its turn (FIFO
-   fairness, no starvation). A session smaller than another of its group, or (at the session
-   limit) smaller than its group's recent peak demand, admits no more rows either
-   (``_draining``): rows join at every step, so without this a batch-1 session opened on a
-   quiet server would be refilled forever beside the bigger batch its group needs;
-3. a pending scoring job (echo + logprobs: ``Model.score`` of prompts) runs, at most one
-   per boundary, so long prompts to score and running batches take turns;
-4. one session (round robin) runs one call of its step program; each occupied slot reports
-   its final tokens, which are posted to the request's handle; finished or cancelled rows
-   free their slot for step 1, so a waiting request joins at the next step. When rows left
-   and the group's recent demand says their clients will be back, the next call waits until as
-   many requests arrived, for at most ``refill_wait_ms`` (``_expect_refill``, ``_take_refill``).
-
-Weights versions (``serve.weights``): a session runs on the version it was opened with and
-admits only sequences of that version (each sequence carries its request's), so a weight
-update never mixes versions within a request; the ``Swapper`` installs new versions and
-retires old ones at the top of each iteration, between device calls.
-
-Every device-facing call goes through ``serve.executor.Executor`` (process 0 of a
-multi-host server broadcasts it); the asyncio side talks to this thread only through the
-``Inbox`` (new sequences, cancellations) and each request's ``Handle`` (events back), both
-in ``serve.requests``. A failure reaches the requests involved as ``serve.errors.EngineFailed``
-(the engine dying: ``EngineDead``), never as an HTTP error. What it fails:
+Every device-facing call goes through the executor (``serve.executor.Device``); the asyncio
+side talks to this thread only through the ``Inbox`` and the handles (``serve.requests``). A
+failure reaches the requests involved as ``EngineFailed`` (the engine dying: ``EngineDead``),
+never as an HTTP error. What it fails:
 
 - one row: a row whose own values cannot be laid out at admission (``executor.admit`` returns
   it; the other rows of the round are admitted, its slot stays free), and a row whose update
@@ -51,13 +28,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import TYPE_CHECKING
 
-from dllm_jax.sampling import ProgramKey, bucket, program_key
+from dllm_jax.sampling import ProgramKey, program_key
 from serve.compiler import Compiler
 from serve.errors import EngineDead, EngineFailed, ServeError
-from serve.executor import Executor
+from serve.executor import Device, ServedModel
 from serve.metrics import Metrics
-from serve.requests import Event, Inbox, ScoreJob, Seq
+from serve.policy import Policy, SessionView, Waiting
+from serve.requests import Event, Inbox
+
+if TYPE_CHECKING:  # (what the engine queues: sequences and scoring jobs with their weights version)
+    from serve.engine import WeightedScoreJob, WeightedSeq
+    from serve.weights import Weights
 
 log = logging.getLogger("serve.engine")
 
@@ -69,30 +52,34 @@ class Session:
     sid: int
     key: ProgramKey
     group: ProgramKey
-    slots: dict[int, Seq]
-    weights: object = None  # the serve.weights.Weights it runs on (a lease on them while it runs)
+    slots: dict[int, WeightedSeq]
+    weights: Weights | None = None  # the version it runs on (a lease on them while it runs)
 
     def free(self) -> list[int]:
         return [i for i in range(self.key.batch) if i not in self.slots]
+
+    def view(self) -> SessionView:
+        return SessionView(self.sid, self.key, self.group, len(self.slots), self.weights)
 
 
 class Scheduler:
     """Owns the sessions; ``loop`` runs on the scheduler thread until the inbox says stop."""
 
-    def __init__(self, model, executor: Executor, compiler: Compiler, options, metrics: Metrics, inbox: Inbox,
-                 prompt_buckets, weights=None):
+    def __init__(self, model: ServedModel, executor: Device, compiler: Compiler, options, metrics: Metrics,
+                 inbox: Inbox, prompt_buckets, weights=None):
         self.model, self.executor, self.compiler = model, executor, compiler
         self.weights = weights  # the serve.weights.Swapper (None: weights never change)
         self.options, self.metrics, self.inbox = options, metrics, inbox
+        self.policy = Policy.of(options, data=model.mesh.shape["data"])
         self.prompt_buckets = prompt_buckets
-        self.waiting: list[Seq] = []
-        self.scoring: list[ScoreJob] = []  # run one per iteration, between device calls
+        self.waiting: list[WeightedSeq] = []
+        self.scoring: list[WeightedScoreJob] = []  # run one per iteration, between device calls
         self.sessions: list[Session] = []
         self._rr = 0
         self._last_command = time.monotonic()
         self._blocked: set[ProgramKey] = set()  # groups waiting for a compile
         self._demand: dict[ProgramKey, tuple[int, float]] = {}  # group -> (peak sequences, since)
-        self._programs = getattr(model, "programs", None)  # the model's compiled-program cache
+        self._programs = model.programs  # the model's compiled-program cache (None: none)
         self._builds = 0  # its builds already counted in programs_built_total
         self._refill_by = 0.0  # (monotonic) wait for returning clients until then: slots just freed
         self._refill_want = 0  # ... or until this many new sequences arrived
@@ -132,11 +119,11 @@ class Scheduler:
                 self._last_command = time.monotonic()
             self._publish()
 
-    def _take_refill(self, deadline: float, want: int) -> tuple[list[Seq], set[int], bool]:
+    def _take_refill(self, deadline: float, want: int) -> tuple[list[WeightedSeq], set[int], bool]:
         """Wait until ``want`` new sequences arrived (the clients of the rows that just left), a
         cancellation or stop, or ``deadline``. Returning at the first arrival would refill one of
         the freed slots and leave the others empty for a whole call."""
-        new: list[Seq] = []
+        new: list[WeightedSeq] = []
         while True:
             got, cancels, stopping = self.inbox.take(idle=True, timeout=max(deadline - time.monotonic(), 0.0))
             new.extend(got)
@@ -147,55 +134,28 @@ class Scheduler:
         """Sessions with rows (an empty one kept open for returning clients is not stepped)."""
         return [s for s in self.sessions if s.slots]
 
-    def _wanted(self, session: Session) -> bool:
-        """Keep ``session`` open while it is empty: it has the batch size its group's recent demand
-        asks for, that demand exceeds the rows the group runs (closed-loop clients are about to
-        send their next requests) and it is not draining.
-        Closing it would make the next arrival open a fresh batch, and at every lull the group
-        would thrash between sessions instead of refilling one."""
-        peak = self._recent_peak(session.group)
-        if not peak or session.sid in self._draining():
-            return False
-        if session.key.batch != self._batch_for(min(self.options.max_batch_size, peak)):
-            return False  # (a borrowed or outgrown program: the next arrival opens the right one)
-        return peak > self._running(session.group)
-
-    def _recent_peak(self, group: ProgramKey) -> int:
-        """The group's peak demand (``_track_demand``), 0 once it is older than ``demand_window_s``."""
-        peak, since = self._demand.get(group, (0, 0.0))
-        return 0 if time.monotonic() - since > self.options.demand_window_s else peak
-
-    def _running(self, group: ProgramKey) -> int:
-        return sum(len(s.slots) for s in self.sessions if s.group == group)
+    def _views(self) -> list[SessionView]:
+        return [s.view() for s in self.sessions]
 
     def _close_idle(self) -> None:
-        """Close empty sessions no longer wanted, or all of them when the session limit keeps
-        another group's requests waiting."""
-        at_cap = len(self.sessions) >= self.options.max_sessions
-        for session in [s for s in self.sessions if not s.slots]:
-            others = at_cap and any(q.group != session.group for q in self.waiting)
-            if others or not self._wanted(session):
-                self._close(session)
+        """Close empty sessions no longer wanted (``Policy.close_idle``)."""
+        by_sid = {s.sid: s for s in self.sessions}
+        for sid in self.policy.close_idle(self._views(), [q.group for q in self.waiting], self._demand,
+                                          time.monotonic(), self.compiler.ready):
+            try:
+                self.executor.close(sid)
+            except Exception:  # noqa: BLE001 - an empty session: nothing to fail
+                log.exception("closing a session")
+            self._drop(by_sid[sid])
 
-    def _close(self, session: Session) -> None:
-        try:
-            self.executor.close(session.sid)
-        except Exception:  # noqa: BLE001 - an empty session: nothing to fail
-            log.exception("closing a session")
+    def _drop(self, session: Session) -> None:
         self.sessions.remove(session)
         log.debug("closed session %d (batch %d), %d sessions", session.sid, session.key.batch, len(self.sessions))
 
     def _idle_timeout(self) -> float | None:
-        timeouts = []
-        if any(not s.slots for s in self.sessions):  # wake up to close empty sessions once unwanted
-            timeouts.append(self.options.demand_window_s)
-        waiting = [s for s in self.waiting if s.group not in self._blocked]  # blocked: woken by the compile
-        if waiting:
-            oldest = min(s.arrival for s in waiting)
-            timeouts.append(max(0.0, oldest + self.options.max_wait_ms / 1e3 - time.monotonic()))
-        if self.options.heartbeat_s:
-            timeouts.append(self.options.heartbeat_s)
-        return min(timeouts) if timeouts else None
+        oldest = min((s.arrival for s in self.waiting if s.group not in self._blocked), default=None)
+        return self.policy.wake_after(any(not s.slots for s in self.sessions), oldest, time.monotonic(),
+                                      self.options.heartbeat_s)  # (blocked: woken by their compile)
 
     def _apply_cancels(self, ids: set[int]) -> None:
         kept = []
@@ -212,96 +172,60 @@ class Scheduler:
                     self.metrics.inc("requests_cancelled_total")
                     self._release(session, slot)
 
-    def _draining(self) -> set[int]:
-        """Sessions that admit no more rows, so they empty and close: a session smaller than another
-        of its group (the round robin would give its few rows as many steps as the bigger batch),
-        or smaller than its group's recent peak demand when a program of that size is compiled and
-        the group runs several sessions or ``max_sessions`` are running (a session refilled at
-        every step would otherwise never end, and its group never get one batch of its size)."""
-        opts = self.options
-        groups: dict[tuple[ProgramKey, object], list[Session]] = {}
-        for s in self.sessions:
-            groups.setdefault((s.group, s.weights), []).append(s)
-        at_cap = len(self.sessions) >= opts.max_sessions
-        out = set()
-        for (group, _), sessions in groups.items():
-            biggest = max(s.key.batch for s in sessions)
-            want = min(opts.max_batch_size, self._demand.get(group, (0, 0.0))[0])
-            for s in sessions:
-                if s.key.batch < biggest:
-                    out.add(s.sid)
-                elif (at_cap or len(sessions) > 1) and s.key.batch < want:
-                    bigger = dataclasses.replace(s.key, batch=self._batch_for(want))
-                    if bigger.batch > s.key.batch and self.compiler.ready(bigger):
-                        out.add(s.sid)
-        return out
-
-    def _batch_for(self, rows: int) -> int:
-        """The compiled batch size that holds ``rows`` (as ``program_key`` rounds it)."""
-        b = bucket(rows, self.options.batch_bucket_list())
-        data = self.model.mesh.shape["data"] if hasattr(self.model, "mesh") else 1
-        return -(-b // data) * data
-
     def _schedule(self, now: float) -> None:
-        opts = self.options
+        """Close, join, open (``serve.policy``), then admit what joined or opened."""
         self._close_idle()
-        draining = self._draining() if self.sessions else set()
+        views, queued = self._views(), self.waiting  # (a failed opening replaces self.waiting)
+        waiting = [Waiting(q.group, q.need, q.weights, q.arrival) for q in queued]
+        draining = self.policy.draining(views, self._demand, self.compiler.ready) if self.sessions else set()
         free = {s.sid: ([] if s.sid in draining else s.free()) for s in self.sessions}
-        admits: dict[int, dict[int, Seq]] = {}
-        rest: list[Seq] = []
-        barrier = False
-        for seq in self.waiting:
-            target = None
-            if not barrier:
-                target = next((s for s in self.sessions if s.group == seq.group and s.key.prompt_len >= seq.need
-                               and free[s.sid] and s.weights is _weights(seq)), None)
-            if target is None:
-                rest.append(seq)
-                barrier = barrier or len(self.sessions) >= opts.max_sessions
-                continue
-            admits.setdefault(target.sid, {})[free[target.sid].pop(0)] = seq
-        # New sessions for groups that are ready (one weights version per session).
-        groups: dict[tuple[ProgramKey, object], list[Seq]] = {}
-        for seq in rest:
-            groups.setdefault((seq.group, _weights(seq)), []).append(seq)
-        self._track_demand(now)
+        admits: dict[int, dict[int, WeightedSeq]] = {}
+        joins = self.policy.join_running(waiting, views, draining)
+        for seq, sid in zip(queued, joins):
+            if sid is not None:
+                admits.setdefault(sid, {})[free[sid].pop(0)] = seq
+        self._demand = self.policy.track_demand(self._demand, views, [w.group for w in waiting], now)
         self._blocked = set()
-        for (group, weights), seqs in groups.items():
-            if len(self.sessions) >= opts.max_sessions:
+        for group, weights, picks, rows in self.policy.openings(waiting, joins, self._demand, now):
+            if len(self.sessions) >= self.policy.max_sessions:
                 break
-            # full = the recent peak demand of this group (1 when it is quiet), or max_batch_size
-            target = min(opts.max_batch_size, max(1, self._demand.get(group, (0, 0.0))[0]))
-            if len(seqs) < target and now - seqs[0].arrival < opts.max_wait_ms / 1e3:
-                continue
-            chosen = seqs[:opts.max_batch_size]
-            try:
-                rows = max(len(chosen), target)
-                exact = program_key(self.model, max(len(s.req.prompt) for s in chosen), chosen[0].req.params,
-                                    rows, prompt_buckets=self.prompt_buckets,
-                                    batch_buckets=opts.batch_bucket_list())
-                error = self.compiler.take_failure(exact)
-                if error is not None:
-                    raise error
-                # the exact program if compiled, else (while it compiles) a borrowed bigger one
-                key = exact if self.compiler.ready(exact) else self.compiler.borrow(exact, len(chosen))
-                if key is None:
-                    self._blocked.add(group)
-                    continue
-                chosen = chosen[:key.batch]
-                session = Session(self.executor.open(key, _version(weights)), key, group, {}, weights)
-                self.compiler.add(key)  # (multi-host: compiled inline at its first step)
-            except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
-                failed = {s.id for s in chosen}
-                self.waiting = [s for s in self.waiting if s.id not in failed]
-                self.inbox.dequeued(len(chosen))
-                self._fail(None, chosen, e, "opening a batch")
-                continue
-            self.sessions.append(session)
-            log.debug("opened session %d: batch %d (%d rows), %d sessions", session.sid, key.batch, len(chosen),
-                      len(self.sessions))
-            admits[session.sid] = dict(enumerate(chosen))
-        if not admits:
-            return
+            opened = self._open(group, weights, [queued[i] for i in picks], rows)
+            if opened is not None:
+                admits[opened[0].sid] = dict(enumerate(opened[1]))
+        if admits:
+            self._admit(admits, now)
+
+    def _open(self, group: ProgramKey, weights: Weights | None, chosen: list[WeightedSeq],
+              rows: int) -> tuple[Session, list[WeightedSeq]] | None:
+        """Open a session for ``rows`` rows of ``group`` (``chosen``: the sequences it is opened
+        for; those it holds are returned with it). None: it waits for a compile, or it failed
+        (``chosen`` fail)."""
+        try:
+            exact = program_key(self.model, max(len(s.req.prompt) for s in chosen), chosen[0].req.params, rows,
+                                prompt_buckets=self.prompt_buckets, batch_buckets=self.policy.batch_buckets)
+            error = self.compiler.take_failure(exact)
+            if error is not None:
+                raise error
+            # the exact program if compiled, else (while it compiles) a borrowed bigger one
+            key = exact if self.compiler.ready(exact) else self.compiler.borrow(exact, len(chosen))
+            if key is None:
+                self._blocked.add(group)
+                return None
+            chosen = chosen[:key.batch]
+            session = Session(self.executor.open(key, _version(weights)), key, group, {}, weights)
+            self.compiler.add(key)  # (multi-host: compiled inline at its first step)
+        except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
+            failed = {s.id for s in chosen}
+            self.waiting = [s for s in self.waiting if s.id not in failed]
+            self.inbox.dequeued(len(chosen))
+            self._fail(None, chosen, e, "opening a batch")
+            return None
+        self.sessions.append(session)
+        log.debug("opened session %d: batch %d (%d rows), %d sessions", session.sid, key.batch, len(chosen),
+                  len(self.sessions))
+        return session, chosen
+
+    def _admit(self, admits: dict[int, dict[int, WeightedSeq]], now: float) -> None:
         taken = {seq.id for rows in admits.values() for seq in rows.values()}
         self.waiting = [s for s in self.waiting if s.id not in taken]
         by_sid = {s.sid: s for s in self.sessions}
@@ -310,7 +234,7 @@ class Scheduler:
             self.inbox.dequeued(len(rows))
             try:
                 failed = self.executor.admit(sid, {slot: (seq.req.prompt, seq.req.params)
-                                                   for slot, seq in rows.items()}) or {}
+                                                   for slot, seq in rows.items()})
             except Exception as e:  # noqa: BLE001 - not one row's fault: the rows of this admission
                 self._fail(session if not session.slots else None, list(rows.values()), e, "admitting rows")
                 continue
@@ -320,26 +244,6 @@ class Scheduler:
             for seq in rows.values():
                 self.metrics.observe("queue_time_seconds", now - seq.arrival)
         self._last_command = time.monotonic()
-
-    def _track_demand(self, now: float) -> None:
-        """Peak sequences per group (running + waiting) over the last demand_window_s.
-
-        A new batch is sized for it, not just for who is waiting now: clients in a closed loop
-        send their next request right after a batch ends, and a batch sized for the first
-        arrival alone would leave the others for yet another batch.
-        """
-        current: dict[ProgramKey, int] = {}
-        for s in self.sessions:
-            current[s.group] = current.get(s.group, 0) + len(s.slots)
-        for seq in self.waiting:  # (still includes those admitted in this round)
-            current[seq.group] = current.get(seq.group, 0) + 1
-        window = self.options.demand_window_s
-        for group, n in current.items():
-            peak, since = self._demand.get(group, (0, 0.0))
-            if n >= peak or now - since > window:
-                self._demand[group] = (n, now)
-        for group in [g for g, (_, since) in self._demand.items() if now - since > 10 * window]:
-            del self._demand[group]
 
     def _step(self, session: Session) -> None:
         t0 = time.monotonic()
@@ -368,10 +272,14 @@ class Scheduler:
                 if not self._release(session, u.slot):
                     return
                 freed += 1
-        if freed:
-            self._expect_refill(session, freed, self._last_command - t0)
+        if freed:  # hold the next call for the clients of the rows that left (``Policy.refill``)
+            wait_s, coming = self.policy.refill(session.view(), self._views(), self._demand,
+                                                [q.group for q in self.waiting], freed, self._last_command - t0,
+                                                time.monotonic())
+            if coming:
+                self._refill_by, self._refill_want = time.monotonic() + wait_s, coming
 
-    def _report(self, seq: Seq, u) -> bool:
+    def _report(self, seq: WeightedSeq, u) -> bool:
         """Post one row's update to its request (cut at ``max_tokens``); True when the row is done."""
         limit = seq.req.max_tokens
         tokens, done, reason = u.tokens[:limit], u.done, u.finish_reason
@@ -391,25 +299,12 @@ class Scheduler:
             seq.handle.post(event)
         return done
 
-    def _expect_refill(self, session: Session, freed: int, call_s: float) -> None:
-        """``freed`` rows just left ``session``: if its group's recent demand says their clients come
-        back (closed-loop harnesses send the next request as soon as a reply ends), hold the next
-        device call for up to ``refill_wait_ms`` (and a quarter of a call) so those requests join at
-        the next step instead of one call later. The wait ends once as many sequences arrived as
-        the demand says are coming back."""
-        wait_s = min(self.options.refill_wait_ms / 1e3, 0.25 * call_s)
-        if wait_s <= 0 or any(seq.group == session.group for seq in self.waiting):
-            return
-        coming = min(freed, self._recent_peak(session.group) - self._running(session.group))
-        if coming > 0:
-            self._refill_by, self._refill_want = time.monotonic() + wait_s, coming
-
-    def _score(self, job: ScoreJob) -> None:
+    def _score(self, job: WeightedScoreJob) -> None:
         """One scoring job (``Model.score`` through the executor), between two device calls."""
         self.inbox.dequeued(len(job.sequences))
         t0 = time.monotonic()
         try:
-            result = self.executor.score(job.sequences, job.top_k, _version(getattr(job, "weights", None)))
+            result = self.executor.score(job.sequences, job.top_k, _version(job.weights))
         except Exception as e:  # noqa: BLE001 - fail this job only
             log.error("scoring failed: %s: %s", type(e).__name__, e, exc_info=e)
             job.resolve(error=EngineFailed("scoring the prompt", e))
@@ -420,7 +315,7 @@ class Scheduler:
         self.metrics.observe("score_seconds", self._last_command - t0)
         job.resolve(result)
 
-    def _fail(self, session: Session | None, seqs: list[Seq], exc: Exception, what: str) -> None:
+    def _fail(self, session: Session | None, seqs: list[WeightedSeq], exc: Exception, what: str) -> None:
         """An engine error fails only the requests involved (EngineFailed); the session is dropped."""
         log.error("%s failed: %s: %s", what, type(exc).__name__, exc, exc_info=exc)
         err = EngineFailed(what, exc)
@@ -438,26 +333,26 @@ class Scheduler:
                 log.exception("closing a failed session")
 
     def _release(self, session: Session, slot: int) -> bool:
-        """Free a slot (the session closes when empty, unless ``_wanted``); False if it closed or failed."""
+        """Free a slot (the session closes when empty, unless ``Policy.keep_empty``); False if it
+        closed or failed."""
         del session.slots[slot]
         try:
-            if session.slots or self._wanted(session):
+            if session.slots or self.policy.keep_empty(session.view(), self._views(), self._demand,
+                                                       time.monotonic(), self.compiler.ready):
                 self.executor.release(session.sid, slot)
                 return True
             self.executor.close(session.sid)
         except Exception as e:  # noqa: BLE001
             self._fail(session, list(session.slots.values()), e, "freeing a slot")
             return False
-        self.sessions.remove(session)
-        log.debug("closed session %d (batch %d), %d sessions", session.sid, session.key.batch, len(self.sessions))
+        self._drop(session)
         return False
 
     def _publish(self) -> None:
         self.metrics.set("queue_depth", self.inbox.queued)
         self.metrics.set("running_rows", sum(len(s.slots) for s in self.sessions))
         self.metrics.set("sessions", len(self.sessions))
-        in_flight = getattr(self.compiler, "in_flight", None)
-        self.metrics.set("compiles_in_flight", in_flight() if in_flight is not None else 0)
+        self.metrics.set("compiles_in_flight", self.compiler.in_flight())
         if self._programs is not None:
             self.metrics.set("programs_cached", len(self._programs))
             builds = self._programs.builds
@@ -477,10 +372,5 @@ class Scheduler:
         self.scoring = []
 
 
-def _weights(seq: Seq):
-    """The weights version a sequence runs on (None: the only one there is)."""
-    return getattr(seq, "weights", None)
-
-
-def _version(weights) -> int:
+def _version(weights: Weights | None) -> int:
     return 0 if weights is None else weights.version

@@ -234,9 +234,12 @@ def test_validation_param_names():
 # ---- the scheduler on a fake executor ------------------------------------------------------------
 
 class FakeExecutor:
-    """Each step commits one block of token 7 in every occupied slot; rows finish at gen_length."""
+    """Each step commits one block of token 7 in every occupied slot; rows finish at gen_length.
+    (A ``serve.executor.Device``.)"""
 
     def __init__(self, model):
+        self.steps_per_call: int | None = None
+        self.weights_root: str | None = None
         self.sessions: dict[int, dict] = {}
         self.log: list[tuple] = []
         self.opened: list = []
@@ -258,6 +261,7 @@ class FakeExecutor:
         for slot, (prompt, params) in rows.items():
             self.sessions[sid]["rows"][slot] = [params, 0]
         self.log.append(("admit", sid, sorted(rows), [len(p) for p, _ in rows.values()]))
+        return {}  # (no row fails alone)
 
     def step(self, sid):
         self.stepping.set()
@@ -304,9 +308,10 @@ class FakeExecutor:
 
 
 def fake_model():
+    """A ``serve.executor.ServedModel`` without weights, tokenizer or program cache."""
     return types.SimpleNamespace(max_length=512, mesh=types.SimpleNamespace(shape={"data": 1, "model": 1}),
                                  family="llada", tokenizer=None, spec=types.SimpleNamespace(vocab=384),
-                                 mask_token_id=336, stop_token_ids=(257,), source="fake")
+                                 mask_token_id=336, stop_token_ids=(257,), source="fake", programs=None)
 
 
 @pytest.fixture
@@ -584,39 +589,6 @@ def test_scoring_runs_on_the_scheduler_between_block_steps(make_engine):
     assert ex.log[i] == ("score", [3, 2], 2)
     assert "step" in ops[:i] and "step" in ops[i:]  # between two block steps of the running batch
     assert engine.inbox.queued == 0
-
-
-def test_small_sessions_drain_so_their_group_gets_a_bigger_batch():
-    """Rows join at every step, so a session is refilled forever unless told to drain: one smaller
-    than another of its group drains; at the session limit, so does one smaller than the group's
-    recent demand - once a program of the demanded size is compiled (else it keeps serving)."""
-    from dllm_jax.sampling import program_key
-    from serve.scheduler import Scheduler, Session
-
-    model = fake_model()
-    key = program_key(model, 10, default_params("llada", 64), 1)
-    ready = {"yes": True}
-    compiler = types.SimpleNamespace(ready=lambda k: ready["yes"])
-    sched = Scheduler(model, None, compiler, EngineOptions(max_batch_size=8, max_sessions=2), Metrics("fake"),
-                      None, None)
-
-    def session(sid, batch):
-        return Session(sid, dataclasses.replace(key, batch=batch), key, {})
-
-    sched.sessions = [session(0, 1), session(1, 8)]
-    assert sched._draining() == {0}  # beside a batch of 8, the batch-1 session drains
-    sched.sessions = [session(0, 1), session(1, 1)]  # at the limit of 2 sessions, demand 8
-    sched._demand[key] = (8, time.monotonic())
-    assert sched._draining() == {0, 1}
-    ready["yes"] = False  # the batch-8 program is not compiled yet: keep serving meanwhile
-    assert sched._draining() == set()
-    ready["yes"] = True
-    sched.sessions = [session(0, 1)]  # below the limit: the waiting rows open a batch of 8 instead
-    assert sched._draining() == set()
-    sched.options = EngineOptions(max_batch_size=16, max_sessions=4)
-    sched._demand[key] = (16, time.monotonic())
-    sched.sessions = [session(0, 8), session(1, 8)]  # two batches of 8 for 16 clients: one of 16 instead
-    assert sched._draining() == {0, 1}
 
 
 def test_refill_wait_holds_for_every_returning_client_not_just_the_first():
