@@ -75,7 +75,7 @@ class ModelInfo:
 
 @dataclasses.dataclass(frozen=True)
 class EngineOptions:
-    """Batching knobs (see ``serve.scheduler``)."""
+    """Batching knobs (see ``serve.policy``, which decides with them, and ``serve.scheduler``)."""
 
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
