@@ -426,6 +426,8 @@ def main(argv=None):
         args.passes = 1
     args.models = args.models or (["tiny"] if args.quick else ["tiny", "bench"])
     args.venv = args.venv.resolve()
+    # a SIGTERM (e.g. from `timeout`) unwinds through the finally blocks that stop both servers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     python = ensure_venv(args.venv)
     versions = subprocess.run([python, "-c", "import importlib.metadata as m; print(' '.join("
