@@ -8,6 +8,7 @@ DEMO_MODEL = str(_Path(__file__).parent / "assets" / "demo_model")
 
 # ---- configs ---------------------------------------------------------------------------
 from dllm_jax.configs import (
+    FAMILY_CONFIGS,
     LLaDAConfig,
     NemotronDiffusionConfig,
     TransformerSpec,
@@ -30,7 +31,7 @@ from dllm_jax.sampling import ALGORITHMS, GenerateOutput, SamplingError, Samplin
 from dllm_jax import viz
 
 __all__ = [
-    "ALGORITHMS", "CheckpointError", "DEMO_MODEL", "GenerateOutput", "LLaDAConfig", "Model", "NemotronDiffusionConfig",
+    "ALGORITHMS", "CheckpointError", "DEMO_MODEL", "FAMILY_CONFIGS", "GenerateOutput", "LLaDAConfig", "Model", "NemotronDiffusionConfig",
     "SamplingError", "SamplingParams", "ScoreOutput", "TransformerSpec", "UnsupportedConfigError", "config_from_hf", "load",
     "make_mesh", "sampling", "viz",
 ]

@@ -120,6 +120,11 @@ class LLaDAConfig:
     """
 
     family: ClassVar[str] = "llada"
+    # Family traits the sampler reads: what a plain call runs, whether position i's prediction
+    # is read from output i - 1, whether the Nemotron static-block (sliding) decoder applies.
+    default_algorithm: ClassVar[str] = "basic"
+    shift_logits: ClassVar[bool] = False
+    sliding_decoder: ClassVar[bool] = False
 
     d_model: int
     n_heads: int
@@ -249,6 +254,10 @@ class NemotronDiffusionConfig:
     """
 
     family: ClassVar[str] = "nemotron"
+    # Family traits (see LLaDAConfig).
+    default_algorithm: ClassVar[str] = "static_block"
+    shift_logits: ClassVar[bool] = True
+    sliding_decoder: ClassVar[bool] = True
 
     hidden_size: int
     intermediate_size: int
@@ -351,6 +360,9 @@ class NemotronDiffusionConfig:
 
 
 ModelConfig = LLaDAConfig | NemotronDiffusionConfig
+
+# Family name (``config.family``, ``Model.family``) -> its config class (and so its traits).
+FAMILY_CONFIGS: dict[str, type[ModelConfig]] = {c.family: c for c in (LLaDAConfig, NemotronDiffusionConfig)}
 
 _FAMILIES = {"llada": LLaDAConfig, "nvrdiff": NemotronDiffusionConfig,
              "nemotron_diffusion": NemotronDiffusionConfig}

@@ -21,7 +21,7 @@ from dllm_jax.configs import LLaDAConfig, ModelConfig
 from dllm_jax.models import nemotron
 from dllm_jax.models.transformer import Transformer
 from dllm_jax.sampling.session import Programs
-from dllm_jax.sharding import as_mesh, batch_sharding, make_mesh, named
+from dllm_jax.sharding import batch_sharding, mesh_or_default, named
 
 
 def abstract_params(config: ModelConfig, dtype, mesh):
@@ -75,7 +75,7 @@ class Model:
         self.graphdef = graphdef
         self.params = params
         self.tokenizer = tokenizer
-        self.mesh = as_mesh(mesh) if mesh is not None else make_mesh((1, 1))
+        self.mesh = mesh_or_default(mesh)
         self.source = source
         self.programs = Programs(self)
 
@@ -84,7 +84,7 @@ class Model:
     @classmethod
     def random(cls, config: ModelConfig, *, seed: int = 0, dtype=jnp.float32, mesh=None, tokenizer=None):
         """Random weights of the given shape, created directly in their shardings."""
-        mesh = as_mesh(mesh) if mesh is not None else make_mesh((1, 1))
+        mesh = mesh_or_default(mesh)
         graphdef, abstract = abstract_params(config, dtype, mesh)
         shardings = jax.tree.map(lambda v: v.get_value().sharding, abstract,
                                  is_leaf=lambda x: isinstance(x, nnx.Variable))

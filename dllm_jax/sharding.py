@@ -100,6 +100,11 @@ def as_mesh(mesh: Mesh) -> Mesh:
     return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * 2)
 
 
+def mesh_or_default(mesh: Mesh | None) -> Mesh:
+    """``as_mesh(mesh)``, or the default when None: one device (a 1x1 mesh)."""
+    return as_mesh(mesh) if mesh is not None else make_mesh((1, 1))
+
+
 _warned: set = set()
 
 

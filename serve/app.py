@@ -60,9 +60,8 @@ def api_error(exc: Exception) -> APIError:
         return APIError(429, f"the queue is full ({exc.waiting} sequences waiting, limit {exc.limit}); retry later",
                         code="queue_full", headers={"Retry-After": "1"})
     if isinstance(exc, ContextLengthExceeded):
-        extra = f" + 2*block_length ({exc.extra})" if exc.extra else ""
         return APIError(413, f"prompt ({exc.prompt_tokens} tokens) + max_tokens rounded up to whole blocks "
-                             f"({exc.gen_length}){extra} exceeds the model's context of {exc.context} tokens",
+                             f"({exc.gen_length}){exc.room} exceeds the model's context of {exc.context} tokens",
                         param="max_tokens", code="context_length_exceeded")
     # 5xx: the message names the request id, the log keeps the exception text
     if isinstance(exc, EngineNotReady):

@@ -132,11 +132,8 @@ class Compiler:
         """A compiled key of the same group that holds ``key``'s prompts, if affordable: the one
         that takes the most of ``rows`` waiting sequences, then the cheapest."""
         with self._lock:
-            options = [k for k in self.compiled
-                       if k.algorithm == key.algorithm and k.gen_length == key.gen_length
-                       and k.block_length == key.block_length and k.steps_per_block == key.steps_per_block
-                       and k.cfg == key.cfg and k.shift == key.shift and k.logprobs == key.logprobs
-                       and k.prompt_len >= key.prompt_len
+            group = key.group()
+            options = [k for k in self.compiled if k.group() == group and k.prompt_len >= key.prompt_len
                        and cost(k) <= self.borrow_factor * cost(key)]
         return min(options, key=lambda k: (-min(k.batch, rows), cost(k)), default=None)
 

@@ -190,8 +190,7 @@ class Engine:
                                   prompt_buckets=self.prompt_buckets(), batch_buckets=(1,))
             except ContextOverflow as e:  # the library's rule, reported in the server's terms
                 raise ContextLengthExceeded(e.prompt_tokens, e.gen_length, e.extra, e.context) from None
-            group = dataclasses.replace(key, batch=0, prompt_len=0)
-            items.append(WeightedSeq(next(self._ids), index, req, handle, group, key.prompt_len, handle.arrival,
+            items.append(WeightedSeq(next(self._ids), index, req, handle, key.group(), key.prompt_len, handle.arrival,
                                      weights=weights))
         self.inbox.put(items)
         handle.seq_ids = [s.id for s in items]

@@ -7,6 +7,8 @@ OpenAI error bodies, so the engine can be driven (and tested) without the web la
 
 from __future__ import annotations
 
+from dllm_jax.sampling import ContextOverflow
+
 
 class ServeError(Exception):
     """Base of the engine's errors."""
@@ -28,18 +30,13 @@ class EngineNotReady(ServeError):
         self.state, self.detail = state, detail
 
 
-class ContextLengthExceeded(ServeError):
-    """A prompt plus its canvas does not fit the context.
+class ContextLengthExceeded(ServeError, ContextOverflow):
+    """A prompt plus its canvas does not fit the context: the library's ``ContextOverflow`` (its
+    facts and message), raised by the engine as one of its own errors.
 
     ``gen_length`` is max_tokens rounded up to whole blocks; ``extra`` the decoder's own room
     (``2 * block_length`` for the Nemotron static-block decoder, else 0).
     """
-
-    def __init__(self, prompt_tokens: int, gen_length: int, extra: int, context: int):
-        room = f" + 2*block_length ({extra})" if extra else ""
-        super().__init__(f"prompt ({prompt_tokens} tokens) + gen_length ({gen_length}){room} exceeds the "
-                         f"context of {context} tokens")
-        self.prompt_tokens, self.gen_length, self.extra, self.context = prompt_tokens, gen_length, extra, context
 
 
 class EngineFailed(ServeError):

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterable, Sequence
 
-from dllm_jax.sampling import ProgramKey, bucket
+from dllm_jax.sampling import ProgramKey, batch_bucket
 
 Demand = dict[ProgramKey, tuple[int, float]]  # group -> (peak sequences, since when)
 Ready = Callable[[ProgramKey], bool]  # is this program compiled (else its compile starts)
@@ -90,8 +90,7 @@ class Policy:
 
     def batch_for(self, rows: int) -> int:
         """The compiled batch size that holds ``rows`` (as ``program_key`` rounds it)."""
-        b = bucket(rows, self.batch_buckets)
-        return -(-b // self.data) * self.data
+        return batch_bucket(rows, self.data, self.batch_buckets)
 
     # ---- demand -------------------------------------------------------------------------------
 

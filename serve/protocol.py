@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dllm_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS
+from dllm_jax.sampling import MAX_TOP_LOGPROBS, check_stop_count
 
 # The X-Request-Id of the request being handled (set by serve.app.RequestContext); 5xx bodies
 # carry it instead of the exception text, which stays in the log.
@@ -292,9 +292,7 @@ def check_fields(req: DiffusionFields, *, max_stop_chars: int = MAX_STOP_CHARS) 
         raise bad_request(f"min_p={req.min_p} must be in [0, 1]", "min_p")
     if req.stop_token_ids is not None:
         ids = req.stop_token_ids
-        if len(ids) > MAX_STOP_IDS:
-            raise bad_request(f"stop_token_ids has {len(ids)} tokens; at most {MAX_STOP_IDS} are supported",
-                              "stop_token_ids")
+        check_stop_count(ids, f"stop_token_ids has {len(ids)} tokens", bad_request)
         if any(not 0 <= t <= INT32_MAX for t in ids):
             raise bad_request(f"stop_token_ids={excerpt(ids)} must be token ids in [0, vocabulary size)",
                               "stop_token_ids")

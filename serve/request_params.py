@@ -20,7 +20,8 @@ import dataclasses
 import math
 import random
 
-from dllm_jax.sampling import ALGORITHMS, ALIASES, MAX_STOP_IDS, SamplingError, SamplingParams, SlidingDecoder
+from dllm_jax import FAMILY_CONFIGS
+from dllm_jax.sampling import ALGORITHMS, ALIASES, SamplingError, SamplingParams, SlidingDecoder, check_stop_count
 from serve.protocol import DiffusionFields, bad_request, excerpt, top_logprobs
 
 DEFAULT_MAX_TOKENS = 128
@@ -40,14 +41,14 @@ def family_defaults(family: str) -> dict:
     d = FAMILY_DEFAULTS[family]
     return {"max_tokens": DEFAULT_MAX_TOKENS, "temperature": 0.0, "remasking": "low_confidence",
             "cfg_scale": 0.0, "steps": "gen_length (= ceil(max_tokens / block_length) * block_length)",
-            "shift_logits": family == "nemotron", **d}
+            "shift_logits": FAMILY_CONFIGS[family].shift_logits, **d}
 
 
 def algorithm_names(family: str) -> dict:
     """Algorithms usable with this family: name -> description (aliases listed separately)."""
     out = {}
     for name, algo in ALGORITHMS.items():
-        if isinstance(algo.decoder, SlidingDecoder) and family != "nemotron":
+        if isinstance(algo.decoder, SlidingDecoder) and not FAMILY_CONFIGS[family].sliding_decoder:
             continue
         out[name] = algo.description
     return out
@@ -84,10 +85,8 @@ def stop_ids_for(req: DiffusionFields, model_stops: tuple[int, ...], vocab: int 
         stops = tuple(dict.fromkeys([*model_stops, *own]))
     else:
         return None
-    if len(stops) > MAX_STOP_IDS:
-        what = "" if req.ignore_eos else f" (the model's {len(model_stops)} end-of-text ids included)"
-        raise bad_request(f"{len(stops)} stop tokens{what}; at most {MAX_STOP_IDS} are supported",
-                          "stop_token_ids")
+    what = "" if req.ignore_eos else f" (the model's {len(model_stops)} end-of-text ids included)"
+    check_stop_count(stops, f"{len(stops)} stop tokens{what}", bad_request)
     return stops
 
 

@@ -23,7 +23,7 @@ from dllm_jax.checkpoint.tensors import (
 )
 from dllm_jax.configs import ModelConfig, config_from_hf
 from dllm_jax.model import Model, abstract_params, param_shardings
-from dllm_jax.sharding import as_mesh, make_mesh
+from dllm_jax.sharding import mesh_or_default
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None):
       dllm_jax.Model
     """
     directory = resolve_source(path)
-    mesh = as_mesh(mesh) if mesh is not None else make_mesh((1, 1))
+    mesh = mesh_or_default(mesh)
     dtype = dtypes.param_dtype(dtype)
     config = read_hf_config(directory)
     if (directory / ORBAX_PARAMS_DIR).is_dir():

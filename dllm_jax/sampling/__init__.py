@@ -14,7 +14,9 @@ from dllm_jax.sampling.params import (
     ProgramKey,
     SamplingError,
     SamplingParams,
+    batch_bucket,
     bucket,
+    check_stop_count,
     resolve_algorithm,
 )
 from dllm_jax.sampling.score import ScoreOutput, score
@@ -31,7 +33,7 @@ from dllm_jax.sampling.session import (
 from dllm_jax.sampling.state import DecodeState, Row
 
 __all__ = [
-    "ALGORITHMS", "ALIASES", "Algorithm", "BATCH_BUCKETS", "BlockDecoder", "Decoder", "SlidingDecoder", "STEPS_PER_CALL", "bucket", "ContextOverflow", "DEFAULT_ALGORITHM",
+    "ALGORITHMS", "ALIASES", "Algorithm", "BATCH_BUCKETS", "BlockDecoder", "Decoder", "SlidingDecoder", "STEPS_PER_CALL", "batch_bucket", "bucket", "check_stop_count", "ContextOverflow", "DEFAULT_ALGORITHM",
     "DecodeSession", "DecodeState", "GenerateOutput", "MAX_STOP_IDS", "MAX_TOP_LOGPROBS", "PROMPT_BUCKETS",
     "ProgramKey", "Row", "SamplingError", "SamplingParams", "ScoreOutput", "SlotUpdate", "final_prefix",
     "generate", "program_key", "resolve_algorithm", "rules", "score",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from dllm_jax.configs import FAMILY_CONFIGS
 from dllm_jax.sampling import blocks, sliding
 from dllm_jax.sampling.errors import SamplingError
 
@@ -95,7 +96,7 @@ class SlidingDecoder(Decoder):
         return 0  # no schedule: one program serves every ``steps``
 
     def check(self, params, family: str) -> dict:
-        if family != "nemotron":
+        if not FAMILY_CONFIGS[family].sliding_decoder:
             raise SamplingError(f"algorithm {params.algorithm!r} is the Nemotron-Diffusion decoder; this is a "
                                 f"{family} model", "algorithm")
         for name, bad in (("threshold", params.threshold is not None), ("temperature", params.temperature > 0),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from dllm_jax.configs import FAMILY_CONFIGS
 from dllm_jax.sampling import rules
 from dllm_jax.sampling.decoders import BlockDecoder, Decoder, SlidingDecoder
 from dllm_jax.sampling.errors import SamplingError
@@ -24,10 +25,21 @@ class ContextOverflow(SamplingError):
     """Prompt + canvas (+ the static-block decoder's room) does not fit the model's context."""
 
     def __init__(self, prompt_tokens: int, gen_length: int, extra: int, context: int):
-        room = f" + 2*block_length ({extra})" if extra else ""
-        super().__init__(f"prompt ({prompt_tokens} tokens) + gen_length ({gen_length}){room} exceeds the model's "
-                         f"context of {context} tokens", "gen_length")
         self.prompt_tokens, self.gen_length, self.extra, self.context = prompt_tokens, gen_length, extra, context
+        super().__init__(f"prompt ({prompt_tokens} tokens) + gen_length ({gen_length}){self.room} exceeds the model's "
+                         f"context of {context} tokens", "gen_length")
+
+    @property
+    def room(self) -> str:
+        """The decoder's own room in a message (`` + 2*block_length (64)``; empty when none)."""
+        return f" + 2*block_length ({self.extra})" if self.extra else ""
+
+
+def check_stop_count(stops: Sequence[int], subject: str, error=SamplingError) -> None:
+    """Refuse more stop tokens than a row holds (``MAX_STOP_IDS``): raises ``error(message,
+    "stop_token_ids")``; ``subject`` begins the message ("stop_token_ids has 9 tokens")."""
+    if len(stops) > MAX_STOP_IDS:
+        raise error(f"{subject}; at most {MAX_STOP_IDS} are supported", "stop_token_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +100,8 @@ ALIASES = {
     "nemotron_diffusion": "static_block",
 }
 
-# What a plain call (no algorithm given) runs, per family.
-DEFAULT_ALGORITHM = {"llada": "basic", "nemotron": "static_block"}
+# What a plain call (no algorithm given) runs, per family (the configs' ``default_algorithm``).
+DEFAULT_ALGORITHM = {family: config.default_algorithm for family, config in FAMILY_CONFIGS.items()}
 
 
 def resolve_algorithm(name: str | None, family: str) -> Algorithm:
@@ -100,7 +112,7 @@ def resolve_algorithm(name: str | None, family: str) -> Algorithm:
         valid = sorted(ALGORITHMS) + sorted(ALIASES)
         raise SamplingError(f"unknown algorithm {name!r}; valid: {', '.join(valid)}", "algorithm")
     algo = ALGORITHMS[canonical]
-    if isinstance(algo.decoder, SlidingDecoder) and family != "nemotron":
+    if isinstance(algo.decoder, SlidingDecoder) and not FAMILY_CONFIGS[family].sliding_decoder:
         raise SamplingError(f"algorithm {name!r} is the Nemotron-Diffusion decoder; this is a {family} model",
                             "algorithm")
     return algo
@@ -203,7 +215,7 @@ class SamplingParams:
                                     "with IndexError here", "steps")
         shift = self.shift_logits
         if shift is None:
-            shift = family == "nemotron"
+            shift = FAMILY_CONFIGS[family].shift_logits
         _int_at_least(self.top_k, 0, "top_k")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise SamplingError(f"top_p={self.top_p!r} must be in (0, 1]", "top_p")
@@ -216,9 +228,8 @@ class SamplingParams:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise SamplingError(f"seed={self.seed!r} must be a non-negative integer", "seed")
         stops = None if self.stop_token_ids is None else tuple(int(t) for t in self.stop_token_ids)
-        if stops is not None and len(stops) > MAX_STOP_IDS:
-            raise SamplingError(f"stop_token_ids has {len(stops)} tokens; at most {MAX_STOP_IDS} are supported",
-                                "stop_token_ids")
+        if stops is not None:
+            check_stop_count(stops, f"stop_token_ids has {len(stops)} tokens")
         if stops is not None and any(t < 0 for t in stops):
             raise SamplingError(f"stop_token_ids={list(stops)} must be non-negative token ids", "stop_token_ids")
         return dataclasses.replace(self, algorithm=algo.name, steps=steps, threshold=threshold, factor=factor,
@@ -266,6 +277,11 @@ class ProgramKey:
     def canvas_len(self) -> int:
         return self.prompt_len + self.gen_length + self.decoder.extra_length(self.block_length)
 
+    def group(self) -> ProgramKey:
+        """This key up to batch size and prompt bucket (both 0): the requests of one group can share
+        a compiled program (a shorter prompt is left-padded into a longer bucket)."""
+        return dataclasses.replace(self, batch=0, prompt_len=0)
+
 
 def bucket(n: int, buckets: Sequence[int]) -> int:
     """Smallest bucket >= n (or n itself when it exceeds every bucket)."""
@@ -277,3 +293,10 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
 
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def batch_bucket(rows: int, data: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
+    """The compiled batch size that holds ``rows``: its bucket, rounded up to a multiple of the
+    mesh's ``data`` axis (every data shard gets the same number of rows)."""
+    b = bucket(rows, buckets)
+    return -(-b // data) * data

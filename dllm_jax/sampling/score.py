@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dllm_jax.sampling.params import BATCH_BUCKETS, MAX_TOP_LOGPROBS, PROMPT_BUCKETS, SamplingError, bucket
+from dllm_jax.sampling.params import MAX_TOP_LOGPROBS, PROMPT_BUCKETS, SamplingError, batch_bucket, bucket
 from dllm_jax.sampling.rules import NEG_INF
 from dllm_jax.sampling.session import fetch
 from dllm_jax.sharding import batch_sharding
@@ -96,7 +96,7 @@ def score(model, sequences: Sequence[Sequence[int]], *, top_k: int = 0, shift_lo
         if len(s) > model.max_length:
             raise SamplingError(f"a sequence of {len(s)} tokens exceeds the model's context of {model.max_length}",
                                 "sequences")
-    shift = (model.family == "nemotron") if shift_logits is None else bool(shift_logits)
+    shift = model.config.shift_logits if shift_logits is None else bool(shift_logits)
     width = MAX_TOP_LOGPROBS if top_k else 0  # one static width: no compile per top_k
     outs = [ScoreOutput(np.full(len(s), np.nan, np.float32), np.zeros((len(s), top_k), np.int32),
                         np.zeros((len(s), top_k), np.float32)) for s in seqs]
@@ -110,8 +110,7 @@ def score(model, sequences: Sequence[Sequence[int]], *, top_k: int = 0, shift_lo
         per_call = max(1, TOKENS_PER_CALL // length)
         for start in range(0, len(rows), per_call):
             chunk = rows[start:start + per_call]
-            r = bucket(len(chunk), BATCH_BUCKETS)
-            r = -(-r // data) * data
+            r = batch_bucket(len(chunk), data)
             key = ("score", length, r, width, shift)
             run, sharding2, sharding1 = model.programs.get_or_build(key, lambda: _program(model, length, r, width, shift))
             tokens = np.full((r, length), mask_id, np.int32)

@@ -31,6 +31,7 @@ from dllm_jax.sampling.params import (
     ProgramKey,
     SamplingError,
     SamplingParams,
+    batch_bucket,
     bucket,
 )
 from dllm_jax.sampling.state import (
@@ -199,9 +200,7 @@ def program_key(model, prompt_len: int, params: SamplingParams, batch: int, *,
     if prompt_len + params.gen_length + extra > model.max_length:
         raise ContextOverflow(prompt_len, params.gen_length, extra, model.max_length)
     lp = min(bucket(prompt_len, prompt_buckets), limit)
-    data = model.mesh.shape["data"]
-    b = bucket(batch, batch_buckets)
-    b = -(-b // data) * data
+    b = batch_bucket(batch, model.mesh.shape["data"], batch_buckets)
     num_blocks = params.gen_length // params.block_length
     spb = decoder.steps_per_block(params.steps, num_blocks)
     return ProgramKey(algorithm=params.algorithm, batch=b, prompt_len=lp, gen_length=params.gen_length,

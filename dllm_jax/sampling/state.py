@@ -19,7 +19,7 @@ from flax import struct
 
 from dllm_jax.models.transformer import CACHE_AXES, KVCache
 from dllm_jax.sampling import rules
-from dllm_jax.sampling.params import MAX_STOP_IDS, ProgramKey, SamplingError, SamplingParams
+from dllm_jax.sampling.params import MAX_STOP_IDS, ProgramKey, SamplingParams, check_stop_count
 from dllm_jax.sharding import named
 
 
@@ -207,8 +207,7 @@ def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_s
         out["early_stop"][slot] = p.early_stop
         out["top_k"][slot], out["top_p"][slot], out["min_p"][slot] = p.top_k, p.top_p, p.min_p
         stops = list(p.stop_token_ids if p.stop_token_ids is not None else default_stops)
-        if len(stops) > MAX_STOP_IDS:  # (resolve() checks a request's own; this is the model's)
-            raise SamplingError(f"{len(stops)} stop tokens; at most {MAX_STOP_IDS} are supported", "stop_token_ids")
+        check_stop_count(stops, f"{len(stops)} stop tokens")  # (resolve() checks a request's own; this: the model's)
         out["stop_ids"][slot, :len(stops)] = stops
         out["replace"][slot] = True
     return out
