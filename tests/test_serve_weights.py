@@ -480,11 +480,12 @@ def test_a_failure_part_way_through_a_load_installs_nothing(ckpts, monkeypatch, 
         engine.stop()
 
 
-def test_weights_root_confines_update_paths_end_to_end(ckpts, llada_model):
+def test_weights_root_confines_update_paths_end_to_end(ckpts):
     """--weights-root: an update whose model_path resolves outside the root is a 400 naming the
     root (nothing read); one inside it loads."""
     root = ckpts["b_hf"].parent
-    engine = Engine(lambda: llada_model.with_params(llada_model.params), names=["x"],
+    model = dllm_jax.load(LLADA_MODEL)  # (its own: the update retires and frees these params)
+    engine = Engine(lambda: model, names=["x"],
                     options=EngineOptions(allow_weight_updates=True, warmup=(), weights_root=str(root)))
     engine.start()
 
