@@ -53,7 +53,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.serve_load import REPO, launch, pct, scrape
+from benchmarks.serve_load import REPO, free_port, launch, pct, scrape, wait_ready
 
 HERE = Path(__file__).resolve().parent
 DLMSERVE = "dlmserve==0.1.1"
@@ -237,11 +237,7 @@ def start_ours(model_dir: Path, max_batch: int) -> Peer:
 
 
 def start_dlmserve(python: Path, model_dir: Path, threads: int, timeout: float = 600) -> Peer:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads), HF_MODULES_CACHE=str(model_dir.parent / ".hf_modules"))
     env.pop("PYTHONPATH", None)
@@ -250,18 +246,8 @@ def start_dlmserve(python: Path, model_dir: Path, threads: int, timeout: float =
                              "--port", str(port), "--dtype", "float32", "--threads", str(threads)],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"dlmserve exited with {proc.returncode}; see {log.name}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return Peer("dlmserve", proc, url)
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit(f"dlmserve did not become ready; see {log.name}")
+    wait_ready(proc, url, timeout, "dlmserve", log.name)
+    return Peer("dlmserve", proc, url)
 
 
 # ---- requests --------------------------------------------------------------------------------

@@ -117,29 +117,40 @@ def scrape(url: str, headers: dict) -> dict[str, float]:
     return out
 
 
-def launch(serve_args: list[str], timeout: float = 600) -> tuple[subprocess.Popen, str]:
-    """``python -m serve --port P *serve_args`` on a free port; returns once /health says 200."""
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def launch(serve_args: list[str], timeout: float = 600) -> tuple[subprocess.Popen, str]:
+    """``python -m serve --port P *serve_args`` on a free port; returns once /health says 200."""
+    port = free_port()
     cmd = [sys.executable, "-m", "serve", "--port", str(port), *serve_args]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+    wait_ready(proc, url, timeout)
+    return proc, url
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float, name: str = "server", log: str = "") -> None:
+    """Until ``url``/health says 200; SystemExit (``proc`` killed) if it exits or the time runs out."""
+    see = f"; see {log}" if log else ""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
+            raise SystemExit(f"{name} exited with {proc.returncode}{see}")
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return proc, url
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("server did not become ready")
+    raise SystemExit(f"{name} did not become ready{see}")
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from dllm_jax.checkpoint import dtypes
-from dllm_jax.checkpoint.tensors import CheckpointError, TensorInfo, excerpt, file_in, read_json, regular_file
+from dllm_jax.checkpoint.tensors import (CheckpointError, TensorInfo, excerpt, file_in, parse_json, read_json,
+                                         regular_file)
 
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit (the reference reader refuses more)
@@ -45,14 +46,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
             raise CheckpointError(f"truncated safetensors file {path}: its header length exceeds the file's "
                                   f"{size:,} bytes")
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"corrupt safetensors header in {path}: not UTF-8 (at byte {8 + e.start})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"corrupt safetensors header in {path}: {e.msg} (at byte {8 + e.pos})") from None
-    except RecursionError:
-        raise CheckpointError(f"corrupt safetensors header in {path}: nested too deeply") from None
+    header = parse_json(raw, f"the safetensors header of {path}", offset=8)
     if not isinstance(header, dict):
         raise CheckpointError(f"corrupt safetensors header in {path}: not a JSON object")
     return header, 8 + n

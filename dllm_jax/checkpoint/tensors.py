@@ -64,12 +64,7 @@ def file_in(directory: str | os.PathLike, name, listed_in: str | os.PathLike | N
         raise CheckpointError(f"{where}: file names in a checkpoint must stay inside its directory {directory} "
                               "(relative, no '..')")
     path = Path(directory) / pure
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise CheckpointError(f"{where}, which is missing from {directory}") from None
-    except OSError as e:
-        raise CheckpointError(f"{where}, which cannot be read: {e.strerror}") from None
+    mode = _mode(path, f"{where}, which is missing from {directory}", f"{where}, which cannot be read")
     if not inside(directory, path):
         raise CheckpointError(f"{where}, which is a symlink to a file outside {directory}: the files of a "
                               "checkpoint must stay inside its directory (link the whole directory instead)")
@@ -81,15 +76,19 @@ def file_in(directory: str | os.PathLike, name, listed_in: str | os.PathLike | N
 def regular_file(path: str | os.PathLike, what: str) -> Path:
     """``path`` if it is a regular file (symlinks followed), else CheckpointError naming it."""
     path = Path(path)
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise CheckpointError(f"{what} {path} is missing") from None
-    except OSError as e:
-        raise CheckpointError(f"{what} {path} cannot be read: {e.strerror}") from None
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(_mode(path, f"{what} {path} is missing", f"{what} {path} cannot be read")):
         raise CheckpointError(f"{what} {path} is not a regular file")
     return path
+
+
+def _mode(path: Path, missing: str, unreadable: str) -> int:
+    """``path``'s mode (symlinks followed), or CheckpointError(missing / unreadable: why)."""
+    try:
+        return path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(missing) from None
+    except OSError as e:
+        raise CheckpointError(f"{unreadable}: {e.strerror}") from None
 
 
 def read_json(path: str | os.PathLike, what: str, limit: int = 100_000_000):
@@ -100,15 +99,20 @@ def read_json(path: str | os.PathLike, what: str, limit: int = 100_000_000):
     if size > limit:
         raise CheckpointError(f"{what} {path} is {size:,} bytes, over the {limit:,}-byte limit")
     with open(path, "rb") as f:
-        raw = f.read(limit + 1)
+        return parse_json(f.read(limit + 1), f"{what} {path}")
+
+
+def parse_json(raw: bytes, what: str, offset: int = 0):
+    """JSON from a checkpoint's bytes (``offset``: where ``raw`` starts in its file); errors name
+    ``what`` and a byte position, never the content."""
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise CheckpointError(f"{what} {path} is not UTF-8 text (at byte {e.start})") from None
+        raise CheckpointError(f"{what} is not UTF-8 text (at byte {offset + e.start})") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{what} {path} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+        raise CheckpointError(f"{what} is not valid JSON: {e.msg} (at byte {offset + e.pos})") from None
     except RecursionError:
-        raise CheckpointError(f"{what} {path} is nested too deeply") from None
+        raise CheckpointError(f"{what} is nested too deeply") from None
 
 
 @dataclasses.dataclass(frozen=True)
