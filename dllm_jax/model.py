@@ -51,6 +51,18 @@ def _param_name(path) -> str:
                     if not isinstance(k, jax.tree_util.GetAttrKey))
 
 
+def _conform(x, like):
+    """``x`` (of ``like``'s shape) with the dtype and sharding of ``like``: a copy where they
+    differ, ``x`` itself where they match."""
+    if not isinstance(x, jax.Array):
+        x = np.asarray(x)  # (a host array: cast on the host, then one transfer)
+    if x.dtype != like.dtype:
+        x = x.astype(like.dtype)
+    if not isinstance(x, jax.Array) or x.sharding != like.sharding:
+        x = jax.device_put(x, like.sharding)
+    return x
+
+
 def padded_positions(attention_mask):
     """RoPE positions of a left-padded batch: real tokens count from 0 in every row."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -95,35 +107,48 @@ class Model:
 
         return cls(config, graphdef, init(), tokenizer=tokenizer, mesh=mesh, source=f"random(seed={seed})")
 
-    def with_params(self, params) -> "Model":
-        """This model with other weights of the same architecture (a newer checkpoint, say).
+    def with_params(self, params, *, convert: bool = False) -> "Model":
+        """This model with other weights of the same architecture (a newer checkpoint, a trainer's
+        step).
 
         The copy shares config, tokenizer, mesh and compiled programs with this model: the
         programs take the params as an argument, so weights of equal shapes, dtypes and
-        shardings run without a recompile. ``params`` (e.g. from
-        ``dllm_jax.checkpoint.read_params``) is put into this model's own tree structure.
+        shardings run without a recompile.
+
+        Args:
+          params: this model's parameters as a pytree: an ``nnx.State`` like ``self.params``
+            (e.g. ``jax.tree.map(f, m.params)``, or from ``dllm_jax.checkpoint.read_params``) or
+            its pure dict (``m.params.to_pure_dict()``, what an optax loop often holds). Leaves
+            are matched by parameter name ('layers/0/q_proj') and put into this model's tree.
+          convert: False (the default): every leaf must already have this model's dtype and
+            sharding; the arrays are used as they are, no copy (the new model shares them with
+            the caller). True: a leaf of another dtype is cast (``astype``) and one on another
+            sharding or device, or a host (numpy) array, is put onto this model's sharding
+            (``jax.device_put``); those leaves are copies, the others are still shared. Shapes
+            must match either way.
 
         Raises:
-          ValueError: naming the first parameter that is missing, extra, or differs in shape,
-            dtype or sharding.
+          ValueError: naming the first parameter that is missing, extra, or differs in shape
+            (or, without ``convert``, in dtype or sharding).
         """
         mine, treedef = jax.tree_util.tree_flatten_with_path(self.params)
-        given = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-        theirs = dict(given)
-        for path, have in mine:
+        theirs = {_param_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+        pairs = []
+        for path, have in mine:  # (every check before any copy)
             name = _param_name(path)
-            new = theirs.pop(path, None)
+            new = theirs.pop(name, None)
             if new is None:
                 raise ValueError(f"parameter {name} is missing")
-            for what, a, b in (("shape", have.shape, getattr(new, "shape", None)),
-                               ("dtype", have.dtype, getattr(new, "dtype", None)),
-                               ("sharding", have.sharding, getattr(new, "sharding", None))):
+            for what in ("shape",) if convert else ("shape", "dtype", "sharding"):
+                a, b = getattr(have, what), getattr(new, what, None)
                 if a != b:
                     raise ValueError(f"parameter {name}: {what} {b} where this model has {a}")
+            pairs.append((new, have))
         if theirs:
-            raise ValueError(f"parameter {_param_name(next(iter(theirs)))} is not part of this model")
+            raise ValueError(f"parameter {next(iter(theirs))} is not part of this model")
+        leaves = [_conform(new, have) if convert else new for new, have in pairs]
         model = copy.copy(self)
-        model.params = jax.tree_util.tree_unflatten(treedef, [given[path] for path, _ in mine])
+        model.params = jax.tree_util.tree_unflatten(treedef, leaves)
         return model
 
     # ---- properties ------------------------------------------------------------------

@@ -88,3 +88,22 @@ class IncompatibleWeights(WeightUpdateFailed):
         super().__init__(path, f"its config differs from the running model's in {field}: {found!r} (running: "
                                f"{running!r}); new weights must have the running architecture")
         self.field, self.running, self.found = field, running, found
+
+
+class EngineBusy(ServeError):
+    """An operation that needs an idle engine (releasing its device memory) found ``rows``
+    sequences in running batches: let them finish or abort them, then retry."""
+
+    def __init__(self, rows: int, what: str):
+        super().__init__(f"{rows} sequence(s) are in running batches: let them finish or abort them "
+                         f"(pause_generation with mode 'abort') before {what}")
+        self.rows, self.what = rows, what
+
+
+class MemoryReleased(ServeError):
+    """The weights are off the device (``Engine.release_memory``, SGLang's
+    ``/release_memory_occupation``) until ``resume_memory``; ``what`` needs them there."""
+
+    def __init__(self, what: str):
+        super().__init__(f"the engine's device memory is released: resume it (resume_memory_occupation) before {what}")
+        self.what = what

@@ -13,6 +13,14 @@ opened with until it closes, a score on the one it names. Installing a new versi
 host: ``install`` of what ``read_weights`` read off the scheduler thread; multi-host: the
 broadcast ``load_weights``, which every process reads and which they install only if all
 read it) changes what new sessions get; ``retire`` frees a version nobody uses any more.
+An in-process pytree (``stage_params``, single host) installs through the same ``install``.
+
+Device memory (SGLang's release / resume_memory_occupation): ``offload`` copies every resident
+version's parameters to host memory (numpy: each distinct shard this process holds, once) and
+frees their device buffers; the versions' models hold abstract arrays (shape, dtype, sharding)
+meanwhile, so anything that would run on them fails loudly. ``reload`` puts the same bytes back
+onto the same shardings: the compiled programs run on them without a recompile. Both are
+broadcast commands (every process moves its own shards).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ class Command:
 
     Attributes:
       op: 'open' | 'admit' | 'step' | 'release' | 'close' | 'warmup' | 'score' | 'load_weights' |
-        'retire' | 'noop' | 'shutdown'.
+        'retire' | 'offload' | 'reload' | 'noop' | 'shutdown'.
       sid: session id (assigned by process 0).
       key: the session's ProgramKey ('open', 'warmup').
       rows: {slot: (prompt ids, resolved SamplingParams)} ('admit').
@@ -103,6 +111,8 @@ class Executor:
         # weights version -> the model on it (never ``model`` itself, whose params follow the newest)
         self.versions: dict[int, Any] = {0: model.with_params(model.params)}
         self.version = 0
+        self._borrowed: dict[int, frozenset] = {}  # version -> ids of its leaves the caller owns (update_params)
+        self._host: dict[int, tuple[Any, list[_HostCopy]]] | None = None  # offloaded: version -> (treedef, leaves)
         self.steps_per_call: int | None = None  # sessions' step budget per call (None: the library default)
         self.weights_root: str | None = None  # update paths must lie inside it (--weights-root; None: anywhere)
 
@@ -152,10 +162,17 @@ class Executor:
         """Single host, any thread: read a checkpoint for this model (nothing is installed)."""
         return weights.read(self.model, path, root=self.weights_root)
 
+    def stage_params(self, params) -> "weights.Staged":
+        """Single host, any thread: a pytree of this model's parameters made ready to install
+        (``weights.stage``: cast / placed onto the running dtype and shardings where it differs)."""
+        return weights.stage(self.model, params)
+
     def install(self, version: int, staged: "weights.Staged") -> None:
         """Single host, the scheduler thread: sessions opened from now on run on ``staged``."""
         assert self.broadcast is None, "multi-host servers load with load_weights (every process)"
         self._install(version, staged.params)
+        if staged.borrowed:
+            self._borrowed[version] = staged.borrowed
 
     def load_weights(self, path: str, version: int) -> "weights.Staged":
         """Every process reads ``path``; all install it as ``version``, or (any failed) none does."""
@@ -164,6 +181,22 @@ class Executor:
     def retire(self, version: int) -> None:
         """Free a weights version no session, queued sequence or request refers to any more."""
         self.run(Command("retire", version=version))
+
+    def offload(self) -> dict:
+        """Every resident weights version's parameters to host memory, their device buffers freed
+        (those the engine owns; a caller's own arrays from update_params are only let go). Nothing
+        may run until ``reload``. Returns {'params_bytes' (host copy), 'versions'}; a no-op when
+        already offloaded."""
+        return self.run(Command("offload"))
+
+    def reload(self) -> dict:
+        """The offloaded parameters back onto their shardings, bitwise as they were (the compiled
+        programs are reused). Returns {'params_bytes', 'versions'}; a no-op unless offloaded."""
+        return self.run(Command("reload"))
+
+    @property
+    def offloaded(self) -> bool:
+        return self._host is not None
 
     def noop(self) -> None:
         self.run(Command("noop"))
@@ -200,6 +233,10 @@ class Executor:
             return self._load_everywhere(cmd.path, cmd.version)
         elif op == "retire":
             self._retire(cmd.version)
+        elif op == "offload":
+            return self._offload()
+        elif op == "reload":
+            return self._reload()
         elif op in ("noop", "shutdown"):
             pass
         else:
@@ -218,12 +255,50 @@ class Executor:
         if version == self.version:  # (the newest is never retired)
             return
         old = self.versions.pop(version, None)
+        borrowed = self._borrowed.pop(version, frozenset())
+        if self._host is not None:
+            self._host.pop(version, None)
         if old is None:
             return
-        keep = {id(x) for m in self.versions.values() for x in jax.tree.leaves(m.params)}
+        keep = {id(x) for m in self.versions.values() for x in jax.tree.leaves(m.params)} | borrowed
         for x in jax.tree.leaves(old.params):  # free the device memory now, not at some later GC
             if id(x) not in keep and isinstance(x, jax.Array) and not x.is_deleted():
                 x.delete()
+
+    def _offload(self) -> dict:
+        if self._host is not None:
+            return {"params_bytes": 0, "versions": 0}
+        copies: dict[int, _HostCopy] = {}  # id(device array) -> its host copy (versions share leaves)
+        host = {}
+        for version, model in self.versions.items():
+            leaves, treedef = jax.tree.flatten(model.params)
+            for x in leaves:
+                if id(x) not in copies:
+                    copies[id(x)] = _HostCopy.of(x)
+            host[version] = (treedef, [copies[id(x)] for x in leaves])
+        # every copy made: only now let the device arrays go
+        borrowed = frozenset().union(*self._borrowed.values())
+        old = [x for m in self.versions.values() for x in jax.tree.leaves(m.params)]
+        for version, (treedef, leaves) in host.items():
+            self.versions[version].params = jax.tree.unflatten(treedef, [h.abstract() for h in leaves])
+        self.model.params = self.versions[self.version].params
+        self._host, self._borrowed = host, {}
+        for x in old:
+            if id(x) not in borrowed and not x.is_deleted():
+                x.delete()
+        return {"params_bytes": sum(h.nbytes for h in copies.values()), "versions": len(host)}
+
+    def _reload(self) -> dict:
+        if self._host is None:
+            return {"params_bytes": 0, "versions": 0}
+        unique = {id(h): h for _, leaves in self._host.values() for h in leaves}  # (versions share leaves)
+        arrays = {i: h.to_device() for i, h in unique.items()}  # shared leaves stay shared
+        jax.block_until_ready(list(arrays.values()))
+        for version, (treedef, leaves) in self._host.items():
+            self.versions[version].params = jax.tree.unflatten(treedef, [arrays[id(h)] for h in leaves])
+        self.model.params = self.versions[self.version].params
+        versions, self._host = len(self._host), None
+        return {"params_bytes": sum(h.nbytes for h in unique.values()), "versions": versions}
 
     def _load_everywhere(self, path: str, version: int) -> "weights.Staged":
         staged, error = None, None
@@ -240,6 +315,44 @@ class Executor:
                                            "visible on every host?); no process installed it", bad_checkpoint=False)
         self._install(version, staged.params)
         return staged
+
+
+@dataclasses.dataclass(eq=False)
+class _HostCopy:
+    """One parameter in host memory: each distinct shard this process holds, once (a replicated
+    parameter is one numpy array, not one per device)."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    sharding: Any
+    shards: dict[tuple, np.ndarray]
+
+    @classmethod
+    def of(cls, x: jax.Array) -> "_HostCopy":
+        shards = {}
+        for shard in x.addressable_shards:
+            key = _index_key(shard.index, x.shape)
+            if key not in shards:
+                shards[key] = np.array(shard.data)  # (a copy: never a view of the buffer freed next)
+        return cls(x.shape, x.dtype, x.sharding, shards)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.shards.values())
+
+    def abstract(self) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(self.shape, self.dtype, sharding=self.sharding)
+
+    def to_device(self) -> jax.Array:
+        devices = self.sharding.addressable_devices_indices_map(self.shape)
+        return jax.make_array_from_single_device_arrays(
+            self.shape, self.sharding,
+            [jax.device_put(self.shards[_index_key(index, self.shape)], device) for device, index in devices.items()])
+
+
+def _index_key(index: tuple, shape: tuple[int, ...]) -> tuple:
+    """A shard's index (a tuple of slices) as a hashable key."""
+    return tuple(s.indices(n) for s, n in zip(index, shape))
 
 
 def _all_processes(ok: bool) -> list[bool]:

@@ -23,6 +23,17 @@ the same path inline at the broadcast ``load_weights`` command (they must enter 
 collectives in the same order), they check that all succeeded, and all install it at that
 command, or none does. A bad path, a truncated file or a failure part way leaves the old
 weights serving: the new tree is installed only once every parameter was read.
+
+**In process** (``Engine.update_params``: a trainer in the same process hands over a pytree):
+the same queue, the same install and the same swap point; the "read" is ``stage`` (the tree
+matched to the running parameters by name, cast / placed onto their dtype and sharding where it
+differs), on the loader thread. Nothing is written to disk and nothing recompiles. Leaves that
+already match are served as they are, shared with the caller (never deleted by the engine).
+Single process only.
+
+**Device memory** (``Engine.release_memory`` / ``resume_memory``, SGLang's
+``release_memory_occupation``): ``MemoryJob``s run in the same queue, in order with the
+updates, at a block boundary; ``released`` is set in between and updates are refused then.
 """
 
 from __future__ import annotations
@@ -31,11 +42,12 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import time
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -48,11 +60,13 @@ from dllm_jax.checkpoint import (
     read_hf_config,
     read_params,
 )
-from serve.errors import EngineDead, IncompatibleWeights, ServeError, WeightUpdateFailed
+from serve.errors import EngineDead, IncompatibleWeights, MemoryReleased, ServeError, WeightUpdateFailed
 from serve.metrics import memory_in_use
 from serve.requests import resolve_future
 
 log = logging.getLogger("serve.weights")
+
+IN_PROCESS = "in-process params"  # the source of a version installed by update_params (no path)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -63,7 +77,8 @@ class Weights:
       version: 0 for the weights the server started with, then 1, 2, ...
       source: where they came from (``--model``, or the update's ``model_path``).
       loaded_at: when they started serving (unix seconds).
-      label: the update's ``weight_version`` (None at start).
+      label: SGLang's ``weight_version``: the last label an update set (an update without one
+        keeps the previous label; None until one is set).
       layout: the checkpoint layout read (``orbax``, ``hf``, ``dcp:policy/weights`` ...).
     """
 
@@ -80,13 +95,29 @@ class Weights:
 
 @dataclasses.dataclass
 class Staged:
-    """A checkpoint read for the running model, not installed yet."""
+    """A checkpoint read (or an in-process pytree staged) for the running model, not installed yet.
+
+    Attributes:
+      path / layout: where it came from (``IN_PROCESS`` / ``pytree`` for ``update_params``).
+      params: the tree, on the running dtype and shardings.
+      seconds: reading / staging time; nbytes: the tree's bytes.
+      copied_bytes: device bytes this update allocated (a checkpoint: all of them; a pytree:
+        the leaves it had to cast or move, 0 when everything matched).
+      borrowed: ids of leaves that are the caller's own arrays (served as they are; the engine
+        drops its references but never deletes them).
+    """
 
     path: str
     layout: str
     params: Any
     seconds: float
     nbytes: int
+    copied_bytes: int = -1  # (-1: nbytes)
+    borrowed: frozenset = frozenset()
+
+    def __post_init__(self):
+        if self.copied_bytes < 0:
+            self.copied_bytes = self.nbytes
 
 
 # ---- reading a checkpoint for the running model ------------------------------------------
@@ -151,6 +182,30 @@ def read(model, path: str, *, root: str | None = None) -> Staged:
     return Staged(path, layout, params, time.monotonic() - t0, nbytes)
 
 
+def stage(model, params) -> Staged:
+    """A pytree of ``model``'s parameters (an ``nnx.State`` like ``model.params`` or its pure
+    dict) made ready to install; install nothing.
+
+    Leaves of another dtype are cast and leaves on another sharding (or host arrays) are put onto
+    the running sharding (``Model.with_params(convert=True)``): those are copies, counted in
+    ``copied_bytes``. Leaves that match are used as they are (``borrowed``: the caller's arrays).
+
+    Raises:
+      WeightUpdateFailed: naming the first parameter that is missing, extra or of another shape.
+    """
+    t0 = time.monotonic()
+    given = {id(x) for x in jax.tree.leaves(params)}
+    try:
+        staged = model.with_params(params, convert=True).params
+    except ValueError as e:
+        raise WeightUpdateFailed(IN_PROCESS, str(e)) from None
+    jax.block_until_ready(staged)  # (casts and transfers are asynchronous: meet their errors here)
+    leaves = jax.tree.leaves(staged)
+    borrowed = frozenset(id(x) for x in leaves if id(x) in given)
+    return Staged(IN_PROCESS, "pytree", staged, time.monotonic() - t0, sum(x.nbytes for x in leaves),
+                  copied_bytes=sum(x.nbytes for x in leaves if id(x) not in borrowed), borrowed=borrowed)
+
+
 def confine(path: str, root: str | None) -> Path:
     """``model_path`` as a directory, resolved; with a weights root (``--weights-root``), it must
     lie inside that root once symlinks are resolved (else ``WeightUpdateFailed``, a 400).
@@ -187,17 +242,48 @@ def failure(path: str, exc: BaseException) -> WeightUpdateFailed:
 
 # ---- the update queue, run by the scheduler thread ----------------------------------------
 
+def _settle(loop: asyncio.AbstractEventLoop | None, future, result, error: Exception | None) -> None:
+    """Answer a job: an asyncio future on ``loop``, or (``loop`` None) a concurrent.futures one."""
+    if loop is not None:
+        resolve_future(loop, future, result, error)
+        return
+    try:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+    except concurrent.futures.InvalidStateError:  # (cancelled meanwhile: nobody waits)
+        pass
+
+
 @dataclasses.dataclass(eq=False)
 class UpdateJob:
-    """One ``update_weights_from_disk`` call; the answer goes to ``future`` (on ``loop``)."""
+    """One weight update: ``update_weights_from_disk`` (``path``) or ``update_params`` (``params``,
+    a pytree; ``path`` is ``IN_PROCESS``). The answer goes to ``future``: an asyncio future on
+    ``loop``, or a ``concurrent.futures.Future`` when ``loop`` is None (any thread may wait)."""
 
     path: str
     label: str | None
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop | None
+    future: Any
+    params: Any = None
 
     def resolve(self, result=None, error: Exception | None = None) -> None:  # scheduler thread
-        resolve_future(self.loop, self.future, result, error)
+        _settle(self.loop, self.future, result, error)
+
+
+@dataclasses.dataclass(eq=False)
+class MemoryJob:
+    """Release (``release``) or resume the device memory: ``run`` on the scheduler thread, in
+    order with the weight updates, once ``wait()`` is False (it stays queued meanwhile); the
+    answer goes to ``future`` as for ``UpdateJob``."""
+
+    release: bool
+    run: Callable[[], dict]
+    loop: asyncio.AbstractEventLoop | None
+    future: Any
+    wait: Callable[[], bool] = lambda: False
+
+    def resolve(self, result=None, error: Exception | None = None) -> None:
+        _settle(self.loop, self.future, result, error)
 
 
 @dataclasses.dataclass
@@ -210,18 +296,24 @@ class _Loading:
 
 
 class Swapper:
-    """Weight updates in order, one at a time; ``tick`` runs at every scheduler iteration."""
+    """Weight updates (and memory release / resume) in order, one at a time; ``tick`` runs at
+    every scheduler iteration.
+
+    Attributes:
+      released: the device memory is released (``MemoryJob``): weights updates are refused.
+    """
 
     def __init__(self, executor, inbox, metrics, *, background: bool, initial: Weights):
         self.executor, self.inbox, self.metrics, self.background = executor, inbox, metrics, background
         self._current = initial
         self._resident = {initial.version}
         self._next = initial.version + 1
-        self._jobs: collections.deque[UpdateJob] = collections.deque()
+        self._jobs: collections.deque[UpdateJob | MemoryJob] = collections.deque()
         self._retired: collections.deque[int] = collections.deque()
         self._loading: _Loading | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dllm-weights") \
             if background else None
+        self.released = False
         self._watch(initial)
         metrics.set("weights_resident", 1)
 
@@ -230,8 +322,8 @@ class Swapper:
         """The version new requests get (any thread; replaced, never mutated)."""
         return self._current
 
-    def request(self, job: UpdateJob) -> None:
-        """Queue an update (event loop thread)."""
+    def request(self, job: UpdateJob | MemoryJob) -> None:
+        """Queue an update or a memory job (any thread)."""
         self._jobs.append(job)
         self.inbox.wake()
 
@@ -251,24 +343,58 @@ class Swapper:
                 self._failed(loading.job, e)
             else:
                 self._installed(loading.job, loading.version, staged, loading.before, loading.t0)
-        # a new load only once the older version is gone: never three copies resident
-        if self._loading is None and self._jobs and len(self._resident) <= 1:
-            job = self._jobs.popleft()
-            version = self._next  # (taken only if it installs: versions count the weights that served)
-            before, t0 = memory_in_use(), time.monotonic()
-            log.info("loading weights version %d from %s (%s)", version, job.path,
-                     "in the background" if self.background else "inline, on every process")
-            if self.background:
-                future = self._pool.submit(self.executor.read_weights, job.path)
-                future.add_done_callback(lambda _: self.inbox.wake())
-                self._loading = _Loading(job, version, future, before, t0)
+        while self._loading is None and self._jobs:
+            job = self._jobs[0]
+            if isinstance(job, MemoryJob):
+                if job.wait():
+                    break
+                self._jobs.popleft()
+                self._memory(job)
+            elif len(self._resident) > 1:  # a new load only once the older version is gone: never three copies
+                break
             else:
-                try:
-                    staged = self.executor.load_weights(job.path, version)
-                except Exception as e:  # noqa: BLE001
-                    self._failed(job, e)
-                else:
-                    self._installed(job, version, staged, before, t0)
+                self._jobs.popleft()
+                self._start(job)
+
+    def _start(self, job: UpdateJob) -> None:
+        if self.released:
+            self.metrics.inc("weight_update_failures_total")
+            job.resolve(error=MemoryReleased("loading new weights"))
+            return
+        version = self._next  # (taken only if it installs: versions count the weights that served)
+        before, t0 = memory_in_use(), time.monotonic()
+        in_process = job.params is not None
+        log.info("loading weights version %d from %s (%s)", version, job.path,
+                 "in the background" if self.background else "inline" if in_process else "inline, on every process")
+        if in_process:  # (the job holds no reference to the tree once it is staged)
+            read = functools.partial(self.executor.stage_params, job.params)
+            job.params = None
+        else:
+            read = functools.partial(self.executor.read_weights, job.path)
+        if self.background:
+            future = self._pool.submit(read)
+            future.add_done_callback(lambda _: self.inbox.wake())
+            self._loading = _Loading(job, version, future, before, t0)
+            return
+        try:
+            if in_process:  # (single process: update_params refuses multi-host engines)
+                staged = read()
+                self.executor.install(version, staged)
+            else:
+                staged = self.executor.load_weights(job.path, version)
+        except Exception as e:  # noqa: BLE001 - the old weights keep serving
+            self._failed(job, e)
+        else:
+            self._installed(job, version, staged, before, t0)
+
+    def _memory(self, job: MemoryJob) -> None:
+        try:
+            result = job.run()
+        except Exception as e:  # noqa: BLE001 - the caller gets it; nothing changed
+            job.resolve(error=e)
+            return
+        self.released = job.release
+        job.resolve(result)
 
     def _retire(self) -> None:
         while self._retired:
@@ -285,7 +411,8 @@ class Swapper:
         seconds = time.monotonic() - t0
         self._next = version + 1
         both = memory_in_use()  # both copies resident: the old one is still current until the next line
-        self._current = Weights(version, job.path, time.time(), job.label, staged.layout)
+        label = job.label if job.label is not None else self._current.label  # (SGLang keeps the last one)
+        self._current = Weights(version, job.path, time.time(), label, staged.layout)
         self._watch(self._current)
         self._resident.add(version)
         self.metrics.inc("weights_loaded_total")
@@ -297,9 +424,10 @@ class Swapper:
             "success": True,
             "message": f"loaded {job.path} ({staged.layout}) in {seconds:.2f}s; requests queued from now on run "
                        "on it, running ones finish on the previous weights",
-            "model_path": job.path, "weights_version": version, "weight_version": job.label,
+            "model_path": job.path, "weights_version": version, "weight_version": label,
             "layout": staged.layout, "load_seconds": round(seconds, 3), "read_seconds": round(staged.seconds, 3),
-            "params_bytes": staged.nbytes, "memory": {"before": before, "both_resident": both},
+            "params_bytes": staged.nbytes, "copied_bytes": staged.copied_bytes,
+            "memory": {"before": before, "both_resident": both},
         })
         staged.params = None
 
@@ -318,7 +446,7 @@ class Swapper:
         self.inbox.wake()
 
     def fail_all(self, err: ServeError) -> None:
-        """Shutdown or a dead engine: every pending update gets ``err``."""
+        """Shutdown or a dead engine: every pending update (and memory job) gets ``err``."""
         if self._loading is not None:
             self._loading.future.cancel()
             self._loading.job.resolve(error=err)

@@ -38,7 +38,7 @@ def _code(nb):
 
 def test_there_are_notebooks():
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_algorithms_compared.ipynb",
-                                           "03_scaling_out.ipynb", "04_conversion.ipynb"]
+                                           "03_scaling_out.ipynb", "04_conversion.ipynb", "05_rl_in_process.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -279,7 +279,8 @@ def test_swap_to_dcp_under_load(server, http, ckpts, refs):
     warm(http, refs)
     before = counters(http)
     body = swap_under_load(http, ckpts["b_dcp"], refs, "a", "b_hf")
-    assert body["layout"] == "dcp:step_N/policy/weights" and body["weight_version"] is None
+    assert body["layout"] == "dcp:step_N/policy/weights"
+    assert body["weight_version"] == "step_0" == current(http)["weight_version"]  # (no label: the last one stays)
     answers(http, refs, "b_hf")  # = the fresh server on B
     after = counters(http)
     for name in ("compiles_total", "programs_built_total", "xla_compiles_total"):
