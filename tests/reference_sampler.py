@@ -67,23 +67,56 @@ def _softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-def propose(logits, temperature, rng_key, nfe, mask_id, random_remask):
-    """x0 and confidence for one row: same draws as the library (fold_in(key, nfe))."""
+def propose(logits, temperature, rng_key, nfe, mask_id, remasking, top_k=0, top_p=1.0, min_p=0.0):
+    """x0, confidence and the drawn-from log-distribution for one row: same draws as the library
+    (fold_in(key, nfe)). ``drawn_logp`` [Lb, V] is log-softmax(logits / T) over the filter set
+    without the mask token (the 'processed' logprobs at T > 0); None at T = 0."""
     lb, v = logits.shape
     k_gumbel, k_uniform = jax.random.split(jax.random.fold_in(rng_key, nfe), 2)
-    scores = logits.copy()
+    scores, drawn_logp = logits.copy(), None
     if temperature > 0:
+        keep = np.stack([filter_set(row, temperature, top_k, top_p, min_p, mask_id) for row in logits])
         scores = logits + temperature * np.asarray(jax.random.gumbel(k_gumbel, (lb, v), jnp.float32), np.float64)
+        scores[~keep] = -np.inf
+        drawn_logp = log_softmax(np.where(keep, logits / temperature, -np.inf))
     scores[:, mask_id] = -np.inf
     x0 = scores.argmax(-1)
     conf = _softmax(logits)[np.arange(lb), x0]
-    if random_remask:
+    if remasking == "random":
         conf = np.asarray(jax.random.uniform(k_uniform, (lb,), jnp.float32), np.float64)
-    return x0, conf
+    return x0, conf, drawn_logp
 
 
-def choose(rule, conf, masked, *, k=0, threshold=1.0, factor=1.0, low=rules.HIERARCHY_LOW_THRESHOLD):
+def log_softmax(x):
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def filter_set(logits, temperature, top_k=0, top_p=1.0, min_p=0.0, mask_id=None):
+    """[V] bool: the tokens a T > 0 draw may pick (docs/sampling.md "Sampling filters"): the top_k
+    most probable of q = softmax(logits / T) without the mask token, the smallest most-probable
+    set whose mass (renormalised over the top_k set) reaches top_p, and q >= min_p * max q."""
+    x = np.asarray(logits, np.float64) / temperature
+    if mask_id is not None:
+        x = np.where(np.arange(len(x)) == mask_id, -np.inf, x)
+    q = np.exp(x - x.max())
+    q /= q.sum()
+    order = np.argsort(-q, kind="stable")
+    in_k = order[:top_k if top_k > 0 else len(q)]
+    mass = q[in_k] / q[in_k].sum()
+    before = np.cumsum(mass) - mass
+    keep = np.zeros(len(q), bool)
+    keep[in_k[(before < top_p) | (np.arange(len(in_k)) == 0)]] = True
+    keep &= q >= min_p * q.max()
+    keep[q == 0] = False
+    return keep
+
+
+def choose(rule, conf, masked, *, k=0, threshold=1.0, factor=1.0, low=rules.HIERARCHY_LOW_THRESHOLD,
+           leftmost=False):
     """Upstream-style selection with explicit sorting (indices of positions to commit)."""
+    if leftmost:
+        return _choose_leftmost(rule, conf, masked, k=k, threshold=threshold, factor=factor, low=low)
     cand = [i for i in np.argsort(-np.where(masked, conf, -np.inf), kind="stable") if masked[i]]
     if not cand:
         return []
@@ -117,8 +150,48 @@ def choose(rule, conf, masked, *, k=0, threshold=1.0, factor=1.0, low=rules.HIER
     raise ValueError(rule)
 
 
-def reference_generate(model, prompt, params: SamplingParams, fwd: Forward | None = None):
-    """Returns (generated tokens [gen_length], nfe, commit_step [gen_length])."""
+def _choose_leftmost(rule, conf, masked, *, k, threshold, factor, low):
+    """The 'leftmost' policy as documented (docs/sampling.md, "Selection policies"): walk the
+    masked positions left to right and commit while the rule accepts the position at that rank
+    (the first always, except for the fixed schedule), stopping at the first it refuses."""
+    cand = [i for i in range(len(masked)) if masked[i]]
+    if rule == rules.FIXED:
+        return cand[:k]
+
+    def run_best(i):  # hierarchy: i is the (first) most confident position of its run of masks
+        lo, hi = i, i
+        while lo > 0 and masked[lo - 1]:
+            lo -= 1
+        while hi + 1 < len(masked) and masked[hi + 1]:
+            hi += 1
+        return max(range(lo, hi + 1), key=lambda p: (conf[p], -p)) == i
+
+    def accepts(r, i):
+        c = conf[i]
+        if rule in (rules.THRESHOLD, rules.CREDIT):
+            return c >= threshold
+        if rule == rules.FACTOR:
+            return c >= 1 - factor / (r + 2)
+        if rule == rules.NEMOTRON:
+            return c >= rules.NEMOTRON_HIGH or (c >= 1 - factor / (r + 2) and c >= rules.NEMOTRON_FLOOR)
+        if rule == rules.HIERARCHY:
+            return c >= threshold or (run_best(i) and c >= low)
+        raise ValueError(rule)
+
+    out = cand[:1]
+    for r, i in enumerate(cand[1:], start=1):
+        if not accepts(r, i):
+            break
+        out.append(i)
+    return out
+
+
+def reference_generate(model, prompt, params: SamplingParams, fwd: Forward | None = None,
+                       logprobs: dict | None = None):
+    """Returns (generated tokens [gen_length], nfe, commit_step [gen_length]).
+
+    ``logprobs``: a dict to fill (block algorithms) with each committed token's log-probability
+    at its commit step, 'raw' and 'processed' [gen_length] (0 where never committed)."""
     p = params.resolve(model.family)
     fwd = fwd or Forward(model)
     if ALGORITHMS[p.algorithm].cache == "sliding":
@@ -133,6 +206,8 @@ def reference_generate(model, prompt, params: SamplingParams, fwd: Forward | Non
     shift = 1 if p.shift_logits else 0
     stops = p.stop_token_ids if p.stop_token_ids is not None else model.stop_token_ids
     nfe, commit = 0, np.full(g, -1)
+    if logprobs is not None:
+        logprobs.update(raw=np.zeros(g), processed=np.zeros(g))
     for b in range(g // lb):
         s, e = plen + b * lb, plen + (b + 1) * lb
         n = int((x[s:e] == mask_id).sum())
@@ -170,6 +245,7 @@ def reference_generate(model, prompt, params: SamplingParams, fwd: Forward | Non
                     start = plen - shift
                     h, _ = fwd.window(x[start:], start, cache, write_from=s)
                     logits = fwd.logits(h[s - shift - start:e - shift - start])
+            raw_logp = log_softmax(logits)  # the model's own (before credit fusion)
             if rule == rules.CREDIT:
                 if i > 0:
                     credit *= rules.CREDIT_DECAY
@@ -177,13 +253,17 @@ def reference_generate(model, prompt, params: SamplingParams, fwd: Forward | Non
                 top = probs.argmax(-1)
                 credit[np.arange(lb), top] += probs.max(-1) ** rules.CREDIT_BOOST * masked
                 logits = logits + rules.CREDIT_ALPHA * np.log1p(credit)
-            x0, conf = propose(logits, p.temperature, key, nfe, mask_id, p.remasking == "random")
+            x0, conf, drawn_logp = propose(logits, p.temperature, key, nfe, mask_id, p.remasking,
+                                           p.top_k, p.top_p, p.min_p)
             chosen = choose(rule, conf, masked, k=sched[min(i, spb - 1)], threshold=p.threshold or 1.0,
-                            factor=p.factor or 1.0)
+                            factor=p.factor or 1.0, leftmost=p.remasking == "leftmost")
             nfe += 1
             for j in chosen:
                 x[s + j] = x0[j]
                 commit[s + j - plen] = nfe
+                if logprobs is not None:
+                    logprobs["raw"][s + j - plen] = raw_logp[j, x0[j]]
+                    logprobs["processed"][s + j - plen] = (raw_logp if drawn_logp is None else drawn_logp)[j, x0[j]]
             i += 1
         if p.early_stop and np.isin(x[s:e], stops).any():
             x[e:] = model.config.eos_token_id

@@ -54,14 +54,15 @@ def _per_row(kw, i):
     return {k: (v[i] if isinstance(v, list) else v) for k, v in kw.items()}
 
 
-def _check(algorithm, n):
+def _check(algorithm, n, **extra):
     """Rows 0 (10 tokens, T = 0) and 2 (5 tokens, seeded T = 0.7; greedy for static_block) of an
     n-row batch on the 8-device mesh -- bucket 64 because row 1 has 40 tokens -- against each
-    alone: batch 1, one device, bucket 16 (one compiled program for both solos)."""
+    alone: batch 1, one device, bucket 16 (one compiled program for both solos). ``extra``:
+    more (per-row) sampling arguments."""
     family = "nemotron" if algorithm == "static_block" else "llada"
     solo_model, batch_model = _model(family, "1"), _model(family, "8")
     prompts = _prompts(n)
-    kw = _kwargs(algorithm, n)
+    kw = dict(_kwargs(algorithm, n), **extra)
     batch = batch_model.generate(prompts, **kw).tokens
     for i in (0, 2):
         want = solo_model.generate([prompts[i]], **_per_row(kw, i)).tokens[0]
@@ -71,6 +72,16 @@ def _check(algorithm, n):
 @pytest.mark.parametrize("algorithm", LLADA_ALGOS + ["static_block"])
 def test_batch_invariant_generate(algorithm):
     _check(algorithm, 5)
+
+
+@pytest.mark.parametrize("algorithm", ["basic", "dual_cache", "dinfer_hierarchy"])
+def test_leftmost_rows_batch_invariant(algorithm):
+    """'leftmost' rows (0: greedy, 2: sampled; with a threshold where the algorithm takes one per
+    row) beside low_confidence and random rows of the same batch."""
+    extra = dict(remasking=["leftmost", "low_confidence", "leftmost", "random", "low_confidence"])
+    if algorithm != "dinfer_hierarchy":
+        extra["threshold"] = [None, 0.5, 0.6, None, None]
+    _check(algorithm, 5, **extra)
 
 
 @pytest.mark.parametrize("algorithm", ["dual_cache", "static_block"])

@@ -56,6 +56,40 @@ def test_llada_matches_python_loop_reference(llada_model, algorithm):
         np.testing.assert_array_equal(out.trace["commit_step"][i], commit)
 
 
+@pytest.fixture(scope="module")
+def llada_forward(llada_model):
+    """One reference ``Forward`` for the tests below (its forwards compile once per shape)."""
+    return Forward(llada_model)
+
+
+@pytest.mark.parametrize("algorithm", ["basic", "prefix_cache", "dual_cache", "dinfer_hierarchy", "dinfer_credit"])
+def test_leftmost_matches_python_loop_reference(llada_model, llada_forward, algorithm):
+    """'leftmost' rows (every transfer rule the algorithm allows, greedy and sampled) beside a
+    low_confidence row, vs the reference's left-to-right walk (reference_sampler._choose_leftmost).
+    (no_cache and dinfer_blockwise run the same selection code as basic and dinfer_credit; prompts
+    of one length keep the reference's compilations to one per cache mode.)"""
+    rng = np.random.default_rng(zlib.crc32(b"leftmost " + algorithm.encode()))
+    prompts = _prompts(rng, 4, lo=9, hi=10)
+    if algorithm in ("no_cache", "prefix_cache", "dual_cache", "basic"):
+        rules_ = [{}, {"threshold": 0.3}, {"factor": 2.0}, {"threshold": 0.5}]
+    else:
+        rules_ = [{"threshold": t} for t in (0.3, 0.6, 0.05, 0.5)]
+    rows = [dict(r, temperature=t, seed=int(rng.integers(0, 2**31)), remasking=m)
+            for r, t, m in zip(rules_, (0.0, 0.8, 0.0, 0.0), ("leftmost", "leftmost", "leftmost", "low_confidence"))]
+    kwargs = {k: [r.get(k) for r in rows] for k in ("temperature", "seed", "remasking", "threshold", "factor")}
+    out = llada_model.generate(prompts, algorithm=algorithm, gen_length=G, block_length=LB, steps=STEPS,
+                               return_trace=True, **kwargs)
+    for i, row in enumerate(rows):
+        params = SamplingParams(algorithm=algorithm, gen_length=G, block_length=LB, steps=STEPS, **row)
+        tokens, nfe, commit = reference_generate(llada_model, prompts[i], params, llada_forward)
+        np.testing.assert_array_equal(out.tokens[i], tokens, err_msg=f"row {i} {row}")
+        assert out.nfe_per_row[i] == nfe
+        np.testing.assert_array_equal(out.trace["commit_step"][i], commit)
+        if row["remasking"] == "leftmost":  # every step commits a left-to-right prefix of each block's masks
+            steps = commit.reshape(-1, LB)
+            assert all(np.all(np.diff(block) >= 0) for block in steps), steps
+
+
 def test_llada_cfg_and_shift_match_reference(llada_model):
     prompts = _prompts(np.random.default_rng(1), 2)
     for kwargs in ({"algorithm": "basic", "cfg_scale": 1.5}, {"algorithm": "dual_cache", "shift_logits": True},

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import dllm_jax
-from dllm_jax.sampling import SamplingError
+from dllm_jax.sampling import SamplingError, SamplingParams
+from reference_sampler import Forward, filter_set, log_softmax, reference_generate
 
 G, LB, STEPS = 32, 8, 16
 PROMPT = [5, 49, 146, 244, 265, 144, 183, 264]
@@ -125,6 +126,67 @@ def test_sampled_logprobs_are_of_the_commit_step_distribution(llada_model):
     np.testing.assert_allclose(out.logprobs["token_logprobs"][0, 0], ref[tok], atol=1e-4)
     ref[llada_model.mask_token_id] = -np.inf
     np.testing.assert_array_equal(out.logprobs["top_ids"][0, 0], np.argsort(-ref)[:3])
+
+
+PROCESSED_FILTERS = [{}, dict(top_k=5), dict(top_p=0.7), dict(min_p=0.1), dict(top_k=8, top_p=0.9, min_p=0.05)]
+
+
+@pytest.mark.parametrize("t", [0.7, 1.0, 1.3])
+def test_processed_logprobs_are_of_the_drawn_distribution(llada_model, t):
+    """logprobs_mode='processed' at T > 0: log-softmax(logits / T) over the filter set, mask token
+    excluded (NumPy, float64, from the same logits); the top alternatives rank that distribution,
+    tokens outside it read -inf. One batch: rows with different filters, a raw row, a T = 0 row."""
+    rows = [dict(f, temperature=t, logprobs_mode="processed") for f in PROCESSED_FILTERS]
+    rows += [dict(temperature=t, top_k=5, logprobs_mode="raw"), dict(temperature=0.0, logprobs_mode="processed")]
+    names = ("temperature", "top_k", "top_p", "min_p", "logprobs_mode")
+    defaults = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, logprobs_mode="raw")
+    kwargs = {k: [r.get(k, defaults[k]) for r in rows] for k in names}
+    out = llada_model.generate([PROMPT] * len(rows), algorithm="basic", gen_length=1, block_length=1, steps=1,
+                               seed=list(range(len(rows))), logprobs=5, **kwargs)
+    mask = llada_model.mask_token_id
+    logits = llada_model.logits([PROMPT + [mask]])[0, -1].astype(np.float64)
+    raw = log_softmax(logits)
+    for i, row in enumerate(rows):
+        if row["logprobs_mode"] == "processed" and row["temperature"] > 0:
+            f = {k: row[k] for k in ("top_k", "top_p", "min_p") if k in row}
+            want = log_softmax(np.where(filter_set(logits, t, mask_id=mask, **f), logits / t, -np.inf))
+        else:
+            want = raw
+        tok = out.tokens[i, 0]
+        assert np.isfinite(want[tok]), "drew a token outside the filter"
+        np.testing.assert_allclose(out.logprobs["token_logprobs"][i, 0], want[tok], atol=1e-5, err_msg=str(row))
+        top = np.where(np.arange(len(want)) == mask, -np.inf, want)
+        order = np.argsort(-top, kind="stable")[:5]
+        finite = np.isfinite(top[order])
+        np.testing.assert_array_equal(out.logprobs["top_ids"][i, 0][finite], order[finite], err_msg=str(row))
+        np.testing.assert_allclose(out.logprobs["top_logprobs"][i, 0][finite], top[order][finite], atol=1e-5)
+        assert np.all(out.logprobs["top_logprobs"][i, 0][~finite] == -np.inf)
+
+
+def test_processed_logprobs_match_the_python_loop_reference(llada_model):
+    """dinfer_credit (the draw is from credit-fused logits) with filters, over every commit step:
+    processed logprobs as the reference loop computes them; a raw row beside it unchanged."""
+    prompts = [PROMPT, [7, 8, 9, 10]]
+    rows = [dict(temperature=0.9, seed=5, top_k=6, top_p=0.9, logprobs_mode="processed"),
+            dict(temperature=0.9, seed=6, min_p=0.05, logprobs_mode="raw")]
+    kwargs = {k: [r.get(k, d) for r in rows] for k, d in
+              dict(temperature=0.0, seed=0, top_k=0, top_p=1.0, min_p=0.0, logprobs_mode="raw").items()}
+    out = llada_model.generate(prompts, logprobs=5, return_trace=True, **kwargs, **_kw("dinfer_credit"))
+    fwd = Forward(llada_model)
+    for i, row in enumerate(rows):
+        ref = {}
+        tokens, _, commit = reference_generate(llada_model, prompts[i], SamplingParams(**row, **_kw("dinfer_credit")),
+                                               fwd, logprobs=ref)
+        np.testing.assert_array_equal(out.tokens[i], tokens)
+        np.testing.assert_array_equal(out.trace["commit_step"][i], commit)
+        np.testing.assert_allclose(out.logprobs["token_logprobs"][i], ref[row["logprobs_mode"]], atol=1e-5)
+    assert np.all(np.abs(ref["raw"] - ref["processed"]) > 1e-3)  # the two modes differ: the check is not vacuous
+
+
+def test_logprobs_mode_is_checked(llada_model):
+    with pytest.raises(SamplingError) as e:
+        llada_model.generate([PROMPT], logprobs=1, logprobs_mode="sampled")
+    assert e.value.param == "logprobs_mode"
 
 
 def test_nemotron_logprobs(nemotron_model):

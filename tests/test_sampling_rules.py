@@ -115,3 +115,69 @@ def test_gumbel_draws_follow_softmax_over_temperature(t):
     want = np.asarray(jax.nn.softmax(logits / t))
     # 4 standard errors per category
     assert np.all(np.abs(freq - want) <= 4 * np.sqrt(want * (1 - want) / n) + 1e-3), (freq, want)
+
+
+# ---- selection policy 'leftmost' (rules.select with per-row remasking codes) ---------------------
+
+def _select(conf, masked, *, rule=rules.FIXED, rule_static=None, k=0, threshold=1.0, factor=1.0,
+            policy=rules.LEFTMOST):
+    return _sel(rules.select(rule_static, jnp.array([rule]), _row(conf), _row(masked, bool), jnp.array([k]),
+                             jnp.array([threshold]), jnp.array([factor]), jnp.array([policy])))
+
+
+def test_leftmost_fixed_commits_the_k_leftmost_masks():
+    # masked positions left to right: 0 (.30) 1 (.95) 2 (.10) 3 (.70) 5 (.50)
+    assert _select(CONF, MASKED, k=2) == [0, 1]
+    assert _select(CONF, MASKED, k=4) == [0, 1, 2, 3]
+    assert _select(CONF, MASKED, k=5) == [0, 1, 2, 3, 5]
+    assert _select(CONF, MASKED, k=0) == []
+    assert _select(CONF, MASKED, k=2, policy=rules.LOW_CONFIDENCE) == [1, 3]  # the same call by confidence
+
+
+def test_leftmost_threshold_and_factor_cut_at_the_first_refusal():
+    # threshold .6: 0 always, 1 (.95) passes, 2 (.10) fails: 3 (.70) is not reached
+    assert _select(CONF, MASKED, rule=rules.THRESHOLD, threshold=0.6) == [0, 1]
+    assert _select(CONF, MASKED, rule=rules.THRESHOLD, threshold=0.05) == [0, 1, 2, 3, 5]
+    assert _select(CONF, MASKED, rule=rules.THRESHOLD, threshold=0.6, policy=rules.LOW_CONFIDENCE) == [1, 3]
+    # the leftmost is committed whatever its confidence
+    assert _select([0.01, 0.99, 0.99], [True] * 3, rule=rules.THRESHOLD, threshold=0.9) == [0, 1, 2]
+    # factor 1 on ranks by position: r1 .9 >= .667, r2 .8 >= .75, r3 .3 < .8
+    conf = [0.2, 0.9, 0.8, 0.3]
+    assert _select(conf, [True] * 4, rule=rules.FACTOR, factor=1.0) == [0, 1, 2]
+    assert _select(conf, [True] * 4, rule=rules.FACTOR, factor=0.1) == [0]
+    assert _select(conf, [True] * 4, rule=rules.NEMOTRON, rule_static=rules.NEMOTRON, factor=1.0) == [0, 1, 2]
+
+
+def test_leftmost_dinfer_rules():
+    conf = [0.45, 0.50, 0.20, 0.99, 0.99, 0.35, 0.30, 0.92]
+    masked = [True, True, True, False, False, True, True, True]
+    # hierarchy: 0 always; 1 is its run's best (.50 >= .4); 2 neither best nor >= .9 -> stop
+    assert _select(conf, masked, rule_static=rules.HIERARCHY, threshold=0.9) == [0, 1]
+    assert _select(conf, masked, rule_static=rules.HIERARCHY, threshold=0.9, policy=rules.LOW_CONFIDENCE) == [1, 7]
+    # the walk crosses committed positions: 1 (.95) and 5 (.93) pass, 6 (.30) stops it
+    conf = [0.10, 0.95, 0.5, 0.5, 0.5, 0.93, 0.30, 0.20]
+    masked = [True, True, False, False, False, True, True, True]
+    assert _select(conf, masked, rule_static=rules.HIERARCHY, threshold=0.9) == [0, 1, 5]
+    assert _select(conf, masked, rule_static=rules.CREDIT, threshold=0.9) == [0, 1, 5]
+
+
+def test_policies_are_per_row():
+    """Rows with different policies in one call select what each selects alone."""
+    rng = np.random.default_rng(0)
+    b, lb = 6, 8
+    conf = rng.uniform(0, 1, (b, lb)).astype(np.float32)
+    masked = rng.uniform(0, 1, (b, lb)) < 0.7
+    rule = np.array([rules.FIXED, rules.THRESHOLD, rules.FACTOR] * 2)
+    policy = np.array([rules.LOW_CONFIDENCE, rules.LEFTMOST, rules.RANDOM, rules.LEFTMOST, rules.LEFTMOST,
+                       rules.LOW_CONFIDENCE])
+    k, threshold, factor = np.full(b, 2), np.full(b, 0.5, np.float32), np.full(b, 1.5, np.float32)
+    together = np.asarray(rules.select(None, jnp.asarray(rule), jnp.asarray(conf), jnp.asarray(masked), jnp.asarray(k),
+                                       jnp.asarray(threshold), jnp.asarray(factor), jnp.asarray(policy)))
+    for i in range(b):
+        alone = rules.select(None, jnp.asarray(rule[i:i + 1]), jnp.asarray(conf[i:i + 1]),
+                             jnp.asarray(masked[i:i + 1]), jnp.asarray(k[i:i + 1]), jnp.asarray(threshold[i:i + 1]),
+                             jnp.asarray(factor[i:i + 1]), jnp.asarray(policy[i:i + 1]))
+        np.testing.assert_array_equal(together[i], np.asarray(alone)[0], err_msg=f"row {i}")
+        if policy[i] == rules.LEFTMOST and masked[i].any():  # a prefix of the row's masks, never empty
+            picked = np.flatnonzero(together[i])
+            assert picked.tolist() == np.flatnonzero(masked[i])[:len(picked)].tolist() and len(picked) >= 1

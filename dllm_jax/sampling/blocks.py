@@ -175,12 +175,14 @@ def make_step_program(key: "ProgramKey", decoder: "BlockDecoder", graphdef, *, m
             if rule_static == rules.CREDIT:
                 logits, new_credit = rules.credit_fuse(logits, credit, masked, (st.call == 0)[:, None, None])
                 credit = jnp.where(live[:, None, None], new_credit, credit)
+            filters = (st.top_k, st.top_p, st.min_p)
             x0, conf = rules.propose(logits, st.temperature, jax.vmap(jax.random.fold_in)(st.rng, st.nfe),
-                                     mask_id, st.random_remask, filters=(st.top_k, st.top_p, st.min_p))  # [B, Lb]
+                                     mask_id, st.remasking, filters=filters)  # [B, Lb]
             # the static schedule's share of this call: LLaDA's get_num_transfer_tokens(n)[call]
             n0, idx = st.block_masks, jnp.minimum(st.call, spb - 1)  # [B]
             k = n0 // spb + (idx < n0 % spb)  # [B]
-            transfer = rules.select(rule_static, st.rule, conf, masked, k, st.threshold, st.factor)  # [B, Lb]
+            transfer = rules.select(rule_static, st.rule, conf, masked, k, st.threshold, st.factor,
+                                    st.remasking)  # [B, Lb]
             canvas = put(st.canvas, bs, jnp.where(transfer, x0, block_tokens))  # [B, L]
             nfe = st.nfe + live
             gen_idx = bs - lp  # [B] block start in the generated region
@@ -190,8 +192,10 @@ def make_step_program(key: "ProgramKey", decoder: "BlockDecoder", graphdef, *, m
                 return put(old, gen_idx, jnp.where(sel, new, take(old, gen_idx, lb)))
 
             record = {}
-            if key.logprobs:  # of the model's own distribution (before credit fusion / filters)
-                chosen, top_ids, top_lp = rules.token_logprobs(raw_logits, x0, key.logprobs, mask_id)
+            if key.logprobs:  # raw: the model's own distribution; processed: the one x0 was drawn from
+                chosen, top_ids, top_lp = rules.token_logprobs(
+                    raw_logits, x0, key.logprobs, mask_id, processed=st.processed_logprobs, drawn=logits,
+                    temperature=st.temperature, filters=filters)
                 record = dict(commit_logprob=keep_new(st.commit_logprob, chosen), top_ids=keep_new(st.top_ids, top_ids),
                               top_logprobs=keep_new(st.top_logprobs, top_lp))
             return st.replace(canvas=canvas, nfe=nfe, call=st.call + live, credit=credit,

@@ -19,6 +19,8 @@ from dllm_jax.sampling.errors import SamplingError
 MAX_STOP_IDS = 8
 # Width of the top-logprobs record of a program that tracks logprobs (a request asks for <= this).
 MAX_TOP_LOGPROBS = 20
+# Which distribution a committed token's logprob is of (``SamplingParams.logprobs_mode``).
+LOGPROBS_MODES = ("raw", "processed")
 
 
 class ContextOverflow(SamplingError):
@@ -129,7 +131,10 @@ class SamplingParams:
       block_length: semi-autoregressive block size; must divide gen_length.
       temperature: 0 = greedy; > 0 Gumbel-max sampling.
       cfg_scale: classifier-free guidance (full-canvas algorithms only).
-      remasking: 'low_confidence' or 'random'.
+      remasking: the selection policy, how a step ranks the block's masked positions:
+        'low_confidence' (by the model's confidence), 'random' (by uniform noise) or 'leftmost'
+        (by position: each step commits a left-to-right prefix of the block's masks; the
+        threshold/factor/dInfer rules keep testing the model's confidence, docs/sampling.md).
       threshold: Fast-dLLM confidence threshold in (0, 1] (top-1 always + all >= threshold).
       factor: Fast-dLLM factor rule (> 0) or the Nemotron acceptance factor (>= 0).
       algorithm: name or alias (None = the family default).
@@ -147,6 +152,10 @@ class SamplingParams:
         nothing at T = 0 (the greedy token is inside every filter).
       logprobs: record, for each committed token, its log-probability and the ``logprobs``
         most probable tokens (<= MAX_TOP_LOGPROBS) at the step it was committed (None = off).
+      logprobs_mode: which distribution those log-probabilities are of: 'raw' (the model's
+        softmax, untempered and unfiltered) or 'processed' (at T > 0 the distribution the token
+        was drawn from: softmax(logits / T) over the top_k/top_p/min_p set, renormalised; at
+        T = 0 the same as 'raw').
       trace: a ``DecodeSession`` reports, for this row, each final token's commit step and
         confidence (``SlotUpdate.commit_step`` / ``commit_conf``; the server's
         ``stream_trace``). Changes nothing else: not the tokens, not the compiled program.
@@ -169,6 +178,7 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     logprobs: int | None = None
+    logprobs_mode: str = "raw"
     trace: bool = False
 
     def resolve(self, family: str) -> "SamplingParams":
@@ -184,8 +194,9 @@ class SamplingParams:
         _int_at_least(steps, 1, "steps")
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
             raise SamplingError(f"temperature={self.temperature!r} must be a finite number >= 0", "temperature")
-        if self.remasking not in ("low_confidence", "random"):
-            raise SamplingError(f"remasking={self.remasking!r} must be 'low_confidence' or 'random'", "remasking")
+        if not isinstance(self.remasking, str) or self.remasking not in rules.REMASKING:
+            raise SamplingError(f"remasking={self.remasking!r} must be one of "
+                                f"{', '.join(map(repr, rules.REMASKING))}", "remasking")
         if not (isinstance(self.cfg_scale, (int, float)) and 0 <= self.cfg_scale < float("inf")):
             raise SamplingError(f"cfg_scale={self.cfg_scale!r} must be a finite number >= 0", "cfg_scale")
         threshold, factor = self.threshold, self.factor
@@ -225,6 +236,9 @@ class SamplingParams:
             _int_at_least(self.logprobs, 0, "logprobs")
             if self.logprobs > MAX_TOP_LOGPROBS:
                 raise SamplingError(f"logprobs={self.logprobs} must be <= {MAX_TOP_LOGPROBS}", "logprobs")
+        if not isinstance(self.logprobs_mode, str) or self.logprobs_mode not in LOGPROBS_MODES:
+            raise SamplingError(f"logprobs_mode={self.logprobs_mode!r} must be one of "
+                                f"{', '.join(map(repr, LOGPROBS_MODES))}", "logprobs_mode")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise SamplingError(f"seed={self.seed!r} must be a non-negative integer", "seed")
         stops = None if self.stop_token_ids is None else tuple(int(t) for t in self.stop_token_ids)

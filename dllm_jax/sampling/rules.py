@@ -16,6 +16,14 @@ Transfer rules (``rule`` codes, per row):
 * CREDIT (dInfer): THRESHOLD on logits fused with a per-block credit (see ``credit_fuse``).
 * NEMOTRON: NeMo-RL's ``get_transfer_index_optimized``: rank 0 always, rank r >= 1 iff
   conf >= 0.95 or (conf >= 1 - factor / (r + 2) and conf >= 0.5).
+
+Selection policies (``remasking`` codes, per row): how the masked positions are *ranked*.
+
+* LOW_CONFIDENCE: by the model's confidence (LLaDA's default).
+* RANDOM: by uniform noise (the noise also stands in for the confidence the rules compare).
+* LEFTMOST: by position, leftmost first; the rules' tests keep the model's real confidence, and
+  the committed set is cut to its leading run in that order (``leading_run``), so a row commits
+  a left-to-right prefix of its block's masks every step (docs/sampling.md, "Selection policies").
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ import jax.numpy as jnp
 from dllm_jax.models.transformer import log_softmax, softmax
 
 FIXED, THRESHOLD, FACTOR, HIERARCHY, CREDIT, NEMOTRON = range(6)
+LOW_CONFIDENCE, RANDOM, LEFTMOST = range(3)
+# ``remasking`` names (LLaDA upstream's parameter) -> per-row policy codes
+REMASKING = {"low_confidence": LOW_CONFIDENCE, "random": RANDOM, "leftmost": LEFTMOST}
 
 NEG_INF = -jnp.inf
 
@@ -68,7 +79,20 @@ def filter_mask(logits, temperature, top_k, top_p, min_p, mask_id: int):
     return keep | off[:, None, None]
 
 
-def propose(logits, temperature, keys, mask_id: int, random_remask=None, filters=None):
+def restrict(scores, logits, temperature, filters, mask_id: int):
+    """``scores`` [B, Lb, V] set to -inf outside each sampling row's filter set (``filter_mask``
+    of ``logits``); rows at T = 0 or without a filter are unchanged. The sort behind the filters
+    runs only when some sampling row has a filter on."""
+    top_k, top_p, min_p = filters
+    active = (temperature > 0) & ((top_k > 0) | (top_p < 1.0) | (min_p > 0.0))  # [B]
+    return jax.lax.cond(
+        jnp.any(active),
+        lambda s: jnp.where(filter_mask(logits, temperature, top_k, top_p, min_p, mask_id) | ~active[:, None, None],
+                            s, NEG_INF),
+        lambda s: s, scores)
+
+
+def propose(logits, temperature, keys, mask_id: int, remasking=None, filters=None):
     """Candidate token and its confidence at every block position.
 
     Args:
@@ -78,7 +102,8 @@ def propose(logits, temperature, keys, mask_id: int, random_remask=None, filters
         Gumbel noise in float32, see docs/sampling.md).
       keys: [B] PRNG keys (one per row, so a row's draw never depends on its batch-mates).
       mask_id: never proposed as a token (a committed mask would stay masked).
-      random_remask: [B] bool; True = confidence is uniform noise ('random' remasking).
+      remasking: [B] int32 policy codes; RANDOM rows get uniform noise for a confidence
+        (LOW_CONFIDENCE and LEFTMOST rows keep the model's; LEFTMOST ranks in ``select``).
       filters: (top_k [B] int, top_p [B], min_p [B]) restricting the T > 0 draw
         (``filter_mask``); None = no filters.
 
@@ -94,16 +119,7 @@ def propose(logits, temperature, keys, mask_id: int, random_remask=None, filters
     def noisy(logits):
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (lb, v), jnp.float32))(noise_keys[:, 0])
         scores = jnp.where(t > 0, logits + t * gumbel, logits)
-        if filters is None:
-            return scores
-        top_k, top_p, min_p = filters
-        active = (temperature > 0) & ((top_k > 0) | (top_p < 1.0) | (min_p > 0.0))
-        # the sort behind the filters runs only when some sampling row has a filter
-        return jax.lax.cond(
-            jnp.any(active),
-            lambda s: jnp.where(filter_mask(logits, temperature, top_k, top_p, min_p, mask_id) | ~active[:, None, None],
-                                s, NEG_INF),
-            lambda s: s, scores)
+        return scores if filters is None else restrict(scores, logits, temperature, filters, mask_id)
 
     # Drawing [B, Lb, V] Gumbel noise is the costliest part of a greedy step: skip it when no
     # row samples (the rows' draws do not depend on whether a batch-mate samples).
@@ -112,69 +128,115 @@ def propose(logits, temperature, keys, mask_id: int, random_remask=None, filters
     x0 = jnp.argmax(scores, axis=-1).astype(jnp.int32)
     probs = softmax(logits, axis=-1)  # fixed-order normaliser: batch-invariant confidence
     conf = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
-    if random_remask is not None:
+    if remasking is not None:
         uniform = jax.vmap(lambda k: jax.random.uniform(k, (lb,), jnp.float32))(noise_keys[:, 1])
-        conf = jnp.where(random_remask[:, None], uniform, conf)
+        conf = jnp.where((remasking == RANDOM)[:, None], uniform, conf)
     return x0, conf
 
 
-def token_logprobs(logits, x0, k: int, mask_id: int):
-    """log-softmax of the (unfiltered, untempered) logits at x0, and its top k tokens.
+def token_logprobs(logits, x0, k: int, mask_id: int, *, processed=None, drawn=None, temperature=None,
+                   filters=None):
+    """The log-probability of x0 and the k most probable tokens of the same distribution.
 
-    The mask token is never a candidate, so it is left out of the top k (the normalisation
-    is the model's full softmax): at T = 0 a committed token is its own top-1.
+    'raw' rows (every row when ``processed`` is None): log-softmax of the model's own logits
+    (unfiltered, untempered; the normalisation is the model's full softmax). 'processed' rows
+    at T > 0: the distribution the Gumbel-max draw sampled x0 from, i.e. log-softmax of
+    ``drawn / T`` over the tokens the row's filters keep, the mask token excluded (``propose``
+    never draws it). At T = 0 a processed row is raw. The mask token is never a candidate, so
+    it is left out of the top k: at T = 0 a committed token is its own top-1.
+
+    Args:
+      logits: [B, Lb, V] the model's logits (after CFG).
+      processed: [B] bool rows in 'processed' mode (None: every row raw). The tempered,
+        filtered pass over the vocabulary runs only in steps where such a row samples.
+      drawn: [B, Lb, V] the logits ``propose`` drew from (``logits`` but for dInfer credit
+        fusion); temperature: [B]; filters: (top_k, top_p, min_p) as given to ``propose``.
 
     Returns (logprob [B, Lb], top_ids [B, Lb, k] int32, top_logprobs [B, Lb, k]).
     """
     logp = log_softmax(logits)
+    if processed is not None:
+        use = processed & (temperature > 0)  # [B]
+
+        def of_draw(logp):
+            source = drawn.astype(jnp.float32)
+            scaled = (source / jnp.maximum(temperature, 1e-6)[:, None, None]).at[..., mask_id].set(NEG_INF)
+            if filters is not None:
+                scaled = restrict(scaled, source, temperature, filters, mask_id)
+            return jnp.where(use[:, None, None], log_softmax(scaled), logp)
+
+        logp = jax.lax.cond(jnp.any(use), of_draw, lambda logp: logp, logp)
     chosen = jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
     top_lp, top_ids = jax.lax.top_k(logp.at[..., mask_id].set(NEG_INF), k)
     return chosen, top_ids.astype(jnp.int32), top_lp
 
 
-def ranks(conf, masked):
-    """Rank of each masked position by confidence (0 = most confident); unmasked -> Lb."""
-    lb = conf.shape[-1]
-    score = jnp.where(masked, conf, NEG_INF)
-    order = jnp.argsort(-score, axis=-1, stable=True)  # positions by descending confidence
+def ranks(score, masked):
+    """Rank of each masked position by ``score`` (0 = highest; ties: the leftmost first); unmasked -> Lb."""
+    lb = score.shape[-1]
+    score = jnp.where(masked, score, NEG_INF)
+    order = jnp.argsort(-score, axis=-1, stable=True)  # positions by descending score
     rank = jnp.argsort(order, axis=-1, stable=True)
     return jnp.where(masked, rank, lb)
 
 
-def _sorted_conf(conf, masked):
-    return -jnp.sort(-jnp.where(masked, conf, NEG_INF), axis=-1)  # [B, Lb] descending
+def ranking_score(conf, remasking):
+    """What ``ranks`` orders by: the confidence, or -position for LEFTMOST rows (leftmost first)."""
+    position = jnp.arange(conf.shape[-1], dtype=conf.dtype)
+    return jnp.where((remasking == LEFTMOST)[:, None], -position[None, :], conf)
 
 
-def transfer_fixed(conf, masked, k):
-    """The k[b] most confident masked positions of each row."""
-    return masked & (ranks(conf, masked) < k[:, None])
+def leading_run(sel, masked, rank):
+    """``sel`` cut to its leading run in rank order: the positions ranked before the first masked
+    position ``sel`` leaves out (a LEFTMOST row's commits are a left-to-right prefix of its masks)."""
+    lb = sel.shape[-1]
+    first_out = jnp.min(jnp.where(masked & ~sel, rank, lb), axis=-1)  # [B]
+    return sel & (rank < first_out[:, None])
 
 
-def transfer_threshold(conf, masked, threshold):
-    rank = ranks(conf, masked)
+def _by_rank(conf, masked, rank):
+    """[B, Lb]: at r, the confidence of the masked position of rank r (-inf past the masked count)."""
+    b, lb = conf.shape
+    out = jnp.full((b, lb), NEG_INF, conf.dtype)
+    return out.at[jnp.arange(b)[:, None], rank].set(jnp.where(masked, conf, NEG_INF), mode="drop")
+
+
+# Every rule below takes ``rank`` (``ranks`` of the row's ranking score; default: of ``conf``) for
+# its order and compares the confidence ``conf`` in its tests.
+
+def transfer_fixed(conf, masked, k, rank=None):
+    """The k[b] best-ranked (most confident) masked positions of each row."""
+    rank = ranks(conf, masked) if rank is None else rank
+    return masked & (rank < k[:, None])
+
+
+def transfer_threshold(conf, masked, threshold, rank=None):
+    rank = ranks(conf, masked) if rank is None else rank
     return masked & ((rank == 0) | (conf >= threshold[:, None]))
 
 
-def transfer_factor(conf, masked, factor):
+def transfer_factor(conf, masked, factor, rank=None):
     """Accept ranks 0..n-1 where n = 1 + the leading run of ranks r >= 1 with c_r >= 1 - f/(r+2)."""
     lb = conf.shape[-1]
-    c = _sorted_conf(conf, masked)
+    rank = ranks(conf, masked) if rank is None else rank
+    c = _by_rank(conf, masked, rank)  # [B, Lb] by rank (descending under confidence ranking)
     r = jnp.arange(lb)
     ok = (c >= 1.0 - factor[:, None] / (r + 2.0)) & jnp.isfinite(c)
     ok = ok.at[:, 0].set(True)
     count = jnp.sum(jnp.cumprod(ok, axis=-1), axis=-1)
-    return masked & (ranks(conf, masked) < count[:, None])
+    return masked & (rank < count[:, None])
 
 
-def transfer_nemotron(conf, masked, factor):
-    rank = ranks(conf, masked)
+def transfer_nemotron(conf, masked, factor, rank=None):
+    rank = ranks(conf, masked) if rank is None else rank
     above = (conf >= 1.0 - factor[:, None] / (rank + 2.0)) & (conf >= NEMOTRON_FLOOR)
     return masked & ((rank == 0) | (conf >= NEMOTRON_HIGH) | above)
 
 
-def transfer_hierarchy(conf, masked, threshold, low_threshold=HIERARCHY_LOW_THRESHOLD):
+def transfer_hierarchy(conf, masked, threshold, low_threshold=HIERARCHY_LOW_THRESHOLD, rank=None):
     """dInfer's hierarchy decoder on one block (see module docstring)."""
     lb = conf.shape[-1]
+    rank = ranks(conf, masked) if rank is None else rank
     start = masked & ~jnp.pad(masked, ((0, 0), (1, 0)))[:, :lb]  # first position of each run
     run = jnp.cumsum(start, axis=-1)  # run id (valid where masked)
     same = masked[:, :, None] & masked[:, None, :] & (run[:, :, None] == run[:, None, :])  # [B, Lb, Lb]
@@ -184,7 +246,7 @@ def transfer_hierarchy(conf, masked, threshold, low_threshold=HIERARCHY_LOW_THRE
     idx = jnp.arange(lb)
     first_best = jnp.min(jnp.where(same & (score[:, None, :] == run_max[:, :, None]), idx[None, None, :], lb), axis=-1)
     run_best = masked & (first_best == idx[None, :]) & (conf >= low_threshold)
-    return masked & ((ranks(conf, masked) == 0) | (conf >= threshold[:, None]) | run_best)
+    return masked & ((rank == 0) | (conf >= threshold[:, None]) | run_best)
 
 
 def credit_fuse(logits, credit, masked, first_iter):
@@ -199,20 +261,28 @@ def credit_fuse(logits, credit, masked, first_iter):
     return logits + CREDIT_ALPHA * jnp.log1p(credit), credit
 
 
-def select(rule_static, rule, conf, masked, k, threshold, factor):
+def select(rule_static, rule, conf, masked, k, threshold, factor, remasking=None):
     """Dispatch: ``rule_static`` fixes the family (HIERARCHY/CREDIT/NEMOTRON); otherwise the
-    per-row ``rule`` array picks FIXED, THRESHOLD or FACTOR for each row."""
+    per-row ``rule`` array picks FIXED, THRESHOLD or FACTOR for each row. ``remasking`` [B]
+    (policy codes; None = by confidence): LEFTMOST rows rank by position and keep only the
+    leading run of what their rule accepts (see the module docstring)."""
+    score = conf if remasking is None else ranking_score(conf, remasking)
+    rank = ranks(score, masked)  # [B, Lb]
     if rule_static == HIERARCHY:
-        return transfer_hierarchy(conf, masked, threshold)
-    if rule_static in (CREDIT, THRESHOLD):
-        return transfer_threshold(conf, masked, threshold)
-    if rule_static == NEMOTRON:
-        return transfer_nemotron(conf, masked, factor)
-    fixed = transfer_fixed(conf, masked, k)
-    thresh = transfer_threshold(conf, masked, threshold)
-    fact = transfer_factor(conf, masked, factor)
-    r = rule[:, None]
-    return jnp.where(r == FIXED, fixed, jnp.where(r == THRESHOLD, thresh, fact))
+        sel = transfer_hierarchy(conf, masked, threshold, rank=rank)
+    elif rule_static in (CREDIT, THRESHOLD):
+        sel = transfer_threshold(conf, masked, threshold, rank=rank)
+    elif rule_static == NEMOTRON:
+        sel = transfer_nemotron(conf, masked, factor, rank=rank)
+    else:
+        fixed = transfer_fixed(conf, masked, k, rank=rank)
+        thresh = transfer_threshold(conf, masked, threshold, rank=rank)
+        fact = transfer_factor(conf, masked, factor, rank=rank)
+        r = rule[:, None]
+        sel = jnp.where(r == FIXED, fixed, jnp.where(r == THRESHOLD, thresh, fact))
+    if remasking is None:
+        return sel
+    return jnp.where((remasking == LEFTMOST)[:, None], leading_run(sel, masked, rank), sel)
 
 
 def schedule(n_masked, steps: int):

@@ -393,9 +393,10 @@ class GenerateOutput:
       settings: the batch-wide settings the run used (algorithm, gen_length, block_length,
         steps, shift_logits), e.g. to lay out a trace by blocks.
       logprobs: with ``logprobs=k``: {'token_logprobs': [B, G] log-probability of each canvas
-        token at the step it was committed (log-softmax of the unfiltered logits, before
-        temperature), 'top_ids': [B, G, k], 'top_logprobs': [B, G, k] that step's k most
-        probable tokens}.
+        token at the step it was committed (``logprobs_mode`` 'raw': log-softmax of the
+        unfiltered logits, before temperature; 'processed': of the distribution it was drawn
+        from), 'top_ids': [B, G, k], 'top_logprobs': [B, G, k] that step's k most probable
+        tokens of the same distribution}.
     """
 
     tokens: np.ndarray
@@ -409,7 +410,7 @@ class GenerateOutput:
 
 
 _PER_ROW = ("temperature", "threshold", "factor", "seed", "remasking", "cfg_scale", "early_stop", "stop_token_ids",
-            "top_k", "top_p", "min_p")
+            "top_k", "top_p", "min_p", "logprobs_mode")
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, return_trace: bool = False, **sampling) -> GenerateOutput:
@@ -420,7 +421,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, return_trace: bool = Fa
       return_trace: include per-position commit step and confidence.
       **sampling: ``SamplingParams`` fields. ``temperature``, ``threshold``, ``factor``,
         ``seed``, ``remasking``, ``cfg_scale``, ``early_stop``, ``stop_token_ids``, ``top_k``,
-        ``top_p`` and ``min_p`` may also be given per row as a list of len(prompts);
+        ``top_p``, ``min_p`` and ``logprobs_mode`` may also be given per row as a list of len(prompts);
         ``logprobs=k`` (batch-wide) returns each token's log-probability and top k. ``eos_token_id`` (int) is accepted as
         upstream's name for a single stop token.
 

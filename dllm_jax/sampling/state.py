@@ -46,13 +46,17 @@ class DecodeState:
       temperature, threshold, factor, cfg_scale: [B] float32 knobs.
       rule: [B] int32 transfer rule (rules.FIXED / THRESHOLD / FACTOR) where the algorithm lets
         rows choose.
-      random_remask, early_stop: [B] bool.
+      remasking: [B] int32 selection policy (``rules.REMASKING`` codes: low_confidence, random,
+        leftmost).
+      early_stop: [B] bool.
       stop_ids: [B, MAX_STOP_IDS] int32 stop tokens (-1 = unused).
       commit_step: [B, G] the row's forward pass (1-based) that committed each position; -1 never.
       commit_conf: [B, G] confidence of that commit.
       top_k, top_p, min_p: [B] sampling filters (0 / 1 / 0 = off).
-      commit_logprob: [B, G] log-softmax of the unfiltered logits at the committed token, at its
-        commit step (0 where never committed).
+      processed_logprobs: [B] bool ``logprobs_mode == 'processed'`` (``rules.token_logprobs``).
+      commit_logprob: [B, G] log-probability of the committed token at its commit step (0 where
+        never committed): the log-softmax of the unfiltered logits ('raw'), or of the tempered,
+        filtered distribution it was drawn from ('processed' rows at T > 0).
       top_ids, top_logprobs: [B, G, K] the K = key.logprobs most probable tokens of that same
         distribution (K = 0 when the program tracks no logprobs).
       cache: KVCache (per layer [B, K, L, H]) for cached algorithms, else None.
@@ -81,7 +85,7 @@ class DecodeState:
     factor: jax.Array
     cfg_scale: jax.Array
     rule: jax.Array
-    random_remask: jax.Array
+    remasking: jax.Array
     early_stop: jax.Array
     stop_ids: jax.Array
     commit_step: jax.Array
@@ -89,6 +93,7 @@ class DecodeState:
     top_k: jax.Array
     top_p: jax.Array
     min_p: jax.Array
+    processed_logprobs: jax.Array
     commit_logprob: jax.Array
     top_ids: jax.Array
     top_logprobs: jax.Array
@@ -101,9 +106,9 @@ class DecodeState:
 
 # Per-row fields (everything with a leading batch axis except the cache).
 ROW_FIELDS = ("canvas", "valid", "positions", "prompt", "active", "done", "block", "call", "block_masks", "nfe", "rng",
-              "temperature", "threshold", "factor", "cfg_scale", "rule", "random_remask", "early_stop",
-              "stop_ids", "commit_step", "commit_conf", "top_k", "top_p", "min_p", "commit_logprob", "top_ids",
-              "top_logprobs", "prefix", "mblock", "ctx")
+              "temperature", "threshold", "factor", "cfg_scale", "rule", "remasking", "early_stop",
+              "stop_ids", "commit_step", "commit_conf", "top_k", "top_p", "min_p", "processed_logprobs",
+              "commit_logprob", "top_ids", "top_logprobs", "prefix", "mblock", "ctx")
 
 
 @dataclasses.dataclass
@@ -171,11 +176,12 @@ def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_s
         "nfe": np.zeros(b, np.int32), "rng": np.zeros((b,) + key_shape, key_dtype),
         "temperature": np.zeros(b, np.float32), "threshold": np.ones(b, np.float32),
         "factor": np.ones(b, np.float32), "cfg_scale": np.zeros(b, np.float32),
-        "rule": np.zeros(b, np.int32), "random_remask": np.zeros(b, bool), "early_stop": np.zeros(b, bool),
+        "rule": np.zeros(b, np.int32), "remasking": np.zeros(b, np.int32), "early_stop": np.zeros(b, bool),
         "stop_ids": np.full((b, MAX_STOP_IDS), -1, np.int32),
         "commit_step": np.full((b, g), -1, np.int32), "commit_conf": np.zeros((b, g), np.float32),
         "top_k": np.zeros(b, np.int32), "top_p": np.ones(b, np.float32), "min_p": np.zeros(b, np.float32),
-        "commit_logprob": np.zeros((b, g), np.float32), "top_ids": np.zeros((b, g, key.logprobs), np.int32),
+        "processed_logprobs": np.zeros(b, bool), "commit_logprob": np.zeros((b, g), np.float32),
+        "top_ids": np.zeros((b, g, key.logprobs), np.int32),
         "top_logprobs": np.zeros((b, g, key.logprobs), np.float32),
         "prefix": np.zeros(b, np.int32), "mblock": np.ones((b, lb), bool),
         "ctx": np.zeros((b, d_model), np.float32),
@@ -203,9 +209,10 @@ def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_s
         out["factor"][slot] = 1.0 if p.factor is None else p.factor
         out["cfg_scale"][slot] = p.cfg_scale
         out["rule"][slot] = p.rule
-        out["random_remask"][slot] = p.remasking == "random"
+        out["remasking"][slot] = rules.REMASKING[p.remasking]
         out["early_stop"][slot] = p.early_stop
         out["top_k"][slot], out["top_p"][slot], out["min_p"][slot] = p.top_k, p.top_p, p.min_p
+        out["processed_logprobs"][slot] = p.logprobs_mode == "processed"
         stops = list(p.stop_token_ids if p.stop_token_ids is not None else default_stops)
         check_stop_count(stops, f"{len(stops)} stop tokens")  # (resolve() checks a request's own; this: the model's)
         out["stop_ids"][slot, :len(stops)] = stops
