@@ -8,8 +8,11 @@ SentencePiece byte-fallback tokens (``<0xE6>``) from the hex, else from the deco
 The ``bytes`` of a reply's tokens therefore concatenate to the UTF-8 of its text (special
 tokens aside: they are dropped from the text by ``skip_special_tokens``).
 
-What the numbers mean is the sampler's (docs/api.md): the log-softmax of the unfiltered
-logits before temperature, at the step the token was committed; top lists exclude the mask.
+What the numbers mean is the sampler's (docs/api.md "Log probabilities"), at the step the
+token was committed: with ``logprobs_mode`` 'raw' (the default) the log-softmax of the
+unfiltered logits before temperature; 'processed' (T > 0) the distribution the token was drawn
+from (tempered, filtered, renormalised; tokens outside it read -inf, sent as -9999). Top lists
+exclude the mask.
 """
 
 from __future__ import annotations

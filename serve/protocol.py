@@ -134,12 +134,14 @@ class DiffusionFields(_Strict):
     block_length: int | None = None
     algorithm: str | None = None
     generation_algorithm: str | None = None
-    remasking: str | None = None
+    remasking: str | None = None  # low_confidence | random | leftmost (checked by the sampler: 400 naming it)
     threshold: float | None = None
     factor: float | None = None
     cfg_scale: float | None = None
     early_stop: bool | None = None
     shift_logits: bool | None = None
+    # which distribution returned logprobs are of: raw (default) | processed (docs/api.md "Log probabilities")
+    logprobs_mode: str | None = None
     # playground extension (extra_body): each streamed chunk carries "dllm_trace"
     stream_trace: bool | None = None
 

@@ -39,7 +39,7 @@ FAMILY_DEFAULTS = {
 def family_defaults(family: str) -> dict:
     """Defaults shown by /v1/models."""
     d = FAMILY_DEFAULTS[family]
-    return {"max_tokens": DEFAULT_MAX_TOKENS, "temperature": 0.0, "remasking": "low_confidence",
+    return {"max_tokens": DEFAULT_MAX_TOKENS, "temperature": 0.0, "remasking": "low_confidence", "logprobs_mode": "raw",
             "cfg_scale": 0.0, "steps": "gen_length (= ceil(max_tokens / block_length) * block_length)",
             "shift_logits": FAMILY_CONFIGS[family].shift_logits, **d}
 
@@ -146,7 +146,8 @@ def request_params(req: DiffusionFields, family: str, max_length: int, *, model_
         top_k=0 if req.top_k in (None, -1) or (vocab is not None and req.top_k >= vocab) else req.top_k,
         top_p=1.0 if req.top_p is None else float(req.top_p),
         min_p=0.0 if req.min_p is None else float(req.min_p),
-        logprobs=top_logprobs(req), stop_token_ids=stop_ids_for(req, tuple(model_stops), vocab),
+        logprobs=top_logprobs(req), logprobs_mode="raw" if req.logprobs_mode is None else req.logprobs_mode,
+        stop_token_ids=stop_ids_for(req, tuple(model_stops), vocab),
         trace=bool(req.stream_trace))
     try:
         first = SamplingParams(seed=seed, **base).resolve(family)

@@ -11,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 
-from serve_helpers import LLADA_MODEL, Server, server_env, sse_events, validate
+from serve_helpers import LLADA_MODEL, Server, chat_ids, server_env, sse_events, validate
 
 KEY = "clients-key-not-secret"
 NAME = "llada-tiny"
@@ -99,6 +99,28 @@ def test_chat_logprobs_shapes_bytes_top1_and_streaming(client, http):
     # logprobs: true alone -> entries with empty top lists
     out = post(http, "/v1/chat/completions", {**body, "top_logprobs": None})
     assert all(e["top_logprobs"] == [] for e in out["choices"][0]["logprobs"]["content"])
+
+
+def test_logprobs_mode_and_leftmost_reach_the_sampler(http, llada_model):
+    """remasking 'leftmost' and logprobs_mode 'processed' (T = 1, top_k 5): the tokens and logprobs
+    Model.generate gives for the same row; raw and processed differ only in the numbers (at T = 1
+    processed = raw renormalised over the 5 kept tokens, so never below it); a bad mode is a 400."""
+    body = {"model": NAME, "messages": MSG, "max_tokens": 24, "logprobs": True, "top_logprobs": 2,
+            "temperature": 1.0, "seed": 3, "top_k": 5, "remasking": "leftmost"}
+    raw = post(http, "/v1/chat/completions", body)["choices"][0]
+    processed = post(http, "/v1/chat/completions", {**body, "logprobs_mode": "processed"})["choices"][0]
+    assert processed["message"]["content"] == raw["message"]["content"]
+    lp_raw = np.array([e["logprob"] for e in raw["logprobs"]["content"]])
+    lp = np.array([e["logprob"] for e in processed["logprobs"]["content"]])
+    assert len(lp) == len(lp_raw) > 0 and np.all(lp >= lp_raw - 1e-6) and np.any(lp > lp_raw + 1e-3)
+    out = llada_model.generate([chat_ids(llada_model, MSG[0]["content"])], gen_length=32, block_length=32,
+                               algorithm="dual_cache", threshold=0.9, early_stop=True, temperature=1.0, seed=3,
+                               top_k=5, remasking="leftmost", logprobs=2, logprobs_mode="processed")
+    np.testing.assert_allclose(lp, out.logprobs["token_logprobs"][0, :len(lp)], atol=1e-6)
+    assert llada_model.tokenizer.decode(out.tokens[0, :len(lp)].tolist(), skip_special_tokens=True) == \
+        processed["message"]["content"]
+    r = http.post("/v1/chat/completions", json={**body, "logprobs_mode": "sampled"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs_mode"
 
 
 def test_completion_logprobs(http):

@@ -347,6 +347,8 @@ BAD = [
     ("block_length zero", CHAT, {"messages": MSG, "block_length": 0}, 400, "block_length"),
     ("threshold out of range", CHAT, {"messages": MSG, "threshold": 1.5}, 400, "threshold"),
     ("remasking unknown", CHAT, {"messages": MSG, "remasking": "best"}, 400, "remasking"),
+    ("logprobs_mode unknown", CHAT, {"messages": MSG, "logprobs_mode": "sampled"}, 400, "logprobs_mode"),
+    ("logprobs_mode not a string", CHAT, {"messages": MSG, "logprobs_mode": 1}, 400, "logprobs_mode"),
     ("cfg with a cache", CHAT, {"messages": MSG, "cfg_scale": 1.0}, 400, "cfg_scale"),
     ("negative temperature", CHAT, {"messages": MSG, "temperature": -1}, 400, "temperature"),
     ("negative seed", CHAT, {"messages": MSG, "seed": -1}, 400, "seed"),

@@ -107,6 +107,10 @@ def test_max_tokens_maps_to_whole_blocks_and_family_defaults():
     assert [p.seed for p in params] == [5, 6, 7] and params[0].temperature == 0.7
     assert request_params(chat(generation_algorithm="dual"), "llada", 512)[0][0].algorithm == "dual_cache"
     assert default_params("llada", 128).gen_length == 128
+    # the selection policy and the logprobs distribution reach the sampler (default: low_confidence, raw)
+    assert (p.remasking, p.logprobs_mode) == ("low_confidence", "raw")
+    p = request_params(chat(remasking="leftmost", logprobs_mode="processed", logprobs=True), "llada", 512)[0][0]
+    assert (p.remasking, p.logprobs_mode) == ("leftmost", "processed")
 
 
 @pytest.mark.parametrize("kw,param", [
@@ -114,6 +118,8 @@ def test_max_tokens_maps_to_whole_blocks_and_family_defaults():
     ({"algorithm": "nope"}, "algorithm"), ({"generation_algorithm": "nope"}, "generation_algorithm"),
     ({"steps": 3, "max_tokens": 64}, "steps"), ({"threshold": 0}, "threshold"), ({"remasking": "x"}, "remasking"),
     ({"temperature": 0.5, "algorithm": "static_block"}, "temperature"),
+    ({"remasking": "leftmost", "algorithm": "static_block"}, "remasking"),
+    ({"logprobs_mode": "sampled"}, "logprobs_mode"), ({"logprobs_mode": ""}, "logprobs_mode"),
 ])
 def test_request_params_errors_name_the_field(kw, param):
     family = "nemotron" if kw.get("algorithm") == "static_block" else "llada"
