@@ -29,10 +29,12 @@ from serve.engine import Engine
 from serve.errors import (
     ClientDisconnected,
     ContextLengthExceeded,
+    EngineBusy,
     EngineDead,
     EngineFailed,
     EngineNotReady,
     IncompatibleWeights,
+    MemoryReleased,
     QueueFull,
     ServeError,
     WeightUpdateFailed,
@@ -44,6 +46,7 @@ from serve.playground import router as playground_router
 from serve.limits import BodyLimit
 from serve.protocol import REQUEST_ID, APIError, clip, request_id
 from serve.routes import router
+from serve.rl import router as rl_router
 from serve.security import HostCheck
 from serve.serving import Serving
 
@@ -81,6 +84,10 @@ def api_error(exc: Exception) -> APIError:
         return APIError(400, str(exc), param=exc.param, code="invalid_value")
     if isinstance(exc, WeightUpdatesDisabled):
         return APIError(403, str(exc), code="weight_updates_disabled")
+    if isinstance(exc, EngineBusy):
+        return APIError(400, str(exc), code="engine_busy")
+    if isinstance(exc, MemoryReleased):
+        return APIError(400, str(exc), code="memory_released")
     if isinstance(exc, IncompatibleWeights):
         return APIError(400, str(exc), param="model_path", code="incompatible_weights")
     if isinstance(exc, WeightUpdateFailed):
@@ -173,6 +180,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics |
     app.state.metrics = metrics
     app.state.serving = Serving(engine, metrics, api_error)
     app.include_router(router)
+    app.include_router(rl_router)  # SGLang's native API: /generate and the RL control endpoints
     app.include_router(playground_router)  # GET / (the page asks for the key itself)
 
     @app.exception_handler(APIError)

@@ -28,6 +28,7 @@ class TextStream:
       text: everything emitted so far.
       stopped: a stop string was found (the text ends before it).
       n_tokens: tokens that produced ``text`` (for usage when a stop string cut the output).
+      matched: the stop string found (None until one is).
     """
 
     def __init__(self, tokenizer, stop: Sequence[str] = (), *, skip_special_tokens: bool = True,
@@ -39,6 +40,7 @@ class TextStream:
         self.include_stop = include_stop  # vLLM's include_stop_str_in_output
         self.text = ""
         self.stopped = False
+        self.matched: str | None = None
         self.n_tokens = 0
         self._tokens: list[int] = []
 
@@ -60,7 +62,7 @@ class TextStream:
         if found is not None:
             cut, stop = found
             full, done = full[:cut + (len(stop) if self.include_stop else 0)], True
-            self.stopped = True
+            self.stopped, self.matched = True, stop
         end = len(full)
         if not done:
             while end > len(self.text) and full[end - 1] == "\ufffd":

@@ -41,7 +41,7 @@ from serve.errors import (
 )
 from serve.executor import Device, Executor, ServedModel
 from serve.metrics import Metrics, live_array_bytes
-from serve.requests import Event, Handle, Inbox, ScoreJob, Seq, SeqRequest
+from serve.requests import ControlJob, Event, Handle, Inbox, ScoreJob, Seq, SeqRequest
 from serve.scheduler import Scheduler
 from serve.weights import IN_PROCESS, MemoryJob, Swapper, UpdateJob, Weights
 
@@ -158,6 +158,9 @@ class Engine:
         self.inbox = Inbox(options.max_queue)
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        self.pause_mode: str | None = None  # /pause_generation's mode while paused
+        # /reconfigure_dllm: decoder defaults (field -> value) a request gets when it leaves the field out
+        self.overrides: dict = {}
 
     # ---- interface for the HTTP layer ----------------------------------------------------
 
@@ -337,6 +340,45 @@ class Engine:
                  moved["versions"], moved["params_bytes"] / 1e9, before / 1e9, after / 1e9)
         return {"success": True, "message": f"resumed {moved['params_bytes']} bytes of weights onto the devices",
                 **moved, "live_array_bytes": {"before": before, "after": after}}
+
+    # ---- control (SGLang's pause / continue / abort; run on the scheduler thread) -----------
+
+    async def control(self, fn: Callable[[Scheduler], object]):
+        """Run ``fn(scheduler)`` on the scheduler thread between two device calls; its result."""
+        self.info()
+        loop = asyncio.get_running_loop()
+        job = ControlJob(lambda: fn(self.scheduler), loop, loop.create_future())
+        self.inbox.put_control(job)
+        return await job.future
+
+    async def pause(self, mode: str) -> int:
+        """Stop generating until ``resume``: 'abort' ends every running and waiting sequence now
+        (finish_reason 'abort', with the tokens already final) and holds new ones; 'retract' and
+        'in_place' keep running rows in their slots (they continue at ``resume``, on the weights
+        version they started on). Arrivals wait either way. Returns the sequences aborted
+        ('abort') or held in their slots."""
+        def pause(s: Scheduler) -> int:
+            if mode == "abort":
+                s.hold("paused")
+                return s.abort(None, "Aborted")
+            self.pause_mode = mode
+            return s.hold("paused")
+        n = await self.control(pause)
+        self.pause_mode = mode
+        return n
+
+    async def resume(self) -> None:
+        await self.control(lambda s: s.unhold("paused"))
+        self.pause_mode = None
+
+    async def abort(self, seq_ids: Sequence[int] | None = None, message: str = "aborted") -> int:
+        """End these sequences (all with None) now: finish_reason 'abort' (see ``Scheduler.abort``)."""
+        ids = None if seq_ids is None else set(seq_ids)
+        return await self.control(lambda s: s.abort(ids, message))
+
+    async def counts(self) -> dict:
+        """{'running', 'waiting', 'held'}: rows in slots, rows queued, the scheduler's holds."""
+        return await self.control(lambda s: s.counts())
 
     def prompt_buckets(self) -> tuple[int, ...]:
         return self.options.prompt_buckets or PROMPT_BUCKETS

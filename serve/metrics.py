@@ -46,6 +46,7 @@ COUNTERS = {  # prometheus_client renders a Counter named x as x_total
     "batch_rows_total": "Occupied slots summed over denoising steps.",
     "batch_slots_total": "Compiled slots summed over denoising steps (fill = rows / slots).",
     "requests_cancelled_total": "Sequences dropped because the client went away.",
+    "requests_aborted_total": "Running sequences ended by /abort_request or /pause_generation (mode abort).",
     "compiles_total": "Block programs compiled (warm-up and background).",
     "programs_built_total": "Programs built into the cache (block and scoring, including rebuilds after eviction).",
     "programs_evicted_total": "Compiled programs dropped from the cache (LRU over --max-programs).",

@@ -205,6 +205,13 @@ class UpdateWeightsRequest(_Strict):
                               "load_format")
         if not self.model_path.strip():
             raise bad_request("model_path must name a directory", "model_path")
+    # SGLang's other fields (UpdateWeightFromDiskReqInput); see docs/api.md for what each does here
+    abort_all_requests: bool | None = None  # honoured: running and waiting requests end as aborted first
+    is_async: bool | None = None            # accepted: an update never blocks running requests here
+    torch_empty_cache: bool | None = None   # accepted: no torch allocator here
+    keep_pause: bool | None = None          # accepted: an update never changes the pause state
+    recapture_cuda_graph: bool | None = None  # accepted: programs take the weights as an argument
+    token_step: int | None = None           # accepted (the trainer's step id; label with weight_version)
 
 
 def check_known(req: _Strict) -> None:

@@ -70,6 +70,28 @@ def default_params(family: str, gen_length: int) -> SamplingParams:
                           threshold=d["threshold"], factor=d["factor"], early_stop=d["early_stop"]).resolve(family)
 
 
+# /reconfigure_dllm's selection_policy (NeMo-RL's name) -> our remasking
+SELECTION_POLICIES = {"confidence": "low_confidence", "low_confidence": "low_confidence", "random": "random",
+                      "leftmost": "leftmost"}
+
+
+def apply_overrides(req: DiffusionFields, overrides: dict) -> tuple[DiffusionFields, dict]:
+    """``/reconfigure_dllm``'s decoder defaults applied to the fields ``req`` left out: the
+    request, and the fixed-schedule override (``tokens_per_step`` / ``max_steps`` per block, for
+    ``request_params``' ``schedule``) when it did not give ``steps``."""
+    fields, schedule = {}, {}
+    for key, value in overrides.items():
+        if key in ("tokens_per_step", "max_steps"):
+            if "steps" not in req.model_fields_set:
+                schedule[key] = value
+            continue
+        if key == "selection_policy":
+            key, value = "remasking", SELECTION_POLICIES.get(value, value)
+        if key not in req.model_fields_set:
+            fields[key] = value
+    return (req.model_copy(update=fields) if fields else req), schedule
+
+
 def stop_ids_for(req: DiffusionFields, model_stops: tuple[int, ...], vocab: int | None = None
                  ) -> tuple[int, ...] | None:
     """The row's stop tokens (vLLM semantics): the model's EOS / end-of-turn ids plus the request's
@@ -91,11 +113,12 @@ def stop_ids_for(req: DiffusionFields, model_stops: tuple[int, ...], vocab: int 
 
 
 def request_params(req: DiffusionFields, family: str, max_length: int, *, model_stops: tuple[int, ...] = (),
-                   allow_zero: bool = False, vocab: int | None = None, max_gen_length: int | None = None
-                   ) -> tuple[list[SamplingParams], int]:
+                   allow_zero: bool = False, vocab: int | None = None, max_gen_length: int | None = None,
+                   schedule: dict | None = None) -> tuple[list[SamplingParams], int]:
     """Resolved params of each of the request's n choices, and max_tokens.
 
-    ``allow_zero``: max_tokens 0 is valid (echo: score the prompt only; the params are then those
+    ``schedule``: ``/reconfigure_dllm``'s ``tokens_per_step`` / ``max_steps`` (per block) giving
+    ``steps`` when the request did not. ``allow_zero``: max_tokens 0 is valid (echo: score the prompt only; the params are then those
     of a 1-token canvas and unused). ``max_gen_length``: the server's canvas cap (default: the
     context ``max_length``). ``vocab``: token ids must be below it. Raises APIError 400 naming
     the offending field.
@@ -128,6 +151,14 @@ def request_params(req: DiffusionFields, family: str, max_length: int, *, model_
         raise bad_request(f"steps={excerpt(req.steps)} must be between 1 and gen_length={gen_length} (the canvas: "
                           f"{param_name} rounded up to whole blocks of {block_length}; more steps than canvas tokens "
                           "commit nothing)", "steps")
+    steps = req.steps
+    if steps is None and schedule:  # the fixed schedule's steps per block, over the canvas's blocks
+        per_block = block_length
+        if schedule.get("tokens_per_step"):
+            per_block = math.ceil(block_length / schedule["tokens_per_step"])
+        if schedule.get("max_steps"):
+            per_block = min(per_block, schedule["max_steps"])
+        steps = min(gen_length, max(1, per_block) * (gen_length // block_length))
     explicit = req.model_fields_set
     if algorithm is None and not {"threshold", "factor"} & explicit:
         # the family default algorithm comes with its default transfer rule
@@ -136,7 +167,7 @@ def request_params(req: DiffusionFields, family: str, max_length: int, *, model_
         threshold, factor = req.threshold, req.factor
     seed = req.seed if req.seed is not None else random.randrange(2**31)
     base = dict(
-        gen_length=gen_length, steps=req.steps, block_length=block_length,
+        gen_length=gen_length, steps=steps, block_length=block_length,
         temperature=0.0 if req.temperature is None else float(req.temperature),
         cfg_scale=0.0 if req.cfg_scale is None else float(req.cfg_scale),
         remasking=req.remasking or "low_confidence", threshold=threshold, factor=factor,

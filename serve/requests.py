@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -47,6 +47,11 @@ class Event:
     # with params.trace ([len(tokens)]; see SlotUpdate): each token's commit step and confidence
     commit_step: np.ndarray | None = None
     commit_conf: np.ndarray | None = None
+    # finish_reason 'stop' by a stop token: that token (not in ``tokens``), its logprob and commit step
+    stop_id: int | None = None
+    stop_logprob: float | None = None
+    stop_commit_step: int | None = None
+    message: str | None = None  # finish_reason 'abort': why
 
     @classmethod
     def failure(cls, index: int, error: Exception) -> "Event":
@@ -110,6 +115,27 @@ class ScoreJob:
 
 
 @dataclasses.dataclass(eq=False)
+class ControlJob:
+    """A function run on the scheduler thread between two device calls (pause, abort, ...);
+    its result (or exception) goes to ``future``."""
+
+    fn: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+    def run(self) -> None:  # scheduler thread
+        try:
+            result = self.fn()
+        except Exception as e:  # noqa: BLE001 - the caller gets it
+            resolve_future(self.loop, self.future, error=e)
+        else:
+            resolve_future(self.loop, self.future, result)
+
+    def run_failed(self, error: Exception) -> None:  # (the engine stops: the function never runs)
+        resolve_future(self.loop, self.future, error=error)
+
+
+@dataclasses.dataclass(eq=False)
 class Seq:
     """A queued or running sequence, as the scheduler tracks it."""
 
@@ -121,6 +147,7 @@ class Seq:
     need: int           # its own prompt bucket
     arrival: float
     sent: int = -1
+    last: Event | None = None  # the last event posted (what an abort returns)
 
 
 class Inbox:
@@ -131,6 +158,7 @@ class Inbox:
         self.cv = threading.Condition()
         self.items: list[Seq] = []
         self.scores: list[ScoreJob] = []
+        self.controls: list[ControlJob] = []
         self.cancels: set[int] = set()
         self.queued = 0          # sequences not admitted yet (the QueueFull limit)
         self.stopping = False
@@ -153,6 +181,16 @@ class Inbox:
             self.queued += len(job.sequences)
             self.scores.append(job)
             self.cv.notify()
+
+    def put_control(self, job: ControlJob) -> None:
+        with self.cv:
+            self.controls.append(job)
+            self.cv.notify()
+
+    def take_controls(self) -> list[ControlJob]:
+        with self.cv:
+            jobs, self.controls = self.controls, []
+            return jobs
 
     def take_scores(self) -> list[ScoreJob]:
         with self.cv:
@@ -182,7 +220,7 @@ class Inbox:
     def take(self, idle: bool, timeout) -> tuple[list[Seq], set[int], bool]:
         """New sequences, cancellations, stopping; waits up to ``timeout`` first when ``idle``."""
         with self.cv:
-            if idle and not (self.items or self.scores or self.cancels or self.stopping or self.woken):
+            if idle and not (self.items or self.scores or self.controls or self.cancels or self.stopping or self.woken):
                 self.cv.wait(timeout)
             self.woken = False
             new, self.items = self.items, []

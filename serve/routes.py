@@ -68,7 +68,12 @@ def _weight_updates_allowed(request: Request) -> None:
 async def update_weights_from_disk(body: UpdateWeightsRequest, request: Request):
     """SGLang's endpoint: new weights of the running architecture, no restart, no recompile."""
     body.check()
-    return await request.app.state.engine.update_weights(body.model_path, label=body.weight_version)
+    engine = request.app.state.engine
+    if body.abort_all_requests:
+        await engine.abort(None, "Aborted")
+    out = await engine.update_weights(body.model_path, label=body.weight_version)
+    # requests in flight keep running on the version they started on: none is paused
+    return {**out, "num_paused_requests": 0}
 
 
 @router.get("/health")

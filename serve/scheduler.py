@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+
+import numpy as np
 from typing import TYPE_CHECKING
 
 from dllm_jax.sampling import ProgramKey, program_key
@@ -83,12 +85,18 @@ class Scheduler:
         self._builds = 0  # its builds already counted in programs_built_total
         self._refill_by = 0.0  # (monotonic) wait for returning clients until then: slots just freed
         self._refill_want = 0  # ... or until this many new sequences arrived
+        # Holds stop admissions and steps (rows stay in their slots, arrivals wait): 'paused'
+        # (/pause_generation), 'released' (weights off the device). Weight updates still install.
+        self.holds: set[str] = set()
 
     def loop(self) -> None:
         while True:
             refill_by, want = self._refill_by, self._refill_want
             self._refill_by, self._refill_want = 0.0, 0
-            if refill_by > time.monotonic() and not self.waiting and not self.scoring:
+            self._sync_released()
+            if self.holds:  # nothing runs: wait for a control (continue), a cancellation or stop
+                new, cancels, stopping = self.inbox.take(idle=True, timeout=self.options.heartbeat_s or None)
+            elif refill_by > time.monotonic() and not self.waiting and not self.scoring:
                 new, cancels, stopping = self._take_refill(refill_by, want)  # returning clients
             else:
                 new, cancels, stopping = self.inbox.take(idle=not (self._busy() or self.scoring),
@@ -100,15 +108,26 @@ class Scheduler:
                 self.executor.shutdown()
                 for job in self.scoring + self.inbox.take_scores():
                     job.resolve(error=EngineDead("the server is shutting down"))
+                for control in self.inbox.take_controls():
+                    control.run_failed(EngineDead("the server is shutting down"))
                 return
             self.waiting.extend(new)
             self.scoring.extend(self.inbox.take_scores())
+            for control in self.inbox.take_controls():  # pause, continue, abort, ...
+                control.run()
             if self.weights is not None:
                 self.weights.tick()
-            if self.scoring:
-                self._score(self.scoring.pop(0))
             if cancels:
                 self._apply_cancels(cancels)
+            self._sync_released()
+            if self.holds:
+                if self.options.heartbeat_s and time.monotonic() - self._last_command > self.options.heartbeat_s:
+                    self.executor.noop()
+                    self._last_command = time.monotonic()
+                self._publish()
+                continue
+            if self.scoring:
+                self._score(self.scoring.pop(0))
             self._schedule(time.monotonic())
             busy = self._busy()
             if busy:
@@ -118,6 +137,13 @@ class Scheduler:
                 self.executor.noop()
                 self._last_command = time.monotonic()
             self._publish()
+
+    def _sync_released(self) -> None:
+        """Hold while the weights are off the device (``Engine.release_memory``)."""
+        if self.weights is not None and getattr(self.weights, "released", False):
+            self.holds.add("released")
+        else:
+            self.holds.discard("released")
 
     def _take_refill(self, deadline: float, want: int) -> tuple[list[WeightedSeq], set[int], bool]:
         """Wait until ``want`` new sequences arrived (the clients of the rows that just left), a
@@ -290,12 +316,15 @@ class Scheduler:
         if done or len(tokens) != seq.sent:
             seq.sent = len(tokens)
             event = Event(seq.index, tokens, done, reason, u.nfe)
+            if reason == "stop" and getattr(u, "stop_id", None) is not None:
+                event.stop_id, event.stop_logprob, event.stop_commit_step = u.stop_id, u.stop_logprob, u.stop_commit_step
             if u.logprobs is not None:
                 n = len(tokens)
                 event.logprobs, event.top_ids, event.top_logprobs = u.logprobs[:n], u.top_ids[:n], u.top_logprobs[:n]
             if u.commit_step is not None:
                 n = len(tokens)
                 event.commit_step, event.commit_conf = u.commit_step[:n], u.commit_conf[:n]
+            seq.last = event
             seq.handle.post(event)
         return done
 
@@ -331,6 +360,45 @@ class Scheduler:
                 self.executor.close(session.sid)
             except Exception:  # noqa: BLE001
                 log.exception("closing a failed session")
+
+    # ---- control (scheduler thread, through ``Inbox.put_control``) ---------------------------
+
+    def counts(self) -> dict:
+        """Rows running (in slots) and waiting (queued, not admitted)."""
+        return {"running": sum(len(s.slots) for s in self.sessions), "waiting": len(self.waiting),
+                "held": sorted(self.holds)}
+
+    def hold(self, reason: str) -> int:
+        """Stop admitting and stepping until ``unhold(reason)``; returns the rows held in their slots."""
+        self.holds.add(reason)
+        return sum(len(s.slots) for s in self.sessions)
+
+    def unhold(self, reason: str) -> None:
+        self.holds.discard(reason)
+
+    def abort(self, seq_ids: set[int] | None = None, message: str = "aborted") -> int:
+        """End sequences now (all when ``seq_ids`` is None), waiting or running: each request gets a
+        final event with finish_reason 'abort' and the tokens already final (its last report). Returns
+        how many sequences were aborted."""
+        hit = (lambda seq: True) if seq_ids is None else (lambda seq: seq.id in seq_ids)
+        aborted = 0
+        kept = []
+        for seq in self.waiting:
+            if hit(seq):
+                self.inbox.dequeued(1)
+                seq.handle.post(_aborted(seq, "Abort in waiting queue"))  # (SGLang's message)
+                aborted += 1
+            else:
+                kept.append(seq)
+        self.waiting = kept
+        for session in list(self.sessions):
+            for slot, seq in list(session.slots.items()):
+                if hit(seq) and session in self.sessions:
+                    seq.handle.post(_aborted(seq, message))
+                    aborted += 1
+                    self.metrics.inc("requests_aborted_total")
+                    self._release(session, slot)
+        return aborted
 
     def _release(self, session: Session, slot: int) -> bool:
         """Free a slot (the session closes when empty, unless ``Policy.keep_empty``); False if it
@@ -370,6 +438,20 @@ class Scheduler:
         for job in self.scoring + self.inbox.take_scores():
             job.resolve(error=err)
         self.scoring = []
+        for control in self.inbox.take_controls():
+            control.run_failed(err)
+
+
+def _aborted(seq, message: str) -> Event:
+    """The final event of an aborted sequence: its tokens final so far (none if it never ran)."""
+    last = seq.last
+    if last is None:
+        event = Event(seq.index, np.zeros(0, np.int32), True, "abort", 0)
+    else:
+        event = dataclasses.replace(last, done=True, finish_reason="abort", stop_id=None, stop_logprob=None,
+                                    stop_commit_step=None)
+    event.message = message
+    return event
 
 
 def _version(weights: Weights | None) -> int:

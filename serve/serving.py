@@ -45,7 +45,7 @@ from serve.protocol import (
     stop_list,
     top_logprobs,
 )
-from serve.request_params import request_params
+from serve.request_params import apply_overrides, request_params
 from serve.requests import Event, Handle, SeqRequest
 from serve.streaming import sse_stream
 
@@ -299,7 +299,8 @@ class Serving:
                                 f"{', '.join(info.names)})", param="model", code="model_not_found")
         echo = kind == "completion" and bool(req.echo)
         params, max_tokens = request_params(req, info.family, info.max_length, model_stops=info.stop_token_ids,
-                                            allow_zero=echo, vocab=info.vocab, max_gen_length=info.max_gen_length)
+                                            allow_zero=echo, vocab=info.vocab, max_gen_length=info.max_gen_length,
+                                            schedule=schedule)
         k = top_logprobs(req)
         eos_ids: frozenset[int] = frozenset()
         if echo and k is not None and max_tokens == 1:
@@ -334,6 +335,8 @@ class Serving:
         except Exception as e:  # noqa: BLE001 - jinja raises for conversations it does not accept
             raise bad_request(f"the chat template rejected the messages: {clip(str(e), 200)}", "messages") from None
         return _encode(tok, text, "messages", add_special_tokens=add_special_tokens)
+        # /reconfigure_dllm's decoder defaults, for the fields the request left out
+        req, schedule = apply_overrides(req, self.engine.overrides)
 
     @staticmethod
     def _chat_prompt(info: ModelInfo, messages: list[dict]) -> list[int]:

@@ -73,6 +73,11 @@ class SlotUpdate:
     top_logprobs: np.ndarray | None = None
     commit_step: np.ndarray | None = None
     commit_conf: np.ndarray | None = None
+    # finish_reason 'stop': the stop token that ended the row (it is not in ``tokens``), with
+    # its logprob (logprobs programs) and commit step (traced rows) when recorded
+    stop_id: int | None = None
+    stop_logprob: float | None = None
+    stop_commit_step: int | None = None
 
 
 class Programs:
@@ -344,14 +349,20 @@ class DecodeSession:
         if done and reason is None:
             reason = "length"
         update = SlotUpdate(slot, final, done, reason if done else None, int(host["nfe"][slot]))
+        n = len(final)
+        stopped = reason == "stop" and n < len(gen)
+        if stopped:
+            update.stop_id = int(gen[n])
         if self.key.logprobs:
-            n = len(final)
             update.logprobs = host["commit_logprob"][slot, :n]
             update.top_ids, update.top_logprobs = host["top_ids"][slot, :n], host["top_logprobs"][slot, :n]
+            if stopped:
+                update.stop_logprob = float(host["commit_logprob"][slot, n])
         if trace_row is not None:  # its row in the traced rows' arrays
-            n = len(final)
             update.commit_step = host["trace_step"][trace_row, :n]
             update.commit_conf = host["trace_conf"][trace_row, :n]
+            if stopped:
+                update.stop_commit_step = int(host["trace_step"][trace_row, n])
         return update
 
     @property
