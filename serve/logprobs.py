@@ -95,16 +95,21 @@ def _f(x) -> float:
 
 
 def chat_content(tt: TokenText, tokens: Sequence[int], logprobs: np.ndarray, top_ids: np.ndarray,
-                 top_logprobs: np.ndarray, k: int) -> list[ChatCompletionTokenLogprob]:
-    """``choices[i].logprobs.content`` entries for these tokens (k alternatives each)."""
+                 top_logprobs: np.ndarray, k: int, *, as_ids: bool = False) -> list[ChatCompletionTokenLogprob]:
+    """``choices[i].logprobs.content`` entries for these tokens (k alternatives each).
+
+    ``as_ids``: vLLM's ``return_tokens_as_token_ids``: each ``token`` reads ``"token_id:<id>"`` (its
+    ``bytes`` stay the token's own)."""
     out = []
     for j, t in enumerate(tokens):
         text, raw = tt(t)
         tops = []
         for a in range(k):
             atext, araw = tt(top_ids[j, a])
-            tops.append(TopLogprob(token=atext, bytes=araw, logprob=_f(top_logprobs[j, a])))
-        out.append(ChatCompletionTokenLogprob(token=text, bytes=raw, logprob=_f(logprobs[j]), top_logprobs=tops))
+            tops.append(TopLogprob(token=f"token_id:{int(top_ids[j, a])}" if as_ids else atext, bytes=araw,
+                                   logprob=_f(top_logprobs[j, a])))
+        out.append(ChatCompletionTokenLogprob(token=f"token_id:{int(t)}" if as_ids else text, bytes=raw,
+                                              logprob=_f(logprobs[j]), top_logprobs=tops))
     return out
 
 

@@ -96,6 +96,10 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    # NeMo-Gym: an earlier assistant turn with the ids it was generated from (serve.chat_tokens)
+    prompt_token_ids: list[int] | None = None
+    generation_token_ids: list[int] | None = None
+    generation_log_probs: list[float] | None = None
 
 
 class StreamOptions(_Strict):
@@ -154,6 +158,10 @@ class ChatCompletionRequest(DiffusionFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    # RL clients (vLLM / NeMo-RL's chat server, NeMo-Gym): see serve.chat_tokens and docs/api.md
+    return_tokens_as_token_ids: bool | None = None  # logprobs tokens as "token_id:<id>" + the message's ids
+    return_token_ids: bool | None = None            # vLLM: response prompt_token_ids, each choice's token_ids
+    required_prefix_token_ids: list[int] | None = None  # the prompt starts with these ids
 
     def max_new_tokens(self) -> int | None:
         a, b = self.max_tokens, self.max_completion_tokens
@@ -180,6 +188,7 @@ class TokenizeRequest(_Strict):
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = None
     return_token_strs: bool | None = None
+    required_prefix_token_ids: list[int] | None = None  # as in chat (NeMo-RL's tokenize request)
 
 
 class DetokenizeRequest(_Strict):
@@ -196,6 +205,13 @@ class UpdateWeightsRequest(_Strict):
     load_format: str | None = None      # "auto" or null: the format is detected
     weight_version: str | None = None   # a label shown in /v1/models (e.g. "step_300")
     flush_cache: bool | None = None     # accepted: no cache outlives a request here
+    # SGLang's other fields (UpdateWeightFromDiskReqInput); see docs/api.md for what each does here
+    abort_all_requests: bool | None = None  # honoured: running and waiting requests end as aborted first
+    is_async: bool | None = None            # accepted: an update never blocks running requests here
+    torch_empty_cache: bool | None = None   # accepted: no torch allocator here
+    keep_pause: bool | None = None          # accepted: an update never changes the pause state
+    recapture_cuda_graph: bool | None = None  # accepted: programs take the weights as an argument
+    token_step: int | None = None           # accepted (the trainer's step id; label with weight_version)
 
     def check(self) -> None:
         check_known(self)
@@ -205,13 +221,6 @@ class UpdateWeightsRequest(_Strict):
                               "load_format")
         if not self.model_path.strip():
             raise bad_request("model_path must name a directory", "model_path")
-    # SGLang's other fields (UpdateWeightFromDiskReqInput); see docs/api.md for what each does here
-    abort_all_requests: bool | None = None  # honoured: running and waiting requests end as aborted first
-    is_async: bool | None = None            # accepted: an update never blocks running requests here
-    torch_empty_cache: bool | None = None   # accepted: no torch allocator here
-    keep_pause: bool | None = None          # accepted: an update never changes the pause state
-    recapture_cuda_graph: bool | None = None  # accepted: programs take the weights as an argument
-    token_step: int | None = None           # accepted (the trainer's step id; label with weight_version)
 
 
 def check_known(req: _Strict) -> None:

@@ -5,6 +5,7 @@ hand-written. Dumped with ``exclude_unset``: fields set to None on purpose (``lo
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 
@@ -36,15 +37,49 @@ def usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
 
 
 def chat_completion(rid: str, created: int, model: str, choices: list[tuple[str, str]], use: CompletionUsage,
-                    logprobs: list | None = None) -> dict:
-    """choices: (text, finish_reason) per index; logprobs: each choice's ``content`` entries (or None)."""
+                    logprobs: list | None = None, tokens: ChatTokens | None = None) -> dict:
+    """choices: (text, finish_reason) per index; logprobs: each choice's ``content`` entries (or None);
+    tokens: the RL clients' token fields (see ``ChatTokens``)."""
     logprobs = logprobs or [None] * len(choices)
-    return dump(ChatCompletion(
+    extra = tokens.choice_fields() if tokens is not None else [({}, {})] * len(choices)
+    body = ChatCompletion(
         id=rid, object="chat.completion", created=created, model=model, usage=use,
         choices=[ChatChoice(index=i, finish_reason=reason,
                             logprobs=None if lp is None else ChoiceLogprobs(content=lp, refusal=None),
-                            message=ChatCompletionMessage(role="assistant", content=text, refusal=None))
-                 for i, ((text, reason), lp) in enumerate(zip(choices, logprobs))]))
+                            message=ChatCompletionMessage(role="assistant", content=text, refusal=None, **msg),
+                            **choice)
+                 for i, ((text, reason), lp, (msg, choice)) in enumerate(zip(choices, logprobs, extra))],
+        **({"prompt_token_ids": tokens.prompt_ids} if tokens is not None and tokens.choice_ids else {}))
+    return dump(body)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTokens:
+    """Token ids an RL client asked for with a chat completion.
+
+    Attributes:
+      prompt_ids: the prompt's ids (after ``serve.chat_tokens`` joined an earlier turn's ids).
+      generated: each choice's generated ids (a stop token that ended it included, as vLLM returns them).
+      log_probs: each choice's logprob per generated id, or None: then the message fields are not sent.
+      choice_ids: vLLM's ``return_token_ids``: the response's ``prompt_token_ids`` and each choice's
+        ``token_ids``.
+    """
+
+    prompt_ids: list[int]
+    generated: list[list[int]]
+    log_probs: list[list[float]] | None
+    choice_ids: bool = False
+
+    def choice_fields(self) -> list[tuple[dict, dict]]:
+        """Per choice: the fields of its message (NeMo-RL's server: ``prompt_token_ids``,
+        ``generation_token_ids``, ``generation_log_probs``), and of the choice itself (``token_ids``)."""
+        out = []
+        for i, ids in enumerate(self.generated):
+            msg = {} if self.log_probs is None else {
+                "prompt_token_ids": self.prompt_ids, "generation_token_ids": ids,
+                "generation_log_probs": self.log_probs[i]}
+            out.append((msg, {"token_ids": ids} if self.choice_ids else {}))
+        return out
 
 
 def chat_chunk(rid: str, created: int, model: str, index: int, *, role: str | None = None,

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from dllm_jax.sampling import SamplingParams
-from serve import responses
+from serve import chat_tokens, responses
 from serve.detok import TextStream
 from serve.logprobs import CompletionLogprobs, TokenText, chat_content, top_dict
 from serve.engine import Engine, ModelInfo
@@ -61,8 +61,13 @@ class Choices:
                  skip_special_tokens: bool = True, include_stop: bool = False, kind: str = "chat",
                  logprobs: int | None = None, prefixes: Sequence[str] | None = None,
                  prefix_logprobs: Sequence[CompletionLogprobs] | None = None,
-                 eos_ids: frozenset[int] = frozenset(), trace: tuple[int, int] | None = None):
+                 eos_ids: frozenset[int] = frozenset(), trace: tuple[int, int] | None = None,
+                 as_ids: bool = False, keep_ids: bool = False):
         self.handle, self.metrics, self.kind, self.k = handle, metrics, kind, logprobs
+        # RL clients (chat): logprobs tokens as "token_id:<id>" with the stop token's own entry; each
+        # choice's generated ids (a stop token that ended it included), kept when it finishes
+        self.as_ids = as_ids
+        self.ids: list[list[int]] | None = [[] for _ in range(count)] if keep_ids else None
         self.streams = [TextStream(tokenizer, stops, skip_special_tokens=skip_special_tokens,
                                    include_stop=include_stop) for _ in range(count)]
         self.reasons: list[str | None] = [None] * count
@@ -102,14 +107,20 @@ class Choices:
             reason = "stop"
         if ts.stopped and not ev.done:
             self.handle.cancel(i)  # a stop string ended it: free the slot at the next block
+        stop = None
         if reason is not None:
             self.reasons[i] = reason
             self.tokens[i] = ts.n_tokens
             self.metrics.finished(reason, ts.n_tokens)
+            # the stop token that ended the row (not in ev.tokens) unless a stop string cut the text before it
+            if ev.stop_id is not None and not ts.stopped and ts.n_tokens == len(ev.tokens):
+                stop = int(ev.stop_id)
+            if self.ids is not None:
+                self.ids[i] = [int(t) for t in ev.tokens[:ts.n_tokens]] + ([stop] if stop is not None else [])
         end = ts.n_tokens if reason is not None else ts.tokens_covering()
         if self.layout is not None:
             self._last[i], self._end[i], self.nfe[i] = ev, min(end, len(ev.tokens)), ev.nfe
-        return delta, reason, self._logprobs(i, ev, end)
+        return delta, reason, self._logprobs(i, ev, end, stop)
 
     def trace(self, i: int) -> dict | None:
         """stream_trace: choice ``i``'s tokens covered by the text sent so far and not traced yet,
@@ -129,23 +140,41 @@ class Choices:
                 "confidence": [round(float(c), 4) if math.isfinite(c) else 0.0 for c in conf],
                 "nfe": self.nfe[i], "gen_length": gen_length, "block_length": block_length}
 
-    def _logprobs(self, i: int, ev: Event, end: int):
+    def _logprobs(self, i: int, ev: Event, end: int, stop: int | None = None):
         if self.k is None:
             return None
         start = self.lp_sent[i]
         end = min(end, len(ev.tokens))
-        if ev.logprobs is None or end <= start:
-            return [] if self.kind == "chat" else self.comp_lp[i].since(len(self.comp_lp[i].tokens))
-        self.lp_sent[i] = end
-        sl = slice(start, end)
+        new_tokens = ev.logprobs is not None and end > start
         if self.kind == "chat":
-            new = chat_content(self.tt, ev.tokens[sl], ev.logprobs[sl], ev.top_ids[sl], ev.top_logprobs[sl], self.k)
+            new = []
+            if new_tokens:
+                self.lp_sent[i] = end
+                sl = slice(start, end)
+                new = chat_content(self.tt, ev.tokens[sl], ev.logprobs[sl], ev.top_ids[sl], ev.top_logprobs[sl],
+                                   self.k, as_ids=self.as_ids)
+            if stop is not None and self.as_ids and ev.stop_logprob is not None:
+                # vLLM lists the stop token too (its alternatives are not kept: an empty list)
+                new += chat_content(self.tt, [stop], [ev.stop_logprob], None, None, 0, as_ids=True)
             self.chat_lp[i].extend(new)
             return new
         lp = self.comp_lp[i]
         before = len(lp.tokens)
-        lp.add_generated(self.tt, ev.tokens[sl], ev.logprobs[sl], ev.top_ids[sl], ev.top_logprobs[sl], self.k)
+        if new_tokens:
+            self.lp_sent[i] = end
+            sl = slice(start, end)
+            lp.add_generated(self.tt, ev.tokens[sl], ev.logprobs[sl], ev.top_ids[sl], ev.top_logprobs[sl], self.k)
         return lp.since(before)
+
+    def chat_tokens(self, prompt_ids: list[int] | None, choice_ids: bool) -> responses.ChatTokens | None:
+        """The token fields of a finished chat answer (None unless the client asked for ids): NeMo-RL's
+        message fields with return_tokens_as_token_ids + logprobs, vLLM's token_ids with return_token_ids."""
+        if prompt_ids is None or self.ids is None:
+            return None
+        log_probs = None
+        if self.as_ids and self.k is not None:
+            log_probs = [[e.logprob for e in lp] for lp in self.chat_lp]
+        return responses.ChatTokens(prompt_ids, self.ids, log_probs, choice_ids)
 
     def results(self) -> list[tuple[str, str]]:
         return [(p + ts.text, r) for p, ts, r in zip(self.prefixes, self.streams, self.reasons)]
@@ -169,6 +198,8 @@ class Job:
     logprobs: int | None = None    # top alternatives per returned token (None: no logprobs)
     echo: bool = False             # completions: the prompt text (and logprobs) come first
     eos_ids: frozenset[int] = frozenset()  # echo + logprobs + max_tokens 1: stop ids the device ignores
+    as_token_ids: bool = False     # chat: return_tokens_as_token_ids (with logprobs: the message's token fields)
+    return_token_ids: bool = False  # chat: vLLM's return_token_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +216,8 @@ class Call:
     include_usage: bool
     metrics: Metrics
     errors: Callable[[Exception], APIError]   # engine error -> its HTTP error (serve.app.api_error)
+    prompt_ids: list[int] | None = None        # chat, when the client asked for token ids
+    return_token_ids: bool = False
 
 
 class Serving:
@@ -196,9 +229,15 @@ class Serving:
     async def chat(self, req: ChatCompletionRequest, request: Request):
         job = self._job("chat", req)
         self._check_rows(job, 1)
+        if req.return_token_ids and req.stream:
+            raise bad_request("return_token_ids is supported without stream (the ids come with the whole answer)",
+                              "return_token_ids", "unsupported_parameter")
         messages = message_text(req.messages)
         _check_chars(job.info, sum(len(m["content"]) for m in messages), "messages")
-        prompt = await run_in_threadpool(self._chat_prompt, job.info, messages)
+        prefix = chat_tokens.token_prefix(job.info, req.messages, req.required_prefix_token_ids)
+        prompt = await run_in_threadpool(self._chat_prompt, job.info, messages, prefix)
+        job = dataclasses.replace(job, as_token_ids=bool(req.return_tokens_as_token_ids),
+                                  return_token_ids=bool(req.return_token_ids))
         return await self._run(job, [prompt], request)
 
     async def completion(self, req: CompletionRequest, request: Request):
@@ -235,8 +274,9 @@ class Serving:
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of prompt or messages", "prompt")
         if req.prompt is not None:
-            if req.add_generation_prompt is not None:
-                raise bad_request("add_generation_prompt needs messages", "add_generation_prompt")
+            for name in ("add_generation_prompt", "required_prefix_token_ids"):
+                if getattr(req, name) is not None:
+                    raise bad_request(f"{name} needs messages", name)
             add = True if req.add_special_tokens is None else req.add_special_tokens
             _check_chars(info, len(req.prompt), "prompt")
             ids = _encode(tok, req.prompt, "prompt", add_special_tokens=add)
@@ -245,8 +285,9 @@ class Serving:
                 raise bad_request("messages must not be empty", "messages")
             messages = message_text(req.messages)
             _check_chars(info, sum(len(m["content"]) for m in messages), "messages")
-            ids = self._template_ids(info, messages, req.add_generation_prompt is not False,
-                                     bool(req.add_special_tokens))
+            prefix = chat_tokens.token_prefix(info, req.messages, req.required_prefix_token_ids)
+            ids = self._chat_ids(info, messages, prefix, req.add_generation_prompt is not False,
+                                 bool(req.add_special_tokens))
         out = {"count": len(ids), "max_model_len": info.max_length, "tokens": ids}
         if req.return_token_strs:
             out["token_strs"] = tok.convert_ids_to_tokens(ids)
@@ -293,6 +334,8 @@ class Serving:
 
     def _job(self, kind: str, req: DiffusionFields) -> Job:
         check_fields(req, max_stop_chars=self.engine.options.max_stop_chars)
+        # /reconfigure_dllm's decoder defaults, for the fields the request left out
+        req, schedule = apply_overrides(req, self.engine.overrides)
         info = self.engine.info()
         if req.model is not None and req.model not in info.names:
             raise APIError(404, f"The model `{clip(req.model)}` does not exist (this server serves "
@@ -335,12 +378,22 @@ class Serving:
         except Exception as e:  # noqa: BLE001 - jinja raises for conversations it does not accept
             raise bad_request(f"the chat template rejected the messages: {clip(str(e), 200)}", "messages") from None
         return _encode(tok, text, "messages", add_special_tokens=add_special_tokens)
-        # /reconfigure_dllm's decoder defaults, for the fields the request left out
-        req, schedule = apply_overrides(req, self.engine.overrides)
 
     @staticmethod
-    def _chat_prompt(info: ModelInfo, messages: list[dict]) -> list[int]:
-        ids = Serving._template_ids(info, messages)
+    def _chat_ids(info: ModelInfo, messages: list[dict], prefix: chat_tokens.TokenPrefix | None,
+                  add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
+        """The template's ids; with ``prefix`` (an earlier turn's ids), those ids + the template's
+        continuation (``serve.chat_tokens``)."""
+        ids = Serving._template_ids(info, messages, add_generation_prompt, add_special_tokens)
+        if prefix is None:
+            return ids
+        upto = len(messages) if prefix.upto is None else prefix.upto + 1
+        head = Serving._template_ids(info, messages[:upto], False, add_special_tokens)
+        return chat_tokens.replace_prefix_tokens(prefix.ids, head, ids, frozenset(info.stop_token_ids), prefix.param)
+
+    @staticmethod
+    def _chat_prompt(info: ModelInfo, messages: list[dict], prefix: chat_tokens.TokenPrefix | None = None) -> list[int]:
+        ids = Serving._chat_ids(info, messages, prefix)
         _check_fits(info, ids, "messages")
         return ids
 
@@ -397,11 +450,14 @@ class Serving:
                           skip_special_tokens=req.skip_special_tokens is not False,
                           include_stop=bool(req.include_stop_str_in_output), kind=job.kind, logprobs=job.logprobs,
                           prefixes=prefixes, prefix_logprobs=prefix_lp, eos_ids=job.eos_ids,
-                          trace=(job.params[0].gen_length, job.params[0].block_length) if req.stream_trace else None)
+                          trace=(job.params[0].gen_length, job.params[0].block_length) if req.stream_trace else None,
+                          as_ids=job.as_token_ids, keep_ids=job.as_token_ids or job.return_token_ids)
         call = Call(kind=job.kind, id=rid, created=responses.now(), model=job.model, handle=handle, choices=choices,
                     prompt_tokens=prompt_tokens,
                     include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                    metrics=self.metrics, errors=self.errors)
+                    metrics=self.metrics, errors=self.errors,
+                    prompt_ids=prompts[0] if job.as_token_ids or job.return_token_ids else None,
+                    return_token_ids=job.return_token_ids)
         if req.stream:
             return sse_stream(call)
         return await self._complete(call, request)
@@ -442,8 +498,11 @@ class Serving:
             watcher.cancel()
         self.metrics.observe("request_latency_seconds", time.monotonic() - handle.arrival)
         use = responses.usage(call.prompt_tokens, sum(choices.tokens))
-        build = responses.chat_completion if call.kind == "chat" else responses.completion
-        return build(call.id, call.created, call.model, choices.results(), use, choices.logprobs())
+        if call.kind == "chat":
+            return responses.chat_completion(call.id, call.created, call.model, choices.results(), use,
+                                             choices.logprobs(), choices.chat_tokens(call.prompt_ids,
+                                                                                     call.return_token_ids))
+        return responses.completion(call.id, call.created, call.model, choices.results(), use, choices.logprobs())
 
 
 def _encode(tok, text: str, param: str, **kw) -> list[int]:
