@@ -311,3 +311,25 @@ def test_slime_release_and_resume_memory_occupation(http):
     t.join(120)
     assert box["out"]["output_ids"] == ref["output_ids"]
     assert http.post("/release_memory_occupation", json={"tags": ["gpu"]}).status_code == 400
+
+
+def test_logprobs_are_of_the_distribution_drawn_from(http):
+    """At T = 0.7 with top_k: /generate's logprobs are the processed ones (softmax(logits / T) on
+    the top-k set), equal to /v1/completions with logprobs_mode 'processed', not the raw ones."""
+    sp = {"temperature": 0.7, "top_k": 5, "max_new_tokens": 32, "sampling_seed": 11}
+    out = http.post("/generate", json={"input_ids": PROMPTS[0], "sampling_params": sp, "return_logprob": True}).json()
+    lps = [x[0] for x in out["meta_info"]["output_token_logprobs"]]
+    body = {"prompt": PROMPTS[0], "max_tokens": 32, "temperature": 0.7, "top_k": 5, "seed": 11, "logprobs": 0}
+    processed = http.post("/v1/completions", json={**body, "logprobs_mode": "processed"}).json()["choices"][0]
+    raw = http.post("/v1/completions", json=body).json()["choices"][0]
+    n = len(processed["logprobs"]["token_logprobs"])
+    assert processed["text"] == raw["text"] == out["text"]
+    assert lps[:n] == pytest.approx(processed["logprobs"]["token_logprobs"], abs=0)
+    assert lps[:n] != pytest.approx(raw["logprobs"]["token_logprobs"], abs=1e-3)
+    # NeMo-RL's selection_policy leftmost is the remasking policy of that name
+    prev = http.post("/reconfigure_dllm", json={"overrides": {"selection_policy": "leftmost"}}).json()["previous"]
+    left = gen(http, PROMPTS[0])
+    ref = http.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 32, "temperature": 0,
+                                             "remasking": "leftmost"}).json()["choices"][0]
+    http.post("/reconfigure_dllm", json={"overrides": prev})
+    assert left["text"] == ref["text"]
