@@ -4,7 +4,10 @@ Solo generation (batch 1 on a one-device mesh, the smallest prompt bucket) must 
 tokens as the same request inside a batch (any batch size, any slot, a bigger prompt bucket
 because of a longer companion, mixed seeded temperatures, a reused slot, an 8-device mesh).
 The op that broke it on XLA:CPU was the RMSNorm / softmax reduction (its accumulation order
-followed the array's shape); ``test_row_ops_bitwise_per_row`` pins the fixed op.
+followed the array's shape); ``test_row_ops_bitwise_per_row`` pins the fixed op. Then the softmax
+shift (``max`` + ``exp`` went to a YNNPACK fusion at some batch sizes only):
+``test_softmax_shape_independent`` and the per-rule tests at the end, which also compare commit
+confidences bitwise.
 See docs/sampling.md, "Batch invariance in bf16".
 """
 
@@ -20,7 +23,8 @@ from helpers import LLADA_DIR, NEMOTRON_DIR
 
 import dllm_jax
 from dllm_jax.models import transformer as T
-from dllm_jax.sampling import DecodeSession, Row, SamplingParams, program_key
+from dllm_jax.sampling import ALGORITHMS, DecodeSession, Row, SamplingParams, program_key
+from dllm_jax.sampling.session import UNBOUNDED
 
 G, LB = 16, 8
 LLADA_ALGOS = ["basic", "no_cache", "prefix_cache", "dual_cache", "dinfer_blockwise", "dinfer_hierarchy",
@@ -171,8 +175,7 @@ def test_row_ops_bitwise_per_row():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_row_sum_shape_independent(dtype):
     """rms_norm and row_sum of a row do not depend on the number of rows; row_sum also not on
-    left zero padding. (softmax is covered at bf16 by the model-level tests: on XLA:CPU the
-    float32 exp(x - max) itself can differ by 1 ulp with the array's shape.)"""
+    left zero padding (softmax: ``test_softmax_shape_independent``)."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(8, 48, 64)), dtype)
     w = jnp.asarray(1 + 0.1 * rng.normal(size=64), dtype)
@@ -184,6 +187,26 @@ def test_row_sum_shape_independent(dtype):
         np.testing.assert_array_equal(np.asarray(total(x[:b]))[0], one_s[0])
     padded = jnp.concatenate([jnp.zeros((1, 48, 37), dtype), x[:1]], axis=-1)
     np.testing.assert_array_equal(np.asarray(total(padded))[0], one_s[0])
+
+
+def test_softmax_shape_independent():
+    """softmax / log_softmax of a row do not depend on the number of rows, nor (softmax) on
+    masked keys padded on the left as in a longer prompt bucket. Before row_max, XLA:CPU fused
+    ``max`` + ``exp(x - max)`` into a YNNPACK op at batch >= 2 but not at batch 1, and YNNPACK's
+    exp differs from XLA's by 1 ulp: 59 of row 0's 3072 probabilities changed."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(3 * rng.normal(size=(8, 8, 384)), jnp.float32)
+
+    @jax.jit
+    def ops(x):
+        padded = jnp.concatenate([jnp.full(x.shape[:-1] + (48,), T.MASKED_SCORE), x], axis=-1)
+        return T.softmax(x), T.log_softmax(x), T.softmax(padded)[..., 48:]
+
+    one = [np.asarray(a)[0] for a in ops(x[:1])]
+    for b in (2, 8):
+        for name, a, want in zip(("softmax", "log_softmax", "softmax with masked keys"), ops(x[:b]), one):
+            np.testing.assert_array_equal(np.asarray(a)[0], want, err_msg=f"{name} at batch {b}")
+    np.testing.assert_array_equal(one[2], one[0], err_msg="softmax with masked keys")
 
 
 _FRESH = r"""
@@ -248,3 +271,112 @@ def test_server_under_concurrent_load_equals_alone():
     finally:
         server.stop()
     assert together == alone
+
+
+# ---- every algorithm x transfer rule x prompt bucket x admission step (issue 21) ----------
+#
+# One batch of 8 rows per (model, algorithm): per-row FIXED / THRESHOLD / FACTOR rules (dInfer:
+# its own rule with per-row thresholds), greedy and seeded T > 0, prompts of 3-16 tokens (bucket
+# 16 alone) beside 33-64-token ones (bucket 64), admitted at different denoising steps of one
+# DecodeSession (some together). Each checked row is compared with its result alone, computed
+# once: a short row at batch 1 / bucket 16 on one device, a long row alone in the batch's own
+# program (same bucket, another slot).
+# Compile budget: the MHA fixture runs on programs test_batch_invariant_generate already compiled
+# in this file (batch 8 / bucket 64 on 8 devices: a row per device; batch 1 / bucket 16 on one),
+# so it compiles nothing; the GQA model compiles two programs (batch 1 / bucket 16 and batch 8 /
+# bucket 64 on one device, where the 8 rows share every matmul and reduction).
+
+XLENGTHS = [5, 16, 11, 3, 40, 64, 33, 57]  # rows 0-3: bucket 16 alone; rows 4-7: bucket 64
+XADMIT_AT = [0, 3, 0, 6, 1, 9, 4, 0]  # denoising step at which each row enters its slot
+
+
+def _xparams(algorithm):
+    """Per-row SamplingParams of the 8 rows (resolved; traced: a session reports each final
+    token's commit confidence, which changes neither the tokens nor the program)."""
+    if ALGORITHMS[algorithm].rule is None:  # the row picks FIXED / THRESHOLD / FACTOR
+        rule = [{}, dict(threshold=0.7), dict(factor=1.0), dict(threshold=0.5), dict(threshold=0.9),
+                dict(factor=2.0), {}, dict(threshold=0.6)]
+    else:  # dInfer: the algorithm's rule, per-row thresholds
+        rule = [{}, dict(threshold=0.7), dict(threshold=0.5), dict(threshold=0.6), dict(threshold=0.9),
+                dict(threshold=0.8), {}, dict(threshold=0.6)]
+    sampled = {3: 0.8, 6: 0.7}  # seeded T > 0 rows
+    return [SamplingParams(algorithm=algorithm, gen_length=G, block_length=LB, steps=G, trace=True,
+                           temperature=sampled.get(i, 0.0), seed=50 + i, **rule[i]).resolve("llada")
+            for i in range(len(rule))]
+
+
+def _session_rows(model, key, rows, admit_at, slots):
+    """(final tokens, their commit confidences) of each row run through one DecodeSession of
+    ``key``: row i enters slot ``slots[i]`` once the batch has run ``admit_at[i]`` denoising steps."""
+    session = DecodeSession(model, key)
+    ran = 0
+    for at in sorted(set(admit_at)):
+        if at > ran:
+            session.step(at - ran, exit_on_done=False)
+            ran = at
+        session.admit({slots[i]: rows[i] for i in range(len(rows)) if admit_at[i] == at})
+    while True:
+        updates = {u.slot: u for u in session.step(UNBOUNDED, exit_on_done=False)}
+        if all(u.done for u in updates.values()):
+            return [(updates[s].tokens, updates[s].commit_conf) for s in slots]
+
+
+def _check_rules_buckets_admission(solo_model, batch_model, algorithm, seed, checked, together):
+    """Rows ``checked`` of the staggered batch (and, with ``together``, of the batch admitted at
+    once) against each alone: the same tokens, and bitwise the same commit confidences (a 1-ulp
+    difference there is what flips a near-tied commit elsewhere)."""
+    rng = np.random.default_rng(seed)
+    params = _xparams(algorithm)
+    rows = [Row(rng.integers(0, 256, n).tolist(), q) for n, q in zip(XLENGTHS, params)]
+    key = program_key(batch_model, max(XLENGTHS), params[0], len(rows))
+    assert (key.batch, key.prompt_len) == (8, 64)
+    slots = list(range(len(rows)))
+    runs = {f"admitted at steps {XADMIT_AT}": _session_rows(batch_model, key, rows, XADMIT_AT, slots)}
+    if together:
+        runs["admitted together"] = _session_rows(batch_model, key, rows, [0] * len(rows), slots)
+    for i in checked:
+        row = rows[i]
+        if len(row.prompt) <= 16:  # batch 1, bucket 16, one device
+            kw = dataclasses.asdict(row.params)
+            kw.pop("trace")
+            out = solo_model.generate([row.prompt], return_trace=True, **kw)
+            n = out.lengths[0]
+            alone = (out.tokens[0][:n], out.trace["commit_conf"][0][:n])
+        else:  # alone in the batch's program, in another slot
+            alone = _session_rows(batch_model, key, [row], [0], [7 - i])[0]
+        for how, result in runs.items():
+            p = row.params
+            what = (f"{algorithm} row {i} ({len(row.prompt)} tokens, threshold={p.threshold}, factor={p.factor}, "
+                    f"T={p.temperature}) {how} vs alone")
+            np.testing.assert_array_equal(result[i][0], alone[0], err_msg=f"tokens: {what}")
+            np.testing.assert_array_equal(result[i][1], alone[1], err_msg=f"commit confidences: {what}")
+
+
+@pytest.mark.parametrize("algorithm", LLADA_ALGOS)
+def test_rules_buckets_admission_mha(algorithm):
+    """MHA fixture, bf16: the 8-device batch program vs batch 1 on one device (rows 0-4)."""
+    _check_rules_buckets_admission(_model("llada", "1"), _model("llada", "8"), algorithm, seed=11,
+                                   checked=range(5), together=False)
+
+
+@functools.cache
+def _gqa_model():
+    """The fixture's weights as a GQA model (kv heads 0 and 2 of its 4; 4 query heads), bf16, one
+    device: the shape of issue 21's report. Built from host arrays (an abstract model's
+    ``with_params(convert=True)``): no init program to compile, unlike ``Model.random``."""
+    from dllm_jax.model import Model, abstract_params
+
+    mha = _model("llada", "1")
+    config = dataclasses.replace(mha.config, n_kv_heads=2)
+    graphdef, abstract = abstract_params(config, jnp.bfloat16, mha.mesh)
+    params = jax.tree.map(np.asarray, mha.params.to_pure_dict())
+    for layer in params["layers"].values():
+        for name in ("k_proj", "v_proj"):  # [D, K, H]
+            layer[name] = layer[name][:, ::2, :]
+    return Model(config, graphdef, abstract, tokenizer=mha.tokenizer, mesh=mha.mesh).with_params(params, convert=True)
+
+
+def test_rules_buckets_admission_gqa_prefix_cache():
+    """GQA, bf16, one device, prefix_cache (issue 21's report): all 8 rows, together and staggered."""
+    model = _gqa_model()
+    _check_rules_buckets_admission(model, model, "prefix_cache", seed=12, checked=range(8), together=True)

@@ -73,17 +73,36 @@ def row_sum(x):
     return x
 
 
+def row_max(x):
+    """Maximum over the last axis (keepdims) as a tree of elementwise ``maximum``, like ``row_sum``.
+
+    A maximum is exact in any order; the point is to leave no ``reduce`` op in a softmax. XLA:CPU
+    hands a reduce together with the ops that consume it (``exp(x - max)``) to a YNNPACK fusion
+    for some shapes and not for others (not at batch 1), and YNNPACK's float32 ``exp`` differs
+    from XLA's by 1 ulp on ~2% of inputs: a row's softmax then changed with its batch size. With
+    elementwise ops only, every shape takes XLA's own ``exp``.
+    """
+    n = x.shape[-1]
+    p = 1 << max(n - 1, 0).bit_length()
+    if p != n:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(p - n, 0)], constant_values=-jnp.inf)
+    while x.shape[-1] > 1:
+        x = x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
+        x = jnp.maximum(x[..., 0], x[..., 1])
+    return x
+
+
 def softmax(x, axis: int = -1):
-    """float32 softmax whose normaliser is ``row_sum`` (bitwise batch-invariant per row)."""
+    """float32 softmax with a ``row_max`` shift and a ``row_sum`` normaliser (bitwise batch-invariant per row)."""
     x = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
-    e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
+    e = jnp.exp(x - jax.lax.stop_gradient(row_max(x)))
     return jnp.moveaxis(e / row_sum(e), -1, axis)
 
 
 def log_softmax(x):
-    """float32 log-softmax over the last axis with the ``row_sum`` normaliser."""
+    """float32 log-softmax over the last axis with the ``row_max`` shift and ``row_sum`` normaliser."""
     x = x.astype(jnp.float32)
-    shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    shifted = x - jax.lax.stop_gradient(row_max(x))
     return shifted - jnp.log(row_sum(jnp.exp(shifted)))
 
 
