@@ -175,9 +175,9 @@ def make_step_program(key: "ProgramKey", decoder: "BlockDecoder", graphdef, *, m
             if rule_static == rules.CREDIT:
                 logits, new_credit = rules.credit_fuse(logits, credit, masked, (st.call == 0)[:, None, None])
                 credit = jnp.where(live[:, None, None], new_credit, credit)
-            filters = (st.top_k, st.top_p, st.min_p)
-            x0, conf = rules.propose(logits, st.temperature, jax.vmap(jax.random.fold_in)(st.rng, st.nfe),
-                                     mask_id, st.remasking, filters=filters)  # [B, Lb]
+            x0, conf, floor = rules.propose(logits, st.temperature, jax.vmap(jax.random.fold_in)(st.rng, st.nfe),
+                                            mask_id, st.remasking, filters=(st.top_k, st.top_p, st.min_p),
+                                            with_floor=True)  # [B, Lb] each
             # the static schedule's share of this call: LLaDA's get_num_transfer_tokens(n)[call]
             n0, idx = st.block_masks, jnp.minimum(st.call, spb - 1)  # [B]
             k = n0 // spb + (idx < n0 % spb)  # [B]
@@ -195,7 +195,7 @@ def make_step_program(key: "ProgramKey", decoder: "BlockDecoder", graphdef, *, m
             if key.logprobs:  # raw: the model's own distribution; processed: the one x0 was drawn from
                 chosen, top_ids, top_lp = rules.token_logprobs(
                     raw_logits, x0, key.logprobs, mask_id, processed=st.processed_logprobs, drawn=logits,
-                    temperature=st.temperature, filters=filters)
+                    temperature=st.temperature, floor=floor)
                 record = dict(commit_logprob=keep_new(st.commit_logprob, chosen), top_ids=keep_new(st.top_ids, top_ids),
                               top_logprobs=keep_new(st.top_logprobs, top_lp))
             return st.replace(canvas=canvas, nfe=nfe, call=st.call + live, credit=credit,
