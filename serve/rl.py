@@ -168,9 +168,7 @@ def _request_fields(sp: dict, overrides: dict, param: str) -> tuple[dict, bool]:
 def _rename(err: APIError, param: str) -> APIError:
     """An error about one of our field names, told in SGLang's (``sampling_params.max_new_tokens``)."""
     name = err.param
-    if name is None or name.startswith(("input_ids", "text")):
-        return err
-    if name in ("prompt",) or name.startswith("prompt["):
+    if name is None or name.startswith(("input_ids", "text", "prompt")):
         return err
     sg = BACK.get(name, name)
     err.param = f"{param}.{sg}"
@@ -272,7 +270,7 @@ class Rollout:
         return self.info.tokenizer.decode([t], skip_special_tokens=False) if self.info.tokenizer is not None else ""
 
 
-def _items(body: GenerateRequest, info) -> list[tuple[list[int] | str, str]]:
+def _items(body: GenerateRequest) -> list[tuple[list[int] | str, str]]:
     """(prompt ids or text, its param name) per prompt of the body."""
     if body.input_ids is not None:
         ids = body.input_ids
@@ -296,7 +294,7 @@ class GenerateService:
     async def generate(self, body: GenerateRequest, request: Request):
         _check_top(body)
         info = self.engine.info()
-        raw = _items(body, info)
+        raw = _items(body)
         batch = isinstance(body.input_ids, list) and body.input_ids and isinstance(body.input_ids[0], list) \
             or isinstance(body.text, list)
         n_items = len(raw)
