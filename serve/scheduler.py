@@ -41,7 +41,7 @@ from serve.policy import Policy, SessionView, Waiting
 from serve.requests import Event, Inbox
 
 if TYPE_CHECKING:  # (what the engine queues: sequences and scoring jobs with their weights version)
-    from serve.engine import WeightedScoreJob, WeightedSeq
+    from serve.engine_types import WeightedScoreJob, WeightedSeq
     from serve.weights import Weights
 
 log = logging.getLogger("serve.engine")
@@ -294,7 +294,6 @@ class Scheduler:
                     return
                 continue
             if done:
-                self.metrics.inc("nfe_total", u.nfe)
                 if not self._release(session, u.slot):
                     return
                 freed += 1
@@ -325,6 +324,8 @@ class Scheduler:
                 n = len(tokens)
                 event.commit_step, event.commit_conf = u.commit_step[:n], u.commit_conf[:n]
             seq.last = event
+            if done:  # counted before the client can see the end (a scrape after it includes this row)
+                self.metrics.inc("nfe_total", u.nfe)
             seq.handle.post(event)
         return done
 

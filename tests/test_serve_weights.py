@@ -35,7 +35,7 @@ from serve.app import create_app
 from serve.engine import Engine, EngineOptions
 from serve.errors import WeightUpdateFailed
 from serve.executor import Executor
-from serve.weights import Staged
+from serve.weight_reading import Staged
 from serve_helpers import LLADA_MODEL, Server, read_metrics, server_env, sse_events
 from helpers import LLADA_DIR
 from test_serve_units import TIMEOUT, FakeExecutor, collect, fake_model, seq, until, wait_for
@@ -328,8 +328,9 @@ def test_broken_or_incompatible_checkpoints_are_refused(server, http, ckpts, ref
     assert http.post("/update_weights_from_disk", json={}).json()["error"]["param"] == "model_path"
     r = update(http, ckpts["a"], load_format="pt")
     assert r.status_code == 400 and r.json()["error"]["param"] == "load_format"
-    r = update(http, ckpts["a"], abort_all_requests=True)
+    r = update(http, ckpts["a"], lora_name="adapter")  # a field SGLang has and this server does not
     assert r.status_code == 400 and r.json()["error"]["code"] == "unrecognized_argument"
+    assert r.json()["error"]["param"] == "lora_name"
     r = httpx.post(server.url + "/update_weights_from_disk", json={"model_path": str(ckpts["a"])})
     assert r.status_code == 401
     assert current(http)["weights_version"] == version
