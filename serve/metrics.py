@@ -9,7 +9,8 @@ the whole process. Updated from the scheduler thread and the event loop (prometh
 is thread-safe); ``batch`` and ``render`` share a lock so a scrape never sees half a step.
 
 ``xla_compiles_total`` counts every XLA compilation of the process (any program, from
-``jax.monitoring``'s backend-compile event), so a change that made the serving programs
+``jax.monitoring``'s backend-compile event, and executables loaded from JAX's persistent
+compilation cache when one is configured: a load stands for a compile), so a change that made the serving programs
 retrace (a weight update with another tree structure, say) shows even where our own
 ``compiles_total`` would not.
 """
@@ -53,7 +54,8 @@ COUNTERS = {  # prometheus_client renders a Counter named x as x_total
     "scored_tokens_total": "Prompt positions scored for echo + logprobs (Model.score).",
     "weights_loaded_total": "Weight updates installed (POST /update_weights_from_disk).",
     "weight_update_failures_total": "Weight updates refused or failed (the old weights kept serving).",
-    "xla_compiles_total": "XLA compilations in this process (any program, jax.monitoring backend-compile events).",
+    "xla_compiles_total": "XLA compilations in this process (any program, jax.monitoring backend-compile events; "
+                          "loads from JAX's persistent compilation cache count too).",
 }
 HISTOGRAMS = {
     "batch_size": ("Occupied slots per decode call.", BATCH_BUCKETS),
@@ -66,13 +68,14 @@ HISTOGRAMS = {
 }
 FINISH_REASONS = ("stop", "length")  # shown (at 0) before any request finishes
 
-_XLA_EVENT = "/jax/core/compile/backend_compile_duration"
+_XLA_EVENTS = ("/jax/core/compile/backend_compile_duration",   # compiled
+               "/jax/compilation_cache/cache_retrieval_time_sec")  # or loaded from the persistent cache
 _xla_lock = threading.Lock()
 _xla = {"compiles": 0, "listening": False}
 
 
 def _on_compile(event: str, duration: float, **kwargs) -> None:
-    if event == _XLA_EVENT:
+    if event in _XLA_EVENTS:
         with _xla_lock:
             _xla["compiles"] += 1
 
