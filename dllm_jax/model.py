@@ -20,7 +20,7 @@ from dllm_jax import sampling
 from dllm_jax.configs import LLaDAConfig, ModelConfig
 from dllm_jax.models import nemotron
 from dllm_jax.models.transformer import Transformer
-from dllm_jax.sampling.session import Programs
+from dllm_jax.sampling.programs import Programs
 from dllm_jax.sharding import batch_sharding, mesh_or_default, named
 
 

@@ -18,7 +18,7 @@ import weakref
 import httpx
 import pytest
 
-from dllm_jax.sampling.session import Programs
+from dllm_jax.sampling.programs import Programs
 from serve.compiler import Compiler
 from serve_helpers import LLADA_MODEL, Server, read_metrics, reference
 

@@ -42,6 +42,7 @@ from dllm_jax.checkpoint import load, save_safetensors
 from dllm_jax.configs import LLaDAConfig
 from dllm_jax.demo import tasks
 from dllm_jax.demo.evaluate import chat_ids
+from dllm_jax.demo.tokenizer import EOS, MASK, reply_ids, train_tokenizer
 from dllm_jax.models.keymap import from_param
 from dllm_jax.models.llada import hf_key_map
 from dllm_jax.models.transformer import Transformer
@@ -49,18 +50,6 @@ from dllm_jax.models.transformer import Transformer
 log = logging.getLogger("dllm_jax.demo")
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
-
-SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>",
-                  "<|end_header_id|>", "<|mdm_mask|>"]
-BOS, EOS, EOT, MASK = 0, 1, 2, 5
-# LLaDA-8B-Instruct's template (BOS, then header / content / <|eot_id|> per message).
-CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -88,41 +77,6 @@ class TrainConfig:
     n_heads: int = 6
     mlp_hidden_size: int = 512
     vocab_size: int = 320
-
-
-# ---- tokenizer -------------------------------------------------------------------------
-
-
-def train_tokenizer(vocab_size: int):
-    """A byte-level BPE over the task texts; digits never merge (one token per digit)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    # Digits split first (each its own pre-token, so never merged); the rest is byte-level
-    # without the GPT-2 regex, so ", " and "Count from " can become single tokens.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    texts = list(tasks.corpus())
-    # The chat scaffolding as plain text, so "user", "assistant" and "\n\n" get merges too.
-    texts += ["user\n\n", "assistant\n\n"] * 100
-    tok.train_from_iterator(texts, trainer)
-    for i, name in enumerate(SPECIAL_TOKENS):
-        assert tok.token_to_id(name) == i, (name, tok.token_to_id(name))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|mdm_mask|>"],
-        model_max_length=512, clean_up_tokenization_spaces=False)
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def reply_ids(tokenizer, reply: str) -> list[int]:
-    return tokenizer.encode(reply, add_special_tokens=False) + [EOT]
 
 
 # ---- data ------------------------------------------------------------------------------

@@ -21,20 +21,14 @@ from dllm_jax.sampling.params import (
 )
 from dllm_jax.sampling.score import ScoreOutput, score
 from dllm_jax.sampling.decoders import BlockDecoder, Decoder, SlidingDecoder
-from dllm_jax.sampling.session import (
-    STEPS_PER_CALL,
-    DecodeSession,
-    GenerateOutput,
-    SlotUpdate,
-    final_prefix,
-    generate,
-    program_key,
-)
+from dllm_jax.sampling.generation import GenerateOutput, generate
+from dllm_jax.sampling.programs import Programs, program_key
+from dllm_jax.sampling.session import STEPS_PER_CALL, DecodeSession, SlotUpdate, final_prefix
 from dllm_jax.sampling.state import DecodeState, Row
 
 __all__ = [
     "ALGORITHMS", "ALIASES", "Algorithm", "BATCH_BUCKETS", "BlockDecoder", "Decoder", "SlidingDecoder", "STEPS_PER_CALL", "batch_bucket", "bucket", "check_stop_count", "ContextOverflow", "DEFAULT_ALGORITHM",
     "DecodeSession", "DecodeState", "GenerateOutput", "MAX_STOP_IDS", "MAX_TOP_LOGPROBS", "PROMPT_BUCKETS",
-    "ProgramKey", "Row", "SamplingError", "SamplingParams", "ScoreOutput", "SlotUpdate", "final_prefix",
+    "ProgramKey", "Programs", "Row", "SamplingError", "SamplingParams", "ScoreOutput", "SlotUpdate", "final_prefix",
     "generate", "program_key", "resolve_algorithm", "rules", "score",
 ]
