@@ -167,14 +167,7 @@ def convert(source, dest, *, base_model=None, dtype: str = "bfloat16", overwrite
     _check_dest(dest, src, overwrite)
     layout = detect_layout(src)
     log.info("source %s: layout %s (%s reader, weights in %s)", source, layout.kind, layout.format, layout.weights)
-    # a hub id is fetched WITHOUT its weights: only config and tokenizer are used
-    base = (resolve_source(base_model, patterns=_CONFIG_PATTERNS, what="--base-model")
-            if base_model is not None else None)
-    config_dir = layout.config_dir or base
-    if config_dir is None:
-        what = "a NeMo-RL DCP checkpoint" if layout.format == "dcp" else "a checkpoint without config.json"
-        raise CheckpointError(f"{src} is {what} (layout {layout.kind}) and has no config.json; pass --base-model "
-                              f"<HF dir or hub id of the model it was trained from> to supply it")
+    base, config_dir = _config_dir(src, layout, base_model)
     config = _read_config(config_dir)  # validated before any tensor is read
     spec, keys = config.spec(), key_map(config)
     # (one safetensors memory map at a time: RSS stays near the output size plus one tensor)
@@ -191,23 +184,7 @@ def convert(source, dest, *, base_model=None, dtype: str = "bfloat16", overwrite
     tmp = dest.with_name(f"{dest.name}.tmp-{secrets.token_hex(4)}")
     tmp.mkdir()
     try:
-        from tqdm import tqdm
-
-        show = total >= PROGRESS_MIN_BYTES if progress is None else progress
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="reading",
-                   file=sys.stderr, disable=not show)
-        done = [0]
-
-        def on_tensor(key, nbytes):
-            done[0] += 1
-            bar.set_postfix_str(f"{done[0]}/{len(keys)} tensors", refresh=False)
-            bar.update(nbytes)
-
-        out_dtype = dtypes.param_dtype(dtype)
-        params = {}
-        with bar:
-            for name, array in assemble(tensor_source, keys, spec, out_dtype, key_prefix=prefix, on_tensor=on_tensor):
-                params[name] = array
+        params = _read_all(tensor_source, keys, spec, dtypes.param_dtype(dtype), prefix, total, progress)
         tensor_source.close()
         n_params = sum(a.size for a in params.values())
         n_bytes = sum(a.nbytes for a in params.values())
@@ -216,32 +193,76 @@ def convert(source, dest, *, base_model=None, dtype: str = "bfloat16", overwrite
         del params
         shutil.copy2(file_in(config_dir, "config.json"), tmp / "config.json")
         tokenizer_from = _copy_tokenizer([layout.tokenizer_dir, base], tmp / TOKENIZER_DIR)
-        manifest = {
-            "format": "dllm-jax-orbax/1",
-            "source": str(source),
-            "source_path": str(src.resolve()),
-            "source_layout": layout.kind,
-            "base_model": None if base_model is None else str(base_model),
-            "config_from": str(config_dir.resolve() / "config.json"),
-            "tokenizer_from": None if tokenizer_from is None else str(tokenizer_from.resolve()),
-            "family": config.family,
-            "dtype": dtype,
-            "source_dtypes": sorted({infos[prefix + k].dtype for k in keys}),
-            "param_count": int(n_params),
-            "bytes": int(n_bytes),
-            "tensors_converted": len(keys),
-            "key_prefix": prefix,
-            "ignored_keys": ignored,
-            "conversion_seconds": round(time.perf_counter() - start, 3),
-            "dllm_jax_version": _version(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
+        manifest = _manifest(source, src, layout, base_model, config_dir, tokenizer_from, config, dtype,
+                             sorted({infos[prefix + k].dtype for k in keys}), n_params, n_bytes, len(keys), prefix,
+                             ignored, time.perf_counter() - start)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _install(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _manifest(source, src: Path, layout, base_model, config_dir: Path, tokenizer_from: Path | None, config,
+              dtype: str, source_dtypes: list, n_params: int, n_bytes: int, n_tensors: int, prefix: str,
+              ignored: list, seconds: float) -> dict:
+    """What ``dest/manifest.json`` records about a conversion."""
+    return {
+        "format": "dllm-jax-orbax/1",
+        "source": str(source),
+        "source_path": str(src.resolve()),
+        "source_layout": layout.kind,
+        "base_model": None if base_model is None else str(base_model),
+        "config_from": str(config_dir.resolve() / "config.json"),
+        "tokenizer_from": None if tokenizer_from is None else str(tokenizer_from.resolve()),
+        "family": config.family,
+        "dtype": dtype,
+        "source_dtypes": source_dtypes,
+        "param_count": int(n_params),
+        "bytes": int(n_bytes),
+        "tensors_converted": n_tensors,
+        "key_prefix": prefix,
+        "ignored_keys": ignored,
+        "conversion_seconds": round(seconds, 3),
+        "dllm_jax_version": _version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _config_dir(src: Path, layout, base_model) -> tuple[Path | None, Path]:
+    """(the --base-model directory or None, the directory whose config.json applies)."""
+    # a hub id is fetched WITHOUT its weights: only config and tokenizer are used
+    base = (resolve_source(base_model, patterns=_CONFIG_PATTERNS, what="--base-model")
+            if base_model is not None else None)
+    config_dir = layout.config_dir or base
+    if config_dir is None:
+        what = "a NeMo-RL DCP checkpoint" if layout.format == "dcp" else "a checkpoint without config.json"
+        raise CheckpointError(f"{src} is {what} (layout {layout.kind}) and has no config.json; pass --base-model "
+                              f"<HF dir or hub id of the model it was trained from> to supply it")
+    return base, config_dir
+
+
+def _read_all(tensor_source, keys, spec, out_dtype, prefix: str, total: int, progress: bool | None) -> dict:
+    """Every parameter, assembled and cast (a tqdm bar on stderr when ``progress``; default: when
+    the source is >= PROGRESS_MIN_BYTES)."""
+    from tqdm import tqdm
+
+    show = total >= PROGRESS_MIN_BYTES if progress is None else progress
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="reading",
+               file=sys.stderr, disable=not show)
+    done = [0]
+
+    def on_tensor(key, nbytes):
+        done[0] += 1
+        bar.set_postfix_str(f"{done[0]}/{len(keys)} tensors", refresh=False)
+        bar.update(nbytes)
+
+    params = {}
+    with bar:
+        for name, array in assemble(tensor_source, keys, spec, out_dtype, key_prefix=prefix, on_tensor=on_tensor):
+            params[name] = array
+    return params
 
 
 def summary(manifest: dict, dest) -> str:

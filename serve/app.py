@@ -47,6 +47,7 @@ from serve.limits import BodyLimit
 from serve.protocol import REQUEST_ID, APIError, clip, request_id
 from serve.routes import router
 from serve.rl import router as rl_router
+from serve.rl_control import router as rl_control_router
 from serve.security import HostCheck
 from serve.serving import Serving
 
@@ -180,7 +181,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics |
     app.state.metrics = metrics
     app.state.serving = Serving(engine, metrics, api_error)
     app.include_router(router)
-    app.include_router(rl_router)  # SGLang's native API: /generate and the RL control endpoints
+    app.include_router(rl_router)  # SGLang's native API: /generate
+    app.include_router(rl_control_router)  # and the RL control endpoints
     app.include_router(playground_router)  # GET / (the page asks for the key itself)
 
     @app.exception_handler(APIError)

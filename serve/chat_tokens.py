@@ -34,7 +34,7 @@ import dataclasses
 import math
 from typing import Sequence
 
-from serve.engine import ModelInfo
+from serve.engine_types import ModelInfo
 from serve.protocol import APIError, ChatMessage, bad_request, excerpt
 
 TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")

@@ -32,8 +32,9 @@ import jax
 import numpy as np
 
 from dllm_jax.sampling import DecodeSession, ProgramKey, Row, SamplingParams, SlotUpdate
-from serve import weights
+from serve import weight_reading
 from serve.errors import WeightUpdateFailed
+from serve.host_copy import HostCopy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Executor:
         self.versions: dict[int, Any] = {0: model.with_params(model.params)}
         self.version = 0
         self._borrowed: dict[int, frozenset] = {}  # version -> ids of its leaves the caller owns (update_params)
-        self._host: dict[int, tuple[Any, list[_HostCopy]]] | None = None  # offloaded: version -> (treedef, leaves)
+        self._host: dict[int, tuple[Any, list[HostCopy]]] | None = None  # offloaded: version -> (treedef, leaves)
         self.steps_per_call: int | None = None  # sessions' step budget per call (None: the library default)
         self.weights_root: str | None = None  # update paths must lie inside it (--weights-root; None: anywhere)
 
@@ -158,23 +159,23 @@ class Executor:
         return self.run(Command("score", sequences=[list(map(int, q)) for q in sequences], top_k=top_k,
                                 version=version))
 
-    def read_weights(self, path: str) -> "weights.Staged":
+    def read_weights(self, path: str) -> "weight_reading.Staged":
         """Single host, any thread: read a checkpoint for this model (nothing is installed)."""
-        return weights.read(self.model, path, root=self.weights_root)
+        return weight_reading.read(self.model, path, root=self.weights_root)
 
-    def stage_params(self, params) -> "weights.Staged":
+    def stage_params(self, params) -> "weight_reading.Staged":
         """Single host, any thread: a pytree of this model's parameters made ready to install
-        (``weights.stage``: cast / placed onto the running dtype and shardings where it differs)."""
-        return weights.stage(self.model, params)
+        (``weight_reading.stage``: cast / placed onto the running dtype and shardings where it differs)."""
+        return weight_reading.stage(self.model, params)
 
-    def install(self, version: int, staged: "weights.Staged") -> None:
+    def install(self, version: int, staged: "weight_reading.Staged") -> None:
         """Single host, the scheduler thread: sessions opened from now on run on ``staged``."""
         assert self.broadcast is None, "multi-host servers load with load_weights (every process)"
         self._install(version, staged.params)
         if staged.borrowed:
             self._borrowed[version] = staged.borrowed
 
-    def load_weights(self, path: str, version: int) -> "weights.Staged":
+    def load_weights(self, path: str, version: int) -> "weight_reading.Staged":
         """Every process reads ``path``; all install it as ``version``, or (any failed) none does."""
         return self.run(Command("load_weights", version=version, path=path))
 
@@ -268,13 +269,13 @@ class Executor:
     def _offload(self) -> dict:
         if self._host is not None:
             return {"params_bytes": 0, "versions": 0}
-        copies: dict[int, _HostCopy] = {}  # id(device array) -> its host copy (versions share leaves)
+        copies: dict[int, HostCopy] = {}  # id(device array) -> its host copy (versions share leaves)
         host = {}
         for version, model in self.versions.items():
             leaves, treedef = jax.tree.flatten(model.params)
             for x in leaves:
                 if id(x) not in copies:
-                    copies[id(x)] = _HostCopy.of(x)
+                    copies[id(x)] = HostCopy.of(x)
             host[version] = (treedef, [copies[id(x)] for x in leaves])
         # every copy made: only now let the device arrays go
         borrowed = frozenset().union(*self._borrowed.values())
@@ -300,10 +301,10 @@ class Executor:
         versions, self._host = len(self._host), None
         return {"params_bytes": sum(h.nbytes for h in unique.values()), "versions": versions}
 
-    def _load_everywhere(self, path: str, version: int) -> "weights.Staged":
+    def _load_everywhere(self, path: str, version: int) -> "weight_reading.Staged":
         staged, error = None, None
         try:
-            staged = weights.read(self.model, path, root=self.weights_root)
+            staged = weight_reading.read(self.model, path, root=self.weights_root)
         except Exception as e:  # noqa: BLE001 - every process must reach the agreement below
             error = e
         ok = _all_processes(error is None)
@@ -315,44 +316,6 @@ class Executor:
                                            "visible on every host?); no process installed it", bad_checkpoint=False)
         self._install(version, staged.params)
         return staged
-
-
-@dataclasses.dataclass(eq=False)
-class _HostCopy:
-    """One parameter in host memory: each distinct shard this process holds, once (a replicated
-    parameter is one numpy array, not one per device)."""
-
-    shape: tuple[int, ...]
-    dtype: Any
-    sharding: Any
-    shards: dict[tuple, np.ndarray]
-
-    @classmethod
-    def of(cls, x: jax.Array) -> "_HostCopy":
-        shards = {}
-        for shard in x.addressable_shards:
-            key = _index_key(shard.index, x.shape)
-            if key not in shards:
-                shards[key] = np.array(shard.data)  # (a copy: never a view of the buffer freed next)
-        return cls(x.shape, x.dtype, x.sharding, shards)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.shards.values())
-
-    def abstract(self) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(self.shape, self.dtype, sharding=self.sharding)
-
-    def to_device(self) -> jax.Array:
-        devices = self.sharding.addressable_devices_indices_map(self.shape)
-        return jax.make_array_from_single_device_arrays(
-            self.shape, self.sharding,
-            [jax.device_put(self.shards[_index_key(index, self.shape)], device) for device, index in devices.items()])
-
-
-def _index_key(index: tuple, shape: tuple[int, ...]) -> tuple:
-    """A shard's index (a tuple of slices) as a hashable key."""
-    return tuple(s.indices(n) for s, n in zip(index, shape))
 
 
 def _all_processes(ok: bool) -> list[bool]:

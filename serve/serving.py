@@ -3,8 +3,9 @@
 request -> field policy -> sampling params -> prompt token ids -> ``engine.submit`` -> events
 -> text (``TextStream``: stop strings, UTF-8-safe) -> an OpenAI response body or an SSE stream.
 
-A validated request is a ``Job``; once its sequences are queued it is a ``Call``, which both
-the non-streamed answer and ``serve.streaming`` read. Engine errors arrive as
+A validated request is a ``Job``; once its sequences are queued it is a ``Call`` (its
+``serve.choices.Choices``), which both the non-streamed answer and ``serve.streaming`` read.
+Prompt ids come from ``serve.prompts`` (chat template, completion prompts, their bounds). Engine errors arrive as
 ``serve.errors`` exceptions: raised to the app's handlers, or (streaming) turned into an
 in-band error body by the ``errors`` mapping the app passes in.
 """
@@ -15,18 +16,19 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from dllm_jax.sampling import SamplingParams
 from serve import chat_tokens, responses
-from serve.detok import TextStream
-from serve.logprobs import CompletionLogprobs, TokenText, chat_content, top_dict
-from serve.engine import Engine, ModelInfo
+from serve.choices import Choices
+from serve.field_policy import check_fields, message_text, stop_list, top_logprobs
+from serve.logprobs import CompletionLogprobs, TokenText, top_dict
+from serve.engine import Engine
+from serve.engine_types import ModelInfo
 from serve.errors import ClientDisconnected
 from serve.metrics import Metrics
 from serve.protocol import (
@@ -37,152 +39,18 @@ from serve.protocol import (
     DiffusionFields,
     TokenizeRequest,
     bad_request,
-    check_fields,
     check_known,
     clip,
     excerpt,
-    message_text,
-    stop_list,
-    top_logprobs,
 )
 from serve.request_params import apply_overrides, request_params
 from serve.requests import Event, Handle, SeqRequest
+from serve.prompts import chat_ids, chat_prompt, check_chars, completion_prompts, encode
 from serve.streaming import sse_stream
 
 log = logging.getLogger("serve")
 
 MAX_ROWS_PER_REQUEST = 256
-
-
-class Choices:
-    """Text, finish reason, token count (and logprobs) of every choice of one request."""
-
-    def __init__(self, handle: Handle, tokenizer, stops: Sequence[str], count: int, metrics: Metrics, *,
-                 skip_special_tokens: bool = True, include_stop: bool = False, kind: str = "chat",
-                 logprobs: int | None = None, prefixes: Sequence[str] | None = None,
-                 prefix_logprobs: Sequence[CompletionLogprobs] | None = None,
-                 eos_ids: frozenset[int] = frozenset(), trace: tuple[int, int] | None = None,
-                 as_ids: bool = False, keep_ids: bool = False):
-        self.handle, self.metrics, self.kind, self.k = handle, metrics, kind, logprobs
-        # RL clients (chat): logprobs tokens as "token_id:<id>" with the stop token's own entry; each
-        # choice's generated ids (a stop token that ended it included), kept when it finishes
-        self.as_ids = as_ids
-        self.ids: list[list[int]] | None = [[] for _ in range(count)] if keep_ids else None
-        self.streams = [TextStream(tokenizer, stops, skip_special_tokens=skip_special_tokens,
-                                   include_stop=include_stop) for _ in range(count)]
-        self.reasons: list[str | None] = [None] * count
-        self.tokens = [0] * count
-        self.prefixes = list(prefixes) if prefixes is not None else [""] * count   # echo
-        self.eos_ids = eos_ids  # a last token that ends the reply though the device did not stop on it
-        self.tt = TokenText(tokenizer) if logprobs is not None else None
-        self.lp_sent = [0] * count
-        self.chat_lp: list[list] = [[] for _ in range(count)]
-        self.comp_lp = list(prefix_logprobs) if prefix_logprobs is not None else \
-            [CompletionLogprobs() for _ in range(count)]
-        # stream_trace: (gen_length, block_length) of the canvas; per choice the latest event,
-        # how many of its tokens are covered by what was sent, and how many traced so far
-        self.layout = trace
-        self.nfe = [0] * count
-        self._last: list[Event | None] = [None] * count
-        self._end = [0] * count
-        self._traced = [0] * count
-        if trace is not None and self.tt is None:
-            self.tt = TokenText(tokenizer)
-
-    @property
-    def done(self) -> bool:
-        return all(r is not None for r in self.reasons)
-
-    def apply(self, ev: Event) -> tuple[str, str | None, object] | None:
-        """(new text, finish_reason if this event finished the choice, the new tokens' logprobs
-        (chat: content entries, completions: the parallel lists; None without logprobs)), or None
-        if the choice is over."""
-        i = ev.index
-        if self.reasons[i] is not None:
-            return None
-        ts = self.streams[i]
-        delta = ts.update(ev.tokens, ev.done)
-        reason = "stop" if ts.stopped else (ev.finish_reason if ev.done else None)
-        if reason == "length" and self.eos_ids and len(ev.tokens) and int(ev.tokens[-1]) in self.eos_ids:
-            reason = "stop"
-        if ts.stopped and not ev.done:
-            self.handle.cancel(i)  # a stop string ended it: free the slot at the next block
-        stop = None
-        if reason is not None:
-            self.reasons[i] = reason
-            self.tokens[i] = ts.n_tokens
-            self.metrics.finished(reason, ts.n_tokens)
-            # the stop token that ended the row (not in ev.tokens) unless a stop string cut the text before it
-            if ev.stop_id is not None and not ts.stopped and ts.n_tokens == len(ev.tokens):
-                stop = int(ev.stop_id)
-            if self.ids is not None:
-                self.ids[i] = [int(t) for t in ev.tokens[:ts.n_tokens]] + ([stop] if stop is not None else [])
-        end = ts.n_tokens if reason is not None else ts.tokens_covering()
-        if self.layout is not None:
-            self._last[i], self._end[i], self.nfe[i] = ev, min(end, len(ev.tokens)), ev.nfe
-        return delta, reason, self._logprobs(i, ev, end, stop)
-
-    def trace(self, i: int) -> dict | None:
-        """stream_trace: choice ``i``'s tokens covered by the text sent so far and not traced yet,
-        with each one's commit step and confidence (None without stream_trace)."""
-        if self.layout is None:
-            return None
-        ev, start = self._last[i], self._traced[i]
-        end = max(start, self._end[i])
-        self._traced[i] = end
-        ids = [] if ev is None else [int(t) for t in ev.tokens[start:end]]
-        steps = conf = ()
-        if ev is not None and ev.commit_step is not None:
-            steps, conf = ev.commit_step[start:end], ev.commit_conf[start:end]
-        gen_length, block_length = self.layout
-        return {"index": i, "start": start, "token_ids": ids, "tokens": [self.tt.text(t) for t in ids],
-                "commit_step": [int(x) for x in steps],
-                "confidence": [round(float(c), 4) if math.isfinite(c) else 0.0 for c in conf],
-                "nfe": self.nfe[i], "gen_length": gen_length, "block_length": block_length}
-
-    def _logprobs(self, i: int, ev: Event, end: int, stop: int | None = None):
-        if self.k is None:
-            return None
-        start = self.lp_sent[i]
-        end = min(end, len(ev.tokens))
-        new_tokens = ev.logprobs is not None and end > start
-        if self.kind == "chat":
-            new = []
-            if new_tokens:
-                self.lp_sent[i] = end
-                sl = slice(start, end)
-                new = chat_content(self.tt, ev.tokens[sl], ev.logprobs[sl], ev.top_ids[sl], ev.top_logprobs[sl],
-                                   self.k, as_ids=self.as_ids)
-            if stop is not None and self.as_ids and ev.stop_logprob is not None:
-                # vLLM lists the stop token too (its alternatives are not kept: an empty list)
-                new += chat_content(self.tt, [stop], [ev.stop_logprob], None, None, 0, as_ids=True)
-            self.chat_lp[i].extend(new)
-            return new
-        lp = self.comp_lp[i]
-        before = len(lp.tokens)
-        if new_tokens:
-            self.lp_sent[i] = end
-            sl = slice(start, end)
-            lp.add_generated(self.tt, ev.tokens[sl], ev.logprobs[sl], ev.top_ids[sl], ev.top_logprobs[sl], self.k)
-        return lp.since(before)
-
-    def chat_tokens(self, prompt_ids: list[int] | None, choice_ids: bool) -> responses.ChatTokens | None:
-        """The token fields of a finished chat answer (None unless the client asked for ids): NeMo-RL's
-        message fields with return_tokens_as_token_ids + logprobs, vLLM's token_ids with return_token_ids."""
-        if prompt_ids is None or self.ids is None:
-            return None
-        log_probs = None
-        if self.as_ids and self.k is not None:
-            log_probs = [[e.logprob for e in lp] for lp in self.chat_lp]
-        return responses.ChatTokens(prompt_ids, self.ids, log_probs, choice_ids)
-
-    def results(self) -> list[tuple[str, str]]:
-        return [(p + ts.text, r) for p, ts, r in zip(self.prefixes, self.streams, self.reasons)]
-
-    def logprobs(self) -> list | None:
-        if self.k is None:
-            return None
-        return self.chat_lp if self.kind == "chat" else [lp.body() for lp in self.comp_lp]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,9 +101,9 @@ class Serving:
             raise bad_request("return_token_ids is supported without stream (the ids come with the whole answer)",
                               "return_token_ids", "unsupported_parameter")
         messages = message_text(req.messages)
-        _check_chars(job.info, sum(len(m["content"]) for m in messages), "messages")
+        check_chars(job.info, sum(len(m["content"]) for m in messages), "messages")
         prefix = chat_tokens.token_prefix(job.info, req.messages, req.required_prefix_token_ids)
-        prompt = await run_in_threadpool(self._chat_prompt, job.info, messages, prefix)
+        prompt = await run_in_threadpool(chat_prompt, job.info, messages, prefix)
         job = dataclasses.replace(job, as_token_ids=bool(req.return_tokens_as_token_ids),
                                   return_token_ids=bool(req.return_token_ids))
         return await self._run(job, [prompt], request)
@@ -248,12 +116,12 @@ class Serving:
             self._check_rows(job, len(prompt))
             for i, p in enumerate(prompt):
                 if isinstance(p, str):
-                    _check_chars(job.info, len(p), f"prompt[{i}]" if len(prompt) > 1 else "prompt")
+                    check_chars(job.info, len(p), f"prompt[{i}]" if len(prompt) > 1 else "prompt")
         else:
             self._check_rows(job, 1)
             if isinstance(prompt, str):
-                _check_chars(job.info, len(prompt), "prompt")
-        prompts, texts = await run_in_threadpool(self._completion_prompts, job.info, req.prompt)
+                check_chars(job.info, len(prompt), "prompt")
+        prompts, texts = await run_in_threadpool(completion_prompts, job.info, req.prompt)
         return await self._run(job, prompts, request, texts)
 
     # ---- tokenizer endpoints (vLLM's shapes; lm-eval's tokenizer_backend=remote) ---------------
@@ -278,15 +146,15 @@ class Serving:
                 if getattr(req, name) is not None:
                     raise bad_request(f"{name} needs messages", name)
             add = True if req.add_special_tokens is None else req.add_special_tokens
-            _check_chars(info, len(req.prompt), "prompt")
-            ids = _encode(tok, req.prompt, "prompt", add_special_tokens=add)
+            check_chars(info, len(req.prompt), "prompt")
+            ids = encode(tok, req.prompt, "prompt", add_special_tokens=add)
         else:
             if not req.messages:
                 raise bad_request("messages must not be empty", "messages")
             messages = message_text(req.messages)
-            _check_chars(info, sum(len(m["content"]) for m in messages), "messages")
+            check_chars(info, sum(len(m["content"]) for m in messages), "messages")
             prefix = chat_tokens.token_prefix(info, req.messages, req.required_prefix_token_ids)
-            ids = self._chat_ids(info, messages, prefix, req.add_generation_prompt is not False,
+            ids = chat_ids(info, messages, prefix, req.add_generation_prompt is not False,
                                  bool(req.add_special_tokens))
         out = {"count": len(ids), "max_model_len": info.max_length, "tokens": ids}
         if req.return_token_strs:
@@ -367,64 +235,6 @@ class Serving:
             raise bad_request(f"{what} is {rows} sequences; this server's queue holds at most {limit} (--max-queue), "
                               "so this request can never be queued", param, "too_many_sequences")
 
-    @staticmethod
-    def _template_ids(info: ModelInfo, messages: list[dict], add_generation_prompt: bool = True,
-                      add_special_tokens: bool = False) -> list[int]:
-        tok = info.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise bad_request("this model has no chat template; use /v1/completions", "messages")
-        try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except Exception as e:  # noqa: BLE001 - jinja raises for conversations it does not accept
-            raise bad_request(f"the chat template rejected the messages: {clip(str(e), 200)}", "messages") from None
-        return _encode(tok, text, "messages", add_special_tokens=add_special_tokens)
-
-    @staticmethod
-    def _chat_ids(info: ModelInfo, messages: list[dict], prefix: chat_tokens.TokenPrefix | None,
-                  add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
-        """The template's ids; with ``prefix`` (an earlier turn's ids), those ids + the template's
-        continuation (``serve.chat_tokens``)."""
-        ids = Serving._template_ids(info, messages, add_generation_prompt, add_special_tokens)
-        if prefix is None:
-            return ids
-        upto = len(messages) if prefix.upto is None else prefix.upto + 1
-        head = Serving._template_ids(info, messages[:upto], False, add_special_tokens)
-        return chat_tokens.replace_prefix_tokens(prefix.ids, head, ids, frozenset(info.stop_token_ids), prefix.param)
-
-    @staticmethod
-    def _chat_prompt(info: ModelInfo, messages: list[dict], prefix: chat_tokens.TokenPrefix | None = None) -> list[int]:
-        ids = Serving._chat_ids(info, messages, prefix)
-        _check_fits(info, ids, "messages")
-        return ids
-
-    @staticmethod
-    def _completion_prompts(info: ModelInfo, prompt) -> tuple[list[list[int]], list[str]]:
-        """Token ids of each prompt, and its text (for echo: the string, or the ids decoded)."""
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            prompt = [prompt]
-        if not prompt:
-            raise bad_request("prompt must not be empty", "prompt")
-        out, texts = [], []
-        for i, p in enumerate(prompt):
-            param = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
-            if isinstance(p, str):
-                if info.tokenizer is None:
-                    raise bad_request("this model has no tokenizer; send token ids", param)
-                ids = _encode(info.tokenizer, p, param)
-            else:
-                ids = list(p)
-                bad = [t for t in ids if not 0 <= t < info.vocab or t == info.mask_token_id]
-                if bad:
-                    raise bad_request(f"token id {excerpt(bad[0])} is out of range [0, {info.vocab}) or is the mask "
-                                      f"token {info.mask_token_id}", param)
-            if not ids:
-                raise bad_request("prompt must not be empty", param)
-            _check_fits(info, ids, param)
-            out.append(ids)
-            texts.append(p if isinstance(p, str) else
-                         info.tokenizer.decode(ids, skip_special_tokens=False) if info.tokenizer is not None else "")
-        return out, texts
-
     async def _run(self, job: Job, prompts: list[list[int]], request: Request, texts: list[str] | None = None):
         n, req = len(job.params), job.req
         if len(prompts) * n > MAX_ROWS_PER_REQUEST:
@@ -503,27 +313,6 @@ class Serving:
                                              choices.logprobs(), choices.chat_tokens(call.prompt_ids,
                                                                                      call.return_token_ids))
         return responses.completion(call.id, call.created, call.model, choices.results(), use, choices.logprobs())
-
-
-def _encode(tok, text: str, param: str, **kw) -> list[int]:
-    try:
-        return tok.encode(text, **kw)
-    except Exception as e:  # noqa: BLE001 - e.g. lone surrogates the tokenizer cannot encode
-        raise bad_request(f"the text could not be tokenized: {type(e).__name__}: {clip(str(e), 200)}", param) from None
-
-
-def _check_chars(info: ModelInfo, chars: int, param: str) -> None:
-    """The first bound on a prompt, before it is tokenized: its characters."""
-    if chars > info.max_prompt_chars:
-        raise APIError(413, f"the prompt has {chars} characters; this server tokenizes at most {info.max_prompt_chars} "
-                            f"(--max-prompt-chars; by default the context of {info.max_length} tokens x the longest "
-                            "vocabulary entry)", param=param, code="prompt_too_long")
-
-
-def _check_fits(info: ModelInfo, ids: list[int], param: str) -> None:
-    if len(ids) >= info.max_length:
-        raise APIError(413, f"the prompt has {len(ids)} tokens; the model's context is {info.max_length} tokens "
-                            "(prompt + max_tokens must fit)", param=param, code="context_length_exceeded")
 
 
 async def _cancel_on_disconnect(request: Request, handle: Handle) -> None:

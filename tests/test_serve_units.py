@@ -29,7 +29,8 @@ from serve.errors import (
     QueueFull,
 )
 from serve.metrics import Metrics
-from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, check_fields
+from serve.field_policy import check_fields
+from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from serve.request_params import default_params, request_params
 from serve.requests import SeqRequest
 from serve_helpers import LLADA_MODEL, read_metrics

@@ -30,7 +30,7 @@ from serve.errors import EngineBusy, MemoryReleased, WeightUpdateFailed
 from serve.executor import Executor
 from serve.metrics import live_array_bytes, xla_compiles
 from serve.requests import SeqRequest
-from serve.weights import IN_PROCESS
+from serve.weight_reading import IN_PROCESS
 from serve_helpers import LLADA_MODEL
 from test_serve_units import TIMEOUT, collect, until
 
