@@ -64,7 +64,7 @@ async def health_generate(request: Request):
     if not ready:
         err = APIError(503, f"the engine is {state.replace('_', ' ')}", code=state)
         return JSONResponse(err.body(), status_code=503)
-    if engine.pause_mode is not None or getattr(engine, "released", False):
+    if engine.pause_mode is not None or engine.released:
         return PlainTextResponse("")
     info = engine.info()
     job = request.app.state.serving._job("completion", CompletionRequest.model_validate(
@@ -187,7 +187,7 @@ async def get_server_info(request: Request):
     info = engine.info()
     o = engine.options
     return {"model_path": info.source, "served_model_name": info.names[0], "context_length": info.max_length,
-            "max_running_requests": o.max_batch if hasattr(o, "max_batch") else None,
+            "max_running_requests": o.max_batch_size,
             "max_queued_requests": o.max_queue, "mesh": info.mesh, "family": info.family,
             "weight_version": engine.weights().label or "default", "paused": engine.pause_mode,
             "decoder_overrides": dict(engine.overrides), "allow_weight_updates": o.allow_weight_updates,

@@ -140,7 +140,7 @@ class Scheduler:
 
     def _sync_released(self) -> None:
         """Hold while the weights are off the device (``Engine.release_memory``)."""
-        if self.weights is not None and getattr(self.weights, "released", False):
+        if self.weights is not None and self.weights.released:
             self.holds.add("released")
         else:
             self.holds.discard("released")
@@ -315,7 +315,7 @@ class Scheduler:
         if done or len(tokens) != seq.sent:
             seq.sent = len(tokens)
             event = Event(seq.index, tokens, done, reason, u.nfe)
-            if reason == "stop" and getattr(u, "stop_id", None) is not None:
+            if reason == "stop" and u.stop_id is not None:
                 event.stop_id, event.stop_logprob, event.stop_commit_step = u.stop_id, u.stop_logprob, u.stop_commit_step
             if u.logprobs is not None:
                 n = len(tokens)

@@ -161,6 +161,7 @@ def test_nemo_rl_worker_sequence_reconfigure_and_restore(http):
     assert fixed["text"] == ref["choices"][0]["text"]
     info = http.get("/get_server_info").json()
     assert info["decoder_overrides"] == {"selection_policy": "confidence", "tokens_per_step": 1}
+    assert info["max_running_requests"] == 8  # --max-batch-size
     assert http.post("/reconfigure_dllm", json={"overrides": prev}).json()["success"] is True
     assert http.get("/get_server_info").json()["decoder_overrides"] == {}
     assert gen(http, PROMPTS[0])["output_ids"] == before["output_ids"]
