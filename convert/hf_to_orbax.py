@@ -193,41 +193,32 @@ def convert(source, dest, *, base_model=None, dtype: str = "bfloat16", overwrite
         del params
         shutil.copy2(file_in(config_dir, "config.json"), tmp / "config.json")
         tokenizer_from = _copy_tokenizer([layout.tokenizer_dir, base], tmp / TOKENIZER_DIR)
-        manifest = _manifest(source, src, layout, base_model, config_dir, tokenizer_from, config, dtype,
-                             sorted({infos[prefix + k].dtype for k in keys}), n_params, n_bytes, len(keys), prefix,
-                             ignored, time.perf_counter() - start)
+        manifest = {
+            "format": "dllm-jax-orbax/1",
+            "source": str(source),
+            "source_path": str(src.resolve()),
+            "source_layout": layout.kind,
+            "base_model": None if base_model is None else str(base_model),
+            "config_from": str(config_dir.resolve() / "config.json"),
+            "tokenizer_from": None if tokenizer_from is None else str(tokenizer_from.resolve()),
+            "family": config.family,
+            "dtype": dtype,
+            "source_dtypes": sorted({infos[prefix + k].dtype for k in keys}),
+            "param_count": int(n_params),
+            "bytes": int(n_bytes),
+            "tensors_converted": len(keys),
+            "key_prefix": prefix,
+            "ignored_keys": ignored,
+            "conversion_seconds": round(time.perf_counter() - start, 3),
+            "dllm_jax_version": _version(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _install(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
-
-
-def _manifest(source, src: Path, layout, base_model, config_dir: Path, tokenizer_from: Path | None, config,
-              dtype: str, source_dtypes: list, n_params: int, n_bytes: int, n_tensors: int, prefix: str,
-              ignored: list, seconds: float) -> dict:
-    """What ``dest/manifest.json`` records about a conversion."""
-    return {
-        "format": "dllm-jax-orbax/1",
-        "source": str(source),
-        "source_path": str(src.resolve()),
-        "source_layout": layout.kind,
-        "base_model": None if base_model is None else str(base_model),
-        "config_from": str(config_dir.resolve() / "config.json"),
-        "tokenizer_from": None if tokenizer_from is None else str(tokenizer_from.resolve()),
-        "family": config.family,
-        "dtype": dtype,
-        "source_dtypes": source_dtypes,
-        "param_count": int(n_params),
-        "bytes": int(n_bytes),
-        "tensors_converted": n_tensors,
-        "key_prefix": prefix,
-        "ignored_keys": ignored,
-        "conversion_seconds": round(seconds, 3),
-        "dllm_jax_version": _version(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def _config_dir(src: Path, layout, base_model) -> tuple[Path | None, Path]:

@@ -10,9 +10,9 @@ is thread-safe); ``batch`` and ``render`` share a lock so a scrape never sees ha
 
 ``xla_compiles_total`` counts every XLA compilation of the process (any program, from
 ``jax.monitoring``'s backend-compile event, and executables loaded from JAX's persistent
-compilation cache when one is configured: a load stands for a compile), so a change that made the serving programs
-retrace (a weight update with another tree structure, say) shows even where our own
-``compiles_total`` would not.
+compilation cache when one is configured: a load stands for a compile), so a change that
+made the serving programs retrace (a weight update with another tree structure, say) shows
+even where our own ``compiles_total`` would not.
 """
 
 from __future__ import annotations
