@@ -126,7 +126,7 @@ def warmup_buckets(spec, max_batch: int) -> tuple[tuple[int, int, int], ...]:
 
 
 def default_name(model: str | None) -> str:
-    from serve.demo import DEMO_NAME
+    from serve.engine.demo import DEMO_NAME
 
     if model is None:
         return DEMO_NAME
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from serve import multihost
+    from serve.engine import multihost
 
     multi = multihost.initialize(args.coordinator_address, args.num_processes, args.process_id,
                                  args.coordinator_bind_address)
@@ -153,7 +153,7 @@ def main(argv=None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
     import dllm_jax
-    from serve.demo import demo_model
+    from serve.engine.demo import demo_model
 
     mesh = dllm_jax.make_mesh(args.mesh)
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size, jax.devices()[0].platform)
@@ -174,10 +174,10 @@ def main(argv=None) -> None:
 
     import uvicorn
 
-    from serve.app import create_app
-    from serve.engine import Engine, EngineOptions
-    from serve.metrics import Metrics
-    from serve.security import allowed_hosts, guarded_protocol
+    from serve.api.app import create_app
+    from serve.engine.engine import Engine, EngineOptions
+    from serve.engine.metrics import Metrics
+    from serve.api.security import allowed_hosts, guarded_protocol
 
     names = args.served_model_name or [default_name(args.model)]
     options = EngineOptions(

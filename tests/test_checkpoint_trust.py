@@ -18,7 +18,7 @@ import pytest
 from convert.hf_to_orbax import convert
 from dllm_jax.checkpoint import CheckpointError, DcpSource, SafetensorsSource, save_safetensors
 from helpers import LLADA_DIR
-from serve import weight_reading as weights
+from serve.engine import weight_reading as weights
 
 torch = pytest.importorskip("torch")
 import torch.distributed.checkpoint  # noqa: E402 - the writer test_real_dcp_written_by_torch_reads uses
@@ -70,7 +70,7 @@ def test_crafted_dcp_metadata_runs_nothing(tmp_path, kind, where):
     assert not marker.exists(), "the pickle's payload ran"
     assert str(src / ".metadata") in str(e.value) and kind in str(e.value), e.value
     assert not (tmp_path / "out").exists()
-    # the server's POST /update_weights_from_disk reads through the same code (serve.weight_reading.read)
+    # the server's POST /update_weights_from_disk reads through the same code (serve.engine.weight_reading.read)
     with pytest.raises(CheckpointError) as e:
         weights.read(types.SimpleNamespace(config=None), str(src))
     assert not marker.exists()
@@ -242,7 +242,7 @@ class _Spy:
 
 
 def test_weights_root_confines_update_paths(tmp_path):
-    """``serve.weight_reading.confine`` (the --weights-root check): paths resolve inside the root or are refused."""
+    """``serve.engine.weight_reading.confine`` (the --weights-root check): paths resolve inside the root or are refused."""
     root = tmp_path / "root"
     (root / "ckpt").mkdir(parents=True)
     (root / "escape").symlink_to(tmp_path, target_is_directory=True)

@@ -105,8 +105,8 @@ def test_server_on_a_user_mesh(single, kind):
 
     import httpx
 
-    from serve.app import create_app
-    from serve.engine import Engine, EngineOptions
+    from serve.api.app import create_app
+    from serve.engine.engine import Engine, EngineOptions
 
     mesh = _meshes()[kind]()
     engine = Engine(lambda: dllm_jax.load(LLADA_DIR / "model", mesh=mesh), names=["tiny"],

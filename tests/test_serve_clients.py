@@ -251,7 +251,7 @@ def test_vllm_extras_are_honoured(http, llada_model):
                                               "include_stop_str_in_output": True})
     assert out["choices"][0]["message"]["content"] == plain[:plain.find(stop) + len(stop)]
     # a request stop token (the 4th generated token): the reply ends before it
-    from serve.logprobs import _byte_decoder
+    from serve.api.logprobs import _byte_decoder
 
     encoder = {b: ch for ch, b in _byte_decoder().items()}
     content = post(http, "/v1/chat/completions", {"messages": MSG, "max_tokens": 24,

@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from serve.security import allowed_hosts, host_name
+from serve.api.security import allowed_hosts, host_name
 from serve_helpers import LLADA_MODEL, Server, sse_events, validate
 
 BODY_LIMIT = 256 * 1024
@@ -135,8 +135,8 @@ def test_a_request_that_can_never_be_queued_is_400_not_429(http):
 
 
 def test_top_k_of_the_vocabulary_or_more_is_off():
-    from serve.protocol import ChatCompletionRequest
-    from serve.request_params import request_params
+    from serve.api.protocol import ChatCompletionRequest
+    from serve.api.request_params import request_params
 
     def params(**kw):
         req = ChatCompletionRequest(messages=MSG, temperature=0.7, seed=1, **kw)
@@ -149,8 +149,8 @@ def test_top_k_of_the_vocabulary_or_more_is_off():
 def test_5xx_bodies_carry_the_request_id_not_the_exception_text(caplog):
     """An engine failure (the fake executor raises in its step): the body names the request id,
     the log keeps 'device fell over'."""
-    from serve.app import create_app
-    from serve.engine import Engine, EngineOptions
+    from serve.api.app import create_app
+    from serve.engine.engine import Engine, EngineOptions
     from test_serve_units import FakeExecutor, fake_model
 
     engine = Engine(fake_model, names=["fake"], options=EngineOptions(max_batch_size=2, max_wait_ms=0),

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from dllm_jax.sampling.programs import Programs
-from serve.compiler import Compiler
+from serve.engine.compiler import Compiler
 from serve_helpers import LLADA_MODEL, Server, read_metrics, reference
 
 
@@ -86,7 +86,7 @@ def test_an_evicted_program_and_its_executable_are_freed():
 
 
 def test_compiler_forgets_evicted_keys_and_stale_failures(monkeypatch):
-    import serve.compiler as compiler_mod
+    import serve.engine.compiler as compiler_mod
 
     compiler = Compiler(lambda key: None, background=False, on_done=lambda: None)
     compiler.add("k")
@@ -121,7 +121,7 @@ def test_trim_heap_gives_freed_heap_pages_back(monkeypatch):
     leaves behind, here made with libc's malloc directly)."""
     import ctypes
 
-    import serve.compiler as compiler_mod
+    import serve.engine.compiler as compiler_mod
 
     if compiler_mod._trim is None:   # not glibc: nothing to trim, never an error
         assert not compiler_mod.trim_heap(force=True)
@@ -146,7 +146,7 @@ def test_trim_heap_gives_freed_heap_pages_back(monkeypatch):
 
 
 def test_compiler_trims_the_heap_after_each_compile_and_eviction(monkeypatch):
-    import serve.compiler as compiler_mod
+    import serve.engine.compiler as compiler_mod
 
     trims = []
     monkeypatch.setattr(compiler_mod, "trim_heap", lambda force=False: trims.append(force))

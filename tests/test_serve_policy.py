@@ -1,4 +1,4 @@
-"""The batching policy (``serve.policy``) on plain data: no scheduler thread, no executor, no clock.
+"""The batching policy (``serve.engine.policy``) on plain data: no scheduler thread, no executor, no clock.
 
 The scheduler's mechanics on a fake executor are test_serve_units'; here each decision is
 called directly with the sessions, waiting sequences, demand table and ``now`` it decides on.
@@ -11,9 +11,9 @@ import dataclasses
 import pytest
 
 from dllm_jax.sampling import program_key
-from serve.engine import EngineOptions
-from serve.policy import Policy, SessionView, Waiting
-from serve.request_params import default_params
+from serve.engine.engine import EngineOptions
+from serve.engine.policy import Policy, SessionView, Waiting
+from serve.api.request_params import default_params
 from test_serve_units import fake_model
 
 KEY = program_key(fake_model(), 10, default_params("llada", 64), 1)  # batch 1, prompt bucket 16

@@ -1,4 +1,4 @@
-"""SGLang's native API (``serve/rl.py``) against a real ``python -m serve`` process, driven the way
+"""SGLang's native API (``serve/api/rl.py``) against a real ``python -m serve`` process, driven the way
 the RL frameworks drive SGLang: the request sequences below are those of NeMo-RL's SGLang worker
 (PR #3167: nemo_rl/models/generation/sglang/sglang_worker.py, grpo.py), slime
 (slime/backends/sglang_utils/sglang_engine.py, server_control.py, ray/actor_group.py) and AReaL

@@ -13,8 +13,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from serve.chat_tokens import replace_prefix_tokens
-from serve.protocol import APIError
+from serve.api.chat_tokens import replace_prefix_tokens
+from serve.api.protocol import APIError
 from serve_helpers import LLADA_MODEL, Server, server_env, sse_events, validate
 
 NAME = "llada-tiny"

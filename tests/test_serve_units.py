@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from dllm_jax.sampling import BATCH_BUCKETS, SlotUpdate
-from serve.app import api_error, validation_param
-from serve.detok import TextStream
-from serve.engine import Engine, EngineOptions
-from serve.errors import (
+from serve.api.app import api_error, validation_param
+from serve.api.detok import TextStream
+from serve.engine.engine import Engine, EngineOptions
+from serve.engine.errors import (
     ClientDisconnected,
     ContextLengthExceeded,
     EngineDead,
@@ -28,11 +28,11 @@ from serve.errors import (
     EngineNotReady,
     QueueFull,
 )
-from serve.metrics import Metrics
-from serve.field_policy import check_fields
-from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
-from serve.request_params import default_params, request_params
-from serve.requests import SeqRequest
+from serve.engine.metrics import Metrics
+from serve.api.field_policy import check_fields
+from serve.api.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from serve.api.request_params import default_params, request_params
+from serve.engine.requests import SeqRequest
 from serve_helpers import LLADA_MODEL, read_metrics
 
 TIMEOUT = 30.0  # seconds any wait on the scheduler may take before the test fails
@@ -222,7 +222,7 @@ def test_text_stream_include_stop_str_and_keep_special_tokens(tok):
 
 
 def test_token_bytes_concatenate_to_the_text(tok):
-    from serve.logprobs import TokenText
+    from serve.api.logprobs import TokenText
 
     text = "héllo 日本 🎉 ok"
     ids = tok.encode(text, add_special_tokens=False)
@@ -242,7 +242,7 @@ def test_validation_param_names():
 
 class FakeExecutor:
     """Each step commits one block of token 7 in every occupied slot; rows finish at gen_length.
-    (A ``serve.executor.Device``.)"""
+    (A ``serve.engine.executor.Device``.)"""
 
     def __init__(self, model):
         self.steps_per_call: int | None = None
@@ -315,7 +315,7 @@ class FakeExecutor:
 
 
 def fake_model():
-    """A ``serve.executor.ServedModel`` without weights, tokenizer or program cache."""
+    """A ``serve.engine.executor.ServedModel`` without weights, tokenizer or program cache."""
     return types.SimpleNamespace(max_length=512, mesh=types.SimpleNamespace(shape={"data": 1, "model": 1}),
                                  family="llada", tokenizer=None, spec=types.SimpleNamespace(vocab=384),
                                  mask_token_id=336, stop_token_ids=(257,), source="fake", programs=None)
@@ -526,7 +526,7 @@ def test_app_answers_engine_errors_in_openai_shape(make_engine):
     """Through the app on the fake engine: a failed batch is a 500 engine_error, in-band when streamed."""
     import httpx
 
-    from serve.app import create_app
+    from serve.api.app import create_app
     from serve_helpers import sse_events
 
     engine = make_engine(max_batch_size=2, max_wait_ms=0)
@@ -601,8 +601,8 @@ def test_scoring_runs_on_the_scheduler_between_block_steps(make_engine):
 def test_refill_wait_holds_for_every_returning_client_not_just_the_first():
     """Rows that finish in one call free several slots; the next call waits (up to its deadline)
     until as many requests came back, so all of them join at the next step, and no longer."""
-    from serve.requests import Inbox
-    from serve.scheduler import Scheduler
+    from serve.engine.requests import Inbox
+    from serve.engine.scheduler import Scheduler
 
     inbox = Inbox(max_queue=100)
     sched = Scheduler(fake_model(), None, None, EngineOptions(), Metrics("fake"), inbox, None)
@@ -639,7 +639,7 @@ def test_a_row_that_cannot_be_admitted_fails_alone_its_batch_mates_match_their_s
     (alone in a session of the same compiled program: no second compile; the batch invariance of
     the programs is test_step_scheduling's and test_batch_invariance's); the failed slots stay free."""
     from dllm_jax.sampling import DecodeSession, Row, SamplingParams
-    from serve.executor import Executor
+    from serve.engine.executor import Executor
 
     model = llada_model  # (shared: the engine's changes to its program cache are undone below)
     limit, listeners = model.programs.max_programs, list(model.programs.on_evict)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jsonschema
 import pytest
 
-from serve.metrics import Metrics
+from serve.engine.metrics import Metrics
 from serve_helpers import read_metrics, validate
 
 

@@ -31,11 +31,11 @@ import pytest
 
 import dllm_jax
 from dllm_jax.checkpoint import CheckpointError, SafetensorsSource, load_tokenizer, save_safetensors
-from serve.app import create_app
-from serve.engine import Engine, EngineOptions
-from serve.errors import WeightUpdateFailed
-from serve.executor import Executor
-from serve.weight_reading import Staged
+from serve.api.app import create_app
+from serve.engine.engine import Engine, EngineOptions
+from serve.engine.errors import WeightUpdateFailed
+from serve.engine.executor import Executor
+from serve.engine.weight_reading import Staged
 from serve_helpers import LLADA_MODEL, Server, read_metrics, server_env, sse_events
 from helpers import LLADA_DIR
 from test_serve_units import TIMEOUT, FakeExecutor, collect, fake_model, seq, until, wait_for

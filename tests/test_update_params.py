@@ -25,12 +25,12 @@ import pytest
 
 import dllm_jax
 from dllm_jax.sampling import SamplingParams
-from serve.engine import Engine, EngineOptions
-from serve.errors import EngineBusy, MemoryReleased, WeightUpdateFailed
-from serve.executor import Executor
-from serve.metrics import live_array_bytes, xla_compiles
-from serve.requests import SeqRequest
-from serve.weight_reading import IN_PROCESS
+from serve.engine.engine import Engine, EngineOptions
+from serve.engine.errors import EngineBusy, MemoryReleased, WeightUpdateFailed
+from serve.engine.executor import Executor
+from serve.engine.metrics import live_array_bytes, xla_compiles
+from serve.engine.requests import SeqRequest
+from serve.engine.weight_reading import IN_PROCESS
 from serve_helpers import LLADA_MODEL
 from test_serve_units import TIMEOUT, collect, until
 

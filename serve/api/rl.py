@@ -1,10 +1,10 @@
 """SGLang's native API for RL rollouts: ``POST /generate`` (this module) and the control
-endpoints (``serve/rl_control.py``).
+endpoints (``serve/api/rl_control.py``).
 
 NeMo-RL's SGLang worker, slime and AReaL drive SGLang through these shapes (``http_server.py``,
 ``io_struct.py``); these modules speak them over the same engine the OpenAI endpoints use.
 
-``/generate``: the body is checked and translated by ``serve/rl_request.py``, then run as one
+``/generate``: the body is checked and translated by ``serve/api/rl_request.py``, then run as one
 engine submission. Each answer is SGLang's ``{"text", "output_ids", "meta_info"}``: a matched stop
 token stays in ``output_ids`` with its logprob; logprobs are taken at the step a token is
 committed, under the distribution it was drawn from (``logprobs_mode='processed'``: docs/api.md
@@ -23,13 +23,13 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
-from serve.detok import TextStream
-from serve.prompts import completion_prompts
-from serve.field_policy import stop_list
-from serve.protocol import APIError, bad_request, excerpt
-from serve.requests import Event, SeqRequest
-from serve.rl_request import GenerateRequest, Item, parse
-from serve.serving import _cancel_on_disconnect
+from serve.api.detok import TextStream
+from serve.api.prompts import completion_prompts
+from serve.api.field_policy import stop_list
+from serve.api.protocol import APIError, bad_request, excerpt
+from serve.engine.requests import Event, SeqRequest
+from serve.api.rl_request import GenerateRequest, Item, parse
+from serve.api.serving import _cancel_on_disconnect
 
 router = APIRouter()
 

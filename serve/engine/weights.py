@@ -48,12 +48,12 @@ import time
 import weakref
 from typing import Any, Callable
 
-from serve.errors import EngineDead, MemoryReleased, ServeError
-from serve.metrics import memory_in_use
-from serve.requests import resolve_future
-from serve.weight_reading import Staged, failure
+from serve.engine.errors import EngineDead, MemoryReleased, ServeError
+from serve.engine.metrics import memory_in_use
+from serve.engine.requests import resolve_future
+from serve.engine.weight_reading import Staged, failure
 
-log = logging.getLogger("serve.weights")
+log = logging.getLogger("serve.engine.weights")
 
 
 

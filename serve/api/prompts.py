@@ -7,9 +7,9 @@ Tokenizing is the expensive part; the routes call these in a worker thread.
 
 from __future__ import annotations
 
-from serve import chat_tokens
-from serve.engine_types import ModelInfo
-from serve.protocol import APIError, bad_request, clip, excerpt
+from serve.api import chat_tokens
+from serve.engine.engine_types import ModelInfo
+from serve.api.protocol import APIError, bad_request, clip, excerpt
 
 
 def encode(tok, text: str, param: str, **kw) -> list[int]:
@@ -47,7 +47,7 @@ def template_ids(info: ModelInfo, messages: list[dict], add_generation_prompt: b
 def chat_ids(info: ModelInfo, messages: list[dict], prefix: chat_tokens.TokenPrefix | None,
               add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
     """The template's ids; with ``prefix`` (an earlier turn's ids), those ids + the template's
-    continuation (``serve.chat_tokens``)."""
+    continuation (``serve.api.chat_tokens``)."""
     ids = template_ids(info, messages, add_generation_prompt, add_special_tokens)
     if prefix is None:
         return ids

@@ -22,8 +22,8 @@ import random
 
 from dllm_jax import FAMILY_CONFIGS
 from dllm_jax.sampling import ALGORITHMS, ALIASES, SamplingError, SamplingParams, SlidingDecoder, check_stop_count
-from serve.field_policy import top_logprobs
-from serve.protocol import DiffusionFields, bad_request, excerpt
+from serve.api.field_policy import top_logprobs
+from serve.api.protocol import DiffusionFields, bad_request, excerpt
 
 DEFAULT_MAX_TOKENS = 128
 

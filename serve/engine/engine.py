@@ -1,15 +1,15 @@
 """The engine the routes see: ``info``, ``health``, ``warmup`` (at start), ``submit`` and ``score``.
 
-It loads the model and runs the scheduler (``serve.scheduler``) on its own thread, so the
+It loads the model and runs the scheduler (``serve.engine.scheduler``) on its own thread, so the
 asyncio front end only queues sequences and reads events back: ``/health`` and ``/metrics``
 answer while a block program runs. Health: loading -> warming_up -> ready, or dead when the
 thread failed (every pending request then gets ``EngineDead``). Refusals are the domain
-errors of ``serve.errors`` (``EngineNotReady``, ``ContextLengthExceeded``, ``QueueFull``);
-``serve.app`` maps them to HTTP.
+errors of ``serve.engine.errors`` (``EngineNotReady``, ``ContextLengthExceeded``, ``QueueFull``);
+``serve.api.app`` maps them to HTTP.
 
 Weights can be replaced while serving (``update_weights``, off unless ``allow_weight_updates``):
-each queued sequence and scoring job carries the ``serve.weights.Weights`` that were current
-when its request was queued, and runs on them to the end (see ``serve.weights``). In process, a
+each queued sequence and scoring job carries the ``serve.engine.weights.Weights`` that were current
+when its request was queued, and runs on them to the end (see ``serve.engine.weights``). In process, a
 trainer hands over a pytree instead (``update_params``, single process): same queue, same swap
 point, no disk, no recompile. ``release_memory`` / ``resume_memory`` move the weights off the
 device and back (SGLang's release / resume_memory_occupation); ``released`` says which.
@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 import jax
 
 from dllm_jax.sampling import PROMPT_BUCKETS, ContextOverflow, program_key
-from serve.compiler import Compiler
-from serve.errors import (
+from serve.engine.compiler import Compiler
+from serve.engine.errors import (
     ContextLengthExceeded,
     EngineBusy,
     EngineDead,
@@ -37,7 +37,7 @@ from serve.errors import (
     WeightUpdateFailed,
     WeightUpdatesDisabled,
 )
-from serve.engine_types import (
+from serve.engine.engine_types import (
     EngineOptions,
     ModelInfo,
     State,
@@ -45,12 +45,12 @@ from serve.engine_types import (
     WeightedSeq,
     prompt_chars_bound,
 )
-from serve.executor import Device, Executor, ServedModel
-from serve.metrics import Metrics, live_array_bytes
-from serve.requests import ControlJob, Event, Handle, Inbox, SeqRequest
-from serve.scheduler import Scheduler
-from serve.weight_reading import IN_PROCESS
-from serve.weights import MemoryJob, Swapper, UpdateJob, Weights
+from serve.engine.executor import Device, Executor, ServedModel
+from serve.engine.metrics import Metrics, live_array_bytes
+from serve.engine.requests import ControlJob, Event, Handle, Inbox, SeqRequest
+from serve.engine.scheduler import Scheduler
+from serve.engine.weight_reading import IN_PROCESS
+from serve.engine.weights import MemoryJob, Swapper, UpdateJob, Weights
 
 log = logging.getLogger("serve.engine")
 
@@ -356,7 +356,7 @@ class Engine:
         log.debug("evicted %s", key)
 
     def _warmup(self) -> None:
-        from serve.request_params import default_params
+        from serve.api.request_params import default_params
 
         buckets = self.options.warmup
         for i, (batch, prompt_len, gen_length) in enumerate(buckets, 1):

@@ -25,7 +25,7 @@ import h11
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from serve.protocol import APIError
+from serve.api.protocol import APIError
 
 log = logging.getLogger("serve")
 

@@ -7,15 +7,15 @@ the limit is handed to the app unchanged (buffered, then replayed as one message
 connection's later messages (``http.disconnect``) still reach the app.
 
 The 413 carries ``Connection: close`` (the rest of the body is not read). The other bounds
-(prompt characters and tokens, canvas, stops ...) are checked by ``serve.serving`` and
-``serve.request_params`` once the body is parsed.
+(prompt characters and tokens, canvas, stops ...) are checked by ``serve.api.serving`` and
+``serve.api.request_params`` once the body is parsed.
 """
 
 from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-from serve.protocol import APIError
+from serve.api.protocol import APIError
 
 BODY_METHODS = (b"POST", b"PUT", b"PATCH")
 

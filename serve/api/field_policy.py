@@ -3,7 +3,7 @@
 Every field a client may send is either honoured, accepted because its value cannot change the
 result (``IGNORED``; ``presence_penalty=0`` and the others of ``NEUTRAL_ONLY`` at their neutral
 value), or rejected with a 400 that names it and its allowed range (``check_fields``,
-``check_logprobs``). The request models are in ``serve/protocol.py``; the table in docs/api.md.
+``check_logprobs``). The request models are in ``serve/api/protocol.py``; the table in docs/api.md.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from dllm_jax.sampling import MAX_TOP_LOGPROBS, check_stop_count
-from serve.protocol import (
+from serve.api.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
@@ -74,7 +74,7 @@ def check_fields(req: DiffusionFields, *, max_stop_chars: int = MAX_STOP_CHARS) 
     """Reject what we cannot honour (400 naming the field and its allowed range).
 
     The ranges that need the model (``stop_token_ids`` < vocab, ``steps`` <= the canvas, the
-    canvas cap) are checked by ``serve.request_params.request_params``.
+    canvas cap) are checked by ``serve.api.request_params.request_params``.
     """
     fields = dict(req.model_extra or {})
     for name in ("logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty", "suffix",

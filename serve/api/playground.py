@@ -1,4 +1,4 @@
-"""The playground: ``GET /`` serves one self-contained page (``serve/static``: HTML, CSS, plain
+"""The playground: ``GET /`` serves one self-contained page (``serve/api/static``: HTML, CSS, plain
 JS; package data, no build step, no CDN), which talks to this server's own streaming API with
 ``stream_trace`` and draws the canvas filling in block by block.
 
@@ -13,8 +13,8 @@ from pathlib import Path
 from fastapi import APIRouter
 from starlette.responses import FileResponse
 
-from serve.protocol import APIError
-from serve.security import PAGE_HEADERS
+from serve.api.protocol import APIError
+from serve.api.security import PAGE_HEADERS
 
 STATIC = Path(__file__).resolve().parent / "static"
 PAGE = "index.html"

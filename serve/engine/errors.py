@@ -1,7 +1,7 @@
 """What the engine and the scheduler raise: domain errors, no HTTP in sight.
 
 They carry the facts (how full the queue is, what did not fit, which state the engine is
-in); ``serve.app.api_error`` is the one place that turns them into HTTP statuses and
+in); ``serve.api.app.api_error`` is the one place that turns them into HTTP statuses and
 OpenAI error bodies, so the engine can be driven (and tested) without the web layer.
 """
 

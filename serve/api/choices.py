@@ -1,17 +1,17 @@
 """The choices of one OpenAI call in flight: engine events in, text (stop strings, UTF-8 safe),
 logprobs, traces and finish reasons out; read by the non-streamed answer and by
-``serve.streaming``."""
+``serve.api.streaming``."""
 
 from __future__ import annotations
 
 import math
 from typing import Sequence
 
-from serve import responses
-from serve.detok import TextStream
-from serve.logprobs import CompletionLogprobs, TokenText, chat_content
-from serve.metrics import Metrics
-from serve.requests import Event, Handle
+from serve.api import responses
+from serve.api.detok import TextStream
+from serve.api.logprobs import CompletionLogprobs, TokenText, chat_content
+from serve.engine.metrics import Metrics
+from serve.engine.requests import Event, Handle
 class Choices:
     """Text, finish reason, token count (and logprobs) of every choice of one request."""
 

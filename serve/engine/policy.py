@@ -1,4 +1,4 @@
-"""The batching policy: pure decisions over plain data, applied by ``serve.scheduler``.
+"""The batching policy: pure decisions over plain data, applied by ``serve.engine.scheduler``.
 
 Between two device calls the scheduler asks, and this module answers:
 
@@ -31,7 +31,7 @@ another batch.
 The inputs are plain: ``SessionView`` (a running session), ``Waiting`` (a queued sequence), the
 demand table and ``now`` (monotonic seconds, passed in: nothing here reads a clock). The one
 question asked outside is ``ready(key)``: is a program of that size compiled
-(``serve.compiler.Compiler.ready``, which starts its compile when it is not).
+(``serve.engine.compiler.Compiler.ready``, which starts its compile when it is not).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Waiting:
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """The batching knobs (``serve.engine.EngineOptions``) and the decisions made with them."""
+    """The batching knobs (``serve.engine.engine_types.EngineOptions``) and the decisions made with them."""
 
     max_batch_size: int
     max_sessions: int

@@ -1,6 +1,6 @@
 """Reading new weights for the running model, installing nothing: a checkpoint directory
 (``read``: Orbax, HF or NeMo-RL DCP, confined to ``--weights-root``) or an in-process pytree
-(``stage``). The result is a ``Staged`` tree on the running dtype and shardings; ``serve/weights.py``
+(``stage``). The result is a ``Staged`` tree on the running dtype and shardings; ``serve/engine/weights.py``
 queues and installs it. Every reader is ``dllm_jax.checkpoint``'s (no pickle is ever loaded).
 """
 
@@ -22,7 +22,7 @@ from dllm_jax.checkpoint import (
     read_hf_config,
     read_params,
 )
-from serve.errors import IncompatibleWeights, WeightUpdateFailed
+from serve.engine.errors import IncompatibleWeights, WeightUpdateFailed
 
 IN_PROCESS = "in-process params"  # the source of a version installed by update_params (no path)
 

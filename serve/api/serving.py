@@ -4,9 +4,9 @@ request -> field policy -> sampling params -> prompt token ids -> ``engine.submi
 -> text (``TextStream``: stop strings, UTF-8-safe) -> an OpenAI response body or an SSE stream.
 
 A validated request is a ``Job``; once its sequences are queued it is a ``Call`` (its
-``serve.choices.Choices``), which both the non-streamed answer and ``serve.streaming`` read.
-Prompt ids come from ``serve.prompts`` (chat template, completion prompts, their bounds). Engine errors arrive as
-``serve.errors`` exceptions: raised to the app's handlers, or (streaming) turned into an
+``serve.api.choices.Choices``), which both the non-streamed answer and ``serve.api.streaming`` read.
+Prompt ids come from ``serve.api.prompts`` (chat template, completion prompts, their bounds). Engine errors arrive as
+``serve.engine.errors`` exceptions: raised to the app's handlers, or (streaming) turned into an
 in-band error body by the ``errors`` mapping the app passes in.
 """
 
@@ -23,15 +23,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from dllm_jax.sampling import SamplingParams
-from serve import chat_tokens, responses
-from serve.choices import Choices
-from serve.field_policy import check_fields, message_text, stop_list, top_logprobs
-from serve.logprobs import CompletionLogprobs, TokenText, top_dict
-from serve.engine import Engine
-from serve.engine_types import ModelInfo
-from serve.errors import ClientDisconnected
-from serve.metrics import Metrics
-from serve.protocol import (
+from serve.api import chat_tokens, responses
+from serve.api.choices import Choices
+from serve.api.field_policy import check_fields, message_text, stop_list, top_logprobs
+from serve.api.logprobs import CompletionLogprobs, TokenText, top_dict
+from serve.engine.engine import Engine
+from serve.engine.engine_types import ModelInfo
+from serve.engine.errors import ClientDisconnected
+from serve.engine.metrics import Metrics
+from serve.api.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -43,10 +43,10 @@ from serve.protocol import (
     clip,
     excerpt,
 )
-from serve.request_params import apply_overrides, request_params
-from serve.requests import Event, Handle, SeqRequest
-from serve.prompts import chat_ids, chat_prompt, check_chars, completion_prompts, encode
-from serve.streaming import sse_stream
+from serve.api.request_params import apply_overrides, request_params
+from serve.engine.requests import Event, Handle, SeqRequest
+from serve.api.prompts import chat_ids, chat_prompt, check_chars, completion_prompts, encode
+from serve.api.streaming import sse_stream
 
 log = logging.getLogger("serve")
 
@@ -83,7 +83,7 @@ class Call:
     prompt_tokens: int
     include_usage: bool
     metrics: Metrics
-    errors: Callable[[Exception], APIError]   # engine error -> its HTTP error (serve.app.api_error)
+    errors: Callable[[Exception], APIError]   # engine error -> its HTTP error (serve.api.app.api_error)
     prompt_ids: list[int] | None = None        # chat, when the client asked for token ids
     return_token_ids: bool = False
 

@@ -7,10 +7,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
-from serve import responses
-from serve.request_params import aliases, algorithm_names, family_defaults
-from serve.errors import WeightUpdatesDisabled
-from serve.protocol import (
+from serve.api import responses
+from serve.api.request_params import aliases, algorithm_names, family_defaults
+from serve.engine.errors import WeightUpdatesDisabled
+from serve.api.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,

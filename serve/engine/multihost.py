@@ -26,9 +26,9 @@ from typing import Callable
 
 import numpy as np
 
-from serve.executor import Command, Executor
+from serve.engine.executor import Command, Executor
 
-log = logging.getLogger("serve.multihost")
+log = logging.getLogger("serve.engine.multihost")
 
 
 def slurm_multi_task() -> bool:

@@ -1,17 +1,17 @@
-"""The scheduler thread: it applies the batching policy's decisions (``serve.policy``) through
+"""The scheduler thread: it applies the batching policy's decisions (``serve.engine.policy``) through
 the executor and streams each row's tokens back to its request.
 
-Each iteration, between two device calls: weight updates install (``serve.weights``; a session
+Each iteration, between two device calls: weight updates install (``serve.engine.weights``; a session
 runs on the version it was opened with and admits only sequences of it), at most one scoring
 job (``Model.score``) runs, cancelled rows leave; empty sessions close, waiting sequences join
 free slots and new sessions open as the policy decides (a program not compiled yet compiles in
-the background, ``serve.compiler``, while its group borrows one or waits). Then one session
+the background, ``serve.engine.compiler``, while its group borrows one or waits). Then one session
 (round robin) runs one call of its step program (a few denoising steps, fewer once a row
 finishes): each row's tokens go to its request's ``Handle``, finished rows free their slot for
 the next step, and the next call may wait for returning clients (``Policy.refill``).
 
-Every device-facing call goes through the executor (``serve.executor.Device``); the asyncio
-side talks to this thread only through the ``Inbox`` and the handles (``serve.requests``). A
+Every device-facing call goes through the executor (``serve.engine.executor.Device``); the asyncio
+side talks to this thread only through the ``Inbox`` and the handles (``serve.engine.requests``). A
 failure reaches the requests involved as ``EngineFailed`` (the engine dying: ``EngineDead``),
 never as an HTTP error. What it fails:
 
@@ -33,16 +33,16 @@ import numpy as np
 from typing import TYPE_CHECKING
 
 from dllm_jax.sampling import ProgramKey, program_key
-from serve.compiler import Compiler
-from serve.errors import EngineDead, EngineFailed, ServeError
-from serve.executor import Device, ServedModel
-from serve.metrics import Metrics
-from serve.policy import Policy, SessionView, Waiting
-from serve.requests import Event, Inbox
+from serve.engine.compiler import Compiler
+from serve.engine.errors import EngineDead, EngineFailed, ServeError
+from serve.engine.executor import Device, ServedModel
+from serve.engine.metrics import Metrics
+from serve.engine.policy import Policy, SessionView, Waiting
+from serve.engine.requests import Event, Inbox
 
 if TYPE_CHECKING:  # (what the engine queues: sequences and scoring jobs with their weights version)
-    from serve.engine_types import WeightedScoreJob, WeightedSeq
-    from serve.weights import Weights
+    from serve.engine.engine_types import WeightedScoreJob, WeightedSeq
+    from serve.engine.weights import Weights
 
 log = logging.getLogger("serve.engine")
 
@@ -70,7 +70,7 @@ class Scheduler:
     def __init__(self, model: ServedModel, executor: Device, compiler: Compiler, options, metrics: Metrics,
                  inbox: Inbox, prompt_buckets, weights=None):
         self.model, self.executor, self.compiler = model, executor, compiler
-        self.weights = weights  # the serve.weights.Swapper (None: weights never change)
+        self.weights = weights  # the serve.engine.weights.Swapper (None: weights never change)
         self.options, self.metrics, self.inbox = options, metrics, inbox
         self.policy = Policy.of(options, data=model.mesh.shape["data"])
         self.prompt_buckets = prompt_buckets
@@ -199,7 +199,7 @@ class Scheduler:
                     self._release(session, slot)
 
     def _schedule(self, now: float) -> None:
-        """Close, join, open (``serve.policy``), then admit what joined or opened."""
+        """Close, join, open (``serve.engine.policy``), then admit what joined or opened."""
         self._close_idle()
         views, queued = self._views(), self.waiting  # (a failed opening replaces self.waiting)
         waiting = [Waiting(q.group, q.need, q.weights, q.arrival) for q in queued]

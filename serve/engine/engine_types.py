@@ -8,9 +8,9 @@ import dataclasses
 import enum
 
 from dllm_jax.sampling import STEPS_PER_CALL
-from serve.executor import ServedModel
-from serve.requests import ScoreJob, Seq
-from serve.weights import Weights
+from serve.engine.executor import ServedModel
+from serve.engine.requests import ScoreJob, Seq
+from serve.engine.weights import Weights
 
 
 def prompt_chars_bound(model: ServedModel) -> int:
@@ -51,7 +51,7 @@ class ModelInfo:
 
 @dataclasses.dataclass(frozen=True)
 class EngineOptions:
-    """Batching knobs (see ``serve.policy``, which decides with them, and ``serve.scheduler``)."""
+    """Batching knobs (see ``serve.engine.policy``, which decides with them, and ``serve.engine.scheduler``)."""
 
     max_batch_size: int = 32
     max_wait_ms: float = 5.0

@@ -4,9 +4,9 @@ No client input may produce FastAPI's ``{"detail": ...}`` body, a 422 or a 500: 
 errors (malformed JSON, wrong types) answer 400 naming the field, unknown routes 404, and a
 catch-all handler turns any bug into a 500 in OpenAI's shape without touching the engine.
 
-``api_error`` is the only place where the engine's domain errors (``serve.errors``) become
+``api_error`` is the only place where the engine's domain errors (``serve.engine.errors``) become
 HTTP statuses and OpenAI error bodies: for the exception handlers here, and for errors a
-stream meets after its status line (``serve.streaming`` sends the body in-band).
+stream meets after its status line (``serve.api.streaming`` sends the body in-band).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from dllm_jax.sampling import SamplingError
-from serve.engine import Engine
-from serve.errors import (
+from serve.engine.engine import Engine
+from serve.engine.errors import (
     ClientDisconnected,
     ContextLengthExceeded,
     EngineBusy,
@@ -40,16 +40,16 @@ from serve.errors import (
     WeightUpdateFailed,
     WeightUpdatesDisabled,
 )
-from serve.metrics import Metrics
-from serve.playground import is_open as playground_path
-from serve.playground import router as playground_router
-from serve.limits import BodyLimit
-from serve.protocol import REQUEST_ID, APIError, clip, request_id
-from serve.routes import router
-from serve.rl import router as rl_router
-from serve.rl_control import router as rl_control_router
-from serve.security import HostCheck
-from serve.serving import Serving
+from serve.engine.metrics import Metrics
+from serve.api.playground import is_open as playground_path
+from serve.api.playground import router as playground_router
+from serve.api.limits import BodyLimit
+from serve.api.protocol import REQUEST_ID, APIError, clip, request_id
+from serve.api.routes import router
+from serve.api.rl import router as rl_router
+from serve.api.rl_control import router as rl_control_router
+from serve.api.security import HostCheck
+from serve.api.serving import Serving
 
 log = logging.getLogger("serve")
 
@@ -162,7 +162,7 @@ class RequestContext:
 def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics | None = None,
                on_shutdown=None, allowed_hosts: frozenset[str] | None = None) -> FastAPI:
     """The app; ``on_shutdown`` runs after the engine stopped (multi-host: jax.distributed.shutdown);
-    ``allowed_hosts``: the Host names answered (None: any; ``serve.security.allowed_hosts``)."""
+    ``allowed_hosts``: the Host names answered (None: any; ``serve.api.security.allowed_hosts``)."""
     metrics = metrics or engine.metrics
 
     @contextlib.asynccontextmanager

@@ -4,7 +4,7 @@
 ``Event``s (final tokens so far, or an error) come back through the request's ``Handle``,
 which also carries cancellations back to the inbox. A ``ScoreJob`` (prompt scoring, echo +
 logprobs) goes in through the same inbox and its result comes back in its own future. Errors are the domain errors of
-``serve.errors``; the HTTP layer maps them.
+``serve.engine.errors``; the HTTP layer maps them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dllm_jax.sampling import ProgramKey, SamplingParams
-from serve.errors import QueueFull
+from serve.engine.errors import QueueFull
 
 
 @dataclasses.dataclass

@@ -1,5 +1,5 @@
 """SGLang's control endpoints for RL: pause / continue / abort, decoder defaults, weight version,
-health, loads, server and model info, memory release (``serve/rl.py`` has ``/generate``).
+health, loads, server and model info, memory release (``serve/api/rl.py`` has ``/generate``).
 
 Pause / continue / abort run on the scheduler thread (``Engine.pause``, ``resume``, ``abort``);
 ``/reconfigure_dllm`` changes the decoder defaults requests get when they leave a field out
@@ -18,11 +18,11 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, PlainTextResponse
 
-from serve.errors import WeightUpdatesDisabled
-from serve.protocol import APIError, CompletionRequest, _Strict, bad_request, clip, excerpt
-from serve.request_params import SELECTION_POLICIES
-from serve.requests import SeqRequest
-from serve.rl import service
+from serve.engine.errors import WeightUpdatesDisabled
+from serve.api.protocol import APIError, CompletionRequest, _Strict, bad_request, clip, excerpt
+from serve.api.request_params import SELECTION_POLICIES
+from serve.engine.requests import SeqRequest
+from serve.api.rl import service
 
 log = logging.getLogger("serve")
 router = APIRouter()

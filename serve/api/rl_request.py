@@ -4,7 +4,7 @@ The body's ``sampling_params`` become the OpenAI/diffusion fields of a ``Complet
 (``max_new_tokens`` -> ``max_tokens``, ``sampling_seed`` -> ``seed``, ``no_stop_trim`` -> keep the
 stop string in ``text``), validated by the same field policy as ``/v1/completions``; a 400 names the
 SGLang field (``sampling_params.max_new_tokens``). Everything here is checked before any prompt is
-tokenized or any work is queued (``serve/rl.py`` runs what ``parse`` returns).
+tokenized or any work is queued (``serve/api/rl.py`` runs what ``parse`` returns).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from dllm_jax.sampling import MAX_TOP_LOGPROBS
-from serve.protocol import APIError, CompletionRequest, _Strict, bad_request, clip, excerpt
-from serve.prompts import check_chars
-from serve.serving import MAX_ROWS_PER_REQUEST
+from serve.api.protocol import APIError, CompletionRequest, _Strict, bad_request, clip, excerpt
+from serve.api.prompts import check_chars
+from serve.api.serving import MAX_ROWS_PER_REQUEST
 
 RENAMED = {"max_new_tokens": "max_tokens", "sampling_seed": "seed", "min_new_tokens": "min_tokens"}
 BACK = {v: k for k, v in RENAMED.items()}

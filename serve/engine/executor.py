@@ -3,11 +3,11 @@
 The scheduler decides *what* runs; this class is the only code that touches sessions, as a
 sequence of small commands (open, admit, step, release, close, warmup, score). That makes
 multi-host serving a matter of replaying the same sequence: on process 0 each command is
-broadcast to the other processes before it runs (``serve.multihost``), and followers call
+broadcast to the other processes before it runs (``serve.engine.multihost``), and followers call
 ``apply`` with what they receive, so all processes enter the same jitted programs and
 collectives in the same order.
 
-Weights (``serve.weights``): the executor keeps every resident weights *version* as a Model
+Weights (``serve.engine.weights``): the executor keeps every resident weights *version* as a Model
 sharing the compiled programs (``Model.with_params``); a session runs on the version it was
 opened with until it closes, a score on the one it names. Installing a new version (single
 host: ``install`` of what ``read_weights`` read off the scheduler thread; multi-host: the
@@ -32,9 +32,9 @@ import jax
 import numpy as np
 
 from dllm_jax.sampling import DecodeSession, ProgramKey, Row, SamplingParams, SlotUpdate
-from serve import weight_reading
-from serve.errors import WeightUpdateFailed
-from serve.host_copy import HostCopy
+from serve.engine import weight_reading
+from serve.engine.errors import WeightUpdateFailed
+from serve.engine.host_copy import HostCopy
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Server-sent events: text is streamed as diffusion blocks become final.
 
 Chunk order (per OpenAI): a role chunk per choice (chat only), one text delta per choice and
-finished block whose text grew (incremental, UTF-8-safe detokenisation in ``serve.detok``;
+finished block whose text grew (incremental, UTF-8-safe detokenisation in ``serve.api.detok``;
 with the logprobs of its own new tokens when asked for), a final chunk per choice with its ``finish_reason``, a usage chunk with empty ``choices``
 when ``stream_options.include_usage``, then ``data: [DONE]``. An error after the stream has
 started is sent as one ``data: {"error": ...}`` event before ``[DONE]`` (an engine error
@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from starlette.responses import StreamingResponse
 
-from serve import responses
-from serve.errors import ServeError
-from serve.protocol import APIError
+from serve.api import responses
+from serve.engine.errors import ServeError
+from serve.api.protocol import APIError
 
 if TYPE_CHECKING:
-    from serve.serving import Call
+    from serve.api.serving import Call
 
 log = logging.getLogger("serve")
 

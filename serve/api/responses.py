@@ -58,7 +58,7 @@ class ChatTokens:
     """Token ids an RL client asked for with a chat completion.
 
     Attributes:
-      prompt_ids: the prompt's ids (after ``serve.chat_tokens`` joined an earlier turn's ids).
+      prompt_ids: the prompt's ids (after ``serve.api.chat_tokens`` joined an earlier turn's ids).
       generated: each choice's generated ids (a stop token that ended it included, as vLLM returns them).
       log_probs: each choice's logprob per generated id, or None: then the message fields are not sent.
       choice_ids: vLLM's ``return_token_ids``: the response's ``prompt_token_ids`` and each choice's

@@ -5,7 +5,7 @@ the result (``user``, ``metadata``, ``presence_penalty=0`` ...), or rejected wit
 Unknown fields are rejected too, with OpenAI's own wording ("Unrecognized request argument
 supplied"), so nothing that changes results is silently ignored. The diffusion fields
 (``steps``, ``block_length``, ``algorithm`` ...) arrive top-level, which is where the
-``openai`` client puts ``extra_body``. The checks of each field are in ``serve/field_policy.py``;
+``openai`` client puts ``extra_body``. The checks of each field are in ``serve/api/field_policy.py``;
 the table lives in docs/api.md.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# The X-Request-Id of the request being handled (set by serve.app.RequestContext); 5xx bodies
+# The X-Request-Id of the request being handled (set by serve.api.app.RequestContext); 5xx bodies
 # carry it instead of the exception text, which stays in the log.
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -94,7 +94,7 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-    # NeMo-Gym: an earlier assistant turn with the ids it was generated from (serve.chat_tokens)
+    # NeMo-Gym: an earlier assistant turn with the ids it was generated from (serve.api.chat_tokens)
     prompt_token_ids: list[int] | None = None
     generation_token_ids: list[int] | None = None
     generation_log_probs: list[float] | None = None
@@ -156,7 +156,7 @@ class ChatCompletionRequest(DiffusionFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    # RL clients (vLLM / NeMo-RL's chat server, NeMo-Gym): see serve.chat_tokens and docs/api.md
+    # RL clients (vLLM / NeMo-RL's chat server, NeMo-Gym): see serve.api.chat_tokens and docs/api.md
     return_tokens_as_token_ids: bool | None = None  # logprobs tokens as "token_id:<id>" + the message's ids
     return_token_ids: bool | None = None            # vLLM: response prompt_token_ids, each choice's token_ids
     required_prefix_token_ids: list[int] | None = None  # the prompt starts with these ids
