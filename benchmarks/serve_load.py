@@ -168,7 +168,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 def direct(model, prompts: list[list[int]], batch: int, max_tokens: int) -> tuple[float, int]:
     """Seconds and output tokens of Model.generate over the requests in batches, with the
     server's default LLaDA settings (dual cache, threshold 0.9, early stop)."""
-    from serve.api.request_params import default_params, gen_length_for
+    from serve.api.request_params import gen_length_for
+    from serve.engine.defaults import default_params
 
     p = default_params(model.family, gen_length_for(max_tokens, 32))
     kwargs = dict(gen_length=p.gen_length, block_length=p.block_length, algorithm=p.algorithm,

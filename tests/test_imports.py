@@ -1,5 +1,6 @@
 """The import graph of ``dllm_jax``: no cycles, no imports hidden inside functions, and the other
-packages (``serve``, ``convert``) use only its public modules and never import each other.
+packages (``serve``, ``convert``) use only its public modules and never import each other;
+inside ``serve``, the engine (``serve.engine``) never imports the HTTP front end (``serve.api``).
 
 Every import statement counts wherever it is: inside functions, under ``if TYPE_CHECKING:``
 (annotation-only imports), in ``try:`` blocks; relative imports are resolved against the
@@ -118,6 +119,22 @@ def test_serve_and_convert_do_not_import_each_other(package, other):
             if target.split(".")[0] == other:
                 crossing.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
     assert not crossing, crossing
+
+
+def test_serve_engine_does_not_import_the_http_front_end():
+    """``serve.engine`` (the engine) never imports ``serve.api`` (the HTTP front end) nor the CLI:
+    the front end drives the engine, never the other way round, so the engine runs (and is
+    tested) without the web layer. ``serve.api`` may import ``serve.engine``."""
+    known = _modules("serve")
+    assert {"serve.api", "serve.engine"} <= set(known), sorted(known)  # the layout this test is about
+    found = []
+    for name, path in known.items():
+        if name != "serve.engine" and not name.startswith("serve.engine."):
+            continue
+        for target, line, _ in _all_imports(path, name, known):
+            if target == "serve.__main__" or target == "serve.api" or target.startswith("serve.api."):
+                found.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+    assert not found, found
 
 
 def test_the_walker_sees_every_kind_of_import(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from dllm_jax.sampling import program_key
 from serve.engine.engine import EngineOptions
 from serve.engine.policy import Policy, SessionView, Waiting
-from serve.api.request_params import default_params
+from serve.engine.defaults import default_params
 from test_serve_units import fake_model
 
 KEY = program_key(fake_model(), 10, default_params("llada", 64), 1)  # batch 1, prompt bucket 16

@@ -31,7 +31,8 @@ from serve.engine.errors import (
 from serve.engine.metrics import Metrics
 from serve.api.field_policy import check_fields
 from serve.api.protocol import APIError, ChatCompletionRequest, CompletionRequest
-from serve.api.request_params import default_params, request_params
+from serve.api.request_params import request_params
+from serve.engine.defaults import default_params
 from serve.engine.requests import SeqRequest
 from serve_helpers import LLADA_MODEL, read_metrics
 

@@ -24,17 +24,9 @@ from dllm_jax import FAMILY_CONFIGS
 from dllm_jax.sampling import ALGORITHMS, ALIASES, SamplingError, SamplingParams, SlidingDecoder, check_stop_count
 from serve.api.field_policy import top_logprobs
 from serve.api.protocol import DiffusionFields, bad_request, excerpt
+from serve.engine.defaults import FAMILY_DEFAULTS
 
 DEFAULT_MAX_TOKENS = 128
-
-# What a plain OpenAI request (only `messages`) runs, per family. LLaDA: Fast-dLLM dual cache
-# with the 0.9 confidence threshold (the fastest exact-upstream mode); Nemotron: its own
-# NeMo-RL static-block decoder. early_stop ends a row at the first block holding EOS.
-FAMILY_DEFAULTS = {
-    "llada": {"algorithm": "dual_cache", "block_length": 32, "threshold": 0.9, "factor": None, "early_stop": True},
-    "nemotron": {"algorithm": "static_block", "block_length": 32, "threshold": None, "factor": 1.0,
-                 "early_stop": True},
-}
 
 
 def family_defaults(family: str) -> dict:
@@ -62,13 +54,6 @@ def aliases(family: str) -> dict:
 
 def gen_length_for(max_tokens: int, block_length: int) -> int:
     return math.ceil(max_tokens / block_length) * block_length
-
-
-def default_params(family: str, gen_length: int) -> SamplingParams:
-    """The family's default settings for a canvas of gen_length (used for warm-up)."""
-    d = FAMILY_DEFAULTS[family]
-    return SamplingParams(gen_length=gen_length, block_length=d["block_length"], algorithm=d["algorithm"],
-                          threshold=d["threshold"], factor=d["factor"], early_stop=d["early_stop"]).resolve(family)
 
 
 # /reconfigure_dllm's selection_policy (NeMo-RL's name) -> our remasking

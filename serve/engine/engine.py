@@ -29,6 +29,7 @@ import jax
 
 from dllm_jax.sampling import PROMPT_BUCKETS, ContextOverflow, program_key
 from serve.engine.compiler import Compiler
+from serve.engine.defaults import default_params
 from serve.engine.errors import (
     ContextLengthExceeded,
     EngineBusy,
@@ -356,8 +357,6 @@ class Engine:
         log.debug("evicted %s", key)
 
     def _warmup(self) -> None:
-        from serve.api.request_params import default_params
-
         buckets = self.options.warmup
         for i, (batch, prompt_len, gen_length) in enumerate(buckets, 1):
             params = default_params(self.model.family, gen_length)
