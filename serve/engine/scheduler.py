@@ -11,16 +11,9 @@ finishes): each row's tokens go to its request's ``Handle``, finished rows free 
 the next step, and the next call may wait for returning clients (``Policy.refill``).
 
 Every device-facing call goes through the executor (``serve.engine.executor.Device``); the asyncio
-side talks to this thread only through the ``Inbox`` and the handles (``serve.engine.requests``). A
-failure reaches the requests involved as ``EngineFailed`` (the engine dying: ``EngineDead``),
-never as an HTTP error. What it fails:
-
-- one row: a row whose own values cannot be laid out at admission (``executor.admit`` returns
-  it; the other rows of the round are admitted, its slot stays free), and a row whose update
-  cannot be reported (``_report``: cutting and posting its tokens/logprobs; its slot is freed);
-- the rows of one admission: an admit failure that is not one row's (the device merge, memory);
-- one session: a failed ``step`` (one device program for all its rows: nothing to attribute)
-  or a failed release; opening a batch fails the rows it was opened for.
+side talks to this thread only through the ``Inbox`` and the handles (``serve.engine.requests``).
+What the scheduler posts to each row's request, how rows leave their slots, and which failure
+fails which requests (``EngineFailed``, never an HTTP error): ``serve.engine.row_events``.
 """
 
 from __future__ import annotations
@@ -28,17 +21,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-
-import numpy as np
 from typing import TYPE_CHECKING
 
 from dllm_jax.sampling import ProgramKey, program_key
 from serve.engine.compiler import Compiler
-from serve.engine.errors import EngineDead, EngineFailed, ServeError
+from serve.engine.errors import EngineDead, EngineFailed
 from serve.engine.executor import Device, ServedModel
 from serve.engine.metrics import Metrics
 from serve.engine.policy import Policy, SessionView, Waiting
-from serve.engine.requests import Event, Inbox
+from serve.engine.requests import Inbox
+from serve.engine.row_events import RowEvents
 
 if TYPE_CHECKING:  # (what the engine queues: sequences and scoring jobs with their weights version)
     from serve.engine.engine_types import WeightedScoreJob, WeightedSeq
@@ -64,8 +56,10 @@ class Session:
         return SessionView(self.sid, self.key, self.group, len(self.slots), self.weights)
 
 
-class Scheduler:
-    """Owns the sessions; ``loop`` runs on the scheduler thread until the inbox says stop."""
+class Scheduler(RowEvents):
+    """Owns the sessions; ``loop`` runs on the scheduler thread until the inbox says stop.
+
+    (Rows leaving, and what their requests are told: ``RowEvents``.)"""
 
     def __init__(self, model: ServedModel, executor: Device, compiler: Compiler, options, metrics: Metrics,
                  inbox: Inbox, prompt_buckets, weights=None):
@@ -174,29 +168,10 @@ class Scheduler:
                 log.exception("closing a session")
             self._drop(by_sid[sid])
 
-    def _drop(self, session: Session) -> None:
-        self.sessions.remove(session)
-        log.debug("closed session %d (batch %d), %d sessions", session.sid, session.key.batch, len(self.sessions))
-
     def _idle_timeout(self) -> float | None:
         oldest = min((s.arrival for s in self.waiting if s.group not in self._blocked), default=None)
         return self.policy.wake_after(any(not s.slots for s in self.sessions), oldest, time.monotonic(),
                                       self.options.heartbeat_s)  # (blocked: woken by their compile)
-
-    def _apply_cancels(self, ids: set[int]) -> None:
-        kept = []
-        for seq in self.waiting:
-            if seq.id in ids:
-                self.inbox.dequeued(1)
-                self.metrics.inc("requests_cancelled_total")
-            else:
-                kept.append(seq)
-        self.waiting = kept
-        for session in list(self.sessions):
-            for slot, seq in list(session.slots.items()):
-                if seq.id in ids and session in self.sessions:
-                    self.metrics.inc("requests_cancelled_total")
-                    self._release(session, slot)
 
     def _schedule(self, now: float) -> None:
         """Close, join, open (``serve.engine.policy``), then admit what joined or opened."""
@@ -304,31 +279,6 @@ class Scheduler:
             if coming:
                 self._refill_by, self._refill_want = time.monotonic() + wait_s, coming
 
-    def _report(self, seq: WeightedSeq, u) -> bool:
-        """Post one row's update to its request (cut at ``max_tokens``); True when the row is done."""
-        limit = seq.req.max_tokens
-        tokens, done, reason = u.tokens[:limit], u.done, u.finish_reason
-        if done and len(u.tokens) > limit:
-            reason = "length"
-        elif not done and len(u.tokens) >= limit:
-            done, reason = True, "length"
-        if done or len(tokens) != seq.sent:
-            seq.sent = len(tokens)
-            event = Event(seq.index, tokens, done, reason, u.nfe)
-            if reason == "stop" and u.stop_id is not None:
-                event.stop_id, event.stop_logprob, event.stop_commit_step = u.stop_id, u.stop_logprob, u.stop_commit_step
-            if u.logprobs is not None:
-                n = len(tokens)
-                event.logprobs, event.top_ids, event.top_logprobs = u.logprobs[:n], u.top_ids[:n], u.top_logprobs[:n]
-            if u.commit_step is not None:
-                n = len(tokens)
-                event.commit_step, event.commit_conf = u.commit_step[:n], u.commit_conf[:n]
-            seq.last = event
-            if done:  # counted before the client can see the end (a scrape after it includes this row)
-                self.metrics.inc("nfe_total", u.nfe)
-            seq.handle.post(event)
-        return done
-
     def _score(self, job: WeightedScoreJob) -> None:
         """One scoring job (``Model.score`` through the executor), between two device calls."""
         self.inbox.dequeued(len(job.sequences))
@@ -345,24 +295,20 @@ class Scheduler:
         self.metrics.observe("score_seconds", self._last_command - t0)
         job.resolve(result)
 
-    def _fail(self, session: Session | None, seqs: list[WeightedSeq], exc: Exception, what: str) -> None:
-        """An engine error fails only the requests involved (EngineFailed); the session is dropped."""
-        log.error("%s failed: %s: %s", what, type(exc).__name__, exc, exc_info=exc)
-        err = EngineFailed(what, exc)
-        for seq in seqs:
-            seq.handle.post(Event.failure(seq.index, err))
-        if session is not None:
-            for seq in session.slots.values():
-                if seq not in seqs:
-                    seq.handle.post(Event.failure(seq.index, err))
-            if session in self.sessions:
-                self.sessions.remove(session)
-            try:
-                self.executor.close(session.sid)
-            except Exception:  # noqa: BLE001
-                log.exception("closing a failed session")
+    def _publish(self) -> None:
+        self.metrics.set("queue_depth", self.inbox.queued)
+        self.metrics.set("running_rows", sum(len(s.slots) for s in self.sessions))
+        self.metrics.set("sessions", len(self.sessions))
+        self.metrics.set("compiles_in_flight", self.compiler.in_flight())
+        if self._programs is not None:
+            self.metrics.set("programs_cached", len(self._programs))
+            builds = self._programs.builds
+            if builds > self._builds:
+                self.metrics.inc("programs_built_total", builds - self._builds)
+                self._builds = builds
 
     # ---- control (scheduler thread, through ``Inbox.put_control``) ---------------------------
+    # (and ``abort``: ``RowEvents.abort``)
 
     def counts(self) -> dict:
         """Rows running (in slots) and waiting (queued, not admitted)."""
@@ -376,83 +322,6 @@ class Scheduler:
 
     def unhold(self, reason: str) -> None:
         self.holds.discard(reason)
-
-    def abort(self, seq_ids: set[int] | None = None, message: str = "aborted") -> int:
-        """End sequences now (all when ``seq_ids`` is None), waiting or running: each request gets a
-        final event with finish_reason 'abort' and the tokens already final (its last report). Returns
-        how many sequences were aborted."""
-        hit = (lambda seq: True) if seq_ids is None else (lambda seq: seq.id in seq_ids)
-        aborted = 0
-        kept = []
-        for seq in self.waiting:
-            if hit(seq):
-                self.inbox.dequeued(1)
-                seq.handle.post(_aborted(seq, "Abort in waiting queue"))  # (SGLang's message)
-                aborted += 1
-            else:
-                kept.append(seq)
-        self.waiting = kept
-        for session in list(self.sessions):
-            for slot, seq in list(session.slots.items()):
-                if hit(seq) and session in self.sessions:
-                    seq.handle.post(_aborted(seq, message))
-                    aborted += 1
-                    self.metrics.inc("requests_aborted_total")
-                    self._release(session, slot)
-        return aborted
-
-    def _release(self, session: Session, slot: int) -> bool:
-        """Free a slot (the session closes when empty, unless ``Policy.keep_empty``); False if it
-        closed or failed."""
-        del session.slots[slot]
-        try:
-            if session.slots or self.policy.keep_empty(session.view(), self._views(), self._demand,
-                                                       time.monotonic(), self.compiler.ready):
-                self.executor.release(session.sid, slot)
-                return True
-            self.executor.close(session.sid)
-        except Exception as e:  # noqa: BLE001
-            self._fail(session, list(session.slots.values()), e, "freeing a slot")
-            return False
-        self._drop(session)
-        return False
-
-    def _publish(self) -> None:
-        self.metrics.set("queue_depth", self.inbox.queued)
-        self.metrics.set("running_rows", sum(len(s.slots) for s in self.sessions))
-        self.metrics.set("sessions", len(self.sessions))
-        self.metrics.set("compiles_in_flight", self.compiler.in_flight())
-        if self._programs is not None:
-            self.metrics.set("programs_cached", len(self._programs))
-            builds = self._programs.builds
-            if builds > self._builds:
-                self.metrics.inc("programs_built_total", builds - self._builds)
-                self._builds = builds
-
-    def fail_all(self, err: ServeError) -> None:
-        """The engine died: every sequence it holds or will receive gets ``err``."""
-        new, _, _ = self.inbox.take(idle=False, timeout=0)
-        pending = new + self.waiting + [q for s in self.sessions for q in s.slots.values()]
-        self.waiting, self.sessions = [], []
-        for seq in pending:
-            seq.handle.post(Event.failure(seq.index, err))
-        for job in self.scoring + self.inbox.take_scores():
-            job.resolve(error=err)
-        self.scoring = []
-        for control in self.inbox.take_controls():
-            control.run_failed(err)
-
-
-def _aborted(seq, message: str) -> Event:
-    """The final event of an aborted sequence: its tokens final so far (none if it never ran)."""
-    last = seq.last
-    if last is None:
-        event = Event(seq.index, np.zeros(0, np.int32), True, "abort", 0)
-    else:
-        event = dataclasses.replace(last, done=True, finish_reason="abort", stop_id=None, stop_logprob=None,
-                                    stop_commit_step=None)
-    event.message = message
-    return event
 
 
 def _version(weights: Weights | None) -> int:
