@@ -18,14 +18,30 @@ log = logging.getLogger("serve")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from dllm_jax.checkpoint.dtypes import PARAM_DTYPES  # (importing jax initialises no backend)
-
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_args(p)
+    _http_args(p)
+    _engine_args(p)
+    _weights_args(p)
+    p.add_argument("--log-level", default="info")
+    _limit_args(p.add_argument_group("request limits (docs/api.md, Limits)"))
+    _multihost_args(p.add_argument_group("multi-host (SLURM is auto-detected)"))
+    args = p.parse_args(argv)
+    _check_ranges(p, args)
+    return args
+
+
+def _model_args(p) -> None:
+    """What to serve, on which devices, under which names."""
     p.add_argument("--model", help="Orbax dir from convert, HF dir or hub id (default: the trained demo model, dllm_jax.DEMO_MODEL)")
     p.add_argument("--mesh", default=None, help="'8' (data parallel) or '4x2' (data x model); default: all devices")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use in 'model' (default: the checkpoint dir name or hub id)")
+
+
+def _http_args(p) -> None:
+    """Where to listen and whom to answer (docs/security.md)."""
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default loopback; see --allowed-hosts and docs/security.md)")
     p.add_argument("--allowed-hosts", nargs="*", default=None,
@@ -39,6 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("DLLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: env DLLM_API_KEY; prefer the env var)")
+
+
+def _engine_args(p) -> None:
+    """The parameter dtype, batching, and the compiled programs."""
+    from dllm_jax.checkpoint.dtypes import PARAM_DTYPES  # (importing jax initialises no backend)
+
     p.add_argument("--dtype", choices=PARAM_DTYPES, default=None,
                    help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--max-batch-size", type=int, default=32, help="slots per compiled batch")
@@ -66,14 +88,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compiled programs kept in memory (LRU over program keys and scoring programs; "
                         "0: unbounded); an evicted one compiles again when next needed")
     p.add_argument("--compile-cache", default=None, help="directory for JAX's persistent compilation cache")
+
+
+def _weights_args(p) -> None:
+    """Weight updates while serving (POST /update_weights_from_disk)."""
     p.add_argument("--allow-weight-updates", action="store_true",
                    help="enable POST /update_weights_from_disk (new weights of the same architecture, no restart; "
                         "protect it with --api-key / DLLM_API_KEY)")
     p.add_argument("--weights-root", default=None,
                    help="with --allow-weight-updates: model_path must be a directory inside DIR once symlinks are "
                         "resolved (400 otherwise; default: any directory the server can read)")
-    p.add_argument("--log-level", default="info")
-    lim = p.add_argument_group("request limits (docs/api.md, Limits)")
+
+
+def _limit_args(lim) -> None:
+    """What one request may ask for (each limit's answer: docs/api.md, Limits)."""
     lim.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
                      help="largest request body; more is a 413 before it is parsed (default 4 MiB)")
     lim.add_argument("--max-prompt-chars", type=int, default=0,
@@ -85,7 +113,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "at most the canvas (0, the default: the model's context)")
     lim.add_argument("--max-stop-chars", type=int, default=256,
                      help="characters of one stop string (streaming holds back that many characters)")
-    g = p.add_argument_group("multi-host (SLURM is auto-detected)")
+
+
+def _multihost_args(g) -> None:
+    """jax.distributed across processes (serve.engine.multihost)."""
     g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
     g.add_argument("--num-processes", type=int, default=None)
     g.add_argument("--process-id", type=int, default=None)
@@ -95,7 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--peer-timeout", type=float, default=30.0,
                    help="seconds without a heartbeat from a peer process before this one reports it lost "
                         "(process 0: /health 503, then exit status 3) and exits")
-    args = p.parse_args(argv)
+
+
+def _check_ranges(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Counts and sizes must be > 0, waits and caps >= 0 (else argparse's usage error)."""
     positive = ("max_batch_size", "max_queue", "max_sessions", "steps_per_call", "max_connections",
                 "max_body_bytes", "max_stop_chars", "peer_timeout")
     non_negative = ("max_wait_ms", "refill_wait_ms", "max_score_tokens", "max_programs", "header_timeout",
@@ -104,7 +138,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and (value <= 0 if name in positive else value < 0):
             p.error(f"--{name.replace('_', '-')} must be {'> 0' if name in positive else '>= 0'} (got {value})")
-    return args
 
 
 def _ints(text: str | None) -> tuple[int, ...] | None:
@@ -151,6 +184,22 @@ def main(argv=None) -> None:
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    load = _loader(args)
+    if multi and jax.process_index() != 0:
+        _follow(args, load, liveness)
+        return
+    engine = _make_engine(args, load, multi)
+
+    def stop_distributed():
+        liveness.stop()
+        jax.distributed.shutdown()
+
+    _serve(args, engine, on_shutdown=stop_distributed if multi else None)
+
+
+def _loader(args):
+    """The mesh (built now, logged) and the function that loads the model onto it."""
+    import jax
 
     import dllm_jax
     from serve.engine.demo import demo_model
@@ -164,20 +213,27 @@ def main(argv=None) -> None:
         log.info("loading %s (dtype=%s)", args.model, args.dtype or "checkpoint")
         return dllm_jax.load(args.model, mesh=mesh, dtype=args.dtype)
 
-    if multi and jax.process_index() != 0:
-        model = load()
-        model.programs.set_limit(args.max_programs or None)  # the same cache as process 0's
-        multihost.follow(model, weights_root=args.weights_root)
-        liveness.stop()
-        jax.distributed.shutdown()
-        return
+    return load
 
-    import uvicorn
 
-    from serve.api.app import create_app
+def _follow(args, load, liveness) -> None:
+    """A multi-host follower (process > 0): replay process 0's commands until it shuts down."""
+    import jax
+
+    from serve.engine import multihost
+
+    model = load()
+    model.programs.set_limit(args.max_programs or None)  # the same cache as process 0's
+    multihost.follow(model, weights_root=args.weights_root)
+    liveness.stop()
+    jax.distributed.shutdown()
+
+
+def _make_engine(args, load, multi: bool):
+    """The engine (not started) with the options the flags give."""
+    from serve.engine import multihost
     from serve.engine.engine import Engine, EngineOptions
     from serve.engine.metrics import Metrics
-    from serve.api.security import allowed_hosts, guarded_protocol
 
     names = args.served_model_name or [default_name(args.model)]
     options = EngineOptions(
@@ -194,24 +250,27 @@ def main(argv=None) -> None:
     if args.allow_weight_updates and not args.api_key:
         log.warning("--allow-weight-updates without an API key: anyone who reaches this port can replace the "
                     "weights (set DLLM_API_KEY)")
-    engine = Engine(load, names=names, options=options, metrics=Metrics(names[0]), demo=args.model is None,
-                    make_executor=multihost.leader_executor if multi else None)
-    def stop_distributed():
-        liveness.stop()
-        jax.distributed.shutdown()
+    return Engine(load, names=names, options=options, metrics=Metrics(names[0]), demo=args.model is None,
+                  make_executor=multihost.leader_executor if multi else None)
+
+
+def _serve(args, engine, on_shutdown) -> None:
+    """Start the engine and serve HTTP until uvicorn exits (the engine stops with it)."""
+    import uvicorn
+
+    from serve.api.app import create_app
+    from serve.api.security import allowed_hosts, guarded_protocol
 
     hosts = allowed_hosts(args.host, args.api_key, args.allowed_hosts)
-    app = create_app(engine, api_key=args.api_key, on_shutdown=stop_distributed if multi else None,
-                     allowed_hosts=hosts)
+    app = create_app(engine, api_key=args.api_key, on_shutdown=on_shutdown, allowed_hosts=hosts)
     engine.start()
-    log.info("serving %s on http://%s:%d (API key %s; Host names %s)", ", ".join(names), args.host, args.port,
+    log.info("serving %s on http://%s:%d (API key %s; Host names %s)", ", ".join(engine.names), args.host, args.port,
              "required" if args.api_key else "off", "any" if hosts is None else ", ".join(sorted(hosts)))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
                     http=guarded_protocol(args.header_timeout), limit_concurrency=args.max_connections)
     finally:
         engine.stop()
-
 
 if __name__ == "__main__":
     main()

@@ -164,6 +164,24 @@ def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics |
     """The app; ``on_shutdown`` runs after the engine stopped (multi-host: jax.distributed.shutdown);
     ``allowed_hosts``: the Host names answered (None: any; ``serve.api.security.allowed_hosts``)."""
     metrics = metrics or engine.metrics
+    app = FastAPI(title="dllm-jax", description="OpenAI-compatible server for masked-diffusion LMs",
+                  version="0.1.0", lifespan=_lifespan(engine, on_shutdown))
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.serving = Serving(engine, metrics, api_error)
+    app.include_router(router)
+    app.include_router(rl_router)  # SGLang's native API: /generate
+    app.include_router(rl_control_router)  # and the RL control endpoints
+    app.include_router(playground_router)  # GET / (the page asks for the key itself)
+    _add_error_handlers(app)
+    app.add_middleware(HostCheck, allowed=allowed_hosts)  # (inside RequestContext: a 403 has a request id)
+    app.add_middleware(BodyLimit, max_bytes=engine.options.max_body_bytes)  # 413 before a large body is read
+    app.add_middleware(RequestContext, api_key=api_key, metrics=metrics)
+    return app
+
+
+def _lifespan(engine: Engine, on_shutdown):
+    """The app's lifespan: nothing at start (the engine starts itself); the engine stopped at shutdown."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -175,15 +193,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics |
         if on_shutdown is not None:
             await run_in_threadpool(on_shutdown)
 
-    app = FastAPI(title="dllm-jax", description="OpenAI-compatible server for masked-diffusion LMs",
-                  version="0.1.0", lifespan=lifespan)
-    app.state.engine = engine
-    app.state.metrics = metrics
-    app.state.serving = Serving(engine, metrics, api_error)
-    app.include_router(router)
-    app.include_router(rl_router)  # SGLang's native API: /generate
-    app.include_router(rl_control_router)  # and the RL control endpoints
-    app.include_router(playground_router)  # GET / (the page asks for the key itself)
+    return lifespan
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answers in OpenAI's shape (``api_error``), never FastAPI's ``{"detail": ...}``."""
 
     @app.exception_handler(APIError)
     @app.exception_handler(ServeError)
@@ -230,8 +244,3 @@ def create_app(engine: Engine, *, api_key: str | None = None, metrics: Metrics |
     # json.JSONDecodeError of a body FastAPI did not parse itself (defensive).
     app.add_exception_handler(json.JSONDecodeError, lambda r, e: error_response(
         APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json")))
-
-    app.add_middleware(HostCheck, allowed=allowed_hosts)  # (inside RequestContext: a 403 has a request id)
-    app.add_middleware(BodyLimit, max_bytes=engine.options.max_body_bytes)  # 413 before a large body is read
-    app.add_middleware(RequestContext, api_key=api_key, metrics=metrics)
-    return app

@@ -76,22 +76,7 @@ def check_fields(req: DiffusionFields, *, max_stop_chars: int = MAX_STOP_CHARS) 
     The ranges that need the model (``stop_token_ids`` < vocab, ``steps`` <= the canvas, the
     canvas cap) are checked by ``serve.api.request_params.request_params``.
     """
-    fields = dict(req.model_extra or {})
-    for name in ("logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty", "suffix",
-                 "best_of", "min_tokens", "spaces_between_special_tokens"):
-        if name in type(req).model_fields:
-            fields[name] = getattr(req, name)
-    for name, value in fields.items():
-        if name in IGNORED:
-            continue
-        if name in NEUTRAL_ONLY:
-            ok, why = NEUTRAL_ONLY[name]
-            if not ok(value):
-                raise bad_request(f"{why} (got {name}={excerpt(value)})", name, "unsupported_parameter")
-            continue
-        if name not in type(req).model_fields:
-            raise bad_request(f"Unrecognized request argument supplied: {clip(name)}", clip(name),
-                              "unrecognized_argument")
+    _check_names(req)
     if req.top_p is not None and not (math.isfinite(req.top_p) and 0 < req.top_p <= 1):
         raise bad_request(f"top_p={req.top_p} must be in (0, 1]", "top_p")
     if req.top_k is not None and not -1 <= req.top_k <= INT32_MAX:
@@ -120,6 +105,38 @@ def check_fields(req: DiffusionFields, *, max_stop_chars: int = MAX_STOP_CHARS) 
         value = getattr(req, name, None)
         if value is not None and not 0 <= value <= INT32_MAX:  # the exact ranges: request_params
             raise bad_request(f"{name}={excerpt(value)} must be an integer in [1, {INT32_MAX}]", name)
+    _check_stop_strings(req, max_stop_chars)
+    if req.stream_trace and not req.stream:
+        raise bad_request("stream_trace needs stream: true (it adds a trace to each streamed chunk)",
+                          "stream_trace", "unsupported_parameter")
+    if req.algorithm is not None and req.generation_algorithm is not None \
+            and req.algorithm != req.generation_algorithm:
+        raise bad_request("algorithm and generation_algorithm disagree; give one of them", "generation_algorithm")
+
+
+def _check_names(req: DiffusionFields) -> None:
+    """Fields other than ours: ignored (``IGNORED``), accepted at their neutral value only
+    (``NEUTRAL_ONLY``), or refused as unrecognized."""
+    fields = dict(req.model_extra or {})
+    for name in ("logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty", "suffix",
+                 "best_of", "min_tokens", "spaces_between_special_tokens"):
+        if name in type(req).model_fields:
+            fields[name] = getattr(req, name)
+    for name, value in fields.items():
+        if name in IGNORED:
+            continue
+        if name in NEUTRAL_ONLY:
+            ok, why = NEUTRAL_ONLY[name]
+            if not ok(value):
+                raise bad_request(f"{why} (got {name}={excerpt(value)})", name, "unsupported_parameter")
+            continue
+        if name not in type(req).model_fields:
+            raise bad_request(f"Unrecognized request argument supplied: {clip(name)}", clip(name),
+                              "unrecognized_argument")
+
+
+def _check_stop_strings(req: DiffusionFields, max_stop_chars: int) -> None:
+    """At most ``MAX_STOP`` non-empty stop strings of at most ``max_stop_chars`` characters."""
     stops = stop_list(req.stop)
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise bad_request(f"stop must be a non-empty string or a list of at most {MAX_STOP} non-empty strings",
@@ -128,12 +145,6 @@ def check_fields(req: DiffusionFields, *, max_stop_chars: int = MAX_STOP_CHARS) 
     if long:
         raise bad_request(f"stop strings may have at most {max_stop_chars} characters (got one of {len(long[0])}: "
                           f"{excerpt(long[0], 40)})", "stop")
-    if req.stream_trace and not req.stream:
-        raise bad_request("stream_trace needs stream: true (it adds a trace to each streamed chunk)",
-                          "stream_trace", "unsupported_parameter")
-    if req.algorithm is not None and req.generation_algorithm is not None \
-            and req.algorithm != req.generation_algorithm:
-        raise bad_request("algorithm and generation_algorithm disagree; give one of them", "generation_algorithm")
 
 
 def check_logprobs(req: DiffusionFields) -> None:

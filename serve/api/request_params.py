@@ -111,40 +111,12 @@ def request_params(req: DiffusionFields, family: str, max_length: int, *, model_
     """
     d = FAMILY_DEFAULTS[family]
     cap = min(max_gen_length or max_length, max_length)
-    max_tokens = req.max_new_tokens()
-    param_name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
-    if max_tokens is None:
-        max_tokens = DEFAULT_MAX_TOKENS
-    if max_tokens < (0 if allow_zero else 1):
-        why = " (0 only with echo: true)" if max_tokens == 0 and hasattr(req, "echo") else ""
-        raise bad_request(f"{param_name}={excerpt(max_tokens)} must be >= 1{why}", param_name)
-    if max_tokens > cap:
-        where = (f"the model's context of {max_length} tokens" if cap == max_length else
-                 f"this server's canvas cap of {cap} tokens (--max-gen-length)")
-        raise bad_request(f"{param_name}={excerpt(max_tokens)} exceeds {where}; allowed: 1..{cap}", param_name)
+    max_tokens, param_name = _max_tokens(req, cap, max_length, allow_zero)
     algorithm = req.algorithm if req.algorithm is not None else req.generation_algorithm
     algo_param = "algorithm" if req.algorithm is not None else "generation_algorithm"
     block_length = req.block_length if req.block_length is not None else d["block_length"]
-    if not 1 <= block_length <= cap:
-        raise bad_request(f"block_length={excerpt(block_length)} must be between 1 and {cap} (the canvas cap)",
-                          "block_length")
-    gen_length = gen_length_for(max(max_tokens, 1), block_length)
-    if gen_length > cap and cap < max_length:  # (at the context itself: a 413 from the engine, with the prompt)
-        raise bad_request(f"{param_name}={max_tokens} rounded up to whole blocks of block_length={block_length} is "
-                          f"a canvas of {gen_length} tokens; this server's canvas cap is {cap} (--max-gen-length)",
-                          param_name)
-    if req.steps is not None and not 1 <= req.steps <= gen_length:
-        raise bad_request(f"steps={excerpt(req.steps)} must be between 1 and gen_length={gen_length} (the canvas: "
-                          f"{param_name} rounded up to whole blocks of {block_length}; more steps than canvas tokens "
-                          "commit nothing)", "steps")
-    steps = req.steps
-    if steps is None and schedule:  # the fixed schedule's steps per block, over the canvas's blocks
-        per_block = block_length
-        if schedule.get("tokens_per_step"):
-            per_block = math.ceil(block_length / schedule["tokens_per_step"])
-        if schedule.get("max_steps"):
-            per_block = min(per_block, schedule["max_steps"])
-        steps = min(gen_length, max(1, per_block) * (gen_length // block_length))
+    gen_length = _gen_length(max_tokens, block_length, cap, max_length, param_name)
+    steps = _steps(req, gen_length, block_length, param_name, schedule)
     explicit = req.model_fields_set
     if algorithm is None and not {"threshold", "factor"} & explicit:
         # the family default algorithm comes with its default transfer rule
@@ -175,3 +147,52 @@ def request_params(req: DiffusionFields, family: str, max_length: int, *, model_
         raise bad_request(str(e)) from None  # (APIError cuts a long message)
     n = req.n or 1
     return [dataclasses.replace(first, seed=seed + i) for i in range(n)], max_tokens
+
+
+def _max_tokens(req: DiffusionFields, cap: int, max_length: int, allow_zero: bool) -> tuple[int, str]:
+    """The request's max_tokens (default ``DEFAULT_MAX_TOKENS``), checked against the canvas cap,
+    and the name the client gave it (``max_tokens`` or ``max_completion_tokens``)."""
+    max_tokens = req.max_new_tokens()
+    param_name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    if max_tokens < (0 if allow_zero else 1):
+        why = " (0 only with echo: true)" if max_tokens == 0 and hasattr(req, "echo") else ""
+        raise bad_request(f"{param_name}={excerpt(max_tokens)} must be >= 1{why}", param_name)
+    if max_tokens > cap:
+        where = (f"the model's context of {max_length} tokens" if cap == max_length else
+                 f"this server's canvas cap of {cap} tokens (--max-gen-length)")
+        raise bad_request(f"{param_name}={excerpt(max_tokens)} exceeds {where}; allowed: 1..{cap}", param_name)
+    return max_tokens, param_name
+
+
+def _gen_length(max_tokens: int, block_length: int, cap: int, max_length: int, param_name: str) -> int:
+    """The canvas: max_tokens rounded up to whole blocks, within the cap."""
+    if not 1 <= block_length <= cap:
+        raise bad_request(f"block_length={excerpt(block_length)} must be between 1 and {cap} (the canvas cap)",
+                          "block_length")
+    gen_length = gen_length_for(max(max_tokens, 1), block_length)
+    if gen_length > cap and cap < max_length:  # (at the context itself: a 413 from the engine, with the prompt)
+        raise bad_request(f"{param_name}={max_tokens} rounded up to whole blocks of block_length={block_length} is "
+                          f"a canvas of {gen_length} tokens; this server's canvas cap is {cap} (--max-gen-length)",
+                          param_name)
+    return gen_length
+
+
+def _steps(req: DiffusionFields, gen_length: int, block_length: int, param_name: str,
+           schedule: dict | None) -> int | None:
+    """The request's steps (1..gen_length), else ``schedule``'s over the canvas's blocks, else None
+    (the sampler's default: gen_length)."""
+    if req.steps is not None and not 1 <= req.steps <= gen_length:
+        raise bad_request(f"steps={excerpt(req.steps)} must be between 1 and gen_length={gen_length} (the canvas: "
+                          f"{param_name} rounded up to whole blocks of {block_length}; more steps than canvas tokens "
+                          "commit nothing)", "steps")
+    steps = req.steps
+    if steps is None and schedule:  # the fixed schedule's steps per block, over the canvas's blocks
+        per_block = block_length
+        if schedule.get("tokens_per_step"):
+            per_block = math.ceil(block_length / schedule["tokens_per_step"])
+        if schedule.get("max_steps"):
+            per_block = min(per_block, schedule["max_steps"])
+        steps = min(gen_length, max(1, per_block) * (gen_length // block_length))
+    return steps
