@@ -12,7 +12,6 @@ cleanest: JAX caches traces). Prints one table row with the settings.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 
@@ -21,30 +20,25 @@ def abstract_state(key, spec, dtype, mesh, mask_id):
     import numpy as np
 
     from dllm_jax.models.transformer import KVCache
-    from dllm_jax.sampling import state as S
+    from dllm_jax.sampling import slots
+    from dllm_jax.sampling.state import DecodeState
 
-    shardings = S.state_shardings(key, mesh, spec)
-    host = S.row_arrays(key, {}, mask_id=mask_id, default_stops=(), d_model=spec.d_model)
-    fields = {}
-    for f in dataclasses.fields(S.DecodeState):
-        sharding = getattr(shardings, f.name)
-        if f.name == "rng":
-            fields[f.name] = jax.ShapeDtypeStruct((key.batch,), jax.random.key(0).dtype, sharding=sharding)
-        elif f.name in host:
-            a = host[f.name]
-            fields[f.name] = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
-        elif f.name == "cache":
-            if sharding is None:
-                fields[f.name] = None
-            else:
-                kv = jax.ShapeDtypeStruct((key.batch, spec.n_kv_heads, key.canvas_len, spec.head_dim), dtype,
-                                          sharding=sharding.k[0])
-                fields[f.name] = KVCache((kv,) * spec.n_layers, (kv,) * spec.n_layers)
-        elif f.name == "credit":
-            fields[f.name] = jax.ShapeDtypeStruct(S.credit_shape(key, spec.vocab), np.float32, sharding=sharding)
-        else:  # counters
-            fields[f.name] = jax.ShapeDtypeStruct((), np.int32, sharding=sharding)
-    return S.DecodeState(**fields), shardings
+    shardings = slots.state_shardings(key, mesh, spec)
+    host = slots.empty_rows(key, mask_id=mask_id, d_model=spec.d_model)
+
+    def per_row(name, field):
+        if field.dtype == "key":
+            return jax.ShapeDtypeStruct((key.batch,), jax.random.key(0).dtype, sharding=shardings.get(name))
+        return jax.ShapeDtypeStruct(host[name].shape, host[name].dtype, sharding=shardings.get(name))
+
+    cache = None
+    if shardings.cache is not None:
+        kv = jax.ShapeDtypeStruct((key.batch, spec.n_kv_heads, key.canvas_len, spec.head_dim), dtype,
+                                  sharding=shardings.cache.k[0])
+        cache = KVCache((kv,) * spec.n_layers, (kv,) * spec.n_layers)
+    credit = jax.ShapeDtypeStruct(slots.credit_shape(key, spec.vocab), np.float32, sharding=shardings.credit)
+    counter = jax.ShapeDtypeStruct((), np.int32, sharding=shardings.batch_nfe)
+    return DecodeState.build(per_row, cache=cache, credit=credit, batch_nfe=counter, batch_steps=counter), shardings
 
 
 def main(argv=None) -> None:

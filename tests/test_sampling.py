@@ -306,8 +306,8 @@ def test_session_admits_at_the_step_a_slot_frees(llada_model):
                 if waiting:
                     owner[u.slot] = waiting.pop()
                     other = 1 - u.slot
-                    joined[owner[u.slot]] = (steps(), int(np.asarray(session.state.block)[other]),
-                                             int(np.asarray(session.state.call)[other]))
+                    joined[owner[u.slot]] = (steps(), int(np.asarray(session.state.progress.block)[other]),
+                                             int(np.asarray(session.state.progress.call)[other]))
                     session.admit({u.slot: Row(prompts[owner[u.slot]], params[owner[u.slot]])})
     assert sorted(results) == [0, 1, 2, 3]
     # row 0 finished after its first block (STEPS / (G / LB) = 4 calls: refresh + 3 cached calls in 3 steps)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dllm_jax.sampling import rules
+from dllm_jax.sampling import proposal, rules
 
 
 def _row(x, dtype=jnp.float32):
@@ -96,7 +96,7 @@ def test_credit_fusion_accumulates_for_stable_top1():
 def test_propose_greedy_never_returns_mask_and_uses_full_softmax():
     logits = jnp.array([[[0.0, 3.0, 1.0], [0.0, 1.0, 5.0]]])
     keys = jnp.zeros((1, 2), jnp.uint32)
-    x0, conf = rules.propose(logits, jnp.zeros(1), keys, mask_id=2)
+    x0, conf = proposal.propose(logits, jnp.zeros(1), keys, mask_id=2)
     assert x0.tolist() == [[1, 1]]  # position 1's argmax is the mask id (2): the next best is taken
     p = np.exp([0.0, 1.0, 5.0]) / np.exp([0.0, 1.0, 5.0]).sum()
     np.testing.assert_allclose(conf[0, 1], p[1], rtol=1e-6)
@@ -110,7 +110,7 @@ def test_gumbel_draws_follow_softmax_over_temperature(t):
     logits = jnp.array([1.0, 0.5, -0.5, 2.0, 0.0])
     n = 4000
     keys = jax.random.split(jax.random.PRNGKey(0), n)
-    x0, _ = rules.propose(jnp.broadcast_to(logits, (n, 1, 5)), jnp.full(n, t), keys, mask_id=99)
+    x0, _ = proposal.propose(jnp.broadcast_to(logits, (n, 1, 5)), jnp.full(n, t), keys, mask_id=99)
     freq = np.bincount(np.asarray(x0[:, 0]), minlength=5) / n
     want = np.asarray(jax.nn.softmax(logits / t))
     # 4 standard errors per category

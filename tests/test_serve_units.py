@@ -701,13 +701,13 @@ def test_a_row_that_cannot_be_admitted_fails_alone_its_batch_mates_match_their_s
     # the session itself: the failed row's slot stays free and untouched; without isolate the
     # whole admission raises and nothing is merged
     session = DecodeSession(model, keys[0])
-    before = np.asarray(session.state.canvas).copy()
+    before = np.asarray(session.state.tokens.canvas).copy()
     with pytest.raises(OverflowError):
         session.admit({0: Row(prompts[0], base), 1: Row(prompts[1], params[1])})
-    assert not session.slots and (np.asarray(session.state.canvas) == before).all()
+    assert not session.slots and (np.asarray(session.state.tokens.canvas) == before).all()
     failed = session.admit({0: Row(prompts[0], base), 1: Row(prompts[1], params[1])}, isolate=True)
     assert list(failed) == [1] and list(session.slots) == [0]
-    assert np.asarray(session.state.active).tolist()[:2] == [True, False]
+    assert np.asarray(session.state.progress.active).tolist()[:2] == [True, False]
 
 
 def test_a_row_whose_update_cannot_be_reported_fails_alone(make_engine):

@@ -70,7 +70,7 @@ def test_rows_join_at_any_step(algorithm):
             owner[slot] = waiting.pop(0)
             rows[slot] = Row(prompts[owner[slot]], params[owner[slot]])
         if rows:
-            call, block = np.asarray(session.state.call), np.asarray(session.state.block)
+            call, block = np.asarray(session.state.progress.call), np.asarray(session.state.progress.block)
             # a batch-mate is mid-block (cached algorithms: past its refresh) or past its first block
             joined_mid_block += any(call[s] > 0 or block[s] > start for s in owner if s not in rows)
             session.admit(rows)

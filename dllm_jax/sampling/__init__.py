@@ -24,7 +24,8 @@ from dllm_jax.sampling.decoders import BlockDecoder, Decoder, SlidingDecoder
 from dllm_jax.sampling.generation import GenerateOutput, generate
 from dllm_jax.sampling.programs import Programs, program_key
 from dllm_jax.sampling.session import STEPS_PER_CALL, DecodeSession, SlotUpdate, final_prefix
-from dllm_jax.sampling.state import DecodeState, Row
+from dllm_jax.sampling.slots import Row
+from dllm_jax.sampling.state import DecodeState
 
 __all__ = [
     "ALGORITHMS", "ALIASES", "Algorithm", "BATCH_BUCKETS", "BlockDecoder", "Decoder", "SlidingDecoder", "STEPS_PER_CALL", "batch_bucket", "bucket", "check_stop_count", "ContextOverflow", "DEFAULT_ALGORITHM",

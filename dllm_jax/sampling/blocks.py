@@ -1,6 +1,6 @@
 """The step program of the LLaDA-style algorithms (basic, no_cache, prefix_cache, dual_cache, dInfer).
 
-``run(params, state, budget, exit_on_done)`` is a pure function: a ``lax.while_loop`` whose
+``BlockProgram.run(params, state, budget, exit_on_done)`` is a pure function: a ``lax.while_loop`` whose
 every iteration advances each live row by one denoising step of *its own* block. A row whose
 block is resolved moves to its next block at the next step, so rows in one batch may be in
 different blocks and phases, and a slot freed by a finished row takes a waiting request at
@@ -27,16 +27,18 @@ some row needs them (``when``), so a step without refreshes costs one cached cal
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from dllm_jax.sampling import rules
+from dllm_jax.sampling import proposal, rules
+from dllm_jax.sampling.state import DecodeState
 
-# (annotations only: ``ProgramKey`` is dllm_jax.sampling.params', ``DecodeState`` state's, and
-# ``BlockDecoder`` decoders'; those modules import this one)
+# (annotations only: ``ProgramKey`` is dllm_jax.sampling.params' and ``BlockDecoder`` decoders';
+# those modules import this one)
 
 
 def take(x, start, size):
@@ -87,16 +89,16 @@ class RefreshLoop:
 
 def step_loop(step, st: DecodeState, budget, exit_on_done) -> DecodeState:
     """Run ``step`` up to ``budget`` times, while some row runs (and, with ``exit_on_done``, until one finishes)."""
-    done_before = st.done  # [B]
+    done_before = st.progress.done  # [B]
 
     def cond(loop: StepLoop):
-        running = loop.state.active & ~loop.state.done  # [B]
+        running = loop.state.progress.active & ~loop.state.progress.done  # [B]
         return (loop.steps < budget) & jnp.any(running) & ~(exit_on_done & loop.finished)
 
     def body(loop: StepLoop) -> StepLoop:
         new = step(loop.state)
         new = new.replace(batch_steps=new.batch_steps + 1)
-        return StepLoop(new, loop.steps + 1, jnp.any(new.done & ~done_before))
+        return StepLoop(new, loop.steps + 1, jnp.any(new.progress.done & ~done_before))
 
     return jax.lax.while_loop(cond, body, StepLoop(st, jnp.int32(0), jnp.bool_(False))).state
 
@@ -125,172 +127,222 @@ def chunk_rows(batch: int, canvas_len: int, rows: int | None = None) -> int:
     return min(batch, max(1, rows))
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockProgram:
+    """The step program of one program key (see the module docstring); jit ``run`` outside.
+
+    Attributes:
+      key: the program key (shapes and static settings).
+      decoder: the key's ``BlockDecoder`` (cache mode, fixed rule, empty steps).
+      graphdef: the model's graph definition (``nnx.split``); ``run`` merges it with the params.
+      mask_id, fill_id: the mask token and what fills a canvas after an early stop.
+      chunk: rows per refresh forward (``chunk_rows``; the batch size = every row in one
+        forward, no gather).
+    """
+
+    key: ProgramKey
+    decoder: BlockDecoder
+    graphdef: object
+    mask_id: int
+    fill_id: int
+    chunk: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.key.gen_length // self.key.block_length
+
+    @property
+    def shift(self) -> int:
+        """1: position j's prediction is read from output j - 1."""
+        return 1 if self.key.shift else 0
+
+    @property
+    def max_calls(self) -> int:
+        """Model calls a row may make in one block: every threshold/factor step commits >= 1 token."""
+        return max(self.key.steps_per_block, self.key.block_length) + 1
+
+    def run(self, params, st: DecodeState, budget, exit_on_done) -> DecodeState:
+        """``budget`` denoising steps of every live row (fewer: see ``step_loop``)."""
+        model = nnx.merge(self.graphdef, params)
+        return step_loop(lambda s: self.step(model, s), st, budget, exit_on_done)
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def step(self, model, st: DecodeState) -> DecodeState:
+        running = st.progress.active & ~st.progress.done  # [B]
+        entering = running & (st.progress.call == 0)  # [B] rows at a block start
+        masks_now = jnp.sum(self.block_tokens(st) == self.mask_id, axis=-1)  # [B]
+        st = st.update(block_masks=jnp.where(entering, masks_now, st.progress.block_masks))
+        if self.decoder.fuses_credit:
+            st = st.update(credit=jnp.where(entering[:, None, None], 0.0, st.credit))
+        if not self.decoder.uses_cache:
+            live = running & self.needs_full_call(st)
+            st = when(jnp.any(live), lambda s: self.full_step(model, s, live), st)
+        else:
+            st = when(jnp.any(entering), lambda s: self.refresh_step(model, s, entering), st)
+            live = running & self.needs_cached_call(st)
+            st = when(jnp.any(live), lambda s: self.cached_step(model, s, live), st)
+        return self.advance(st, running)
+
+    def block_start(self, st: DecodeState):
+        """[B] the row's block start in the canvas."""
+        key = self.key
+        return key.prompt_len + jnp.minimum(st.progress.block, self.num_blocks - 1) * key.block_length
+
+    def block_tokens(self, st: DecodeState):
+        """[B, Lb] the row's block."""
+        return take(st.tokens.canvas, self.block_start(st), self.key.block_length)
+
+    def needs_full_call(self, st: DecodeState):
+        """Full-canvas algorithms: [B] the row calls the model this step."""
+        mask_left = jnp.any(self.block_tokens(st) == self.mask_id, axis=-1)
+        call = st.progress.call
+        if self.decoder.run_empty_steps:
+            need = jnp.where(st.knobs.rule == rules.FIXED, call < self.key.steps_per_block, mask_left)
+        else:
+            need = mask_left
+        return need & (call < self.max_calls)  # [B]
+
+    def needs_cached_call(self, st: DecodeState):
+        """Cached algorithms, past the refresh: [B] at least one cached call, more while masks remain."""
+        call = st.progress.call
+        mask_left = jnp.any(self.block_tokens(st) == self.mask_id, axis=-1)
+        return (call >= 1) & ((call == 1) | mask_left) & (call < self.max_calls)  # [B]
+
+    # ---- the forwards ---------------------------------------------------------------------
+
+    def forward(self, model, rows, bs, want_kv: bool):
+        """Logits [n, Lb, V] of the rows' blocks from a full-canvas forward (and its K/V).
+
+        ``rows``: (canvas, positions, valid, prompt, cfg_scale) of the n rows; ``bs``: [n] their
+        block starts."""
+        canvas, positions, valid, prompt, cfg_scale = rows
+        lb, shift = self.key.block_length, self.shift
+        tokens, mask = canvas, valid[:, None, :]  # [n, L], [n, 1, L]
+        if self.key.cfg:
+            uncond = jnp.where(prompt, self.mask_id, canvas)  # [n, L]
+            tokens = jnp.concatenate([canvas, uncond])  # [2n, L]
+            positions = jnp.concatenate([positions, positions])
+            mask = jnp.concatenate([mask, mask])
+        h, kv = model.hidden(tokens, positions, mask, return_kv=want_kv)  # [n or 2n, L, D]
+        if self.key.cfg:
+            n = canvas.shape[0]
+            cond = model.head(take(h[:n], bs - shift, lb))  # [n, Lb, V]
+            unc = model.head(take(h[n:], bs - shift, lb))
+            w = cfg_scale[:, None, None]
+            return jnp.where(w > 0, unc + (w + 1.0) * (cond - unc), cond), kv
+        return model.head(take(h, bs - shift, lb)), kv
+
+    @staticmethod
+    def forward_rows(st: DecodeState, rows=slice(None)):
+        """What ``forward`` reads of the selected rows."""
+        t = st.tokens
+        return t.canvas[rows], t.positions[rows], t.valid[rows], t.prompt[rows], st.knobs.cfg_scale[rows]
+
+    def full_step(self, model, st: DecodeState, live) -> DecodeState:
+        logits, _ = self.forward(model, self.forward_rows(st), self.block_start(st), want_kv=False)
+        return self.commit(st, logits, live)
+
+    def refresh_step(self, model, st: DecodeState, entering) -> DecodeState:
+        """Block-start forwards of the entering rows, ``chunk`` at a time: rebuild their cache, commit their step 0."""
+        bs, b = self.block_start(st), self.key.batch
+        if self.chunk == b:  # every row in one forward: no gather
+            logits, kv = self.forward(model, self.forward_rows(st), bs, True)
+            sel = entering[:, None, None, None]
+            cache = jax.tree.map(lambda old, new: jnp.where(sel, new.astype(old.dtype), old), st.cache, kv)
+            return self.commit(st.replace(cache=cache), logits, entering)
+
+        def chunk(c: RefreshLoop) -> RefreshLoop:
+            rows = jnp.argsort(~c.pending, stable=True)[:self.chunk]  # [R] the first pending rows
+            taken = c.pending[rows]  # [R]
+            logits_r, kv = self.forward(model, self.forward_rows(st, rows), bs[rows], True)  # [R, Lb, V]
+            dest = jnp.where(taken, rows, b)  # padding rows: out of range, dropped
+            cache = jax.tree.map(lambda old, new: old.at[dest].set(new.astype(old.dtype), mode="drop"), c.cache, kv)
+            return RefreshLoop(cache, c.logits.at[dest].set(logits_r, mode="drop"),
+                               c.pending.at[dest].set(False, mode="drop"), c.forwards + 1)
+
+        logits0 = jnp.zeros((b, self.key.block_length, model.spec.vocab), jnp.float32)  # [B, Lb, V]
+        loop = jax.lax.while_loop(lambda c: jnp.any(c.pending), chunk,
+                                  RefreshLoop(st.cache, logits0, entering, jnp.int32(0)))
+        st = self.commit(st.replace(cache=loop.cache), loop.logits, entering)
+        return st.replace(batch_nfe=st.batch_nfe + loop.forwards - 1)  # commit counted one
+
+    def cached_step(self, model, st: DecodeState, live) -> DecodeState:
+        key, shift = self.key, self.shift
+        bs, dual = self.block_start(st), self.decoder.cache == "dual"
+        if dual:
+            start, size = bs - shift, key.block_length + shift
+        else:  # prefix: the whole generated region (static size), fresh from the block on
+            start, size = jnp.full_like(bs, key.prompt_len - shift), key.gen_length + shift
+        tokens, positions = take(st.tokens.canvas, start, size), take(st.tokens.positions, start, size)  # [B, S]
+        write = ((start[:, None] + jnp.arange(size)[None, :]) >= bs[:, None]) & live[:, None]  # [B, S]
+        h, new_cache = model.hidden(tokens, positions, st.tokens.valid[:, None, :], cache=st.cache,
+                                    write_start=start, write_mask=write, return_kv=dual)  # [B, S, D]
+        logits = model.head(take(h, bs - shift - start, key.block_length))  # [B, Lb, V]
+        if dual:
+            st = st.replace(cache=new_cache)
+        return self.commit(st, logits, live)
+
+    # ---- commit and advance ---------------------------------------------------------------
+
+    def commit(self, st: DecodeState, logits, live) -> DecodeState:
+        """Propose, select and write tokens for rows in ``live`` [B]; count their forward pass."""
+        key, k_, p = self.key, st.knobs, st.progress
+        bs = self.block_start(st)  # [B]
+        block_tokens = take(st.tokens.canvas, bs, key.block_length)  # [B, Lb]
+        masked = (block_tokens == self.mask_id) & live[:, None]  # [B, Lb]
+        raw_logits, credit = logits, st.credit  # [B, Lb, V]
+        if self.decoder.fuses_credit:
+            logits, new_credit = rules.credit_fuse(logits, credit, masked, (p.call == 0)[:, None, None])
+            credit = jnp.where(live[:, None, None], new_credit, credit)
+        x0, conf, floor = proposal.propose(logits, k_.temperature, jax.vmap(jax.random.fold_in)(k_.rng, p.nfe),
+                                        self.mask_id, k_.remasking, filters=(k_.top_k, k_.top_p, k_.min_p),
+                                        with_floor=True)  # [B, Lb] each
+        # the static schedule's share of this call: LLaDA's get_num_transfer_tokens(n)[call]
+        spb = key.steps_per_block
+        n0, idx = p.block_masks, jnp.minimum(p.call, spb - 1)  # [B]
+        k = n0 // spb + (idx < n0 % spb)  # [B]
+        transfer = rules.select(self.decoder.rule, k_.rule, conf, masked, k, k_.threshold, k_.factor,
+                                k_.remasking)  # [B, Lb]
+        canvas = put(st.tokens.canvas, bs, jnp.where(transfer, x0, block_tokens))  # [B, L]
+        nfe = p.nfe + live
+        gen_idx = bs - key.prompt_len  # [B] block start in the generated region
+
+        def keep_new(old, new):  # old [B, G, ...], new [B, Lb, ...]: write committed positions
+            sel = transfer.reshape(transfer.shape + (1,) * (new.ndim - 2))
+            return put(old, gen_idx, jnp.where(sel, new, take(old, gen_idx, key.block_length)))
+
+        r = st.records
+        record = {}
+        if key.logprobs:  # raw: the model's own distribution; processed: the one x0 was drawn from
+            chosen, top_ids, top_lp = proposal.token_logprobs(
+                raw_logits, x0, key.logprobs, self.mask_id, processed=k_.processed_logprobs, drawn=logits,
+                temperature=k_.temperature, floor=floor)
+            record = dict(commit_logprob=keep_new(r.commit_logprob, chosen), top_ids=keep_new(r.top_ids, top_ids),
+                          top_logprobs=keep_new(r.top_logprobs, top_lp))
+        return st.update(canvas=canvas, nfe=nfe, call=p.call + live, credit=credit,
+                         commit_step=keep_new(r.commit_step, jnp.broadcast_to(nfe[:, None], transfer.shape)),
+                         commit_conf=keep_new(r.commit_conf, conf), batch_nfe=st.batch_nfe + 1, **record)
+
+    def advance(self, st: DecodeState, running) -> DecodeState:
+        """Rows whose block is resolved move to their next block (or finish: last block, early stop)."""
+        p = st.progress
+        if not self.decoder.uses_cache:
+            resolved = running & ~self.needs_full_call(st)
+        else:
+            resolved = running & (p.call >= 1) & ~self.needs_cached_call(st)  # [B]
+        bs = self.block_start(st)
+        stop_here = st.knobs.early_stop & jnp.any(contains_stop(self.block_tokens(st), st.knobs.stop_ids), axis=-1)
+        next_block = p.block + resolved
+        done = p.done | (resolved & ((next_block >= self.num_blocks) | stop_here))
+        after = jnp.arange(self.key.canvas_len)[None, :] >= (bs + self.key.block_length)[:, None]  # [B, L]
+        canvas = jnp.where((resolved & stop_here)[:, None] & after, self.fill_id, st.tokens.canvas)
+        return st.update(canvas=canvas, block=next_block, done=done, call=jnp.where(resolved, 0, p.call))
+
+
 def make_step_program(key: "ProgramKey", decoder: "BlockDecoder", graphdef, *, mask_id: int, fill_id: int,
                       refresh_rows: int | None = None):
-    """Build ``run(params, state, budget, exit_on_done) -> state`` for one program key (jit it outside).
-
-    ``decoder`` is the key's ``BlockDecoder`` (cache mode, fixed rule, empty steps);
-    ``refresh_rows``: rows per refresh chunk (default from REFRESH_TOKENS; the batch
-    size = every row in one forward, no gather)."""
-    cache_mode, rule_static = decoder.cache, decoder.rule
-    lp, g, lb, spb = key.prompt_len, key.gen_length, key.block_length, key.steps_per_block
-    num_blocks = g // lb
-    shift = 1 if key.shift else 0
-    b, length = key.batch, key.canvas_len
-    r = chunk_rows(b, length, refresh_rows)
-    max_calls = max(spb, lb) + 1  # every threshold/factor step commits >= 1 token
-
-    def run(params, st: DecodeState, budget, exit_on_done) -> DecodeState:
-        model = nnx.merge(graphdef, params)
-
-        def block_start(st):
-            return lp + jnp.minimum(st.block, num_blocks - 1) * lb  # [B] in the canvas
-
-        def has_mask(st):
-            return jnp.any(take(st.canvas, block_start(st), lb) == mask_id, axis=-1)  # [B]
-
-        def full_forward(canvas, positions, valid, prompt, cfg_scale, bs, want_kv):
-            """Logits [n, Lb, V] of the rows' blocks from a full-canvas forward (and its K/V)."""
-            tokens, mask = canvas, valid[:, None, :]  # [n, L], [n, 1, L]
-            if key.cfg:
-                uncond = jnp.where(prompt, mask_id, canvas)  # [n, L]
-                tokens = jnp.concatenate([canvas, uncond])  # [2n, L]
-                positions = jnp.concatenate([positions, positions])
-                mask = jnp.concatenate([mask, mask])
-            h, kv = model.hidden(tokens, positions, mask, return_kv=want_kv)  # [n or 2n, L, D]
-            if key.cfg:
-                n = canvas.shape[0]
-                cond = model.head(take(h[:n], bs - shift, lb))  # [n, Lb, V]
-                unc = model.head(take(h[n:], bs - shift, lb))
-                w = cfg_scale[:, None, None]
-                return jnp.where(w > 0, unc + (w + 1.0) * (cond - unc), cond), kv
-            return model.head(take(h, bs - shift, lb)), kv
-
-        def commit(st: DecodeState, logits, live) -> DecodeState:
-            """Propose, select and write tokens for rows in ``live`` [B]; count their forward pass."""
-            bs = block_start(st)  # [B]
-            block_tokens = take(st.canvas, bs, lb)  # [B, Lb]
-            masked = (block_tokens == mask_id) & live[:, None]  # [B, Lb]
-            raw_logits, credit = logits, st.credit  # [B, Lb, V]
-            if rule_static == rules.CREDIT:
-                logits, new_credit = rules.credit_fuse(logits, credit, masked, (st.call == 0)[:, None, None])
-                credit = jnp.where(live[:, None, None], new_credit, credit)
-            x0, conf, floor = rules.propose(logits, st.temperature, jax.vmap(jax.random.fold_in)(st.rng, st.nfe),
-                                            mask_id, st.remasking, filters=(st.top_k, st.top_p, st.min_p),
-                                            with_floor=True)  # [B, Lb] each
-            # the static schedule's share of this call: LLaDA's get_num_transfer_tokens(n)[call]
-            n0, idx = st.block_masks, jnp.minimum(st.call, spb - 1)  # [B]
-            k = n0 // spb + (idx < n0 % spb)  # [B]
-            transfer = rules.select(rule_static, st.rule, conf, masked, k, st.threshold, st.factor,
-                                    st.remasking)  # [B, Lb]
-            canvas = put(st.canvas, bs, jnp.where(transfer, x0, block_tokens))  # [B, L]
-            nfe = st.nfe + live
-            gen_idx = bs - lp  # [B] block start in the generated region
-
-            def keep_new(old, new):  # old [B, G, ...], new [B, Lb, ...]: write committed positions
-                sel = transfer.reshape(transfer.shape + (1,) * (new.ndim - 2))
-                return put(old, gen_idx, jnp.where(sel, new, take(old, gen_idx, lb)))
-
-            record = {}
-            if key.logprobs:  # raw: the model's own distribution; processed: the one x0 was drawn from
-                chosen, top_ids, top_lp = rules.token_logprobs(
-                    raw_logits, x0, key.logprobs, mask_id, processed=st.processed_logprobs, drawn=logits,
-                    temperature=st.temperature, floor=floor)
-                record = dict(commit_logprob=keep_new(st.commit_logprob, chosen), top_ids=keep_new(st.top_ids, top_ids),
-                              top_logprobs=keep_new(st.top_logprobs, top_lp))
-            return st.replace(canvas=canvas, nfe=nfe, call=st.call + live, credit=credit,
-                              commit_step=keep_new(st.commit_step, jnp.broadcast_to(nfe[:, None], transfer.shape)),
-                              commit_conf=keep_new(st.commit_conf, conf), batch_nfe=st.batch_nfe + 1, **record)
-
-        def needs_full_call(st):
-            """Full-canvas algorithms: the row calls the model this step."""
-            mask_left = has_mask(st)
-            if decoder.run_empty_steps:
-                need = jnp.where(st.rule == rules.FIXED, st.call < spb, mask_left)
-            else:
-                need = mask_left
-            return need & (st.call < max_calls)  # [B]
-
-        def needs_cached_call(st):
-            """Cached algorithms, past the refresh: at least one cached call, more while masks remain."""
-            return (st.call >= 1) & ((st.call == 1) | has_mask(st)) & (st.call < max_calls)  # [B]
-
-        def full_step(st, live):
-            logits, _ = full_forward(st.canvas, st.positions, st.valid, st.prompt, st.cfg_scale, block_start(st),
-                                     want_kv=False)
-            return commit(st, logits, live)
-
-        def refresh_step(st, entering):
-            """Block-start forwards of the entering rows, ``r`` at a time: rebuild their cache, commit their step 0."""
-            bs = block_start(st)
-            if r == b:  # every row in one forward: no gather
-                logits, kv = full_forward(st.canvas, st.positions, st.valid, st.prompt, st.cfg_scale, bs, True)
-                sel = entering[:, None, None, None]
-                cache = jax.tree.map(lambda old, new: jnp.where(sel, new.astype(old.dtype), old), st.cache, kv)
-                return commit(st.replace(cache=cache), logits, entering)
-
-            def chunk(c: RefreshLoop) -> RefreshLoop:
-                rows = jnp.argsort(~c.pending, stable=True)[:r]  # [R] the first pending rows
-                taken = c.pending[rows]  # [R]
-                logits_r, kv = full_forward(st.canvas[rows], st.positions[rows], st.valid[rows], st.prompt[rows],
-                                            st.cfg_scale[rows], bs[rows], True)  # [R, Lb, V]
-                dest = jnp.where(taken, rows, b)  # padding rows: out of range, dropped
-                cache = jax.tree.map(lambda old, new: old.at[dest].set(new.astype(old.dtype), mode="drop"),
-                                     c.cache, kv)
-                return RefreshLoop(cache, c.logits.at[dest].set(logits_r, mode="drop"),
-                                   c.pending.at[dest].set(False, mode="drop"), c.forwards + 1)
-
-            logits0 = jnp.zeros((b, lb, model.spec.vocab), jnp.float32)  # [B, Lb, V]
-            loop = jax.lax.while_loop(lambda c: jnp.any(c.pending), chunk,
-                                      RefreshLoop(st.cache, logits0, entering, jnp.int32(0)))
-            st = commit(st.replace(cache=loop.cache), loop.logits, entering)
-            return st.replace(batch_nfe=st.batch_nfe + loop.forwards - 1)  # commit counted one
-
-        def cached_step(st, live):
-            bs = block_start(st)
-            if cache_mode == "dual":
-                start, size = bs - shift, lb + shift
-            else:  # prefix: the whole generated region (static size), fresh from the block on
-                start, size = jnp.full_like(bs, lp - shift), g + shift
-            tokens, positions = take(st.canvas, start, size), take(st.positions, start, size)  # [B, S]
-            write = ((start[:, None] + jnp.arange(size)[None, :]) >= bs[:, None]) & live[:, None]  # [B, S]
-            h, new_cache = model.hidden(tokens, positions, st.valid[:, None, :], cache=st.cache, write_start=start,
-                                        write_mask=write, return_kv=cache_mode == "dual")  # [B, S, D]
-            logits = model.head(take(h, bs - shift - start, lb))  # [B, Lb, V]
-            if cache_mode == "dual":
-                st = st.replace(cache=new_cache)
-            return commit(st, logits, live)
-
-        def advance(st, running):
-            """Rows whose block is resolved move to their next block (or finish: last block, early stop)."""
-            if cache_mode == "none":
-                resolved = running & ~needs_full_call(st)
-            else:
-                resolved = running & (st.call >= 1) & ~needs_cached_call(st)  # [B]
-            bs = block_start(st)
-            stop_here = st.early_stop & jnp.any(contains_stop(take(st.canvas, bs, lb), st.stop_ids), axis=-1)
-            next_block = st.block + resolved
-            done = st.done | (resolved & ((next_block >= num_blocks) | stop_here))
-            after = jnp.arange(length)[None, :] >= (bs + lb)[:, None]  # [B, L]
-            canvas = jnp.where((resolved & stop_here)[:, None] & after, fill_id, st.canvas)
-            return st.replace(canvas=canvas, block=next_block, done=done, call=jnp.where(resolved, 0, st.call))
-
-        def step(st: DecodeState) -> DecodeState:
-            running = st.active & ~st.done  # [B]
-            entering = running & (st.call == 0)  # [B] rows at a block start
-            masks_now = jnp.sum(take(st.canvas, block_start(st), lb) == mask_id, axis=-1)  # [B]
-            st = st.replace(block_masks=jnp.where(entering, masks_now, st.block_masks))
-            if rule_static == rules.CREDIT:
-                st = st.replace(credit=jnp.where(entering[:, None, None], 0.0, st.credit))
-            if cache_mode == "none":
-                live = running & needs_full_call(st)
-                st = when(jnp.any(live), lambda s: full_step(s, live), st)
-            else:
-                st = when(jnp.any(entering), lambda s: refresh_step(s, entering), st)
-                live = running & needs_cached_call(st)
-                st = when(jnp.any(live), lambda s: cached_step(s, live), st)
-            return advance(st, running)
-
-        return step_loop(step, st, budget, exit_on_done)
-
-    return run
+    """``run(params, state, budget, exit_on_done) -> state`` of one program key (jit it outside);
+    ``refresh_rows``: rows per refresh chunk (default from REFRESH_TOKENS)."""
+    program = BlockProgram(key, decoder, graphdef, mask_id, fill_id, chunk_rows(key.batch, key.canvas_len, refresh_rows))
+    return program.run

@@ -17,13 +17,28 @@ from __future__ import annotations
 import dataclasses
 
 from dllm_jax.configs import FAMILY_CONFIGS
-from dllm_jax.sampling import blocks, sliding
+from dllm_jax.sampling import blocks, rules, sliding
 from dllm_jax.sampling.errors import SamplingError
 
 
 @dataclasses.dataclass(frozen=True)
 class Decoder:
-    """Base: what a program kind decides (see module docstring)."""
+    """Base: what a program kind decides (see module docstring).
+
+    Attributes:
+      cache: 'none' (full canvas every step), 'prefix' or 'dual' (Fast-dLLM caches), 'sliding'
+        (Nemotron's window).
+      rule: the transfer rule code the decoder fixes for every row (``rules.Code``), or None
+        when each row picks one of the ``per_row`` rules by its own knobs.
+    """
+
+    cache: str = "none"
+    rule: int | None = None
+
+    @property
+    def fuses_credit(self) -> bool:
+        """The state holds a per-block credit (dInfer's credit rule)."""
+        return self.rule is not None and rules.RULES[self.rule].fuses_credit
 
     @property
     def uses_cache(self) -> bool:
@@ -43,7 +58,8 @@ class Decoder:
         return steps // num_blocks
 
     def check(self, params, family: str) -> dict:
-        """Decoder-specific request checks (raise SamplingError); returns resolved overrides."""
+        """Decoder-specific request checks of ``params`` (its ``algorithm`` and ``steps`` resolved;
+        raise SamplingError); returns the fields it resolves (threshold / factor)."""
         return {}
 
     def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_rows: int | None = None):
@@ -56,26 +72,41 @@ class BlockDecoder(Decoder):
     """Semi-autoregressive blocks (LLaDA, Fast-dLLM, dInfer).
 
     Attributes:
-      cache: 'none' (full canvas every step), 'prefix' or 'dual' (Fast-dLLM caches).
-      rule: the transfer rule fixed by the algorithm (rules.HIERARCHY / CREDIT / THRESHOLD), or
-        None when each row picks FIXED / THRESHOLD / FACTOR.
-      run_empty_steps: run every scheduled step even when it commits nothing (LLaDA's generate).
+      run_empty_steps: run every scheduled step even when it commits nothing (the original
+        LLaDA ``generate``); Fast-dLLM leaves a block as soon as it is filled.
+      default_threshold: what the decoder's fixed rule uses when a request gives no threshold.
     """
 
-    cache: str = "none"
-    rule: int | None = None
     run_empty_steps: bool = False
+    default_threshold: float | None = None
 
     @property
     def uses_cache(self) -> bool:
         return self.cache != "none"
 
     def check(self, params, family: str) -> dict:
+        steps, threshold, factor = params.steps, params.threshold, params.factor
         num_blocks = params.gen_length // params.block_length
-        if params.steps % num_blocks:
-            raise SamplingError(f"steps={params.steps} must be a multiple of the number of blocks "
+        if steps % num_blocks:
+            raise SamplingError(f"steps={steps} must be a multiple of the number of blocks "
                                 f"(gen_length/block_length = {num_blocks})", "steps")
-        return {}
+        if threshold is not None and factor is not None:
+            raise SamplingError("give either threshold or factor, not both", "factor")
+        if factor is not None and factor == 0 and self.rule is None:
+            raise SamplingError("factor must be > 0 for the Fast-dLLM factor rule", "factor")
+        if self.rule is not None and factor is not None:
+            raise SamplingError(f"factor is not used by algorithm {params.algorithm!r}", "factor")
+        if self.rule is not None and threshold is None:
+            threshold = self.default_threshold
+        if params.cfg_scale > 0 and self.uses_cache:
+            raise SamplingError(f"cfg_scale > 0 needs a full-canvas algorithm ('basic' or 'no_cache'), "
+                                f"not {params.algorithm!r}", "cfg_scale")
+        if self.uses_cache and self.rule is None and threshold is None and factor is None \
+                and steps // num_blocks < 2:
+            raise SamplingError(f"{params.algorithm} with a fixed schedule needs at least 2 steps per block "
+                                f"(got steps={steps} for {num_blocks} blocks); upstream Fast-dLLM fails "
+                                "with IndexError here", "steps")
+        return {"threshold": threshold, "factor": factor}
 
     def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_rows: int | None = None):
         return blocks.make_step_program(key, self, graphdef, mask_id=mask_id, fill_id=fill_id,
@@ -85,6 +116,9 @@ class BlockDecoder(Decoder):
 @dataclasses.dataclass(frozen=True)
 class SlidingDecoder(Decoder):
     """NeMo-RL's static-block sliding window (Nemotron-Diffusion): greedy, factor acceptance."""
+
+    cache: str = "sliding"
+    rule: int | None = rules.NEMOTRON
 
     def extra_length(self, block_length: int) -> int:
         return 2 * block_length  # the window may run up to two blocks past the canvas
@@ -107,7 +141,7 @@ class SlidingDecoder(Decoder):
         if params.shift_logits is False:
             raise SamplingError("static_block always reads shifted predictions (shift_logits=False is not "
                                 "possible with it)", "shift_logits")
-        return {"factor": 1.0 if params.factor is None else params.factor}
+        return {"threshold": None, "factor": 1.0 if params.factor is None else params.factor}
 
     def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_rows: int | None = None):
         return sliding.make_step_program(key, graphdef, mask_id=mask_id)

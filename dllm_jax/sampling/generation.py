@@ -11,7 +11,7 @@ import numpy as np
 from dllm_jax.sampling.params import SamplingError, SamplingParams
 from dllm_jax.sampling.programs import program_key
 from dllm_jax.sampling.session import UNBOUNDED, DecodeSession, fetch
-from dllm_jax.sampling.state import Row
+from dllm_jax.sampling.slots import Row
 
 
 @dataclasses.dataclass
@@ -75,11 +75,12 @@ def generate(model, prompts: Sequence[Sequence[int]], *, return_trace: bool = Fa
         if all(u.done for u in updates):
             break
     st = session.state
-    wanted = {"canvas": st.canvas, "batch_nfe": st.batch_nfe, "nfe": st.nfe}
+    wanted = {"canvas": st.tokens.canvas, "batch_nfe": st.batch_nfe, "nfe": st.progress.nfe}
     if return_trace:
-        wanted.update(commit_step=st.commit_step, commit_conf=st.commit_conf)
+        wanted.update(commit_step=st.records.commit_step, commit_conf=st.records.commit_conf)
     if key.logprobs:
-        wanted.update(commit_logprob=st.commit_logprob, top_ids=st.top_ids, top_logprobs=st.top_logprobs)
+        wanted.update(commit_logprob=st.records.commit_logprob, top_ids=st.records.top_ids,
+                      top_logprobs=st.records.top_logprobs)
     st = fetch(wanted)
     lp, g = key.prompt_len, key.gen_length
     tokens = np.asarray(st["canvas"][:n, lp:lp + g], np.int32)

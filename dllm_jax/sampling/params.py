@@ -46,50 +46,50 @@ def check_stop_count(stops: Sequence[int], subject: str, error=SamplingError) ->
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
-    """How an algorithm runs.
+    """A named decoder.
 
     Attributes:
       name: canonical name.
-      cache: 'none' (full canvas every step), 'prefix', 'dual' (Fast-dLLM caches) or
-        'sliding' (Nemotron static-block decoder).
-      rule: transfer rule fixed by the algorithm (rules.HIERARCHY/CREDIT/NEMOTRON), or None
-        when each row picks FIXED / THRESHOLD / FACTOR from its own threshold/factor.
-      run_empty_steps: run every scheduled step even when it commits nothing (the original
-        LLaDA ``generate``); Fast-dLLM leaves a block as soon as it is filled.
-      default_threshold: used by rules that need one when the request gives none.
+      decoder: the program kind that runs it, with its cache and rule
+        (``dllm_jax.sampling.decoders``).
       description: one line for /v1/models and docs.
     """
 
     name: str
-    cache: str
-    rule: int | None = None
-    run_empty_steps: bool = False
-    default_threshold: float | None = None
+    decoder: Decoder
     description: str = ""
 
     @property
-    def decoder(self) -> Decoder:
-        """The program kind that runs it (``dllm_jax.sampling.decoders``)."""
-        if self.cache == "sliding":
-            return SlidingDecoder()
-        return BlockDecoder(cache=self.cache, rule=self.rule, run_empty_steps=self.run_empty_steps)
+    def cache(self) -> str:
+        return self.decoder.cache
+
+    @property
+    def rule(self) -> int | None:
+        """The rule code the algorithm fixes (None: each row picks by its knobs)."""
+        return self.decoder.rule
+
+    @property
+    def run_empty_steps(self) -> bool:
+        return isinstance(self.decoder, BlockDecoder) and self.decoder.run_empty_steps
+
+
+def _dinfer(rule: int) -> BlockDecoder:
+    return BlockDecoder(cache="dual", rule=rule, default_threshold=0.9)
 
 
 ALGORITHMS = {a.name: a for a in [
-    Algorithm("basic", "none", run_empty_steps=True,
-              description="LLaDA reference generate(): full canvas every step, static schedule"),
-    Algorithm("no_cache", "none",
-              description="Fast-dLLM generate(): full canvas every step, leaves a block once filled"),
-    Algorithm("prefix_cache", "prefix", description="Fast-dLLM prefix KV cache, refreshed per block"),
-    Algorithm("dual_cache", "dual", description="Fast-dLLM dual (prefix+suffix) KV cache, refreshed per block"),
-    Algorithm("dinfer_blockwise", "dual", rule=rules.THRESHOLD, default_threshold=0.9,
-              description="dInfer threshold decoder on the dual cache"),
-    Algorithm("dinfer_hierarchy", "dual", rule=rules.HIERARCHY, default_threshold=0.9,
-              description="dInfer hierarchy decoder (run-wise best + threshold) on the dual cache"),
-    Algorithm("dinfer_credit", "dual", rule=rules.CREDIT, default_threshold=0.9,
-              description="dInfer credit-fused threshold decoder on the dual cache"),
-    Algorithm("static_block", "sliding", rule=rules.NEMOTRON,
-              description="NeMo-RL dllm_eval static-block sliding decoder (Nemotron-Diffusion)"),
+    Algorithm("basic", BlockDecoder(cache="none", run_empty_steps=True),
+              "LLaDA reference generate(): full canvas every step, static schedule"),
+    Algorithm("no_cache", BlockDecoder(cache="none"),
+              "Fast-dLLM generate(): full canvas every step, leaves a block once filled"),
+    Algorithm("prefix_cache", BlockDecoder(cache="prefix"), "Fast-dLLM prefix KV cache, refreshed per block"),
+    Algorithm("dual_cache", BlockDecoder(cache="dual"), "Fast-dLLM dual (prefix+suffix) KV cache, refreshed per block"),
+    Algorithm("dinfer_blockwise", _dinfer(rules.THRESHOLD), "dInfer threshold decoder on the dual cache"),
+    Algorithm("dinfer_hierarchy", _dinfer(rules.HIERARCHY),
+              "dInfer hierarchy decoder (run-wise best + threshold) on the dual cache"),
+    Algorithm("dinfer_credit", _dinfer(rules.CREDIT), "dInfer credit-fused threshold decoder on the dual cache"),
+    Algorithm("static_block", SlidingDecoder(),
+              "NeMo-RL dllm_eval static-block sliding decoder (Nemotron-Diffusion)"),
 ]}
 
 ALIASES = {
@@ -189,9 +189,27 @@ class SamplingParams:
         _int_at_least(lb, 1, "block_length")
         if g % lb:
             raise SamplingError(f"block_length={lb} must divide gen_length={g}", "block_length")
-        num_blocks = g // lb
         steps = g if self.steps is None else self.steps
         _int_at_least(steps, 1, "steps")
+        self._check_knobs()
+        resolved = algo.decoder.check(dataclasses.replace(self, algorithm=algo.name, steps=steps), family)
+        shift = self.shift_logits
+        if shift is None:
+            shift = FAMILY_CONFIGS[family].shift_logits
+        self._check_filters()
+        self._check_outputs()
+        stops = None if self.stop_token_ids is None else tuple(int(t) for t in self.stop_token_ids)
+        if stops is not None:
+            check_stop_count(stops, f"stop_token_ids has {len(stops)} tokens")
+        if stops is not None and any(t < 0 for t in stops):
+            raise SamplingError(f"stop_token_ids={list(stops)} must be non-negative token ids", "stop_token_ids")
+        return dataclasses.replace(self, algorithm=algo.name, steps=steps, threshold=resolved["threshold"],
+                                   factor=resolved["factor"], shift_logits=bool(shift), stop_token_ids=stops,
+                                   temperature=float(self.temperature), cfg_scale=float(self.cfg_scale),
+                                   top_p=float(self.top_p), min_p=float(self.min_p), trace=bool(self.trace))
+
+    def _check_knobs(self) -> None:
+        """The decoding knobs' ranges (what an algorithm allows is its decoder's ``check``)."""
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
             raise SamplingError(f"temperature={self.temperature!r} must be a finite number >= 0", "temperature")
         if not isinstance(self.remasking, str) or self.remasking not in rules.REMASKING:
@@ -204,34 +222,16 @@ class SamplingParams:
             raise SamplingError(f"threshold={threshold!r} must be in (0, 1]", "threshold")
         if factor is not None and not (isinstance(factor, (int, float)) and 0 <= factor < float("inf")):
             raise SamplingError(f"factor={factor!r} must be a finite number >= 0", "factor")
-        decoder = algo.decoder
-        overrides = decoder.check(dataclasses.replace(self, algorithm=algo.name, steps=steps), family)
-        factor = overrides.get("factor", factor)
-        if isinstance(decoder, BlockDecoder):
-            if threshold is not None and factor is not None:
-                raise SamplingError("give either threshold or factor, not both", "factor")
-            if factor is not None and factor == 0 and algo.rule is None:
-                raise SamplingError("factor must be > 0 for the Fast-dLLM factor rule", "factor")
-            if algo.rule is not None and factor is not None:
-                raise SamplingError(f"factor is not used by algorithm {algo.name!r}", "factor")
-            if algo.rule is not None and threshold is None:
-                threshold = algo.default_threshold
-            if self.cfg_scale > 0 and decoder.uses_cache:
-                raise SamplingError(f"cfg_scale > 0 needs a full-canvas algorithm ('basic' or 'no_cache'), "
-                                    f"not {algo.name!r}", "cfg_scale")
-            if decoder.uses_cache and algo.rule is None and threshold is None \
-                    and factor is None and steps // num_blocks < 2:
-                raise SamplingError(f"{algo.name} with a fixed schedule needs at least 2 steps per block "
-                                    f"(got steps={steps} for {num_blocks} blocks); upstream Fast-dLLM fails "
-                                    "with IndexError here", "steps")
-        shift = self.shift_logits
-        if shift is None:
-            shift = FAMILY_CONFIGS[family].shift_logits
+
+    def _check_filters(self) -> None:
         _int_at_least(self.top_k, 0, "top_k")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise SamplingError(f"top_p={self.top_p!r} must be in (0, 1]", "top_p")
         if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
             raise SamplingError(f"min_p={self.min_p!r} must be in [0, 1]", "min_p")
+
+    def _check_outputs(self) -> None:
+        """logprobs, logprobs_mode and the seed."""
         if self.logprobs is not None:
             _int_at_least(self.logprobs, 0, "logprobs")
             if self.logprobs > MAX_TOP_LOGPROBS:
@@ -241,24 +241,11 @@ class SamplingParams:
                                 f"{', '.join(map(repr, LOGPROBS_MODES))}", "logprobs_mode")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise SamplingError(f"seed={self.seed!r} must be a non-negative integer", "seed")
-        stops = None if self.stop_token_ids is None else tuple(int(t) for t in self.stop_token_ids)
-        if stops is not None:
-            check_stop_count(stops, f"stop_token_ids has {len(stops)} tokens")
-        if stops is not None and any(t < 0 for t in stops):
-            raise SamplingError(f"stop_token_ids={list(stops)} must be non-negative token ids", "stop_token_ids")
-        return dataclasses.replace(self, algorithm=algo.name, steps=steps, threshold=threshold, factor=factor,
-                                   shift_logits=bool(shift), stop_token_ids=stops,
-                                   temperature=float(self.temperature), cfg_scale=float(self.cfg_scale),
-                                   top_p=float(self.top_p), min_p=float(self.min_p), trace=bool(self.trace))
 
     @property
     def rule(self) -> int:
-        """Per-row rule code for algorithms that let the row choose."""
-        if self.threshold is not None:
-            return rules.THRESHOLD
-        if self.factor is not None:
-            return rules.FACTOR
-        return rules.FIXED
+        """Per-row rule code for algorithms that let the row choose (``rules.row_rule``)."""
+        return rules.row_rule(self.threshold, self.factor)
 
 
 def _int_at_least(value, low: int, name: str):

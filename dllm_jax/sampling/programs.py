@@ -21,7 +21,7 @@ from dllm_jax.sampling.params import (
     batch_bucket,
     bucket,
 )
-from dllm_jax.sampling.state import empty_state_fn, merge_rows, state_shardings
+from dllm_jax.sampling.slots import empty_state_fn, merge_rows, state_shardings
 
 
 class Programs:

@@ -1,10 +1,13 @@
-"""Per-step decisions on one block: propose tokens, score them, choose which to commit.
+"""Per-step decisions on one block: which proposed tokens to commit (the proposals themselves,
+their confidence and log-probabilities are ``proposal``'s).
 
-Everything here works on the active block only: logits [B, Lb, V], a mask of still-masked
+Everything here works on the active block only: confidences [B, Lb], a mask of still-masked
 positions [B, Lb], and per-row knobs [B]. No Python loop runs over rows or positions;
 "commit the k best of each row" is sort -> rank -> compare.
 
-Transfer rules (``rule`` codes, per row):
+Transfer rules: each is an object (``Rule``: a name, the request knobs it reads, its ``select``),
+listed once in ``RULES``; the per-row ``rule`` codes dispatched on the device are their indices
+(``Code``, derived from ``RULES``). Adding a rule is a class here and an entry in ``RULES``.
 
 * FIXED: the static schedule; the ``k`` most confident masked positions (LLaDA, Fast-dLLM).
 * THRESHOLD: the most confident masked position, plus every masked position whose
@@ -28,12 +31,15 @@ Selection policies (``remasking`` codes, per row): how the masked positions are 
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 
-from dllm_jax.models.transformer import log_softmax, softmax
+from dllm_jax.models.transformer import softmax
 
-FIXED, THRESHOLD, FACTOR, HIERARCHY, CREDIT, NEMOTRON = range(6)
 LOW_CONFIDENCE, RANDOM, LEFTMOST = range(3)
 # ``remasking`` names (LLaDA upstream's parameter) -> per-row policy codes
 REMASKING = {"low_confidence": LOW_CONFIDENCE, "random": RANDOM, "leftmost": LEFTMOST}
@@ -48,136 +54,6 @@ CREDIT_BOOST = 0.2
 # NeMo-RL static-block acceptance constants
 NEMOTRON_HIGH = 0.95
 NEMOTRON_FLOOR = 0.5
-
-
-def _scaled(logits, temperature, mask_id: int):
-    """logits / T (T floored at 1e-6), the mask token at -inf: what the filters and the draw's
-    distribution are defined on."""
-    return (logits / jnp.maximum(temperature, 1e-6)[:, None, None]).at[..., mask_id].set(NEG_INF)
-
-
-def filter_floor(logits, temperature, top_k, top_p, min_p, mask_id: int):
-    """[B, Lb]: the least ``logits / T`` a T > 0 draw may pick under the row's sampling filters
-    (the kept tokens are exactly those, the mask token aside, at or above it); -inf for rows
-    with no filter (0 / 1 / 0).
-
-    All three filters act on q = softmax(logits / T) without the mask token: top_k keeps the k
-    most probable; top_p keeps the smallest most-probable set whose mass (renormalised over the
-    top_k set) reaches top_p; min_p keeps q >= min_p * max(q). A token must pass all three; the
-    most probable token always does, and ties with the least probable kept one are kept too.
-    """
-    v = logits.shape[-1]
-    scaled = _scaled(logits, temperature, mask_id)
-    ordered = -jnp.sort(-scaled, axis=-1)  # [B, Lb, V] descending
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)[:, None, None]
-    rank = jnp.arange(v)[None, None, :]
-    in_k = rank < k
-    probs = softmax(jnp.where(in_k, ordered, NEG_INF), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more probable tokens
-    keep_sorted = in_k & ((before < top_p[:, None, None]) | (rank == 0))
-    # top_k / top_p: the least probable kept token's value
-    count = jnp.sum(keep_sorted, axis=-1, keepdims=True)
-    cut = jnp.take_along_axis(ordered, count - 1, axis=-1)[..., 0]  # [B, Lb]
-    min_p_floor = jnp.where(min_p > 0, jnp.log(jnp.maximum(min_p, 1e-38)), NEG_INF)[:, None]
-    off = (top_k <= 0) & (top_p >= 1.0) & (min_p <= 0.0)
-    return jnp.where(off[:, None], NEG_INF, jnp.maximum(cut, ordered[..., 0] + min_p_floor))
-
-
-def restrict(scores, logits, temperature, filters, mask_id: int):
-    """``scores`` [B, Lb, V] set to -inf outside each sampling row's filter set (``filter_floor``
-    of ``logits``), and that floor [B, Lb] (-inf for rows at T = 0 or without a filter, whose
-    scores are unchanged). The sort behind the filters runs only when some sampling row has a
-    filter on."""
-    top_k, top_p, min_p = filters
-    active = (temperature > 0) & ((top_k > 0) | (top_p < 1.0) | (min_p > 0.0))  # [B]
-
-    def apply(s):
-        floor = jnp.where(active[:, None], filter_floor(logits, temperature, top_k, top_p, min_p, mask_id), NEG_INF)
-        return jnp.where(_scaled(logits, temperature, mask_id) >= floor[..., None], s, NEG_INF), floor
-
-    return jax.lax.cond(jnp.any(active), apply, lambda s: (s, jnp.full(s.shape[:2], NEG_INF, s.dtype)), scores)
-
-
-def propose(logits, temperature, keys, mask_id: int, remasking=None, filters=None, with_floor: bool = False):
-    """Candidate token and its confidence at every block position.
-
-    Args:
-      logits: [B, Lb, V] float32.
-      temperature: [B]; 0 = greedy. At T > 0 the candidate is a Gumbel-max draw from
-        softmax(logits / T) (upstream's exp(l) / (-log u)^T has the same argmax; we draw the
-        Gumbel noise in float32, see docs/sampling.md).
-      keys: [B] PRNG keys (one per row, so a row's draw never depends on its batch-mates).
-      mask_id: never proposed as a token (a committed mask would stay masked).
-      remasking: [B] int32 policy codes; RANDOM rows get uniform noise for a confidence
-        (LOW_CONFIDENCE and LEFTMOST rows keep the model's; LEFTMOST ranks in ``select``).
-      filters: (top_k [B] int, top_p [B], min_p [B]) restricting the T > 0 draw
-        (``filter_floor``); None = no filters.
-      with_floor: also return the filters' floor (for ``token_logprobs``).
-
-    Returns:
-      x0 [B, Lb] int32, conf [B, Lb] float32 = softmax(logits)[x0] (or uniform noise). The
-      confidence is of the unfiltered logits, as upstream's, so filters change the draw only.
-      With ``with_floor``, also floor [B, Lb]: the draw's support is the tokens (the mask
-      token aside) with logits / T >= floor (-inf: rows without a filter or at T = 0).
-    """
-    b, lb, v = logits.shape
-    logits = logits.astype(jnp.float32)
-    noise_keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys)  # [B, 2]
-    t = temperature[:, None, None]
-    no_floor = jnp.full((b, lb), NEG_INF, jnp.float32)  # [B, Lb]: no filter
-
-    def noisy(logits):
-        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (lb, v), jnp.float32))(noise_keys[:, 0])
-        scores = jnp.where(t > 0, logits + t * gumbel, logits)
-        return (scores, no_floor) if filters is None else restrict(scores, logits, temperature, filters, mask_id)
-
-    # Drawing [B, Lb, V] Gumbel noise is the costliest part of a greedy step: skip it when no
-    # row samples (the rows' draws do not depend on whether a batch-mate samples).
-    scores, floor = jax.lax.cond(jnp.any(temperature > 0), noisy, lambda logits: (logits, no_floor), logits)
-    scores = scores.at[..., mask_id].set(NEG_INF)
-    x0 = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    probs = softmax(logits, axis=-1)  # fixed-order normaliser: batch-invariant confidence
-    conf = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
-    if remasking is not None:
-        uniform = jax.vmap(lambda k: jax.random.uniform(k, (lb,), jnp.float32))(noise_keys[:, 1])
-        conf = jnp.where((remasking == RANDOM)[:, None], uniform, conf)
-    return (x0, conf, floor) if with_floor else (x0, conf)
-
-
-def token_logprobs(logits, x0, k: int, mask_id: int, *, processed=None, drawn=None, temperature=None,
-                   floor=None):
-    """The log-probability of x0 and the k most probable tokens of the same distribution.
-
-    'raw' rows (every row when ``processed`` is None): log-softmax of the model's own logits
-    (unfiltered, untempered; the normalisation is the model's full softmax). 'processed' rows
-    at T > 0: the distribution the Gumbel-max draw sampled x0 from, i.e. log-softmax of
-    ``drawn / T`` over the tokens the row's filters keep, the mask token excluded (``propose``
-    never draws it). At T = 0 a processed row is raw. The mask token is never a candidate, so
-    it is left out of the top k: at T = 0 a committed token is its own top-1.
-
-    Args:
-      logits: [B, Lb, V] the model's logits (after CFG).
-      processed: [B] bool rows in 'processed' mode (None: every row raw). The tempered pass
-        over the vocabulary runs only in steps where such a row samples.
-      drawn: [B, Lb, V] the logits ``propose`` drew from (``logits`` but for dInfer credit
-        fusion); temperature: [B]; floor: [B, Lb] ``propose``'s filter floor (``with_floor``):
-        the support is rebuilt from it, without running the filters' sort again.
-
-    Returns (logprob [B, Lb], top_ids [B, Lb, k] int32, top_logprobs [B, Lb, k]).
-    """
-    logp = log_softmax(logits)
-    if processed is not None:
-        use = processed & (temperature > 0)  # [B]
-
-        def of_draw(logp):
-            scaled = _scaled(drawn.astype(jnp.float32), temperature, mask_id)
-            drawn_logp = log_softmax(jnp.where(scaled >= floor[..., None], scaled, NEG_INF))  # over the support
-            return jnp.where(use[:, None, None], drawn_logp, logp)
-
-        logp = jax.lax.cond(jnp.any(use), of_draw, lambda logp: logp, logp)
-    chosen = jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
-    top_lp, top_ids = jax.lax.top_k(logp.at[..., mask_id].set(NEG_INF), k)
-    return chosen, top_ids.astype(jnp.int32), top_lp
 
 
 def ranks(score, masked):
@@ -270,25 +146,133 @@ def credit_fuse(logits, credit, masked, first_iter):
     return logits + CREDIT_ALPHA * jnp.log1p(credit), credit
 
 
+@dataclasses.dataclass(frozen=True)
+class Ranked:
+    """What a rule decides on in one step: every row's block, its masked positions ranked.
+
+    Attributes:
+      conf: [B, Lb] confidence of each position's proposal (what the rules' tests compare).
+      masked: [B, Lb] still-masked positions the step may commit.
+      rank: [B, Lb] ``ranks`` of the row's ranking score (0 = first; unmasked -> Lb).
+      k: [B] the static schedule's share of this step (``Fixed``).
+      threshold, factor: [B] the rows' knobs.
+    """
+
+    conf: jax.Array
+    masked: jax.Array
+    rank: jax.Array
+    k: jax.Array
+    threshold: jax.Array
+    factor: jax.Array
+
+
+class Rule:
+    """A transfer rule: which masked positions of a block one step commits.
+
+    Attributes:
+      name: the rule's name (its ``Code`` member is the name upper-cased).
+      knobs: the request fields it reads.
+      per_row: a row picks it by its own knobs when its algorithm fixes no rule (``row_rule``).
+      fuses_credit: the step fuses the logits with a per-block credit first (``credit_fuse``).
+    """
+
+    name: ClassVar[str]
+    knobs: ClassVar[tuple[str, ...]] = ()
+    per_row: ClassVar[bool] = False
+    fuses_credit: ClassVar[bool] = False
+
+    @property
+    def code(self) -> int:
+        return Code[self.name.upper()]
+
+    def select(self, r: Ranked) -> jax.Array:
+        """[B, Lb] bool: the positions to commit (a subset of ``r.masked``)."""
+        raise NotImplementedError
+
+
+class Fixed(Rule):
+    """LLaDA's static schedule: the ``k`` best-ranked masked positions (LLaDA, Fast-dLLM)."""
+
+    name, knobs, per_row = "fixed", ("steps",), True
+
+    def select(self, r: Ranked) -> jax.Array:
+        return transfer_fixed(r.conf, r.masked, r.k, r.rank)
+
+
+class Threshold(Rule):
+    """The first-ranked masked position plus every one with confidence >= ``threshold``
+    (Fast-dLLM ``get_transfer_index``; dInfer's blockwise decoder)."""
+
+    name, knobs, per_row = "threshold", ("threshold",), True
+
+    def select(self, r: Ranked) -> jax.Array:
+        return transfer_threshold(r.conf, r.masked, r.threshold, r.rank)
+
+
+class Factor(Rule):
+    """Fast-dLLM ``get_transfer_index_dynamic`` (``transfer_factor``)."""
+
+    name, knobs, per_row = "factor", ("factor",), True
+
+    def select(self, r: Ranked) -> jax.Array:
+        return transfer_factor(r.conf, r.masked, r.factor, r.rank)
+
+
+class Hierarchy(Rule):
+    """dInfer's hierarchy decoder (``transfer_hierarchy``)."""
+
+    name, knobs = "hierarchy", ("threshold",)
+
+    def select(self, r: Ranked) -> jax.Array:
+        return transfer_hierarchy(r.conf, r.masked, r.threshold, rank=r.rank)
+
+
+class Credit(Threshold):
+    """dInfer's credit decoder: ``Threshold`` on logits fused with a per-block credit."""
+
+    name, per_row, fuses_credit = "credit", False, True
+
+
+class Nemotron(Rule):
+    """NeMo-RL's ``get_transfer_index_optimized`` (``transfer_nemotron``)."""
+
+    name, knobs = "nemotron", ("factor",)
+
+    def select(self, r: Ranked) -> jax.Array:
+        return transfer_nemotron(r.conf, r.masked, r.factor, r.rank)
+
+
+# Every rule, once; a rule's code is its index here.
+RULES: tuple[Rule, ...] = (Fixed(), Threshold(), Factor(), Hierarchy(), Credit(), Nemotron())
+Code = enum.IntEnum("Code", [(rule.name.upper(), i) for i, rule in enumerate(RULES)])
+FIXED, THRESHOLD, FACTOR, HIERARCHY, CREDIT, NEMOTRON = Code
+
+
+def row_rule(threshold, factor) -> Code:
+    """The rule a row picks by its own knobs where the algorithm fixes none: a threshold, a
+    factor, or else the static schedule."""
+    if threshold is not None:
+        return THRESHOLD
+    return FACTOR if factor is not None else FIXED
+
+
 def select(rule_static, rule, conf, masked, k, threshold, factor, remasking=None):
-    """Dispatch: ``rule_static`` fixes the family (HIERARCHY/CREDIT/NEMOTRON); otherwise the
-    per-row ``rule`` array picks FIXED, THRESHOLD or FACTOR for each row. ``remasking`` [B]
-    (policy codes; None = by confidence): LEFTMOST rows rank by position and keep only the
-    leading run of what their rule accepts (see the module docstring)."""
+    """The positions one step commits [B, Lb].
+
+    ``rule_static``: the algorithm's rule code (every row uses it), or None: each row's ``rule``
+    code [B] picks one of the ``per_row`` rules. ``remasking`` [B] (policy codes; None = by
+    confidence): LEFTMOST rows rank by position and keep only the leading run of what their rule
+    accepts (see the module docstring)."""
     score = conf if remasking is None else ranking_score(conf, remasking)
     rank = ranks(score, masked)  # [B, Lb]
-    if rule_static == HIERARCHY:
-        sel = transfer_hierarchy(conf, masked, threshold, rank=rank)
-    elif rule_static in (CREDIT, THRESHOLD):
-        sel = transfer_threshold(conf, masked, threshold, rank=rank)
-    elif rule_static == NEMOTRON:
-        sel = transfer_nemotron(conf, masked, factor, rank=rank)
+    view = Ranked(conf, masked, rank, k, threshold, factor)
+    if rule_static is not None:
+        sel = RULES[rule_static].select(view)
     else:
-        fixed = transfer_fixed(conf, masked, k, rank=rank)
-        thresh = transfer_threshold(conf, masked, threshold, rank=rank)
-        fact = transfer_factor(conf, masked, factor, rank=rank)
-        r = rule[:, None]
-        sel = jnp.where(r == FIXED, fixed, jnp.where(r == THRESHOLD, thresh, fact))
+        choices = [r for r in RULES if r.per_row]
+        sel = choices[-1].select(view)
+        for r in reversed(choices[:-1]):
+            sel = jnp.where((rule == r.code)[:, None], r.select(view), sel)
     if remasking is None:
         return sel
     return jnp.where((remasking == LEFTMOST)[:, None], leading_run(sel, masked, rank), sel)

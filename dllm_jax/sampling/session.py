@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 from dllm_jax.sampling.params import ProgramKey
-from dllm_jax.sampling.state import DecodeState, Row, row_arrays, to_device
+from dllm_jax.sampling.slots import Row, row_arrays, to_device
+from dllm_jax.sampling.state import DecodeState
 
 
 @dataclasses.dataclass
@@ -147,8 +148,8 @@ class DecodeSession:
         self.state = self.merge(self.state, self._to_device(arrays))
 
     def _to_device(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        sharding = {f: getattr(self.shardings, f) for f in arrays if f != "replace"}
-        sharding["replace"] = self.shardings.active
+        sharding = {f: self.shardings.get(f) for f in arrays if f != "replace"}
+        sharding["replace"] = self.shardings.progress.active
         return {name: to_device(name, value, sharding[name]) for name, value in arrays.items()}
 
     def warmup(self) -> None:
@@ -156,7 +157,7 @@ class DecodeSession:
         self._finished.discard(0)
         self.release(0)
         self.state = self._run(1, True)
-        jax.block_until_ready(self.state.done)
+        jax.block_until_ready(self.state.progress.done)
 
     def _run(self, steps: int, exit_on_done: bool) -> DecodeState:
         return self.program(self.model.params, self.state, np.int32(steps), np.bool_(exit_on_done))
@@ -165,15 +166,16 @@ class DecodeSession:
         """Run up to ``steps`` (default ``steps_per_call``) denoising steps in one host round trip
         (fewer once a row finishes, with ``exit_on_done``) and report every occupied slot."""
         self.state = self._run(self.steps_per_call if steps is None else steps, exit_on_done)
-        wanted = {"canvas": self.state.canvas, "done": self.state.done, "nfe": self.state.nfe,
-                  "batch_steps": self.state.batch_steps}
+        st = self.state
+        wanted = {"canvas": st.tokens.canvas, "done": st.progress.done, "nfe": st.progress.nfe,
+                  "batch_steps": st.batch_steps}
         if self.key.logprobs:
-            wanted.update(commit_logprob=self.state.commit_logprob, top_ids=self.state.top_ids,
-                          top_logprobs=self.state.top_logprobs)
+            wanted.update(commit_logprob=st.records.commit_logprob, top_ids=st.records.top_ids,
+                          top_logprobs=st.records.top_logprobs)
         traced = [slot for slot in sorted(self.slots) if self.slots[slot].params.trace]
         if traced:  # only the rows that asked (a gather on the device, then their rows)
             rows = np.asarray(traced, np.int32)
-            wanted.update(trace_step=self.state.commit_step[rows], trace_conf=self.state.commit_conf[rows])
+            wanted.update(trace_step=st.records.commit_step[rows], trace_conf=st.records.commit_conf[rows])
         host = fetch(wanted)
         trace_row = {slot: j for j, slot in enumerate(traced)}
         updates = [self._update(slot, host, trace_row.get(slot)) for slot in sorted(self.slots)]

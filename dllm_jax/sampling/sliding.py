@@ -11,93 +11,121 @@ when a window start with a decoded run reaches ``s + Lb >= P + G`` or holds a st
 with no mask before it. The prompt prefill (bidirectional within the prompt) is not counted
 in NFE, as upstream.
 
-The program is a step program (``blocks.step_loop``): one step is one decode forward of every
+``SlidingProgram.run`` is a step program (``blocks.step_loop``): one step is one decode forward of every
 live row's window, preceded (in the step a row starts) by its prompt prefill, so rows of one
 batch slide independently and a freed slot takes a new request at the next host call.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dllm_jax.sampling import rules
+from dllm_jax.sampling import proposal, rules
 from dllm_jax.sampling.blocks import contains_stop, put, step_loop, take, when
+from dllm_jax.sampling.state import DecodeState
 
-# (annotations only: ``ProgramKey`` / ``DecodeState`` are dllm_jax.sampling.params' / state's)
+# (annotations only: ``ProgramKey`` is dllm_jax.sampling.params', which imports this module)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingProgram:
+    """The sliding decoder's step program for one program key (see the module docstring).
+
+    Attributes:
+      key: the program key.
+      graphdef: the model's graph definition; ``run`` merges it with the params.
+      mask_id: the mask token.
+    """
+
+    key: ProgramKey
+    graphdef: object
+    mask_id: int
+
+    def run(self, params, st: DecodeState, budget, exit_on_done) -> DecodeState:
+        model = nnx.merge(self.graphdef, params)
+        return step_loop(lambda s: self.step(model, s), st, budget, exit_on_done)
+
+    def prefill(self, model, st: DecodeState, rows) -> DecodeState:
+        """The prompt region of rows that just entered, bidirectional within the prompt."""
+        lp, t = self.key.prompt_len, st.tokens
+        mask = t.valid[:, None, :] & (jnp.arange(self.key.canvas_len) < lp)[None, None, :]  # [B, 1, L]
+        h, cache = model.hidden(t.canvas[:, :lp], t.positions[:, :lp], mask, cache=st.cache,
+                                write_start=jnp.zeros_like(st.progress.block),
+                                write_mask=jnp.broadcast_to(rows[:, None], (rows.shape[0], lp)),
+                                return_kv=True)  # [B, Lp, D]
+        ctx = jnp.where(rows[:, None], h[:, lp - 1].astype(st.window.ctx.dtype), st.window.ctx)  # [B, D]
+        return st.replace(cache=cache).update(ctx=ctx)
+
+    def step(self, model, st: DecodeState) -> DecodeState:
+        """One decode forward of every live row's window, then its commit and slide."""
+        lp, lb = self.key.prompt_len, self.key.block_length
+        q_idx, k_idx = jnp.arange(lb), jnp.arange(self.key.canvas_len)
+        running = st.progress.active & ~st.progress.done  # [B]
+        entering = running & (st.progress.nfe == 0) & (st.progress.block == lp)
+        st = when(jnp.any(entering), lambda s: self.prefill(model, s, entering), st)
+        live = running
+        s, pre, ctx = st.progress.block, st.window.prefix, st.window.ctx  # [B], [B], [B, D]
+        tokens, positions = take(st.tokens.canvas, s, lb), take(st.tokens.positions, s, lb)  # [B, Lb]
+        visible = st.tokens.valid[:, None, :] & (k_idx[None, None, :] < (s + lb)[:, None, None])  # [B, 1, L]
+        hidden_tail = (q_idx[None, :, None] < pre[:, None, None]) & (k_idx[None, None, :] >= (s + pre)[:, None, None])
+        h, cache = model.hidden(tokens, positions, visible & ~hidden_tail, cache=st.cache, write_start=s,
+                                write_mask=jnp.broadcast_to(live[:, None], tokens.shape), return_kv=True)
+        predictors = jnp.concatenate([ctx[:, None, :].astype(h.dtype), h[:, :-1]], axis=1)  # [B, Lb, D]
+        logits = model.head(predictors)  # [B, Lb, V]
+        x0, conf = proposal.propose(logits, jnp.zeros_like(st.knobs.temperature),
+                                 jax.vmap(jax.random.fold_in)(st.knobs.rng, st.progress.nfe), self.mask_id)  # [B, Lb]
+        transfer = rules.transfer_nemotron(conf, st.window.mblock & live[:, None], st.knobs.factor)  # [B, Lb]
+        nfe = st.progress.nfe + live
+        st = st.replace(cache=cache, batch_nfe=st.batch_nfe + 1).update(
+            canvas=put(st.tokens.canvas, s, jnp.where(transfer, x0, tokens)), mblock=st.window.mblock & ~transfer,
+            nfe=nfe, **self.records(st, logits, x0, conf, transfer, nfe))
+        return self.slide(st, h, live)
+
+    def records(self, st: DecodeState, logits, x0, conf, transfer, nfe) -> dict:
+        """The records of the committed window positions (``transfer`` [B, Lb])."""
+        key, r = self.key, st.records
+        q_idx = jnp.arange(key.block_length)
+        s = st.progress.block
+        # [B, Lb] generated-region index of each committed position; gen_length: out of range, dropped
+        gen_idx = jnp.where(transfer, s[:, None] - key.prompt_len + q_idx[None, :], key.gen_length)
+        rows = jnp.arange(gen_idx.shape[0])[:, None]
+        out = dict(commit_step=r.commit_step.at[rows, gen_idx].set(jnp.broadcast_to(nfe[:, None], gen_idx.shape),
+                                                                    mode="drop"),
+                   commit_conf=r.commit_conf.at[rows, gen_idx].set(conf, mode="drop"))
+        if key.logprobs:
+            chosen, top_ids, top_lp = proposal.token_logprobs(logits, x0, key.logprobs, self.mask_id)
+            out.update(commit_logprob=r.commit_logprob.at[rows, gen_idx].set(chosen, mode="drop"),
+                       top_ids=r.top_ids.at[rows, gen_idx].set(top_ids, mode="drop"),
+                       top_logprobs=r.top_logprobs.at[rows, gen_idx].set(top_lp, mode="drop"))
+        return out
+
+    def slide(self, st: DecodeState, h, live) -> DecodeState:
+        """A commit forward slides the window past its committed prefix; then the stop / commit
+        checks on the (new) window. ``h``: [B, Lb, D] the forward's output."""
+        lp, g, lb = self.key.prompt_len, self.key.gen_length, self.key.block_length
+        s, pre, mblock, ctx = st.progress.block, st.window.prefix, st.window.mblock, st.window.ctx
+        slide = live & (pre > 0)
+        ctx = jnp.where(slide[:, None], take(h, pre, 1)[:, 0].astype(ctx.dtype), ctx)
+        s = jnp.where(slide, s + pre + 1, s)
+        pre = jnp.where(slide, 0, pre)
+        block = take(st.tokens.canvas, s, lb)  # [B, Lb] the (new) window
+        mblock = jnp.where(slide[:, None], block == self.mask_id, mblock)
+        is_mask = block == self.mask_id
+        first = jnp.where(jnp.any(is_mask, -1), jnp.argmax(is_mask, -1), lb)  # [B] decoded run at its start
+        advance = live & (first > 0)
+        pre = jnp.where(advance, first - 1, pre)
+        at_end = advance & (s + lb >= lp + g)
+        stop = contains_stop(block, st.knobs.stop_ids)  # [B, Lb]
+        first_stop = jnp.argmax(stop, -1)
+        masked_before = jnp.any(mblock & (jnp.arange(lb)[None, :] < first_stop[:, None]), -1)
+        eos = advance & jnp.any(stop, -1) & ~masked_before
+        return st.update(block=s, prefix=pre, mblock=mblock, ctx=ctx, done=st.progress.done | at_end | eos)
 
 
 def make_step_program(key: "ProgramKey", graphdef, *, mask_id: int):
-    """Build ``run(params, state, budget, exit_on_done) -> state`` (see the module docstring)."""
-    lp, g, lb, length = key.prompt_len, key.gen_length, key.block_length, key.canvas_len
-    q_idx = jnp.arange(lb)
-    k_idx = jnp.arange(length)
-
-    def run(params, st: DecodeState, budget, exit_on_done) -> DecodeState:
-        model = nnx.merge(graphdef, params)
-
-        def prefill(st: DecodeState, rows) -> DecodeState:
-            """The prompt region of rows that just entered, bidirectional within the prompt."""
-            mask = st.valid[:, None, :] & (k_idx < lp)[None, None, :]  # [B, 1, L]
-            h, cache = model.hidden(st.canvas[:, :lp], st.positions[:, :lp], mask, cache=st.cache,
-                                    write_start=jnp.zeros_like(st.block),
-                                    write_mask=jnp.broadcast_to(rows[:, None], (rows.shape[0], lp)),
-                                    return_kv=True)  # [B, Lp, D]
-            ctx = jnp.where(rows[:, None], h[:, lp - 1].astype(st.ctx.dtype), st.ctx)  # [B, D]
-            return st.replace(cache=cache, ctx=ctx)
-
-        def step(st: DecodeState) -> DecodeState:
-            running = st.active & ~st.done  # [B]
-            entering = running & (st.nfe == 0) & (st.block == lp)
-            st = when(jnp.any(entering), lambda s: prefill(s, entering), st)
-            live = running
-            s, pre, mblock, ctx = st.block, st.prefix, st.mblock, st.ctx  # [B], [B], [B, Lb], [B, D]
-            tokens, positions = take(st.canvas, s, lb), take(st.positions, s, lb)  # [B, Lb]
-            visible = st.valid[:, None, :] & (k_idx[None, None, :] < (s + lb)[:, None, None])  # [B, 1, L]
-            hidden_tail = (q_idx[None, :, None] < pre[:, None, None]) & (k_idx[None, None, :] >= (s + pre)[:, None, None])
-            h, cache = model.hidden(tokens, positions, visible & ~hidden_tail, cache=st.cache, write_start=s,
-                                    write_mask=jnp.broadcast_to(live[:, None], tokens.shape), return_kv=True)
-            predictors = jnp.concatenate([ctx[:, None, :].astype(h.dtype), h[:, :-1]], axis=1)  # [B, Lb, D]
-            logits = model.head(predictors)  # [B, Lb, V]
-            x0, conf = rules.propose(logits, jnp.zeros_like(st.temperature),
-                                     jax.vmap(jax.random.fold_in)(st.rng, st.nfe), mask_id)  # [B, Lb]
-            transfer = rules.transfer_nemotron(conf, mblock & live[:, None], st.factor)  # [B, Lb]
-            canvas = put(st.canvas, s, jnp.where(transfer, x0, tokens))  # [B, L]
-            mblock = mblock & ~transfer
-            nfe = st.nfe + live
-            gen_idx = jnp.where(transfer, s[:, None] - lp + q_idx[None, :], g)  # [B, Lb]; g: out of range, dropped
-            rows = jnp.arange(gen_idx.shape[0])[:, None]
-            record = {}
-            if key.logprobs:
-                chosen, top_ids, top_lp = rules.token_logprobs(logits, x0, key.logprobs, mask_id)
-                record = dict(commit_logprob=st.commit_logprob.at[rows, gen_idx].set(chosen, mode="drop"),
-                              top_ids=st.top_ids.at[rows, gen_idx].set(top_ids, mode="drop"),
-                              top_logprobs=st.top_logprobs.at[rows, gen_idx].set(top_lp, mode="drop"))
-            commit_step = st.commit_step.at[rows, gen_idx].set(jnp.broadcast_to(nfe[:, None], gen_idx.shape),
-                                                               mode="drop")
-            commit_conf = st.commit_conf.at[rows, gen_idx].set(conf, mode="drop")
-            # A commit forward slides the window past its committed prefix.
-            slide = live & (pre > 0)
-            ctx = jnp.where(slide[:, None], take(h, pre, 1)[:, 0].astype(ctx.dtype), ctx)
-            s = jnp.where(slide, s + pre + 1, s)
-            pre = jnp.where(slide, 0, pre)
-            block = take(canvas, s, lb)  # [B, Lb] the (new) window
-            mblock = jnp.where(slide[:, None], block == mask_id, mblock)
-            # Stop / commit checks on the (new) window.
-            is_mask = block == mask_id
-            first = jnp.where(jnp.any(is_mask, -1), jnp.argmax(is_mask, -1), lb)  # [B] decoded run at its start
-            advance = live & (first > 0)
-            pre = jnp.where(advance, first - 1, pre)
-            at_end = advance & (s + lb >= lp + g)
-            stop = contains_stop(block, st.stop_ids)  # [B, Lb]
-            first_stop = jnp.argmax(stop, -1)
-            masked_before = jnp.any(mblock & (q_idx[None, :] < first_stop[:, None]), -1)
-            eos = advance & jnp.any(stop, -1) & ~masked_before
-            return st.replace(canvas=canvas, cache=cache, block=s, prefix=pre, mblock=mblock, ctx=ctx, nfe=nfe,
-                              done=st.done | at_end | eos, commit_step=commit_step, commit_conf=commit_conf,
-                              batch_nfe=st.batch_nfe + 1, **record)
-
-        return step_loop(step, st, budget, exit_on_done)
-
-    return run
+    """``run(params, state, budget, exit_on_done) -> state`` (see the module docstring)."""
+    return SlidingProgram(key, graphdef, mask_id).run

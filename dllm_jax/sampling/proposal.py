@@ -1,0 +1,144 @@
+"""Per-step proposals on one block: the candidate token at every position (greedy or a T > 0
+Gumbel-max draw under the row's sampling filters), its confidence, and the log-probabilities a
+committed token records. Which candidates are committed is ``rules``'.
+
+Shapes: logits [B, Lb, V] (the active block), per-row knobs [B].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dllm_jax.models.transformer import log_softmax, softmax
+from dllm_jax.sampling.rules import NEG_INF, RANDOM
+
+
+def _scaled(logits, temperature, mask_id: int):
+    """logits / T (T floored at 1e-6), the mask token at -inf: what the filters and the draw's
+    distribution are defined on."""
+    return (logits / jnp.maximum(temperature, 1e-6)[:, None, None]).at[..., mask_id].set(NEG_INF)
+
+
+def filter_floor(logits, temperature, top_k, top_p, min_p, mask_id: int):
+    """[B, Lb]: the least ``logits / T`` a T > 0 draw may pick under the row's sampling filters
+    (the kept tokens are exactly those, the mask token aside, at or above it); -inf for rows
+    with no filter (0 / 1 / 0).
+
+    All three filters act on q = softmax(logits / T) without the mask token: top_k keeps the k
+    most probable; top_p keeps the smallest most-probable set whose mass (renormalised over the
+    top_k set) reaches top_p; min_p keeps q >= min_p * max(q). A token must pass all three; the
+    most probable token always does, and ties with the least probable kept one are kept too.
+    """
+    v = logits.shape[-1]
+    scaled = _scaled(logits, temperature, mask_id)
+    ordered = -jnp.sort(-scaled, axis=-1)  # [B, Lb, V] descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)[:, None, None]
+    rank = jnp.arange(v)[None, None, :]
+    in_k = rank < k
+    probs = softmax(jnp.where(in_k, ordered, NEG_INF), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more probable tokens
+    keep_sorted = in_k & ((before < top_p[:, None, None]) | (rank == 0))
+    # top_k / top_p: the least probable kept token's value
+    count = jnp.sum(keep_sorted, axis=-1, keepdims=True)
+    cut = jnp.take_along_axis(ordered, count - 1, axis=-1)[..., 0]  # [B, Lb]
+    min_p_floor = jnp.where(min_p > 0, jnp.log(jnp.maximum(min_p, 1e-38)), NEG_INF)[:, None]
+    off = (top_k <= 0) & (top_p >= 1.0) & (min_p <= 0.0)
+    return jnp.where(off[:, None], NEG_INF, jnp.maximum(cut, ordered[..., 0] + min_p_floor))
+
+
+def restrict(scores, logits, temperature, filters, mask_id: int):
+    """``scores`` [B, Lb, V] set to -inf outside each sampling row's filter set (``filter_floor``
+    of ``logits``), and that floor [B, Lb] (-inf for rows at T = 0 or without a filter, whose
+    scores are unchanged). The sort behind the filters runs only when some sampling row has a
+    filter on."""
+    top_k, top_p, min_p = filters
+    active = (temperature > 0) & ((top_k > 0) | (top_p < 1.0) | (min_p > 0.0))  # [B]
+
+    def apply(s):
+        floor = jnp.where(active[:, None], filter_floor(logits, temperature, top_k, top_p, min_p, mask_id), NEG_INF)
+        return jnp.where(_scaled(logits, temperature, mask_id) >= floor[..., None], s, NEG_INF), floor
+
+    return jax.lax.cond(jnp.any(active), apply, lambda s: (s, jnp.full(s.shape[:2], NEG_INF, s.dtype)), scores)
+
+
+def propose(logits, temperature, keys, mask_id: int, remasking=None, filters=None, with_floor: bool = False):
+    """Candidate token and its confidence at every block position.
+
+    Args:
+      logits: [B, Lb, V] float32.
+      temperature: [B]; 0 = greedy. At T > 0 the candidate is a Gumbel-max draw from
+        softmax(logits / T) (upstream's exp(l) / (-log u)^T has the same argmax; we draw the
+        Gumbel noise in float32, see docs/sampling.md).
+      keys: [B] PRNG keys (one per row, so a row's draw never depends on its batch-mates).
+      mask_id: never proposed as a token (a committed mask would stay masked).
+      remasking: [B] int32 policy codes; RANDOM rows get uniform noise for a confidence
+        (LOW_CONFIDENCE and LEFTMOST rows keep the model's; LEFTMOST ranks in ``select``).
+      filters: (top_k [B] int, top_p [B], min_p [B]) restricting the T > 0 draw
+        (``filter_floor``); None = no filters.
+      with_floor: also return the filters' floor (for ``token_logprobs``).
+
+    Returns:
+      x0 [B, Lb] int32, conf [B, Lb] float32 = softmax(logits)[x0] (or uniform noise). The
+      confidence is of the unfiltered logits, as upstream's, so filters change the draw only.
+      With ``with_floor``, also floor [B, Lb]: the draw's support is the tokens (the mask
+      token aside) with logits / T >= floor (-inf: rows without a filter or at T = 0).
+    """
+    b, lb, v = logits.shape
+    logits = logits.astype(jnp.float32)
+    noise_keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys)  # [B, 2]
+    t = temperature[:, None, None]
+    no_floor = jnp.full((b, lb), NEG_INF, jnp.float32)  # [B, Lb]: no filter
+
+    def noisy(logits):
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (lb, v), jnp.float32))(noise_keys[:, 0])
+        scores = jnp.where(t > 0, logits + t * gumbel, logits)
+        return (scores, no_floor) if filters is None else restrict(scores, logits, temperature, filters, mask_id)
+
+    # Drawing [B, Lb, V] Gumbel noise is the costliest part of a greedy step: skip it when no
+    # row samples (the rows' draws do not depend on whether a batch-mate samples).
+    scores, floor = jax.lax.cond(jnp.any(temperature > 0), noisy, lambda logits: (logits, no_floor), logits)
+    scores = scores.at[..., mask_id].set(NEG_INF)
+    x0 = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    probs = softmax(logits, axis=-1)  # fixed-order normaliser: batch-invariant confidence
+    conf = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
+    if remasking is not None:
+        uniform = jax.vmap(lambda k: jax.random.uniform(k, (lb,), jnp.float32))(noise_keys[:, 1])
+        conf = jnp.where((remasking == RANDOM)[:, None], uniform, conf)
+    return (x0, conf, floor) if with_floor else (x0, conf)
+
+
+def token_logprobs(logits, x0, k: int, mask_id: int, *, processed=None, drawn=None, temperature=None,
+                   floor=None):
+    """The log-probability of x0 and the k most probable tokens of the same distribution.
+
+    'raw' rows (every row when ``processed`` is None): log-softmax of the model's own logits
+    (unfiltered, untempered; the normalisation is the model's full softmax). 'processed' rows
+    at T > 0: the distribution the Gumbel-max draw sampled x0 from, i.e. log-softmax of
+    ``drawn / T`` over the tokens the row's filters keep, the mask token excluded (``propose``
+    never draws it). At T = 0 a processed row is raw. The mask token is never a candidate, so
+    it is left out of the top k: at T = 0 a committed token is its own top-1.
+
+    Args:
+      logits: [B, Lb, V] the model's logits (after CFG).
+      processed: [B] bool rows in 'processed' mode (None: every row raw). The tempered pass
+        over the vocabulary runs only in steps where such a row samples.
+      drawn: [B, Lb, V] the logits ``propose`` drew from (``logits`` but for dInfer credit
+        fusion); temperature: [B]; floor: [B, Lb] ``propose``'s filter floor (``with_floor``):
+        the support is rebuilt from it, without running the filters' sort again.
+
+    Returns (logprob [B, Lb], top_ids [B, Lb, k] int32, top_logprobs [B, Lb, k]).
+    """
+    logp = log_softmax(logits)
+    if processed is not None:
+        use = processed & (temperature > 0)  # [B]
+
+        def of_draw(logp):
+            scaled = _scaled(drawn.astype(jnp.float32), temperature, mask_id)
+            drawn_logp = log_softmax(jnp.where(scaled >= floor[..., None], scaled, NEG_INF))  # over the support
+            return jnp.where(use[:, None, None], drawn_logp, logp)
+
+        logp = jax.lax.cond(jnp.any(use), of_draw, lambda logp: logp, logp)
+    chosen = jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
+    top_lp, top_ids = jax.lax.top_k(logp.at[..., mask_id].set(NEG_INF), k)
+    return chosen, top_ids.astype(jnp.int32), top_lp
