@@ -25,6 +25,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from dllm_jax.sampling import SamplingError
+from serve.api.limits import BodyLimit
+from serve.api.playground import is_open as playground_path
+from serve.api.playground import router as playground_router
+from serve.api.protocol import REQUEST_ID, APIError, clip, request_id
+from serve.api.rl import router as rl_router
+from serve.api.rl_control import router as rl_control_router
+from serve.api.routes import router
+from serve.api.security import HostCheck
+from serve.api.serving import Serving
 from serve.engine.engine import Engine
 from serve.engine.errors import (
     ClientDisconnected,
@@ -41,15 +50,6 @@ from serve.engine.errors import (
     WeightUpdatesDisabled,
 )
 from serve.engine.metrics import Metrics
-from serve.api.playground import is_open as playground_path
-from serve.api.playground import router as playground_router
-from serve.api.limits import BodyLimit
-from serve.api.protocol import REQUEST_ID, APIError, clip, request_id
-from serve.api.routes import router
-from serve.api.rl import router as rl_router
-from serve.api.rl_control import router as rl_control_router
-from serve.api.security import HostCheck
-from serve.api.serving import Serving
 
 log = logging.getLogger("serve")
 

@@ -34,8 +34,8 @@ import dataclasses
 import math
 from typing import Sequence
 
-from serve.engine.engine_types import ModelInfo
 from serve.api.protocol import APIError, ChatMessage, bad_request, excerpt
+from serve.engine.engine_types import ModelInfo
 
 TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
 

@@ -8,8 +8,8 @@ Tokenizing is the expensive part; the routes call these in a worker thread.
 from __future__ import annotations
 
 from serve.api import chat_tokens
-from serve.engine.engine_types import ModelInfo
 from serve.api.protocol import APIError, bad_request, clip, excerpt
+from serve.engine.engine_types import ModelInfo
 
 
 def encode(tok, text: str, param: str, **kw) -> list[int]:

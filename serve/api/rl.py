@@ -24,12 +24,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
 from serve.api.detok import TextStream
-from serve.api.prompts import completion_prompts
 from serve.api.field_policy import stop_list
+from serve.api.prompts import completion_prompts
 from serve.api.protocol import APIError, bad_request, excerpt
-from serve.engine.requests import Event, SeqRequest
 from serve.api.rl_request import GenerateRequest, Item, parse
 from serve.api.serving import _cancel_on_disconnect
+from serve.engine.requests import Event, SeqRequest
 
 router = APIRouter()
 

@@ -18,11 +18,11 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, PlainTextResponse
 
-from serve.engine.errors import WeightUpdatesDisabled
 from serve.api.protocol import APIError, CompletionRequest, _Strict, bad_request, clip, excerpt
 from serve.api.request_params import SELECTION_POLICIES
-from serve.engine.requests import SeqRequest
 from serve.api.rl import service
+from serve.engine.errors import WeightUpdatesDisabled
+from serve.engine.requests import SeqRequest
 
 log = logging.getLogger("serve")
 router = APIRouter()

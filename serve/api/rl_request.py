@@ -16,8 +16,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from dllm_jax.sampling import MAX_TOP_LOGPROBS
-from serve.api.protocol import APIError, CompletionRequest, _Strict, bad_request, clip, excerpt
 from serve.api.prompts import check_chars
+from serve.api.protocol import APIError, CompletionRequest, _Strict, bad_request, clip, excerpt
 from serve.api.serving import MAX_ROWS_PER_REQUEST
 
 RENAMED = {"max_new_tokens": "max_tokens", "sampling_seed": "seed", "min_new_tokens": "min_tokens"}

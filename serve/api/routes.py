@@ -8,8 +8,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from serve.api import responses
-from serve.api.request_params import aliases, algorithm_names, family_defaults
-from serve.engine.errors import WeightUpdatesDisabled
 from serve.api.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -18,6 +16,8 @@ from serve.api.protocol import (
     TokenizeRequest,
     UpdateWeightsRequest,
 )
+from serve.api.request_params import aliases, algorithm_names, family_defaults
+from serve.engine.errors import WeightUpdatesDisabled
 
 router = APIRouter()
 

@@ -27,10 +27,7 @@ from serve.api import chat_tokens, responses
 from serve.api.choices import Choices
 from serve.api.field_policy import check_fields, message_text, stop_list, top_logprobs
 from serve.api.logprobs import CompletionLogprobs, TokenText, top_dict
-from serve.engine.engine import Engine
-from serve.engine.engine_types import ModelInfo
-from serve.engine.errors import ClientDisconnected
-from serve.engine.metrics import Metrics
+from serve.api.prompts import chat_ids, chat_prompt, check_chars, completion_prompts, encode
 from serve.api.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -44,9 +41,12 @@ from serve.api.protocol import (
     excerpt,
 )
 from serve.api.request_params import apply_overrides, request_params
-from serve.engine.requests import Event, Handle, SeqRequest
-from serve.api.prompts import chat_ids, chat_prompt, check_chars, completion_prompts, encode
 from serve.api.streaming import sse_stream
+from serve.engine.engine import Engine
+from serve.engine.engine_types import ModelInfo
+from serve.engine.errors import ClientDisconnected
+from serve.engine.metrics import Metrics
+from serve.engine.requests import Event, Handle, SeqRequest
 
 log = logging.getLogger("serve")
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, AsyncIterator
 from starlette.responses import StreamingResponse
 
 from serve.api import responses
-from serve.engine.errors import ServeError
 from serve.api.protocol import APIError
+from serve.engine.errors import ServeError
 
 if TYPE_CHECKING:
     from serve.api.serving import Call

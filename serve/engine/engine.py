@@ -27,7 +27,6 @@ from typing import Callable, Sequence
 from dllm_jax.sampling import PROMPT_BUCKETS, ContextOverflow, program_key
 from serve.engine.compiler import Compiler
 from serve.engine.defaults import default_params
-from serve.engine.errors import ContextLengthExceeded, EngineDead, EngineNotReady
 from serve.engine.engine_types import (
     EngineOptions,
     ModelInfo,
@@ -36,6 +35,7 @@ from serve.engine.engine_types import (
     WeightedSeq,
     prompt_chars_bound,
 )
+from serve.engine.errors import ContextLengthExceeded, EngineDead, EngineNotReady
 from serve.engine.executor import Device, Executor, ServedModel
 from serve.engine.metrics import Metrics, live_array_bytes
 from serve.engine.requests import ControlJob, Event, Handle, Inbox, SeqRequest
