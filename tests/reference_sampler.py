@@ -112,14 +112,40 @@ def filter_set(logits, temperature, top_k=0, top_p=1.0, min_p=0.0, mask_id=None)
     return keep
 
 
+def entropy(logits, mask_id):
+    """Entropy of softmax(logits) without the mask token, per position (float64)."""
+    logits = np.array(logits, np.float64)
+    logits[..., mask_id] = -np.inf
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    p = np.exp(logp)
+    return -(p * np.where(p > 0, logp, 0.0)).sum(-1)
+
+
+def _entropy_bounded(cand, entropy, bound):
+    """EB-Sampler as its paper states it: the longest prefix of ``cand`` (in rank order) whose
+    summed entropy minus its largest entropy is <= bound; the first always."""
+    out, total, largest = [], 0.0, 0.0
+    for i in cand:
+        if out and (total + entropy[i]) - max(largest, entropy[i]) > bound:
+            break
+        out.append(i)
+        total, largest = total + entropy[i], max(largest, entropy[i])
+    return out
+
+
 def choose(rule, conf, masked, *, k=0, threshold=1.0, factor=1.0, low=rules.HIERARCHY_LOW_THRESHOLD,
-           leftmost=False):
+           leftmost=False, entropy=None, bound=0.0):
     """Upstream-style selection with explicit sorting (indices of positions to commit)."""
+    if leftmost and rule == rules.ENTROPY_BOUND:  # positions left to right
+        return _entropy_bounded([i for i in range(len(masked)) if masked[i]], entropy, bound)
     if leftmost:
         return _choose_leftmost(rule, conf, masked, k=k, threshold=threshold, factor=factor, low=low)
     cand = [i for i in np.argsort(-np.where(masked, conf, -np.inf), kind="stable") if masked[i]]
     if not cand:
         return []
+    if rule == rules.ENTROPY_BOUND:
+        return _entropy_bounded(cand, entropy, bound)
     if rule == rules.FIXED:
         return cand[:k]
     if rule in (rules.THRESHOLD, rules.CREDIT):
@@ -256,7 +282,8 @@ def reference_generate(model, prompt, params: SamplingParams, fwd: Forward | Non
             x0, conf, drawn_logp = propose(logits, p.temperature, key, nfe, mask_id, p.remasking,
                                            p.top_k, p.top_p, p.min_p)
             chosen = choose(rule, conf, masked, k=sched[min(i, spb - 1)], threshold=p.threshold or 1.0,
-                            factor=p.factor or 1.0, leftmost=p.remasking == "leftmost")
+                            factor=p.factor or 1.0, leftmost=p.remasking == "leftmost",
+                            entropy=entropy(raw_logp, mask_id), bound=p.entropy_bound or 0.0)
             nfe += 1
             for j in chosen:
                 x[s + j] = x0[j]

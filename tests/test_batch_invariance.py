@@ -293,9 +293,9 @@ XADMIT_AT = [0, 3, 0, 6, 1, 9, 4, 0]  # denoising step at which each row enters 
 def _xparams(algorithm):
     """Per-row SamplingParams of the 8 rows (resolved; traced: a session reports each final
     token's commit confidence, which changes neither the tokens nor the program)."""
-    if ALGORITHMS[algorithm].rule is None:  # the row picks FIXED / THRESHOLD / FACTOR
-        rule = [{}, dict(threshold=0.7), dict(factor=1.0), dict(threshold=0.5), dict(threshold=0.9),
-                dict(factor=2.0), {}, dict(threshold=0.6)]
+    if ALGORITHMS[algorithm].rule is None:  # the row picks FIXED / THRESHOLD / FACTOR / ENTROPY_BOUND
+        rule = [{}, dict(threshold=0.7), dict(factor=1.0), dict(entropy_bound=0.3), dict(threshold=0.9),
+                dict(factor=2.0), dict(entropy_bound=1.0), dict(threshold=0.6)]
     else:  # dInfer: the algorithm's rule, per-row thresholds
         rule = [{}, dict(threshold=0.7), dict(threshold=0.5), dict(threshold=0.6), dict(threshold=0.9),
                 dict(threshold=0.8), {}, dict(threshold=0.6)]

@@ -90,6 +90,30 @@ def test_leftmost_matches_python_loop_reference(llada_model, llada_forward, algo
             assert all(np.all(np.diff(block) >= 0) for block in steps), steps
 
 
+@pytest.mark.parametrize("algorithm", ["basic", "no_cache", "prefix_cache", "dual_cache"])
+def test_entropy_bound_matches_python_loop_reference(llada_model, llada_forward, algorithm):
+    """EB-Sampler rows (several gammas, greedy and sampled, every selection policy) beside a
+    threshold row and a fixed-schedule row, vs the reference's walk (reference_sampler._entropy_bounded)."""
+    rng = np.random.default_rng(zlib.crc32(b"entropy_bound " + algorithm.encode()))
+    prompts = _prompts(rng, 6, lo=9, hi=10)
+    rows = [dict(entropy_bound=0.0), dict(entropy_bound=0.5, temperature=0.8, seed=3),
+            dict(entropy_bound=2.0, remasking="random", seed=4), dict(entropy_bound=1.0, remasking="leftmost"),
+            dict(threshold=0.5), {}]
+    kwargs = {k: [r.get(k, d) for r in rows] for k, d in (("entropy_bound", None), ("threshold", None),
+                                                           ("temperature", 0.0), ("seed", 0),
+                                                           ("remasking", "low_confidence"))}
+    out = llada_model.generate(prompts, algorithm=algorithm, gen_length=G, block_length=LB, steps=STEPS,
+                               return_trace=True, **kwargs)
+    for i, row in enumerate(rows):
+        params = SamplingParams(algorithm=algorithm, gen_length=G, block_length=LB, steps=STEPS, **row)
+        tokens, nfe, commit = reference_generate(llada_model, prompts[i], params, llada_forward)
+        np.testing.assert_array_equal(out.tokens[i], tokens, err_msg=f"row {i} {row}")
+        assert out.nfe_per_row[i] == nfe, (i, row)
+        np.testing.assert_array_equal(out.trace["commit_step"][i], commit)
+    # gamma 0: one token per forward (every entropy is > 0 on this model)
+    assert out.nfe_per_row[0] == G
+
+
 def test_llada_cfg_and_shift_match_reference(llada_model):
     prompts = _prompts(np.random.default_rng(1), 2)
     for kwargs in ({"algorithm": "basic", "cfg_scale": 1.5}, {"algorithm": "dual_cache", "shift_logits": True},

@@ -44,6 +44,38 @@ def test_threshold_top1_always_plus_above():
     assert _sel(sel) == [0, 1]
 
 
+def test_entropy_bound_rule():
+    """EB-Sampler: in rank order, the longest prefix with sum(H) - max(H) <= gamma; rank 0 always."""
+    # ranked by confidence: 1 (.95), 3 (.70), 5 (.50), 0 (.30), 2 (.10); position 4 is not masked
+    conf, masked = _row(CONF), _row(MASKED, bool)
+    h = _row([0.875, 0.125, 1.5, 0.5, 0.0, 0.25])  # (binary fractions: the sums are exact in float32)
+    rank = rules.ranks(conf, masked)
+    pick = lambda gamma: _sel(rules.transfer_entropy_bound(h, masked, jnp.array([gamma]), rank))  # noqa: E731
+    # prefixes: {1}: 0; {1,3}: .625 - .5 = .125; {1,3,5}: .875 - .5 = .375; +0: 1.75 - .875 = .875; +2: 1.75
+    assert pick(0.0) == [1]
+    assert pick(0.125) == [1, 3]
+    assert pick(0.375) == [1, 3, 5]
+    assert pick(0.87) == [1, 3, 5]
+    assert pick(0.875) == [0, 1, 3, 5]
+    assert pick(100.0) == [0, 1, 2, 3, 5]
+    # ranked by entropy (ascending) it is SGLang's form: rank r is taken iff cumsum(H)[r - 1] <= gamma
+    by_entropy = rules.ranks(-h, masked)  # 1 (.125), 5 (.25), 3 (.5), 0 (.875), 2 (1.5)
+    for gamma in (0.0, 0.125, 0.3, 0.375, 0.875, 1.5, 3.0):
+        n = 1 + sum(np.cumsum([0.125, 0.25, 0.5, 0.875, 1.5])[:-1] <= gamma)
+        want = sorted([1, 5, 3, 0, 2][:n])
+        assert _sel(rules.transfer_entropy_bound(h, masked, jnp.array([gamma]), by_entropy)) == want, gamma
+    # per-row dispatch: an ENTROPY_BOUND row beside a THRESHOLD row
+    sel = rules.select(None, jnp.array([rules.ENTROPY_BOUND, rules.THRESHOLD]), jnp.concatenate([conf, conf]),
+                       jnp.concatenate([masked, masked]), jnp.array([0, 0]), jnp.array([1.0, 0.6]),
+                       jnp.array([1.0, 1.0]), entropy=jnp.concatenate([h, h]), entropy_bound=jnp.array([0.375, 0.0]))
+    assert [np.flatnonzero(np.asarray(r)).tolist() for r in sel] == [[1, 3, 5], [1, 3]]
+
+
+def test_entropy_excludes_the_mask_token():
+    logits = jnp.log(jnp.array([[[0.25, 0.25, 0.5]]]))  # token 2 is the mask
+    np.testing.assert_allclose(proposal.entropy(logits, mask_id=2), [[np.log(2.0)]], rtol=1e-6)
+
+
 def test_factor_rule():
     # sorted: .95 (rank0, always) .70 (rank1 needs >= 1 - f/3) .50 (rank2: 1 - f/4) .30 .10
     conf, masked = _row(CONF), _row(MASKED, bool)

@@ -113,6 +113,9 @@ def test_max_tokens_maps_to_whole_blocks_and_family_defaults():
     assert (p.remasking, p.logprobs_mode) == ("low_confidence", "raw")
     p = request_params(chat(remasking="leftmost", logprobs_mode="processed", logprobs=True), "llada", 512)[0][0]
     assert (p.remasking, p.logprobs_mode) == ("leftmost", "processed")
+    # the EB-Sampler's gamma replaces the default algorithm's threshold
+    p = request_params(chat(entropy_bound=0.15), "llada", 512)[0][0]
+    assert (p.algorithm, p.threshold, p.entropy_bound) == ("dual_cache", None, 0.15)
 
 
 @pytest.mark.parametrize("kw,param", [
@@ -122,6 +125,9 @@ def test_max_tokens_maps_to_whole_blocks_and_family_defaults():
     ({"temperature": 0.5, "algorithm": "static_block"}, "temperature"),
     ({"remasking": "leftmost", "algorithm": "static_block"}, "remasking"),
     ({"logprobs_mode": "sampled"}, "logprobs_mode"), ({"logprobs_mode": ""}, "logprobs_mode"),
+    ({"entropy_bound": -0.1}, "entropy_bound"), ({"entropy_bound": 0.2, "threshold": 0.5}, "entropy_bound"),
+    ({"entropy_bound": 0.2, "algorithm": "dinfer_hierarchy"}, "entropy_bound"),
+    ({"entropy_bound": 0.2, "algorithm": "static_block"}, "entropy_bound"),
 ])
 def test_request_params_errors_name_the_field(kw, param):
     family = "nemotron" if kw.get("algorithm") == "static_block" else "llada"

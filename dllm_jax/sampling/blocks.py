@@ -166,7 +166,6 @@ class BlockProgram:
         model = nnx.merge(self.graphdef, params)
         return step_loop(lambda s: self.step(model, s), st, budget, exit_on_done)
 
-    # ---- one step -------------------------------------------------------------------------
 
     def step(self, model, st: DecodeState) -> DecodeState:
         running = st.progress.active & ~st.progress.done  # [B]
@@ -209,7 +208,6 @@ class BlockProgram:
         mask_left = jnp.any(self.block_tokens(st) == self.mask_id, axis=-1)
         return (call >= 1) & ((call == 1) | mask_left) & (call < self.max_calls)  # [B]
 
-    # ---- the forwards ---------------------------------------------------------------------
 
     def forward(self, model, rows, bs, want_kv: bool):
         """Logits [n, Lb, V] of the rows' blocks from a full-canvas forward (and its K/V).
@@ -283,7 +281,6 @@ class BlockProgram:
             st = st.replace(cache=new_cache)
         return self.commit(st, logits, live)
 
-    # ---- commit and advance ---------------------------------------------------------------
 
     def commit(self, st: DecodeState, logits, live) -> DecodeState:
         """Propose, select and write tokens for rows in ``live`` [B]; count their forward pass."""
@@ -302,8 +299,13 @@ class BlockProgram:
         spb = key.steps_per_block
         n0, idx = p.block_masks, jnp.minimum(p.call, spb - 1)  # [B]
         k = n0 // spb + (idx < n0 % spb)  # [B]
+        entropy = None
+        if self.decoder.rule is None:  # rows may pick the EB-Sampler: their entropies, when some row does
+            entropy = jax.lax.cond(jnp.any(live & (k_.rule == rules.ENTROPY_BOUND)),
+                                   lambda l: proposal.entropy(l, self.mask_id), lambda l: jnp.zeros(l.shape[:2]),
+                                   raw_logits)  # [B, Lb]
         transfer = rules.select(self.decoder.rule, k_.rule, conf, masked, k, k_.threshold, k_.factor,
-                                k_.remasking)  # [B, Lb]
+                                k_.remasking, entropy, k_.entropy_bound)  # [B, Lb]
         canvas = put(st.tokens.canvas, bs, jnp.where(transfer, x0, block_tokens))  # [B, L]
         nfe = p.nfe + live
         gen_idx = bs - key.prompt_len  # [B] block start in the generated region

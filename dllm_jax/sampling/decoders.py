@@ -96,13 +96,18 @@ class BlockDecoder(Decoder):
             raise SamplingError("factor must be > 0 for the Fast-dLLM factor rule", "factor")
         if self.rule is not None and factor is not None:
             raise SamplingError(f"factor is not used by algorithm {params.algorithm!r}", "factor")
+        if params.entropy_bound is not None and (threshold is not None or factor is not None):
+            raise SamplingError("give entropy_bound or a threshold / factor, not both", "entropy_bound")
+        if self.rule is not None and params.entropy_bound is not None:
+            raise SamplingError(f"entropy_bound is not used by algorithm {params.algorithm!r} (its transfer rule "
+                                "is fixed)", "entropy_bound")
         if self.rule is not None and threshold is None:
             threshold = self.default_threshold
         if params.cfg_scale > 0 and self.uses_cache:
             raise SamplingError(f"cfg_scale > 0 needs a full-canvas algorithm ('basic' or 'no_cache'), "
                                 f"not {params.algorithm!r}", "cfg_scale")
         if self.uses_cache and self.rule is None and threshold is None and factor is None \
-                and steps // num_blocks < 2:
+                and params.entropy_bound is None and steps // num_blocks < 2:
             raise SamplingError(f"{params.algorithm} with a fixed schedule needs at least 2 steps per block "
                                 f"(got steps={steps} for {num_blocks} blocks); upstream Fast-dLLM fails "
                                 "with IndexError here", "steps")
@@ -133,7 +138,8 @@ class SlidingDecoder(Decoder):
         if not FAMILY_CONFIGS[family].sliding_decoder:
             raise SamplingError(f"algorithm {params.algorithm!r} is the Nemotron-Diffusion decoder; this is a "
                                 f"{family} model", "algorithm")
-        for name, bad in (("threshold", params.threshold is not None), ("temperature", params.temperature > 0),
+        for name, bad in (("threshold", params.threshold is not None), ("entropy_bound", params.entropy_bound is not None),
+                          ("temperature", params.temperature > 0),
                           ("remasking", params.remasking != "low_confidence"), ("cfg_scale", params.cfg_scale > 0)):
             if bad:
                 raise SamplingError(f"{name} is not supported by algorithm 'static_block' (greedy, "

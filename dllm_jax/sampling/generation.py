@@ -45,7 +45,7 @@ class GenerateOutput:
     logprobs: dict | None = None
 
 
-_PER_ROW = ("temperature", "threshold", "factor", "seed", "remasking", "cfg_scale", "early_stop", "stop_token_ids",
+_PER_ROW = ("temperature", "threshold", "factor", "entropy_bound", "seed", "remasking", "cfg_scale", "early_stop", "stop_token_ids",
             "top_k", "top_p", "min_p", "logprobs_mode")
 
 

@@ -137,6 +137,9 @@ class SamplingParams:
         threshold/factor/dInfer rules keep testing the model's confidence, docs/sampling.md).
       threshold: Fast-dLLM confidence threshold in (0, 1] (top-1 always + all >= threshold).
       factor: Fast-dLLM factor rule (> 0) or the Nemotron acceptance factor (>= 0).
+      entropy_bound: the EB-Sampler's gamma (>= 0): each step commits, in the row's ranking
+        order, the longest run of masked positions whose summed entropy minus its largest stays
+        <= gamma (at least one). None = off.
       algorithm: name or alias (None = the family default).
       seed: per-request RNG seed (T > 0 and random remasking).
       early_stop: stop a row once a finished block contains a stop token (the text before
@@ -169,6 +172,7 @@ class SamplingParams:
     remasking: str = "low_confidence"
     threshold: float | None = None
     factor: float | None = None
+    entropy_bound: float | None = None
     algorithm: str | None = None
     seed: int = 0
     early_stop: bool = False
@@ -206,6 +210,7 @@ class SamplingParams:
         return dataclasses.replace(self, algorithm=algo.name, steps=steps, threshold=resolved["threshold"],
                                    factor=resolved["factor"], shift_logits=bool(shift), stop_token_ids=stops,
                                    temperature=float(self.temperature), cfg_scale=float(self.cfg_scale),
+                                   entropy_bound=None if self.entropy_bound is None else float(self.entropy_bound),
                                    top_p=float(self.top_p), min_p=float(self.min_p), trace=bool(self.trace))
 
     def _check_knobs(self) -> None:
@@ -222,6 +227,10 @@ class SamplingParams:
             raise SamplingError(f"threshold={threshold!r} must be in (0, 1]", "threshold")
         if factor is not None and not (isinstance(factor, (int, float)) and 0 <= factor < float("inf")):
             raise SamplingError(f"factor={factor!r} must be a finite number >= 0", "factor")
+        bound = self.entropy_bound
+        if bound is not None and not (isinstance(bound, (int, float)) and not isinstance(bound, bool)
+                                      and 0 <= bound < float("inf")):
+            raise SamplingError(f"entropy_bound={bound!r} must be a finite number >= 0", "entropy_bound")
 
     def _check_filters(self) -> None:
         _int_at_least(self.top_k, 0, "top_k")
@@ -245,7 +254,7 @@ class SamplingParams:
     @property
     def rule(self) -> int:
         """Per-row rule code for algorithms that let the row choose (``rules.row_rule``)."""
-        return rules.row_rule(self.threshold, self.factor)
+        return rules.row_rule(self.threshold, self.factor, self.entropy_bound)
 
 
 def _int_at_least(value, low: int, name: str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dllm_jax.models.transformer import log_softmax, softmax
+from dllm_jax.models.transformer import log_softmax, row_sum, softmax
 from dllm_jax.sampling.rules import NEG_INF, RANDOM
 
 
@@ -142,3 +142,12 @@ def token_logprobs(logits, x0, k: int, mask_id: int, *, processed=None, drawn=No
     chosen = jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
     top_lp, top_ids = jax.lax.top_k(logp.at[..., mask_id].set(NEG_INF), k)
     return chosen, top_ids.astype(jnp.int32), top_lp
+
+
+def entropy(logits, mask_id: int):
+    """[B, Lb] entropy (nats) of each position's predictive distribution: softmax of the model's
+    logits, untempered and unfiltered, the mask token excluded (it is never proposed). The
+    EB-Sampler's error proxy; a fixed-order sum, so a row's value does not depend on its batch."""
+    logp = log_softmax(logits.astype(jnp.float32).at[..., mask_id].set(NEG_INF))
+    p = jnp.exp(logp)
+    return -row_sum(jnp.where(p > 0, p * logp, 0.0))[..., 0]

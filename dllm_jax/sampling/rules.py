@@ -17,6 +17,9 @@ listed once in ``RULES``; the per-row ``rule`` codes dispatched on the device ar
 * HIERARCHY (dInfer): per contiguous run of masked positions, its most confident one when
   above ``low_threshold``; plus every position above ``threshold``; plus the global top-1.
 * CREDIT (dInfer): THRESHOLD on logits fused with a per-block credit (see ``credit_fuse``).
+* ENTROPY_BOUND: the EB-Sampler (Ben-Hamu et al. 2025, arXiv 2505.24857): in rank order, the
+  longest prefix whose summed entropy minus its largest entropy is <= ``entropy_bound`` (gamma);
+  rank 0 always (see ``transfer_entropy_bound``, docs/sampling.md).
 * NEMOTRON: NeMo-RL's ``get_transfer_index_optimized``: rank 0 always, rank r >= 1 iff
   conf >= 0.95 or (conf >= 1 - factor / (r + 2) and conf >= 0.5).
 
@@ -134,6 +137,23 @@ def transfer_hierarchy(conf, masked, threshold, low_threshold=HIERARCHY_LOW_THRE
     return masked & ((rank == 0) | (conf >= threshold[:, None]) | run_best)
 
 
+def transfer_entropy_bound(entropy, masked, bound, rank=None):
+    """EB-Sampler: accept ranks 0..n-1, n the most with sum(H) - max(H) <= bound over ranks 0..n-1.
+
+    ``entropy`` [B, Lb] of each position's predictive distribution; ``bound`` [B] (gamma >= 0).
+    The spent budget sum - max never decreases along the ranks, so the accepted ranks are a
+    prefix; rank 0 spends nothing and is always accepted. Ranked by entropy (ascending) this is
+    ``cumsum(H)[r - 1] <= gamma`` for rank r (SGLang's ``eb_sampling``)."""
+    b, lb = entropy.shape
+    rank = ranks(-entropy, masked) if rank is None else rank
+    h = jnp.zeros((b, lb), jnp.float32).at[jnp.arange(b)[:, None], rank].set(
+        jnp.where(masked, entropy, 0.0).astype(jnp.float32), mode="drop")  # [B, Lb] by rank
+    # (a scan of elementwise adds: its order depends on Lb only, so a row's sums are batch-invariant)
+    spent = jax.lax.associative_scan(jnp.add, h, axis=1) - jax.lax.cummax(h, axis=1)
+    count = jnp.sum((spent <= bound[:, None]) & (jnp.arange(lb)[None, :] < jnp.sum(masked, -1)[:, None]), -1)
+    return masked & (rank < jnp.maximum(count, 1)[:, None])
+
+
 def credit_fuse(logits, credit, masked, first_iter):
     """dInfer credit decoding: decay, accumulate p_top1^gamma at each masked position's top-1,
     fuse ``logits + alpha * log(1 + credit)``. credit: [B, Lb, V] float32 (reset per block).
@@ -156,6 +176,8 @@ class Ranked:
       rank: [B, Lb] ``ranks`` of the row's ranking score (0 = first; unmasked -> Lb).
       k: [B] the static schedule's share of this step (``Fixed``).
       threshold, factor: [B] the rows' knobs.
+      entropy: [B, Lb] entropy of each position's predictive distribution (``EntropyBound``;
+        None when no row uses it), entropy_bound: [B] its knob.
     """
 
     conf: jax.Array
@@ -164,6 +186,8 @@ class Ranked:
     k: jax.Array
     threshold: jax.Array
     factor: jax.Array
+    entropy: jax.Array | None = None
+    entropy_bound: jax.Array | None = None
 
 
 class Rule:
@@ -218,6 +242,15 @@ class Factor(Rule):
         return transfer_factor(r.conf, r.masked, r.factor, r.rank)
 
 
+class EntropyBound(Rule):
+    """The EB-Sampler's entropy-bounded unmasking (``transfer_entropy_bound``)."""
+
+    name, knobs, per_row = "entropy_bound", ("entropy_bound",), True
+
+    def select(self, r: Ranked) -> jax.Array:
+        return transfer_entropy_bound(r.entropy, r.masked, r.entropy_bound, r.rank)
+
+
 class Hierarchy(Rule):
     """dInfer's hierarchy decoder (``transfer_hierarchy``)."""
 
@@ -243,33 +276,36 @@ class Nemotron(Rule):
 
 
 # Every rule, once; a rule's code is its index here.
-RULES: tuple[Rule, ...] = (Fixed(), Threshold(), Factor(), Hierarchy(), Credit(), Nemotron())
+RULES: tuple[Rule, ...] = (Fixed(), Threshold(), Factor(), Hierarchy(), Credit(), Nemotron(), EntropyBound())
 Code = enum.IntEnum("Code", [(rule.name.upper(), i) for i, rule in enumerate(RULES)])
-FIXED, THRESHOLD, FACTOR, HIERARCHY, CREDIT, NEMOTRON = Code
+FIXED, THRESHOLD, FACTOR, HIERARCHY, CREDIT, NEMOTRON, ENTROPY_BOUND = Code
 
 
-def row_rule(threshold, factor) -> Code:
+def row_rule(threshold, factor, entropy_bound=None) -> Code:
     """The rule a row picks by its own knobs where the algorithm fixes none: a threshold, a
-    factor, or else the static schedule."""
+    factor, an entropy bound, or else the static schedule."""
     if threshold is not None:
         return THRESHOLD
-    return FACTOR if factor is not None else FIXED
+    if factor is not None:
+        return FACTOR
+    return ENTROPY_BOUND if entropy_bound is not None else FIXED
 
 
-def select(rule_static, rule, conf, masked, k, threshold, factor, remasking=None):
+def select(rule_static, rule, conf, masked, k, threshold, factor, remasking=None, entropy=None, entropy_bound=None):
     """The positions one step commits [B, Lb].
 
     ``rule_static``: the algorithm's rule code (every row uses it), or None: each row's ``rule``
     code [B] picks one of the ``per_row`` rules. ``remasking`` [B] (policy codes; None = by
     confidence): LEFTMOST rows rank by position and keep only the leading run of what their rule
-    accepts (see the module docstring)."""
+    accepts (see the module docstring). ``entropy`` [B, Lb] / ``entropy_bound`` [B]: for
+    ENTROPY_BOUND rows (None: no row uses that rule)."""
     score = conf if remasking is None else ranking_score(conf, remasking)
     rank = ranks(score, masked)  # [B, Lb]
-    view = Ranked(conf, masked, rank, k, threshold, factor)
+    view = Ranked(conf, masked, rank, k, threshold, factor, entropy, entropy_bound)
     if rule_static is not None:
         sel = RULES[rule_static].select(view)
     else:
-        choices = [r for r in RULES if r.per_row]
+        choices = [r for r in RULES if r.per_row and (entropy is not None or "entropy_bound" not in r.knobs)]
         sel = choices[-1].select(view)
         for r in reversed(choices[:-1]):
             sel = jnp.where((rule == r.code)[:, None], r.select(view), sel)

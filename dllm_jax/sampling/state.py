@@ -94,7 +94,8 @@ class Knobs:
       early_stop: [B] bool.
       stop_ids: [B, MAX_STOP_IDS] int32 stop tokens (-1 = unused).
       top_k, top_p, min_p: [B] sampling filters (0 / 1 / 0 = off).
-      processed_logprobs: [B] bool ``logprobs_mode == 'processed'`` (``rules.token_logprobs``).
+      processed_logprobs: [B] bool ``logprobs_mode == 'processed'`` (``proposal.token_logprobs``).
+      entropy_bound: [B] float32 the EB-Sampler's gamma (ENTROPY_BOUND rows).
     """
 
     rng: jax.Array = row("key", 0)
@@ -110,6 +111,7 @@ class Knobs:
     top_p: jax.Array = row("float32", 1.0)
     min_p: jax.Array = row("float32", 0.0)
     processed_logprobs: jax.Array = row("bool", False)
+    entropy_bound: jax.Array = row("float32", 0.0)
 
 
 @struct.dataclass

@@ -139,6 +139,7 @@ class DiffusionFields(_Strict):
     remasking: str | None = None  # low_confidence | random | leftmost (checked by the sampler: 400 naming it)
     threshold: float | None = None
     factor: float | None = None
+    entropy_bound: float | None = None  # the EB-Sampler's gamma (docs/sampling.md, "Transfer rules")
     cfg_scale: float | None = None
     early_stop: bool | None = None
     shift_logits: bool | None = None

@@ -118,7 +118,7 @@ def request_params(req: DiffusionFields, family: str, max_length: int, *, model_
     gen_length = _gen_length(max_tokens, block_length, cap, max_length, param_name)
     steps = _steps(req, gen_length, block_length, param_name, schedule)
     explicit = req.model_fields_set
-    if algorithm is None and not {"threshold", "factor"} & explicit:
+    if algorithm is None and not {"threshold", "factor", "entropy_bound"} & explicit:
         # the family default algorithm comes with its default transfer rule
         threshold, factor = d["threshold"], d["factor"]
     else:
@@ -129,6 +129,7 @@ def request_params(req: DiffusionFields, family: str, max_length: int, *, model_
         temperature=0.0 if req.temperature is None else float(req.temperature),
         cfg_scale=0.0 if req.cfg_scale is None else float(req.cfg_scale),
         remasking=req.remasking or "low_confidence", threshold=threshold, factor=factor,
+        entropy_bound=req.entropy_bound,
         algorithm=algorithm if algorithm is not None else d["algorithm"],
         early_stop=d["early_stop"] if req.early_stop is None else req.early_stop,
         shift_logits=req.shift_logits,

@@ -26,7 +26,7 @@ BACK = {v: k for k, v in RENAMED.items()}
 SAMPLING = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "ignore_eos",
             "no_stop_trim", "skip_special_tokens", "spaces_between_special_tokens", "sampling_seed", "n",
             "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "logit_bias",
-            "steps", "block_length", "algorithm", "generation_algorithm", "remasking", "threshold", "factor",
+            "steps", "block_length", "algorithm", "generation_algorithm", "remasking", "threshold", "factor", "entropy_bound",
             "cfg_scale", "early_stop", "shift_logits", "logprobs_mode"}
 # accepted at their neutral value only (constrained decoding and custom processors do not exist here)
 NEUTRAL = {"json_schema": "structured output (json_schema) is not supported",
