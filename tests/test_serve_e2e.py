@@ -240,6 +240,8 @@ def _mixed_requests():
             r["extra"] = {"threshold": 0.7}
         elif i % 3 == 2:
             r["extra"] = {"threshold": 0.5}
+        if i % 8 == 5:
+            r["extra"] = {"entropy_bound": 0.4}
         if i % 5 == 4:
             r["temperature"], r["seed"] = 0.8, 1000 + i
         if i == 6:
@@ -281,7 +283,9 @@ def test_32_concurrent_mixed_requests_equal_generate(server, client, llada_model
         if basic:
             kwargs.update(algorithm="basic", steps=16)
         else:
-            kwargs["threshold"] = [g[3]["extra"].get("threshold", 0.9) for g in group]
+            extras = [g[3]["extra"] for g in group]
+            kwargs["threshold"] = [e.get("threshold", None if "entropy_bound" in e else 0.9) for e in extras]
+            kwargs["entropy_bound"] = [e.get("entropy_bound") for e in extras]
         out = reference_rows(llada_model, [g[2] for g in group], [g[3]["max_tokens"] for g in group],
                              [g[3].get("stop", ()) for g in group], **kwargs)
         for g, text in zip(group, out):
