@@ -17,7 +17,7 @@ import numpy as np
 
 from dllm_jax.demo import tasks
 
-# The server's defaults for a LLaDA-family model at max_tokens=128 (serve/request_params.py).
+# The server's defaults for a LLaDA-family model at max_tokens=128 (serve/engine/defaults.py).
 SERVER_DEFAULTS = {"gen_length": 128, "block_length": 32, "algorithm": "dual_cache", "threshold": 0.9,
                    "temperature": 0.0, "early_stop": True}
 
