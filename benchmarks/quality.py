@@ -2,7 +2,8 @@
 
 For each algorithm the server offers and each transfer schedule — the fixed schedule (one
 token per step: steps = gen_length), confidence threshold 0.7 / 0.8 / 0.9 / 0.95 and the
-factor rule 1-4 (the dInfer decoders take thresholds only) — at batch 1 and batch 16, on the
+factor rule 1-4, the EB-Sampler's entropy bound 0.05 / 0.15 / 0.5 / 1 / 2 (the dInfer decoders
+take thresholds only) — at batch 1 and batch 16, on the
 held-out additions and the held-out counts: exact-match accuracy ("count to b": the reply starts
 with the right count, whether or not it stopped after b), mean NFE per request,
 tokens per forward, wall time and tokens/s. T=0, canvas 128, block 32, early stop (the
@@ -11,6 +12,7 @@ server's defaults).
     python -m benchmarks.quality                       # the full table (~25 min on 2 cores)
     python -m benchmarks.quality --quick               # thresholds 0.9 + fixed only, fewer examples
     python -m benchmarks.quality --algorithms dual_cache --batch 16 --json out.json
+    python -m benchmarks.quality --algorithms dual_cache --batch 16 --schedules "threshold 0.9" "entropy bound"
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ CACHE_ALGORITHMS = ("basic", "no_cache", "prefix_cache", "dual_cache")
 DINFER = ("dinfer_blockwise", "dinfer_hierarchy", "dinfer_credit")
 THRESHOLDS = (0.7, 0.8, 0.9, 0.95)
 FACTORS = (1.0, 2.0, 3.0, 4.0)
+ENTROPY_BOUNDS = (0.05, 0.15, 0.5, 1.0, 2.0)  # the EB-Sampler's gamma (SGLang's default: 0.15)
 
 
 def schedules(algorithm: str, quick: bool):
@@ -35,6 +38,9 @@ def schedules(algorithm: str, quick: bool):
     out += [(f"threshold {t}", {"threshold": t}) for t in thresholds]
     if algorithm not in DINFER and not quick:
         out += [(f"factor {f:g}", {"threshold": None, "factor": f}) for f in FACTORS]
+    if algorithm not in DINFER:
+        bounds = (0.15,) if quick else ENTROPY_BOUNDS
+        out += [(f"entropy bound {g:g}", {"threshold": None, "entropy_bound": g}) for g in bounds]
     return out
 
 
@@ -62,6 +68,8 @@ def main(argv=None):
     ap.add_argument("--count", type=int, default=32, help="held-out counts at batch >= 16 (of 147)")
     ap.add_argument("--small", type=int, default=4, help="at batch 1 use 1/small as many examples")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--schedules", nargs="+", default=None,
+                    help="only schedules whose label starts with one of these (e.g. 'fixed' 'entropy bound')")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -91,6 +99,8 @@ def main(argv=None):
     rows = []
     for algorithm in args.algorithms:
         for label, kwargs in schedules(algorithm, args.quick):
+            if args.schedules and not any(label.startswith(s) for s in args.schedules):
+                continue
             for batch in args.batch:
                 res = {}
                 for task, examples in sets.items():
