@@ -198,12 +198,14 @@ class Rule:
       knobs: the request fields it reads.
       per_row: a row picks it by its own knobs when its algorithm fixes no rule (``row_rule``).
       fuses_credit: the step fuses the logits with a per-block credit first (``credit_fuse``).
+      needs_entropy: its ``select`` reads ``Ranked.entropy`` (computed only when a row uses it).
     """
 
     name: ClassVar[str]
     knobs: ClassVar[tuple[str, ...]] = ()
     per_row: ClassVar[bool] = False
     fuses_credit: ClassVar[bool] = False
+    needs_entropy: ClassVar[bool] = False
 
     @property
     def code(self) -> int:
@@ -245,7 +247,7 @@ class Factor(Rule):
 class EntropyBound(Rule):
     """The EB-Sampler's entropy-bounded unmasking (``transfer_entropy_bound``)."""
 
-    name, knobs, per_row = "entropy_bound", ("entropy_bound",), True
+    name, knobs, per_row, needs_entropy = "entropy_bound", ("entropy_bound",), True, True
 
     def select(self, r: Ranked) -> jax.Array:
         return transfer_entropy_bound(r.entropy, r.masked, r.entropy_bound, r.rank)
@@ -305,7 +307,7 @@ def select(rule_static, rule, conf, masked, k, threshold, factor, remasking=None
     if rule_static is not None:
         sel = RULES[rule_static].select(view)
     else:
-        choices = [r for r in RULES if r.per_row and (entropy is not None or "entropy_bound" not in r.knobs)]
+        choices = [r for r in RULES if r.per_row and (entropy is not None or not r.needs_entropy)]
         sel = choices[-1].select(view)
         for r in reversed(choices[:-1]):
             sel = jnp.where((rule == r.code)[:, None], r.select(view), sel)
