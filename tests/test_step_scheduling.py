@@ -109,3 +109,47 @@ def test_step_budget_and_early_return():
     # fixed schedule, 8 calls per block: a refresh step (full + cached call), then 6 cached steps
     updates = {u.slot: u for u in session.step(steps=100)}
     assert counted() == 14 and updates[0].done and updates[0].nfe == G
+
+
+@pytest.mark.parametrize("algorithm", ["basic", "prefix_cache", "dual_cache", "dinfer_credit", "dinfer_hierarchy",
+                                       "static_block"])
+def test_rebucket_mid_generation(algorithm):
+    """A session moved to another prompt bucket while its rows are mid-block (down once its long
+    prompt left, up and down again) gives every request the tokens of its solo generate (bf16)."""
+    model = _model("nemotron" if algorithm == "static_block" else "llada")
+    rng = np.random.default_rng(11)
+    n = 6
+    prompts = [rng.integers(0, 256, 40).tolist()] + [rng.integers(0, 256, int(k)).tolist()
+                                                      for k in rng.integers(3, 30, n - 1)]
+    params = _params(algorithm, n)
+    session = DecodeSession(model, program_key(model, 40, params[0], 4), steps_per_call=1)
+    assert session.key.prompt_len == 64
+    owner = {slot: slot for slot in range(4)}
+    session.admit({slot: Row(prompts[i], params[i]) for slot, i in owner.items()})
+    waiting, results, step, cancelled = [4, 5], {}, 0, set()
+    with pytest.raises(ValueError, match="longer than the prompt bucket"):
+        session.rebucket(32)  # the long prompt is still there
+    moves = {3: 32, 5: 64, 6: 32}  # step -> prompt bucket (the long row is cancelled at step 3)
+    while waiting or owner:
+        if step == 3 and 0 in owner:
+            cancelled.add(owner.pop(0))
+            session.release(0)
+        if step in moves:
+            session.rebucket(moves[step])
+            assert session.key.prompt_len == moves[step]
+        free = [s for s in range(session.key.batch) if s not in owner]
+        if step > 6 and free and waiting:
+            owner[free[0]] = waiting.pop(0)
+            session.admit({free[0]: Row(prompts[owner[free[0]]], params[owner[free[0]]])})
+        for u in session.step():
+            if u.done:
+                results[owner.pop(u.slot)] = u.tokens
+                session.release(u.slot)
+        step += 1
+        assert step < 500
+    assert sorted(set(results) | cancelled) == list(range(n))
+    for i in results:
+        want = model.generate([prompts[i]], **dataclasses.asdict(params[i]))
+        np.testing.assert_array_equal(results[i], want.tokens[0][: want.lengths[0]],
+                                      err_msg=f"{algorithm} request {i}")
+

@@ -53,6 +53,11 @@ class Decoder:
         """A fresh row's ``DecodeState.block``."""
         return 0
 
+    def moved_position(self, block, shift: int):
+        """A row's ``DecodeState.block`` once its canvas lost ``shift`` leading columns (a move to
+        another prompt bucket, ``slots.relayout_fn``)."""
+        return block
+
     def steps_per_block(self, steps: int, num_blocks: int) -> int:
         """The schedule length the program is keyed on."""
         return steps // num_blocks
@@ -130,6 +135,9 @@ class SlidingDecoder(Decoder):
 
     def initial_position(self, prompt_len: int) -> int:
         return prompt_len  # the window starts at the first generated position
+
+    def moved_position(self, block, shift: int):
+        return block - shift  # a canvas position
 
     def steps_per_block(self, steps: int, num_blocks: int) -> int:
         return 0  # no schedule: one program serves every ``steps``

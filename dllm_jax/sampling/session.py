@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from dllm_jax.sampling.params import ProgramKey
-from dllm_jax.sampling.slots import Row, row_arrays, to_device
+from dllm_jax.sampling.slots import Row, relayout_fn, row_arrays, to_device
 from dllm_jax.sampling.state import DecodeState
 
 
@@ -151,6 +151,31 @@ class DecodeSession:
         sharding = {f: self.shardings.get(f) for f in arrays if f != "replace"}
         sharding["replace"] = self.shardings.progress.active
         return {name: to_device(name, value, sharding[name]) for name, value in arrays.items()}
+
+    def rebucket(self, prompt_len: int) -> None:
+        """Move every row to the program of another prompt bucket (same batch and slots; rows
+        keep their place in their blocks): a session whose long prompts left runs its other rows
+        at their own bucket from the next ``step`` instead of padded to the old one. A row's
+        tokens do not depend on its bucket, so they stay exactly what they would have been.
+        Slots without a row are emptied (a finished row frozen in one may not fit).
+
+        Raises ValueError for a row whose prompt does not fit."""
+        if prompt_len == self.key.prompt_len:
+            return
+        too_long = [slot for slot, row in self.slots.items() if len(row.prompt) > prompt_len]
+        if too_long:
+            raise ValueError(f"slots {too_long} hold prompts longer than the prompt bucket {prompt_len}")
+        old, new = self.key, dataclasses.replace(self.key, prompt_len=prompt_len)
+        program, merge, shardings, _ = self.model.programs.get(new, user=self)
+        move = self.model.programs.get_or_build(
+            ("relayout", old, new), lambda: relayout_fn(old, new, shardings, mask_id=self.model.mask_token_id))
+        state = move(self.state)
+        arrays = self._row_arrays(new, {})
+        free = [slot for slot in range(new.batch) if slot not in self.slots]
+        arrays["replace"][free] = True
+        self.key, self.program, self.merge, self.shardings = new, program, merge, shardings
+        self.state = merge(state, self._to_device(arrays)) if free else state
+        self._finished.update(free)
 
     def warmup(self) -> None:
         """Compile this key's programs (runs one step and one admission on empty slots)."""

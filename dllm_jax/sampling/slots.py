@@ -189,6 +189,39 @@ def _data_sharding(sharding, ndim: int):
     return NamedSharding(sharding.mesh, P(*spec))
 
 
+def relayout_fn(old: ProgramKey, new: ProgramKey, shardings: DecodeState, *, mask_id: int):
+    """A jitted ``state -> state`` moving every slot from ``old``'s prompt bucket to ``new``'s
+    (same batch, slots and everything else): the canvas-long fields and the cache lose (or gain)
+    ``old.prompt_len - new.prompt_len`` leading left-padding columns (and a position in the canvas,
+    the sliding decoder's window start, moves with them). Rows are left-padded, so a
+    row whose prompt fits both buckets keeps every real column, its RoPE positions and its cache
+    entries as they were; the caller must not move a row whose prompt does not fit ``new``."""
+    if dataclasses.replace(old, prompt_len=new.prompt_len) != new:
+        raise ValueError(f"a relayout changes the prompt bucket only: {old} -> {new}")
+    shift = old.prompt_len - new.prompt_len
+
+    def move(x, axis: int, fill):
+        if shift >= 0:
+            return jax.lax.slice_in_dim(x, shift, x.shape[axis], axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (-shift, 0)
+        return jnp.pad(x, pad, constant_values=fill)
+
+    def run(state: DecodeState) -> DecodeState:
+        moved = {}
+        for name, (_, spec) in ROW_FIELDS.items():
+            if "L" in spec.dims:
+                fill = mask_id if spec.fill == "mask" else spec.fill
+                moved[name] = move(state.get(name), 1 + spec.dims.index("L"), fill)
+        cache = state.cache
+        if cache is not None:  # per layer [B, K, L, H]
+            cache = KVCache(tuple(move(a, 2, 0) for a in cache.k), tuple(move(a, 2, 0) for a in cache.v))
+        block = old.decoder.moved_position(state.progress.block, shift)
+        return state.update(cache=cache, block=block, **moved)
+
+    return jax.jit(run, out_shardings=shardings)
+
+
 def merge_rows(state: DecodeState, new: dict[str, jax.Array]) -> DecodeState:
     """Replace the slots flagged in new['replace'] (jitted by the session)."""
     replace = new["replace"]
