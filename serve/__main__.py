@@ -71,6 +71,11 @@ def _engine_args(p) -> None:
     p.add_argument("--steps-per-call", type=int, default=None,
                    help="denoising steps per device call; a call also ends as soon as a row finishes, so its "
                         "slot takes a waiting request at the next step (default: dllm_jax's STEPS_PER_CALL)")
+    p.add_argument("--call-budget-ms", type=float, default=20.0,
+                   help="when no request waits and none is expected back (recent demand), one device call runs "
+                        "as many denoising steps as fit in this long (at most --max-steps-per-call; it still ends "
+                        "when a row finishes): fewer host round trips per step (0: --steps-per-call always)")
+    p.add_argument("--max-steps-per-call", type=int, default=32, help="the cap of --call-budget-ms")
     p.add_argument("--refill-wait-ms", type=float, default=20.0,
                    help="after rows finish, hold the next step up to this long (and a quarter of a step) for "
                         "their clients' next requests, when recent demand says they come back; it ends once as "
@@ -130,9 +135,9 @@ def _multihost_args(g) -> None:
 
 def _check_ranges(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Counts and sizes must be > 0, waits and caps >= 0 (else argparse's usage error)."""
-    positive = ("max_batch_size", "max_queue", "max_sessions", "steps_per_call", "max_connections",
+    positive = ("max_batch_size", "max_queue", "max_sessions", "steps_per_call", "max_steps_per_call", "max_connections",
                 "max_body_bytes", "max_stop_chars", "peer_timeout")
-    non_negative = ("max_wait_ms", "refill_wait_ms", "max_score_tokens", "max_programs", "header_timeout",
+    non_negative = ("max_wait_ms", "refill_wait_ms", "call_budget_ms", "max_score_tokens", "max_programs", "header_timeout",
                     "max_prompt_chars", "max_gen_length")
     for name in positive + non_negative:
         value = getattr(args, name)
@@ -243,7 +248,8 @@ def _make_engine(args, load, multi: bool):
         max_score_tokens=args.max_score_tokens, heartbeat_s=10.0 if multi else None,
         background_compile=not multi, max_programs=args.max_programs or None,
         allow_weight_updates=args.allow_weight_updates, weights_root=args.weights_root,
-        refill_wait_ms=args.refill_wait_ms,
+        refill_wait_ms=args.refill_wait_ms, call_budget_ms=args.call_budget_ms,
+        max_steps_per_call=args.max_steps_per_call,
         max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars or None,
         max_gen_length=args.max_gen_length or None, max_stop_chars=args.max_stop_chars,
         **({"steps_per_call": args.steps_per_call} if args.steps_per_call else {}))

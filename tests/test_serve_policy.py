@@ -77,6 +77,50 @@ def test_joining_is_fifo_and_stops_at_the_session_limit():
     assert p.join_running([Waiting(OTHER, 16)], [a], set()) == [None]
 
 
+def test_longer_prompts_join_by_growing_a_session_and_sessions_fit_their_rows():
+    """A sequence whose prompt bucket exceeds a session's joins it when the session's program at
+    that bucket is compiled (a session that already fits is preferred; the grown bucket counts
+    for the next joins); a session moves to its rows' longest bucket once compiled."""
+    p = policy(max_batch_size=8, max_sessions=2)
+    small, big = session(0, 4, rows=1), session(1, 4, rows=1, prompt_len=64)
+    compiled = {dataclasses.replace(KEY, batch=4, prompt_len=64)}
+    ready = compiled.__contains__
+    long, short = Waiting(GROUP, 64), Waiting(GROUP, 16)
+    assert p.join_running([long], [small], set()) == [None]               # (no ``ready``: fits only)
+    assert p.join_running([long], [small], set(), ready) == [0]           # grows to 64
+    assert p.join_running([long, long], [small], set(), ready) == [0, 0]
+    assert p.join_running([long], [small], set(), lambda key: False) == [None]
+    assert p.join_running([long, short], [small, big], set(), ready) == [1, 0]  # one that fits first
+    key64 = dataclasses.replace(KEY, batch=4, prompt_len=64)
+    assert Policy.fit(key64, [16, 32], always) == dataclasses.replace(key64, prompt_len=32)
+    assert Policy.fit(key64, [16, 32], lambda key: False) is None        # not compiled: stays (compile starts)
+    assert Policy.fit(key64, [16, 64], always) is None and Policy.fit(key64, [], always) is None
+    assert Policy.fit(dataclasses.replace(key64, prompt_len=16), [16, 64], ready) == key64
+
+
+def test_several_steps_per_call_only_when_nobody_can_join():
+    """A call runs as many steps as fit in call_budget_ms when its session alone has rows, nothing
+    waits, nothing arrived for two budgets and the group's recent demand is all running; else
+    steps_per_call (None)."""
+    p = policy(call_budget_ms=20.0, max_steps_per_call=8)
+    a = session(0, 4, rows=2)
+    running = {GROUP: (2, 100.0)}
+
+    def steps(step_s=0.004, waiting=0, demand=running, sessions=(a,), arrival=100.0, now=100.5, of=p):
+        return of.call_steps(a, list(sessions), demand, waiting, step_s, arrival, now)
+
+    assert steps() == 5                                   # 20 ms at 4 ms per step
+    assert steps(step_s=0.001) == 8                       # capped
+    assert steps(step_s=0.015) is None                    # one step fits: the default
+    assert steps(step_s=None) is None                     # no measurement yet
+    assert steps(waiting=1) is None                       # a sequence waits
+    assert steps(arrival=100.47) is None                  # one arrived 30 ms ago: a burst may be on
+    assert steps(demand={GROUP: (3, 100.0)}) is None      # a client is coming back
+    assert steps(demand={GROUP: (3, 100.0)}, now=103.0) == 5  # ... not any more (2 s window)
+    assert steps(sessions=(a, session(1, 4, rows=1, group=OTHER)), demand={}) is None  # round robin
+    assert steps(of=policy(call_budget_ms=0)) is None
+
+
 def test_a_group_opens_when_full_or_after_max_wait_sized_for_its_demand():
     p = policy(max_batch_size=8, max_wait_ms=5)
     now = 50.0

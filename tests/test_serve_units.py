@@ -277,7 +277,7 @@ class FakeExecutor:
         self.log.append(("admit", sid, sorted(rows), [len(p) for p, _ in rows.values()]))
         return {}  # (no row fails alone)
 
-    def step(self, sid):
+    def step(self, sid, steps=None):
         self.stepping.set()
         assert self.gate.acquire(timeout=TIMEOUT), "the test never opened the gate"
         if self.fail_step:
@@ -295,6 +295,10 @@ class FakeExecutor:
     def release(self, sid, slot):
         self.sessions[sid]["rows"].pop(slot)
         self.log.append(("release", sid, slot))
+
+    def rebucket(self, sid, key):
+        self.sessions[sid]["key"] = key
+        self.log.append(("rebucket", sid, key.prompt_len))
 
     def last_steps(self, sid):
         return 1
@@ -410,6 +414,40 @@ def test_scheduler_batches_admits_at_block_boundaries_and_cuts_max_tokens(make_e
     assert len(c[0].tokens) == 96
 
 
+def test_a_session_runs_at_its_rows_prompt_bucket(make_engine):
+    """Once its long prompt leaves, a session moves down to its other rows' prompt bucket; a
+    longer prompt joins it (moving it up first) when that program is compiled, instead of
+    opening another session."""
+    from dllm_jax.sampling import program_key
+
+    engine = make_engine(max_batch_size=4, max_wait_ms=50)
+    ex = engine.executor
+    p = default_params("llada", 96)
+    for n in (10, 40):
+        engine.compiler.add(program_key(engine.model, n, p, 2, batch_buckets=(1, 2, 4, 8)))
+
+    async def main():
+        ex.gate = threading.Semaphore(0)
+        with engine.inbox.cv:
+            long = engine.submit([seq(prompt_len=40, gen=96, max_tokens=32)])  # leaves after one block
+            short = engine.submit([seq(gen=96)])
+        ex.gate.release(1)
+        await collect(long)
+        await until(lambda: ("rebucket", 0, 16) in ex.log, "the move down")
+        third = engine.submit([seq(prompt_len=40, gen=96)])
+        ex.gate.release(1000)
+        return await collect(short), await collect(third)
+
+    short, third = asyncio.run(main())
+    assert len(short[0].tokens) == 96 and len(third[0].tokens) == 96
+    assert [e for e in ex.log if e[0] == "open"] == [("open", 0, 2)]  # the third joined session 0
+    down, up = ex.log.index(("rebucket", 0, 16)), ex.log.index(("rebucket", 0, 64))
+    admits = [i for i, e in enumerate(ex.log) if e[0] == "admit"]
+    assert ex.log[admits[0]][3] == [40, 10] and ex.log[admits[1]][3] == [40]
+    assert admits[0] < down < up < admits[1]  # down after the long row left; up before the longer one joined
+    assert read_metrics(engine.metrics.render(), "fake")["dllm_rebuckets_total"] == 2
+
+
 def test_cancelled_before_admission_is_never_admitted_and_queue_limit(make_engine):
     engine = make_engine(max_batch_size=2, max_wait_ms=0, max_queue=3, max_sessions=1)
     ex = engine.executor
@@ -498,7 +536,10 @@ def test_new_programs_compile_in_background_meanwhile_a_bigger_one_is_borrowed(m
     assert len(borrowed[0].tokens) == 64 and len(exact[0].tokens) == 64
     assert ex.opened[0] == big
     assert [(k.batch, k.prompt_len, k.gen_length) for k in ex.opened[1:]] == [(1, 16, 128), (1, 16, 64)]
-    assert read_metrics(engine.metrics.render(), "fake")["dllm_compiles_total"] == 2
+    # (and the borrowed session's own prompt bucket at its batch, B4/P16, to move its row to: Policy.fit)
+    assert {(k.batch, k.prompt_len, k.gen_length) for k in engine.compiler.compiled} >= {(4, 16, 64), (1, 16, 64),
+                                                                                        (1, 16, 128)}
+    assert read_metrics(engine.metrics.render(), "fake")["dllm_compiles_total"] == 3
 
 
 def test_submit_refuses_what_does_not_fit_as_a_413_about_max_tokens(make_engine):
@@ -729,8 +770,8 @@ def test_a_row_whose_update_cannot_be_reported_fails_alone(make_engine):
         bad.update((sid, slot) for slot, (prompt, _) in rows.items() if len(prompt) == 11)
         return admit(sid, rows)
 
-    def step_with_a_broken_row(sid):
-        out = step(sid)
+    def step_with_a_broken_row(sid, steps=None):
+        out = step(sid, steps)
         for u in out:
             if (sid, u.slot) in bad:  # logprobs without their top ids: the row's report cannot be cut
                 u.logprobs = np.zeros(len(u.tokens), np.float32)

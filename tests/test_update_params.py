@@ -46,10 +46,10 @@ class GatedExecutor(Executor):
         self.open_gate, self.stepping = threading.Event(), threading.Event()
         self.open_gate.set()
 
-    def step(self, sid):
+    def step(self, sid, steps=None):
         self.stepping.set()
         assert self.open_gate.wait(TIMEOUT), "the test never opened the gate"
-        return super().step(sid)
+        return super().step(sid, steps)
 
 
 @pytest.fixture(scope="module")

@@ -42,17 +42,18 @@ class Command:
     """One device-facing action.
 
     Attributes:
-      op: 'open' | 'admit' | 'step' | 'release' | 'close' | 'warmup' | 'score' | 'load_weights' |
+      op: 'open' | 'admit' | 'step' | 'release' | 'rebucket' | 'close' | 'warmup' | 'score' | 'load_weights' |
         'retire' | 'offload' | 'reload' | 'noop' | 'shutdown'.
       sid: session id (assigned by process 0).
-      key: the session's ProgramKey ('open', 'warmup').
+      key: the session's ProgramKey ('open', 'warmup'; 'rebucket': the one it moves to).
       rows: {slot: (prompt ids, resolved SamplingParams)} ('admit').
       slot: the slot ('release').
       sequences, top_k: what to score ('score': ``Model.score(sequences, top_k=top_k)``).
       version: the weights version to run on ('open', 'score'), to load ('load_weights') or to
         free ('retire').
       path: the checkpoint directory ('load_weights').
-      steps: the session's denoising steps per call ('open'; None: the library default).
+      steps: the session's denoising steps per call ('open'; None: the library default), or this
+        call's ('step'; None: the session's).
     """
 
     op: str
@@ -91,8 +92,9 @@ class Device(Protocol):
 
     def open(self, key: ProgramKey, version: int = 0) -> int: ...
     def admit(self, sid: int, rows: dict[int, tuple[list[int], SamplingParams]]) -> dict[int, Exception]: ...
-    def step(self, sid: int) -> list[SlotUpdate]: ...
+    def step(self, sid: int, steps: int | None = None) -> list[SlotUpdate]: ...
     def release(self, sid: int, slot: int) -> None: ...
+    def rebucket(self, sid: int, key: ProgramKey) -> None: ...
     def last_steps(self, sid: int) -> int: ...
     def close(self, sid: int) -> None: ...
     def warmup(self, key: ProgramKey) -> None: ...
@@ -136,12 +138,17 @@ class Executor:
         """
         return self.run(Command("admit", sid, rows=rows))
 
-    def step(self, sid: int) -> list[SlotUpdate]:
-        """One decode call of a session: a few denoising steps (fewer once a row finishes)."""
-        return self.run(Command("step", sid))
+    def step(self, sid: int, steps: int | None = None) -> list[SlotUpdate]:
+        """One decode call of a session: ``steps`` denoising steps (None: its ``steps_per_call``;
+        fewer once a row finishes)."""
+        return self.run(Command("step", sid, steps=steps))
 
     def release(self, sid: int, slot: int) -> None:
         self.run(Command("release", sid, slot=slot))
+
+    def rebucket(self, sid: int, key: ProgramKey) -> None:
+        """Move a session's rows to ``key``: its key at another prompt bucket (``DecodeSession.rebucket``)."""
+        self.run(Command("rebucket", sid, key=key))
 
     def last_steps(self, sid: int) -> int:
         """Denoising steps the session's last ``step`` ran (process 0's copy; 1 when unknown)."""
@@ -221,9 +228,11 @@ class Executor:
             return self.sessions[cmd.sid].admit({slot: Row(list(prompt), params)
                                                  for slot, (prompt, params) in cmd.rows.items()}, isolate=True)
         elif op == "step":
-            return self.sessions[cmd.sid].step()
+            return self.sessions[cmd.sid].step(cmd.steps)
         elif op == "release":
             self.sessions[cmd.sid].release(cmd.slot)
+        elif op == "rebucket":
+            self.sessions[cmd.sid].rebucket(cmd.key.prompt_len)
         elif op == "close":
             self.sessions.pop(cmd.sid, None)
         elif op == "warmup":

@@ -46,6 +46,7 @@ COUNTERS = {  # prometheus_client renders a Counter named x as x_total
     "decode_calls_total": "Decode calls (device round trips, each a few denoising steps) run.",
     "batch_rows_total": "Occupied slots summed over denoising steps.",
     "batch_slots_total": "Compiled slots summed over denoising steps (fill = rows / slots).",
+    "rebuckets_total": "Sessions moved to another prompt bucket (their long prompts left, or a longer one joined).",
     "requests_cancelled_total": "Sequences dropped because the client went away.",
     "requests_aborted_total": "Running sequences ended by /abort_request or /pause_generation (mode abort).",
     "compiles_total": "Block programs compiled (warm-up and background).",

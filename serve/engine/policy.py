@@ -5,7 +5,10 @@ Between two device calls the scheduler asks, and this module answers:
 1. *joining* (``Policy.join_running``): waiting sequences (FIFO) are admitted into free slots
    of running sessions of their *group* (requests whose ProgramKeys are equal up to batch size
    and prompt bucket share a compiled program; a shorter prompt may join a session of a longer
-   prompt bucket: it is left-padded, which does not change its output) and weights version.
+   prompt bucket: it is left-padded, which does not change its output) and weights version; a
+   longer one joins a session whose program at its prompt bucket is compiled (the session moves
+   to that bucket first). A session runs at its rows' own longest bucket: once its long
+   prompts leave, it moves down again (``Policy.fit``; ``DecodeSession.rebucket``).
    When the session limit blocks the oldest waiting sequence, later arrivals stop joining
    running sessions, so those drain and the blocked group gets its turn (FIFO fairness, no
    starvation);
@@ -21,7 +24,10 @@ Between two device calls the scheduler asks, and this module answers:
    group's recent demand says the clients are coming back;
 5. *the refill wait* (``Policy.refill``): when rows left and the group's recent demand says
    their clients will be back, the next call waits until as many requests arrived, for at
-   most ``refill_wait_ms``.
+   most ``refill_wait_ms``;
+6. *steps per call* (``Policy.call_steps``): ``steps_per_call``, or, when nothing waits and no
+   client is expected back, as many steps as fit in ``call_budget_ms`` (a call still ends at the
+   step a row finishes, so nothing that could join is held back by it).
 
 The demand (``track_demand``) is the peak number of sequences per group (running + waiting)
 over the last ``demand_window_s``: clients in a closed loop send their next request right after
@@ -81,12 +87,16 @@ class Policy:
     refill_wait_s: float
     batch_buckets: tuple[int, ...]
     data: int = 1  # the mesh's data axis: a batch is a multiple of it
+    steps_per_call: int | None = None  # None: the library's default (1)
+    call_budget_s: float = 0.0
+    max_steps_per_call: int = 1
 
     @classmethod
     def of(cls, options, data: int = 1) -> Policy:
         """From ``EngineOptions`` (and the model's data axis)."""
         return cls(options.max_batch_size, options.max_sessions, options.max_wait_ms / 1e3,
-                   options.demand_window_s, options.refill_wait_ms / 1e3, options.batch_bucket_list(), data)
+                   options.demand_window_s, options.refill_wait_ms / 1e3, options.batch_bucket_list(), data,
+                   options.steps_per_call, options.call_budget_ms / 1e3, options.max_steps_per_call)
 
     def batch_for(self, rows: int) -> int:
         """The compiled batch size that holds ``rows`` (as ``program_key`` rounds it)."""
@@ -127,24 +137,41 @@ class Policy:
     # ---- the decisions ------------------------------------------------------------------------
 
     def join_running(self, waiting: Sequence[Waiting], sessions: Sequence[SessionView],
-                     draining: set[int]) -> list[int | None]:
+                     draining: set[int], ready: Ready | None = None) -> list[int | None]:
         """For each waiting sequence (FIFO), the session it joins (a free slot of the first
-        session of its group, weights version and a long enough prompt bucket), or None. Once
-        one finds no room while ``max_sessions`` run, later ones join none (they would keep
-        the sessions the blocked one waits for busy)."""
+        session of its group and weights version with a long enough prompt bucket; else of the
+        first whose program at the sequence's bucket is compiled, ``ready``: that session grows
+        to it), or None. Once one finds no room while ``max_sessions`` run, later ones join none
+        (they would keep the sessions the blocked one waits for busy)."""
         free = {s.sid: 0 if s.sid in draining else s.batch - s.rows for s in sessions}
+        bucket = {s.sid: s.key.prompt_len for s in sessions}  # (grown by the joins so far)
         barrier, out = False, []
         for w in waiting:
             target = None
             if not barrier:
-                target = next((s.sid for s in sessions if s.group == w.group and s.key.prompt_len >= w.need
-                               and free[s.sid] and s.weights is w.weights), None)
+                mine = [s for s in sessions if s.group == w.group and free[s.sid] and s.weights is w.weights]
+                target = next((s.sid for s in mine if bucket[s.sid] >= w.need), None)
+                if target is None and ready is not None:
+                    target = next((s.sid for s in mine
+                                   if ready(dataclasses.replace(s.key, prompt_len=w.need))), None)
             if target is None:
                 barrier = barrier or len(sessions) >= self.max_sessions
             else:
                 free[target] -= 1
+                bucket[target] = max(bucket[target], w.need)
             out.append(target)
         return out
+
+    @staticmethod
+    def fit(key: ProgramKey, needs: Iterable[int], ready: Ready) -> ProgramKey | None:
+        """The key a session of ``key`` should move to before its next call: the longest prompt
+        bucket of its rows (``needs``), when that differs and its program is compiled (else its
+        compile starts and the rows run at ``key`` meanwhile); None: stay."""
+        need = max(needs, default=key.prompt_len)
+        if need == key.prompt_len:
+            return None
+        fitted = dataclasses.replace(key, prompt_len=need)
+        return fitted if ready(fitted) else None
 
     def open_rows(self, demand: Demand, group: ProgramKey, waiting: int, oldest: float, now: float) -> int | None:
         """Rows to size a new session of ``group`` for (``waiting`` sequences, the oldest arrived
@@ -254,3 +281,23 @@ class Policy:
             return 0.0, 0
         coming = min(freed, self.recent_peak(demand, session.group, now) - self.running(sessions, session.group))
         return (wait_s, coming) if coming > 0 else (0.0, 0)
+
+    def call_steps(self, session: SessionView, sessions: Sequence[SessionView], demand: Demand, waiting: int,
+                   step_s: float | None, last_arrival: float, now: float) -> int | None:
+        """Denoising steps for ``session``'s next call (None: ``steps_per_call``, the executor's
+        default). Several, as many as fit in ``call_budget_ms`` at ``step_s`` seconds per step
+        (its recent calls), only when it alone has rows, nothing waits (``waiting`` sequences,
+        any group), nothing arrived for two budgets (``last_arrival``: not in a burst of
+        arrivals) and its group's recent demand is all running (no client is about to come
+        back): then no request is expected to join before a row finishes, which ends the call
+        anyway; one that arrives all the same waits at most the budget. Fewer host round
+        trips; the tokens are the same (a row's steps do not depend on where calls end)."""
+        base = self.steps_per_call or 1
+        if waiting or not step_s or self.call_budget_s <= 0 or sum(1 for s in sessions if s.rows) > 1:
+            return None
+        if now - last_arrival < 2 * self.call_budget_s:
+            return None
+        if self.recent_peak(demand, session.group, now) > self.running(sessions, session.group):
+            return None
+        steps = min(self.max_steps_per_call, int(self.call_budget_s / step_s))
+        return steps if steps > base else None

@@ -48,6 +48,7 @@ class Session:
     group: ProgramKey
     slots: dict[int, WeightedSeq]
     weights: Weights | None = None  # the version it runs on (a lease on them while it runs)
+    step_s: float | None = None  # seconds per denoising step of its last call (``Policy.call_steps``)
 
     def free(self) -> list[int]:
         return [i for i in range(self.key.batch) if i not in self.slots]
@@ -79,6 +80,7 @@ class Scheduler(RowEvents):
         self._builds = 0  # its builds already counted in programs_built_total
         self._refill_by = 0.0  # (monotonic) wait for returning clients until then: slots just freed
         self._refill_want = 0  # ... or until this many new sequences arrived
+        self._last_arrival = 0.0  # (monotonic) when a sequence last arrived (``Policy.call_steps``)
         # Holds stop admissions and steps (rows stay in their slots, arrivals wait): 'paused'
         # (/pause_generation), 'released' (weights off the device). Weight updates still install.
         self.holds: set[str] = set()
@@ -106,6 +108,8 @@ class Scheduler(RowEvents):
                     control.run_failed(EngineDead("the server is shutting down"))
                 return
             self.waiting.extend(new)
+            if new:
+                self._last_arrival = time.monotonic()
             self.scoring.extend(self.inbox.take_scores())
             for control in self.inbox.take_controls():  # pause, continue, abort, ...
                 control.run()
@@ -181,7 +185,7 @@ class Scheduler(RowEvents):
         draining = self.policy.draining(views, self._demand, self.compiler.ready) if self.sessions else set()
         free = {s.sid: ([] if s.sid in draining else s.free()) for s in self.sessions}
         admits: dict[int, dict[int, WeightedSeq]] = {}
-        joins = self.policy.join_running(waiting, views, draining)
+        joins = self.policy.join_running(waiting, views, draining, self.compiler.ready)
         for seq, sid in zip(queued, joins):
             if sid is not None:
                 admits.setdefault(sid, {})[free[sid].pop(0)] = seq
@@ -234,6 +238,7 @@ class Scheduler(RowEvents):
             session = by_sid[sid]
             self.inbox.dequeued(len(rows))
             try:
+                self._fit(session, [seq.need for seq in rows.values()])  # (a longer prompt joined: grow first)
                 failed = self.executor.admit(sid, {slot: (seq.req.prompt, seq.req.params)
                                                    for slot, seq in rows.items()})
             except Exception as e:  # noqa: BLE001 - not one row's fault: the rows of this admission
@@ -246,16 +251,31 @@ class Scheduler(RowEvents):
                 self.metrics.observe("queue_time_seconds", now - seq.arrival)
         self._last_command = time.monotonic()
 
+    def _fit(self, session: Session, joining=()) -> None:
+        """Move ``session`` to its rows' (and ``joining`` prompt buckets') longest prompt bucket
+        when that program is compiled (``Policy.fit``): its long prompts left, or a longer one
+        joins. Raises what the move raised (the caller fails the rows)."""
+        fitted = self.policy.fit(session.key, [seq.need for seq in session.slots.values()] + list(joining),
+                                 self.compiler.ready)
+        if fitted is not None:
+            self.executor.rebucket(session.sid, fitted)
+            session.key = fitted
+            self.metrics.inc("rebuckets_total")
+
     def _step(self, session: Session) -> None:
         t0 = time.monotonic()
         try:
-            updates = self.executor.step(session.sid)
+            self._fit(session)
+            steps = self.policy.call_steps(session.view(), self._views(), self._demand, len(self.waiting),
+                                           session.step_s, self._last_arrival, t0)
+            updates = self.executor.step(session.sid, steps)
         except Exception as e:  # noqa: BLE001 - fail this batch only
             self._fail(session, list(session.slots.values()), e, "running a decode step")
             return
         self._last_command = time.monotonic()
-        self.metrics.batch(len(session.slots), session.key.batch, self._last_command - t0,
-                           self.executor.last_steps(session.sid))
+        ran = self.executor.last_steps(session.sid)
+        self.metrics.batch(len(session.slots), session.key.batch, self._last_command - t0, ran)
+        session.step_s = (self._last_command - t0) / max(ran, 1)
         freed = 0
         for u in updates:
             seq = session.slots.get(u.slot)
