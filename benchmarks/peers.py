@@ -3,6 +3,7 @@
     python -m benchmarks.peers --quick          # smoke run: tiny fixture, 1 pass, 1 and 8 clients (~5-10 min)
     python -m benchmarks.peers                  # tiny fixture and bench model, 6 passes
     python -m benchmarks.peers --models bench --passes 3 --clients 8
+    python -m benchmarks.peers --baseline HEAD~3  # also an older revision of ours, same passes
 
 dlmserve (PyPI; FastAPI, step-level batching over HF remote-code LLaDA) is installed into its
 own virtualenv (``--venv``, default ``.peers-venv/`` in the repo root, gitignored; torch pinned
@@ -230,10 +231,22 @@ class Peer:
             self.proc.kill()
 
 
-def start_ours(model_dir: Path, max_batch: int) -> Peer:
+def start_ours(model_dir: Path, max_batch: int, repo: Path = REPO, label: str = "ours") -> Peer:
     proc, url = launch(["--model", str(model_dir), "--dtype", "float32", "--max-batch-size", str(max_batch),
-                        "--warmup-buckets", "none"])
-    return Peer("ours", proc, url)
+                        "--warmup-buckets", "none"], repo=repo)
+    return Peer(label, proc, url)
+
+
+def export_revision(rev: str, root: Path) -> Path:
+    """This repository's ``rev`` as a plain source tree under ``root`` (``git archive``; reused)."""
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    out = root / f"baseline-{sha}"
+    if not (out / "serve").is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", sha], cwd=REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out
 
 
 def start_dlmserve(python: Path, model_dir: Path, threads: int, timeout: float = 600) -> Peer:
@@ -342,24 +355,30 @@ def run_model(name: str, args, python: Path) -> list[dict]:
     gen, block, steps = SETTINGS[name]
     prompts = chat_prompts(args.prompts)
     top = max(args.clients)
-    ours = theirs = None
+    ours = theirs = base = None
     try:
         ours = start_ours(model_dir, args.max_batch_size)
         ours.pause(True)
+        if args.baseline:
+            base = start_ours(model_dir, args.max_batch_size, export_revision(args.baseline, args.venv),
+                              f"ours @ {args.baseline}")
+            base.pause(True)
         theirs = start_dlmserve(python, model_dir, args.dlmserve_threads)
         theirs.pause(True)
+        mine = [q for q in (ours, base) if q is not None]
+        servers = mine + [theirs]
         # (server, decoder, clients) settings measured in each pass
-        settings = [(p, "basic", c) for p in (ours, theirs) for c in args.clients] + [(ours, "default", top)]
+        settings = [(p, "basic", c) for p in servers for c in args.clients] + [(q, "default", top) for q in mine]
         bodies = {(p.label, d): [body(p, x, d, gen, block, steps) for x in prompts] for p, d, _ in settings}
-        for p in (ours, theirs):
+        for p in servers:
             p.pause(False)
-            for d in ("basic", "default") if p is ours else ("basic",):
+            for d in ("basic", "default") if p in mine else ("basic",):
                 warm(p, bodies[(p.label, d)], [c for q, dd, c in settings if q is p and dd == d],
                      rounds=1 if args.quick else 6)
             p.pause(True)
         results: dict[tuple, list[dict]] = {}
         for i in range(args.passes):
-            order = [ours, theirs] if i % 2 == 0 else [theirs, ours]
+            order = servers if i % 2 == 0 else servers[::-1]
             for p in order:
                 p.pause(False)
                 for q, d, c in settings:
@@ -370,7 +389,7 @@ def run_model(name: str, args, python: Path) -> list[dict]:
                               f"{r['cpu']:.3f} CPU-s/req, rows/step {r['rows']:.2f}", flush=True)
                 p.pause(True)
     finally:
-        for p in (ours, theirs):
+        for p in (ours, base, theirs):
             if p is not None:
                 p.close()
 
@@ -378,14 +397,16 @@ def run_model(name: str, args, python: Path) -> list[dict]:
         return statistics.median(r[field] for r in results[key])
 
     rows = []
-    for d, c in [("basic", c) for c in args.clients] + [("default", top)]:
-        a, b = ("ours", d, c), ("dlmserve", "basic", c)
+    for label, d, c in [(q.label, "basic", c) for c in args.clients for q in mine] + [(q.label, "default", top)
+                                                                                    for q in mine]:
+        a, b = (label, d, c), ("dlmserve", "basic", c)
         same = sum(x == y for ra, rb in zip(results[a], results[b]) for x, y in zip(ra["texts"], rb["texts"]))
         total = sum(len(r["texts"]) for r in results[a])
         ratio = lambda f: med(a, f) / med(b, f)  # noqa: E731
         rows.append({
             "model": f"{name} ({'gen %d / block %d / %d steps' % (gen, block, steps)})",
-            "clients": c, "ours": "basic" if d == "basic" else "default (dual cache, threshold 0.9)",
+            "clients": c, "server": label,
+            "ours": "basic" if d == "basic" else "default (dual cache, threshold 0.9)",
             "req/s ours / dlmserve": f"{med(a, 'rps'):.2f} / {med(b, 'rps'):.2f} ({ratio('rps'):.2f}x)",
             "p50 s": f"{med(a, 'p50'):.3f} / {med(b, 'p50'):.3f}",
             "p90 s": f"{med(a, 'p90'):.3f} / {med(b, 'p90'):.3f}",
@@ -407,6 +428,9 @@ def main(argv=None):
     p.add_argument("--max-batch-size", type=int, default=8, help="ours (dlmserve's is 8)")
     p.add_argument("--dlmserve-threads", type=int, default=1)
     p.add_argument("--venv", type=Path, default=REPO / ".peers-venv")
+    p.add_argument("--baseline", default=None, metavar="REV",
+                   help="also serve this git revision of ours (exported under --venv), side by side in the same "
+                        "passes: the before/after of a change")
     args = p.parse_args(argv)
     if args.quick:
         args.passes = 1

@@ -125,12 +125,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(serve_args: list[str], timeout: float = 600) -> tuple[subprocess.Popen, str]:
-    """``python -m serve --port P *serve_args`` on a free port; returns once /health says 200."""
+def launch(serve_args: list[str], timeout: float = 600, repo: Path = REPO) -> tuple[subprocess.Popen, str]:
+    """``python -m serve --port P *serve_args`` (from ``repo``'s source, this checkout by default)
+    on a free port; returns once /health says 200."""
     port = free_port()
     cmd = [sys.executable, "-m", "serve", "--port", str(port), *serve_args]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url, timeout)
     return proc, url
