@@ -357,7 +357,9 @@ def run_model(name: str, args, python: Path) -> list[dict]:
     top = max(args.clients)
     ours = theirs = base = None
     try:
-        ours = start_ours(model_dir, args.max_batch_size)
+        ours = start_ours(model_dir, args.max_batch_size,
+                          export_revision(args.revision, args.venv) if args.revision else REPO,
+                          f"ours @ {args.revision}" if args.revision else "ours")
         ours.pause(True)
         if args.baseline:
             base = start_ours(model_dir, args.max_batch_size, export_revision(args.baseline, args.venv),
@@ -431,6 +433,8 @@ def main(argv=None):
     p.add_argument("--baseline", default=None, metavar="REV",
                    help="also serve this git revision of ours (exported under --venv), side by side in the same "
                         "passes: the before/after of a change")
+    p.add_argument("--revision", default=None, metavar="REV",
+                   help="serve ours from this git revision (exported under --venv) instead of the working tree")
     args = p.parse_args(argv)
     if args.quick:
         args.passes = 1
