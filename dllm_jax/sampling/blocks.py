@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from dllm_jax.sampling import proposal, rules
+from dllm_jax.sampling import head, rules
 from dllm_jax.sampling.state import DecodeState
 
 # (annotations only: ``ProgramKey`` is dllm_jax.sampling.params' and ``BlockDecoder`` decoders';
@@ -76,13 +76,14 @@ class RefreshLoop:
 
     Attributes:
       cache: the KV cache, the refreshed rows rebuilt.
-      logits: [B, Lb, V] float32 block logits of the refreshed rows (zeros elsewhere).
+      hidden: [B, Lb, D] block hidden states of the refreshed rows (zeros elsewhere; the head
+        runs once, in ``commit``).
       pending: [B] bool rows still to refresh.
       forwards: [] int32 refresh forwards run.
     """
 
     cache: object
-    logits: jax.Array
+    hidden: jax.Array
     pending: jax.Array
     forwards: jax.Array
 
@@ -210,11 +211,12 @@ class BlockProgram:
 
 
     def forward(self, model, rows, bs, want_kv: bool):
-        """Logits [n, Lb, V] of the rows' blocks from a full-canvas forward (and its K/V).
+        """Hidden states of the rows' blocks from a full-canvas forward (and its K/V): [n, Lb, D],
+        with CFG [n, 2, Lb, D] (cond, uncond; ``head.block_head`` guides their logits).
 
         ``rows``: (canvas, positions, valid, prompt, cfg_scale) of the n rows; ``bs``: [n] their
         block starts."""
-        canvas, positions, valid, prompt, cfg_scale = rows
+        canvas, positions, valid, prompt, _ = rows
         lb, shift = self.key.block_length, self.shift
         tokens, mask = canvas, valid[:, None, :]  # [n, L], [n, 1, L]
         if self.key.cfg:
@@ -225,11 +227,8 @@ class BlockProgram:
         h, kv = model.hidden(tokens, positions, mask, return_kv=want_kv)  # [n or 2n, L, D]
         if self.key.cfg:
             n = canvas.shape[0]
-            cond = model.head(take(h[:n], bs - shift, lb))  # [n, Lb, V]
-            unc = model.head(take(h[n:], bs - shift, lb))
-            w = cfg_scale[:, None, None]
-            return jnp.where(w > 0, unc + (w + 1.0) * (cond - unc), cond), kv
-        return model.head(take(h, bs - shift, lb)), kv
+            return jnp.stack([take(h[:n], bs - shift, lb), take(h[n:], bs - shift, lb)], axis=1), kv
+        return take(h, bs - shift, lb), kv
 
     @staticmethod
     def forward_rows(st: DecodeState, rows=slice(None)):
@@ -238,31 +237,31 @@ class BlockProgram:
         return t.canvas[rows], t.positions[rows], t.valid[rows], t.prompt[rows], st.knobs.cfg_scale[rows]
 
     def full_step(self, model, st: DecodeState, live) -> DecodeState:
-        logits, _ = self.forward(model, self.forward_rows(st), self.block_start(st), want_kv=False)
-        return self.commit(st, logits, live)
+        hb, _ = self.forward(model, self.forward_rows(st), self.block_start(st), want_kv=False)
+        return self.commit(model, st, hb, live)
 
     def refresh_step(self, model, st: DecodeState, entering) -> DecodeState:
         """Block-start forwards of the entering rows, ``chunk`` at a time: rebuild their cache, commit their step 0."""
         bs, b = self.block_start(st), self.key.batch
         if self.chunk == b:  # every row in one forward: no gather
-            logits, kv = self.forward(model, self.forward_rows(st), bs, True)
+            hb, kv = self.forward(model, self.forward_rows(st), bs, True)
             sel = entering[:, None, None, None]
             cache = jax.tree.map(lambda old, new: jnp.where(sel, new.astype(old.dtype), old), st.cache, kv)
-            return self.commit(st.replace(cache=cache), logits, entering)
+            return self.commit(model, st.replace(cache=cache), hb, entering)
 
         def chunk(c: RefreshLoop) -> RefreshLoop:
             rows = jnp.argsort(~c.pending, stable=True)[:self.chunk]  # [R] the first pending rows
             taken = c.pending[rows]  # [R]
-            logits_r, kv = self.forward(model, self.forward_rows(st, rows), bs[rows], True)  # [R, Lb, V]
+            hb, kv = self.forward(model, self.forward_rows(st, rows), bs[rows], True)  # [R, Lb, D]
             dest = jnp.where(taken, rows, b)  # padding rows: out of range, dropped
             cache = jax.tree.map(lambda old, new: old.at[dest].set(new.astype(old.dtype), mode="drop"), c.cache, kv)
-            return RefreshLoop(cache, c.logits.at[dest].set(logits_r, mode="drop"),
+            return RefreshLoop(cache, c.hidden.at[dest].set(hb, mode="drop"),
                                c.pending.at[dest].set(False, mode="drop"), c.forwards + 1)
 
-        logits0 = jnp.zeros((b, self.key.block_length, model.spec.vocab), jnp.float32)  # [B, Lb, V]
+        hidden0 = jnp.zeros((b, self.key.block_length, model.spec.d_model), model.embed[...].dtype)  # [B, Lb, D]
         loop = jax.lax.while_loop(lambda c: jnp.any(c.pending), chunk,
-                                  RefreshLoop(st.cache, logits0, entering, jnp.int32(0)))
-        st = self.commit(st.replace(cache=loop.cache), loop.logits, entering)
+                                  RefreshLoop(st.cache, hidden0, entering, jnp.int32(0)))
+        st = self.commit(model, st.replace(cache=loop.cache), loop.hidden, entering)
         return st.replace(batch_nfe=st.batch_nfe + loop.forwards - 1)  # commit counted one
 
     def cached_step(self, model, st: DecodeState, live) -> DecodeState:
@@ -276,34 +275,33 @@ class BlockProgram:
         write = ((start[:, None] + jnp.arange(size)[None, :]) >= bs[:, None]) & live[:, None]  # [B, S]
         h, new_cache = model.hidden(tokens, positions, st.tokens.valid[:, None, :], cache=st.cache,
                                     write_start=start, write_mask=write, return_kv=dual)  # [B, S, D]
-        logits = model.head(take(h, bs - shift - start, key.block_length))  # [B, Lb, V]
+        hb = take(h, bs - shift - start, key.block_length)  # [B, Lb, D]
         if dual:
             st = st.replace(cache=new_cache)
-        return self.commit(st, logits, live)
+        return self.commit(model, st, hb, live)
 
 
-    def commit(self, st: DecodeState, logits, live) -> DecodeState:
-        """Propose, select and write tokens for rows in ``live`` [B]; count their forward pass."""
+    def commit(self, model, st: DecodeState, hb, live) -> DecodeState:
+        """Head, propose, select and write tokens for rows in ``live`` [B] from their block hidden
+        states ``hb`` (``forward``); count their forward pass. The head runs in vocabulary chunks
+        (``head.block_head``); a lean key's program never holds [B, Lb, V] logits."""
         key, k_, p = self.key, st.knobs, st.progress
         bs = self.block_start(st)  # [B]
         block_tokens = take(st.tokens.canvas, bs, key.block_length)  # [B, Lb]
         masked = (block_tokens == self.mask_id) & live[:, None]  # [B, Lb]
-        raw_logits, credit = logits, st.credit  # [B, Lb, V]
+        stats, logits = head.block_head(model, hb, k_.cfg_scale if key.cfg else None, self.mask_id,
+                                        top_k=key.logprobs, keep_logits=not key.lean_head)
+        fused, credit = None, st.credit  # [B, Lb, V]
         if self.decoder.fuses_credit:
-            logits, new_credit = rules.credit_fuse(logits, credit, masked, (p.call == 0)[:, None, None])
+            fused, new_credit = rules.credit_fuse(logits, credit, masked, (p.call == 0)[:, None, None])
             credit = jnp.where(live[:, None, None], new_credit, credit)
-        x0, conf, floor = proposal.propose(logits, k_.temperature, jax.vmap(jax.random.fold_in)(k_.rng, p.nfe),
-                                        self.mask_id, k_.remasking, filters=(k_.top_k, k_.top_p, k_.min_p),
-                                        with_floor=True)  # [B, Lb] each
+        keys = jax.vmap(jax.random.fold_in)(k_.rng, p.nfe)
+        x0, conf, floor, logit = head.propose(stats, logits, k_, keys, self.mask_id, fused)  # [B, Lb] each
         # the static schedule's share of this call: LLaDA's get_num_transfer_tokens(n)[call]
         spb = key.steps_per_block
         n0, idx = p.block_masks, jnp.minimum(p.call, spb - 1)  # [B]
         k = n0 // spb + (idx < n0 % spb)  # [B]
-        entropy = None
-        if self.decoder.rule is None:  # rows may pick the EB-Sampler: their entropies, when some row does
-            entropy = jax.lax.cond(jnp.any(live & (k_.rule == rules.ENTROPY_BOUND)),
-                                   lambda l: proposal.entropy(l, self.mask_id), lambda l: jnp.zeros(l.shape[:2]),
-                                   raw_logits)  # [B, Lb]
+        entropy = stats.entropy() if self.decoder.rule is None else None  # rows may pick the EB-Sampler
         transfer = rules.select(self.decoder.rule, k_.rule, conf, masked, k, k_.threshold, k_.factor,
                                 k_.remasking, entropy, k_.entropy_bound)  # [B, Lb]
         canvas = put(st.tokens.canvas, bs, jnp.where(transfer, x0, block_tokens))  # [B, L]
@@ -317,9 +315,7 @@ class BlockProgram:
         r = st.records
         record = {}
         if key.logprobs:  # raw: the model's own distribution; processed: the one x0 was drawn from
-            chosen, top_ids, top_lp = proposal.token_logprobs(
-                raw_logits, x0, key.logprobs, self.mask_id, processed=k_.processed_logprobs, drawn=logits,
-                temperature=k_.temperature, floor=floor)
+            chosen, top_ids, top_lp = head.logprobs(stats, logits, x0, logit, k_, self.mask_id, floor, fused)
             record = dict(commit_logprob=keep_new(r.commit_logprob, chosen), top_ids=keep_new(r.top_ids, top_ids),
                           top_logprobs=keep_new(r.top_logprobs, top_lp))
         return st.update(canvas=canvas, nfe=nfe, call=p.call + live, credit=credit,

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dllm_jax.sampling.params import SamplingError, SamplingParams
+from dllm_jax.sampling.params import SamplingError, SamplingParams, lean_head_ok
 from dllm_jax.sampling.programs import program_key
 from dllm_jax.sampling.session import UNBOUNDED, DecodeSession, fetch
 from dllm_jax.sampling.slots import Row
@@ -67,7 +67,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, return_trace: bool = Fa
     prompts, per_row = _rows(model, prompts, sampling)
     n = len(prompts)
     key = program_key(model, max(map(len, prompts)), per_row[0], n)
-    key = dataclasses.replace(key, cfg=any(p.cfg_scale > 0 for p in per_row))
+    key = dataclasses.replace(key, cfg=any(p.cfg_scale > 0 for p in per_row),
+                              lean_head=all(lean_head_ok(p) for p in per_row))  # no [B, Lb, V] logits
     session = DecodeSession(model, key)
     session.admit({i: Row(prompts[i], per_row[i]) for i in range(n)})
     while True:

@@ -278,6 +278,9 @@ class ProgramKey:
     cfg: bool
     shift: bool
     logprobs: int = 0  # top-logprobs width recorded per committed token (0: no logprobs tracked)
+    # the lean head (docs/sampling.md): the program holds no [B, Lb, V] logits, so it admits only
+    # rows that need none (``lean_head_ok``: greedy, no credit fusion)
+    lean_head: bool = False
 
     @property
     def decoder(self) -> Decoder:
@@ -291,6 +294,14 @@ class ProgramKey:
         """This key up to batch size and prompt bucket (both 0): the requests of one group can share
         a compiled program (a shorter prompt is left-padded into a longer bucket)."""
         return dataclasses.replace(self, batch=0, prompt_len=0)
+
+
+def lean_head_ok(params: SamplingParams) -> bool:
+    """The request can run on a lean-head program: greedy (T = 0: no Gumbel draw, the filters and
+    'processed' logprobs are the raw ones) on a block decoder without dInfer's credit fusion
+    (``params`` resolved)."""
+    decoder = ALGORITHMS[params.algorithm].decoder
+    return params.temperature == 0 and isinstance(decoder, BlockDecoder) and not decoder.fuses_credit
 
 
 def bucket(n: int, buckets: Sequence[int]) -> int:

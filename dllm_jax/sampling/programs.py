@@ -20,6 +20,7 @@ from dllm_jax.sampling.params import (
     SamplingParams,
     batch_bucket,
     bucket,
+    lean_head_ok,
 )
 from dllm_jax.sampling.slots import empty_state_fn, merge_rows, state_shardings
 
@@ -42,12 +43,15 @@ class Programs:
       builds / evictions: entries built / dropped so far.
       refresh_rows: rows per refresh chunk of the block decoders (None: from
         ``blocks.REFRESH_TOKENS`` and the canvas); programs built after a change use it.
+      lean_head: ``program_key`` gives requests that allow it lean-head keys (no [B, Lb, V]
+        logits; docs/sampling.md "The lean head"); off by default: a key then admits any row.
     """
 
     def __init__(self, model, max_programs: int | None = None, refresh_rows: int | None = None):
         self.model = model
         self.max_programs = max_programs
         self.refresh_rows = refresh_rows
+        self.lean_head = False
         self._cache: collections.OrderedDict = collections.OrderedDict()  # oldest use first
         self._users: dict = {}  # key -> WeakSet of the sessions using it
         self._lock = threading.RLock()
@@ -141,8 +145,12 @@ class Programs:
 
 def program_key(model, prompt_len: int, params: SamplingParams, batch: int, *,
                 prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
-                batch_buckets: Sequence[int] = BATCH_BUCKETS) -> ProgramKey:
-    """The bucketed program key for a request (``params`` must be resolved)."""
+                batch_buckets: Sequence[int] = BATCH_BUCKETS, lean_head: bool | None = None) -> ProgramKey:
+    """The bucketed program key for a request (``params`` must be resolved). ``lean_head``: a
+    lean-head key when ``params`` allow one (``lean_head_ok``); such a key admits only rows that do
+    (None: the model's ``programs.lean_head``)."""
+    if lean_head is None:
+        lean_head = getattr(getattr(model, "programs", None), "lean_head", False)
     decoder = ALGORITHMS[params.algorithm].decoder
     extra = decoder.extra_length(params.block_length)
     limit = model.max_length - params.gen_length - extra
@@ -155,4 +163,5 @@ def program_key(model, prompt_len: int, params: SamplingParams, batch: int, *,
     return ProgramKey(algorithm=params.algorithm, batch=b, prompt_len=lp, gen_length=params.gen_length,
                       block_length=params.block_length, steps_per_block=spb, cfg=params.cfg_scale > 0,
                       shift=bool(params.shift_logits),
-                      logprobs=MAX_TOP_LOGPROBS if params.logprobs is not None else 0)
+                      logprobs=MAX_TOP_LOGPROBS if params.logprobs is not None else 0,
+                      lean_head=lean_head and lean_head_ok(params))

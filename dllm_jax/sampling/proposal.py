@@ -62,6 +62,41 @@ def restrict(scores, logits, temperature, filters, mask_id: int):
     return jax.lax.cond(jnp.any(active), apply, lambda s: (s, jnp.full(s.shape[:2], NEG_INF, s.dtype)), scores)
 
 
+def noise_keys(keys):
+    """[B, 2] per-row keys of one step: [:, 0] the Gumbel draw, [:, 1] random remasking's noise."""
+    return jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+
+
+def draw(logits, temperature, keys, mask_id: int, filters=None):
+    """The candidate token at every block position: argmax (mask token excluded) at T = 0, a
+    Gumbel-max draw under the row's filters at T > 0 (see ``propose``). Returns (x0 [B, Lb]
+    int32, the filters' floor [B, Lb])."""
+    b, lb, v = logits.shape
+    logits = logits.astype(jnp.float32)
+    t = temperature[:, None, None]
+    no_floor = jnp.full((b, lb), NEG_INF, jnp.float32)  # [B, Lb]: no filter
+
+    def noisy(logits):
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (lb, v), jnp.float32))(noise_keys(keys)[:, 0])
+        scores = jnp.where(t > 0, logits + t * gumbel, logits)
+        return (scores, no_floor) if filters is None else restrict(scores, logits, temperature, filters, mask_id)
+
+    # Drawing [B, Lb, V] Gumbel noise is the costliest part of a greedy step: skip it when no
+    # row samples (the rows' draws do not depend on whether a batch-mate samples).
+    scores, floor = jax.lax.cond(jnp.any(temperature > 0), noisy, lambda logits: (logits, no_floor), logits)
+    scores = scores.at[..., mask_id].set(NEG_INF)
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32), floor
+
+
+def random_conf(conf, keys, remasking):
+    """``conf`` [B, Lb] with RANDOM rows' replaced by uniform noise (``remasking`` None: unchanged)."""
+    if remasking is None:
+        return conf
+    lb = conf.shape[-1]
+    uniform = jax.vmap(lambda k: jax.random.uniform(k, (lb,), jnp.float32))(noise_keys(keys)[:, 1])
+    return jnp.where((remasking == RANDOM)[:, None], uniform, conf)
+
+
 def propose(logits, temperature, keys, mask_id: int, remasking=None, filters=None, with_floor: bool = False):
     """Candidate token and its confidence at every block position.
 
@@ -84,28 +119,20 @@ def propose(logits, temperature, keys, mask_id: int, remasking=None, filters=Non
       With ``with_floor``, also floor [B, Lb]: the draw's support is the tokens (the mask
       token aside) with logits / T >= floor (-inf: rows without a filter or at T = 0).
     """
-    b, lb, v = logits.shape
-    logits = logits.astype(jnp.float32)
-    noise_keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys)  # [B, 2]
-    t = temperature[:, None, None]
-    no_floor = jnp.full((b, lb), NEG_INF, jnp.float32)  # [B, Lb]: no filter
-
-    def noisy(logits):
-        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (lb, v), jnp.float32))(noise_keys[:, 0])
-        scores = jnp.where(t > 0, logits + t * gumbel, logits)
-        return (scores, no_floor) if filters is None else restrict(scores, logits, temperature, filters, mask_id)
-
-    # Drawing [B, Lb, V] Gumbel noise is the costliest part of a greedy step: skip it when no
-    # row samples (the rows' draws do not depend on whether a batch-mate samples).
-    scores, floor = jax.lax.cond(jnp.any(temperature > 0), noisy, lambda logits: (logits, no_floor), logits)
-    scores = scores.at[..., mask_id].set(NEG_INF)
-    x0 = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    probs = softmax(logits, axis=-1)  # fixed-order normaliser: batch-invariant confidence
-    conf = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
-    if remasking is not None:
-        uniform = jax.vmap(lambda k: jax.random.uniform(k, (lb,), jnp.float32))(noise_keys[:, 1])
-        conf = jnp.where((remasking == RANDOM)[:, None], uniform, conf)
+    x0, floor = draw(logits, temperature, keys, mask_id, filters)
+    probs = softmax(logits.astype(jnp.float32), axis=-1)  # fixed-order normaliser: batch-invariant confidence
+    conf = random_conf(jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0], keys, remasking)
     return (x0, conf, floor) if with_floor else (x0, conf)
+
+
+def processed_logprobs(drawn, x0, k: int, mask_id: int, temperature, floor):
+    """'processed' logprobs at T > 0: of x0 and the top k under the distribution the Gumbel-max
+    draw sampled from, log-softmax of ``drawn / T`` over the row's filter set (``floor``), the mask
+    token excluded. Returns (logprob [B, Lb], top_ids [B, Lb, k] int32, top_logprobs [B, Lb, k])."""
+    scaled = _scaled(drawn.astype(jnp.float32), temperature, mask_id)
+    logp = log_softmax(jnp.where(scaled >= floor[..., None], scaled, NEG_INF))  # over the support
+    top_lp, top_ids = jax.lax.top_k(logp, k)
+    return jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0], top_ids.astype(jnp.int32), top_lp
 
 
 def token_logprobs(logits, x0, k: int, mask_id: int, *, processed=None, drawn=None, temperature=None,

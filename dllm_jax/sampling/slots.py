@@ -13,7 +13,7 @@ import numpy as np
 
 from dllm_jax.models.transformer import CACHE_AXES, KVCache
 from dllm_jax.sampling import rules
-from dllm_jax.sampling.params import MAX_STOP_IDS, ProgramKey, SamplingParams, check_stop_count
+from dllm_jax.sampling.params import MAX_STOP_IDS, ProgramKey, SamplingParams, check_stop_count, lean_head_ok
 from dllm_jax.sampling.state import ROW_FIELDS, DecodeState, RowField
 from dllm_jax.sharding import named
 
@@ -102,6 +102,9 @@ def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_s
         p, n = row.params, len(row.prompt)
         if not 0 < n <= lp:
             raise ValueError(f"prompt of length {n} does not fit the program's prompt bucket {lp}")
+        if key.lean_head and not lean_head_ok(p):  # (it has no logits to draw from: docs/sampling.md)
+            raise ValueError(f"a lean-head program takes greedy rows only, not temperature={p.temperature} "
+                             f"on {p.algorithm}")
         pad = lp - n
         out["canvas"][slot, pad:lp] = np.asarray(row.prompt, np.int32)
         out["valid"][slot] = False

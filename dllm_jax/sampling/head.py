@@ -1,0 +1,199 @@
+"""The output head over vocabulary chunks: what the transfer rules need of each block position
+without a [B, Lb, V] float32 logits array (issue 26, docs/sampling.md "The lean head").
+
+``scan`` runs the head matmul one chunk of ``HEAD_CHUNK`` vocabulary columns at a time and keeps,
+per position, online statistics of the logits (``HeadStats``): the greedy proposal (argmax, the
+mask token excluded, the lowest index on ties, exactly ``jnp.argmax``), the running maximum and
+exp-sums that give the softmax normaliser over the full vocabulary, the entropy without the mask
+token, and a running top-k. A *lean* program (``ProgramKey.lean_head``: every row greedy, no credit
+fusion) keeps only these; a *full* one also writes the chunks into the [B, Lb, V] logits the T > 0
+draw, the filters, 'processed' logprobs and dInfer's credit need. Both derive confidence, entropy
+and raw logprobs from the same statistics, so a greedy row gets the same bits in either program.
+
+Every sum is a fixed-order ``row_sum`` inside a chunk and a sequential combination across chunks,
+so a row's values do not depend on its batch-mates (docs/sampling.md, "Batch invariance in bf16").
+
+Shapes: h [B, Lb, D] (or [B, 2, Lb, D] with CFG: cond, uncond), W [D, V], C the chunk width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from dllm_jax.models.transformer import rms_norm, row_max, row_sum
+from dllm_jax.sampling import proposal
+from dllm_jax.sampling.rules import NEG_INF
+
+# Vocabulary columns per head chunk (docs/performance.md, "The lean head"): at LLaDA's 126,464
+# tokens 16 chunks, each [B, Lb, 8192] float32 (32 MB at batch 32, block 32).
+HEAD_CHUNK = 8192
+
+
+@struct.dataclass
+class HeadStats:
+    """Per-position statistics of the logits l [B, Lb, V] (each field [B, Lb]; tops [B, Lb, k]).
+
+    Attributes:
+      argmax: int32 the greedy proposal: argmax of l without the mask token (lowest index on ties).
+      best: its logit, max of l without the mask token.
+      total: sum over tokens but the mask of exp(l - best).
+      moment: sum over tokens but the mask of exp(l - best) * (l - best) (the entropy's numerator).
+      mask_logit: the mask token's logit.
+      top_vals, top_ids: the k largest logits without the mask token (descending, lowest index first
+        on ties) and their ids.
+    """
+
+    argmax: jax.Array
+    best: jax.Array
+    total: jax.Array
+    moment: jax.Array
+    mask_logit: jax.Array
+    top_vals: jax.Array
+    top_ids: jax.Array
+
+    def log_z(self):
+        """log of the full softmax normaliser (the mask token included): log sum_v exp(l_v)."""
+        m = jnp.maximum(self.best, self.mask_logit)
+        return m + jnp.log(self.total * jnp.exp(self.best - m) + jnp.exp(self.mask_logit - m))
+
+    def prob(self, logit):
+        """softmax(l)[x] from x's logit: the confidence of a proposal."""
+        return jnp.exp(logit - self.log_z())
+
+    def entropy(self):
+        """Entropy (nats) of softmax(l) without the mask token (``proposal.entropy``)."""
+        return jnp.log(self.total) - self.moment / self.total
+
+    def raw_logprobs(self, logit):
+        """(log softmax(l)[x] of x's logit, the top-k raw logprobs [B, Lb, k], their ids)."""
+        log_z = self.log_z()
+        return logit - log_z, self.top_ids, self.top_vals - log_z[..., None]
+
+
+def _init(shape, k: int) -> HeadStats:
+    neg = jnp.full(shape, NEG_INF, jnp.float32)
+    zero = jnp.zeros(shape, jnp.float32)
+    return HeadStats(jnp.zeros(shape, jnp.int32), neg, zero, zero, neg,
+                     jnp.full(shape + (k,), NEG_INF, jnp.float32), jnp.zeros(shape + (k,), jnp.int32))
+
+
+def update(s: HeadStats, c, start, first, mask_id: int) -> HeadStats:
+    """Fold one chunk in: c [B, Lb, C] the logits of columns start .. start + C - 1, of which
+    those below ``first`` were already folded (the last chunk is clamped to end at V)."""
+    width = c.shape[-1]
+    col = start + jnp.arange(width)  # [C] vocabulary ids
+    valid = col >= first
+    cm = jnp.where(valid & (col != mask_id), c, NEG_INF)  # the mask token is never a candidate
+    chunk_best = row_max(cm)[..., 0]  # [B, Lb]
+    chunk_arg = (start + jnp.argmax(cm, axis=-1)).astype(jnp.int32)
+    best = jnp.maximum(s.best, chunk_best)
+    scale = jnp.where(s.best == best, 1.0, jnp.exp(s.best - best))  # (-inf == -inf: nothing yet)
+    delta = jnp.where(s.best == best, 0.0, s.best - best)
+    delta = jnp.where(s.total > 0, delta, 0.0)
+    shifted = jnp.where(cm == NEG_INF, NEG_INF, cm - best[..., None])
+    e = jnp.exp(shifted)
+    total = s.total * scale + row_sum(e)[..., 0]
+    moment = scale * (s.moment + delta * s.total) + row_sum(jnp.where(e > 0, e * shifted, 0.0))[..., 0]
+    argmax = jnp.where(chunk_best > s.best, chunk_arg, s.argmax)  # strict: an earlier chunk wins ties
+    at = jnp.clip(mask_id - start, 0, width - 1)
+    here = (mask_id >= jnp.maximum(start, first)) & (mask_id < start + width)
+    mask_logit = jnp.where(here, jax.lax.dynamic_index_in_dim(c, at, axis=-1, keepdims=False), s.mask_logit)
+    top_vals, top_ids = s.top_vals, s.top_ids
+    k = top_vals.shape[-1]
+    if k:
+        vals, idx = jax.lax.top_k(cm, k)
+        merged = jnp.concatenate([top_vals, vals], axis=-1)  # the earlier ids first: they win ties
+        ids = jnp.concatenate([top_ids, (start + idx).astype(jnp.int32)], axis=-1)
+        top_vals, at_k = jax.lax.top_k(merged, k)
+        top_ids = jnp.take_along_axis(ids, at_k, axis=-1)
+    return HeadStats(argmax, best, total, moment, mask_logit, top_vals, top_ids)
+
+
+def chunk_width(vocab: int, chunk: int | None = None) -> int:
+    return min(vocab, HEAD_CHUNK if chunk is None else chunk)
+
+
+def scan(chunk_logits, shape, vocab: int, mask_id: int, *, top_k: int = 0, keep_logits: bool = False,
+         chunk: int | None = None):
+    """``HeadStats`` of the logits whose columns ``chunk_logits(start, width)`` [*shape, width]
+    computes, one chunk after another; with ``keep_logits`` also the logits [*shape, V] float32."""
+    width = chunk_width(vocab, chunk)
+    n = -(-vocab // width)
+
+    def body(i, carry):
+        stats, logits = carry
+        first = i * width
+        start = jnp.minimum(first, vocab - width)  # the last chunk ends at V (overlap: already folded)
+        c = chunk_logits(start, width)
+        if logits is not None:
+            logits = jax.lax.dynamic_update_slice_in_dim(logits, c, start, axis=-1)
+        return update(stats, c, start, first, mask_id), logits
+
+    logits0 = jnp.zeros(shape + (vocab,), jnp.float32) if keep_logits else None
+    return jax.lax.fori_loop(0, n, body, (_init(shape, top_k), logits0))
+
+
+def block_head(model, hb, cfg_scale, mask_id: int, *, top_k: int = 0, keep_logits: bool = False,
+               chunk: int | None = None):
+    """The head of a block's hidden states (before the final norm): hb [B, Lb, D], or with
+    ``cfg_scale`` [B] given, [B, 2, Lb, D] (cond, uncond; guided logits
+    ``unc + (w + 1) * (cond - unc)`` where w > 0, as ``BlockProgram.forward`` combined them).
+    Returns (``HeadStats``, logits [B, Lb, V] float32 or None)."""
+    w_head = model.lm_head[...]
+    hn = rms_norm(hb, model.final_norm[...], model.spec.norm_eps)
+    shape = hb.shape[:1] + hb.shape[-2:-1]
+
+    def chunk_logits(start, width):
+        w = jax.lax.dynamic_slice_in_dim(w_head, start, width, axis=1)
+        out = jnp.einsum("...d,dv->...v", hn, w, preferred_element_type=jnp.float32)
+        if cfg_scale is None:
+            return out
+        cond, unc = out[:, 0], out[:, 1]
+        wt = cfg_scale[:, None, None]
+        return jnp.where(wt > 0, unc + (wt + 1.0) * (cond - unc), cond)
+
+    return scan(chunk_logits, shape, model.spec.vocab, mask_id, top_k=top_k, keep_logits=keep_logits, chunk=chunk)
+
+
+def propose(stats: HeadStats, logits, knobs, keys, mask_id: int, fused=None):
+    """The step's candidates from the head: (x0 [B, Lb] int32, conf [B, Lb], the filters' floor
+    [B, Lb], x0's raw logit [B, Lb]).
+
+    Lean (``logits`` None: every row greedy): x0 is the statistics' argmax. Full: x0 is
+    ``proposal.draw``'s (the argmax at T = 0, equal bits; the Gumbel-max draw under the filters
+    at T > 0). Either way conf = softmax(logits)[x0] from the statistics' normaliser, so a greedy
+    row's confidence does not depend on which program ran it. ``fused``: dInfer's credit-fused
+    logits, which the draw and the confidence use instead (``proposal.propose``, as before)."""
+    if logits is None:
+        b, lb = stats.best.shape
+        return (stats.argmax, proposal.random_conf(stats.prob(stats.best), keys, knobs.remasking),
+                jnp.full((b, lb), NEG_INF, jnp.float32), stats.best)
+    filters = (knobs.top_k, knobs.top_p, knobs.min_p)
+    if fused is not None:
+        x0, conf, floor = proposal.propose(fused, knobs.temperature, keys, mask_id, knobs.remasking, filters,
+                                           with_floor=True)
+        return x0, conf, floor, jnp.take_along_axis(logits, x0[..., None], axis=-1)[..., 0]
+    x0, floor = proposal.draw(logits, knobs.temperature, keys, mask_id, filters)
+    logit = jnp.take_along_axis(logits, x0[..., None], axis=-1)[..., 0]
+    return x0, proposal.random_conf(stats.prob(logit), keys, knobs.remasking), floor, logit
+
+
+def logprobs(stats: HeadStats, logits, x0, logit, knobs, mask_id: int, floor, drawn=None):
+    """(logprob [B, Lb], top_ids [B, Lb, k], top_logprobs [B, Lb, k]) of the committed candidates:
+    'raw' from the statistics (log-softmax of the model's logits; the mask token left out of the
+    top k); 'processed' rows at T > 0 (full programs only) from ``proposal.processed_logprobs`` of
+    ``drawn`` (the logits the draw used), computed only in steps where such a row samples."""
+    raw = stats.raw_logprobs(logit)
+    if logits is None:
+        return raw
+    use = knobs.processed_logprobs & (knobs.temperature > 0)  # [B]
+    k = stats.top_vals.shape[-1]
+
+    def of_draw(_):
+        return proposal.processed_logprobs(logits if drawn is None else drawn, x0, k, mask_id, knobs.temperature,
+                                           floor)
+
+    got = jax.lax.cond(jnp.any(use), of_draw, lambda _: raw, None)
+    return tuple(jnp.where(use.reshape((-1,) + (1,) * (r.ndim - 1)), g, r) for g, r in zip(got, raw))
