@@ -142,14 +142,20 @@ def test_lean_program_equals_full_program(llada_model, algorithm, monkeypatch):
     _assert_same(lean, full, algorithm)
 
 
-def test_lean_program_equals_full_program_cfg_and_chunks(monkeypatch):
-    """A fresh model (its own programs) with 100-column chunks (V = 384: three chunks and an
-    overlapping fourth), CFG rows beside unguided ones, and the dual cache."""
+def test_chunk_width():
+    assert head.chunk_width(126464) == 7904 and head.chunk_width(384) == 384
+    assert head.chunk_width(384, 100) == 96 and head.chunk_width(384, 90) == 90  # no divisor in [68, 90]
+
+
+@pytest.mark.parametrize("chunk", [100, 90])
+def test_lean_program_equals_full_program_cfg_and_chunks(monkeypatch, chunk):
+    """A fresh model (its own programs) with small chunks (V = 384: four whole chunks of 96, or
+    five of 90, the last overlapping the fourth), CFG rows beside unguided ones, and the dual cache."""
     import dllm_jax
     from helpers import LLADA_DIR
 
     model = dllm_jax.load(LLADA_DIR / "model")
-    monkeypatch.setattr(head, "HEAD_CHUNK", 100)
+    monkeypatch.setattr(head, "HEAD_CHUNK", chunk)
     rng = np.random.default_rng(8)
     prompts = [rng.integers(0, 256, int(n)).tolist() for n in (5, 12, 3)]
     cases = {"basic": dict(algorithm="basic", gen_length=16, block_length=8, steps=16, cfg_scale=[0.0, 1.0, 0.5]),
@@ -162,7 +168,7 @@ def test_lean_program_equals_full_program_cfg_and_chunks(monkeypatch):
         plain = dllm_jax.load(LLADA_DIR / "model")  # one chunk (the default width)
         monkeypatch.setattr(head, "HEAD_CHUNK", 8192)
         ref = plain.generate(prompts, **kw)
-        monkeypatch.setattr(head, "HEAD_CHUNK", 100)
+        monkeypatch.setattr(head, "HEAD_CHUNK", chunk)
         np.testing.assert_array_equal(lean.tokens, ref.tokens, err_msg=name)
 
 
