@@ -71,10 +71,11 @@ def _engine_args(p) -> None:
     p.add_argument("--steps-per-call", type=int, default=None,
                    help="denoising steps per device call; a call also ends as soon as a row finishes, so its "
                         "slot takes a waiting request at the next step (default: dllm_jax's STEPS_PER_CALL)")
-    p.add_argument("--call-budget-ms", type=float, default=20.0,
-                   help="when no request waits and none is expected back (recent demand), one device call runs "
-                        "as many denoising steps as fit in this long (at most --max-steps-per-call; it still ends "
-                        "when a row finishes): fewer host round trips per step (0: --steps-per-call always)")
+    p.add_argument("--call-budget-ms", type=float, default=0.0,
+                   help="when no request waits, no burst of arrivals is on and none is expected back (recent "
+                        "demand), one device call runs as many denoising steps as fit in this long (at most "
+                        "--max-steps-per-call; it still ends when a row finishes): fewer host round trips per "
+                        "step (default 0: off, --steps-per-call always)")
     p.add_argument("--max-steps-per-call", type=int, default=32, help="the cap of --call-budget-ms")
     p.add_argument("--refill-wait-ms", type=float, default=20.0,
                    help="after rows finish, hold the next step up to this long (and a quarter of a step) for "

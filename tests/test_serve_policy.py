@@ -100,21 +100,23 @@ def test_longer_prompts_join_by_growing_a_session_and_sessions_fit_their_rows():
 
 def test_several_steps_per_call_only_when_nobody_can_join():
     """A call runs as many steps as fit in call_budget_ms when its session alone has rows, nothing
-    waits, nothing arrived for two budgets and the group's recent demand is all running; else
+    waits, no burst of arrivals is on and the group's recent demand is all running; else
     steps_per_call (None)."""
     p = policy(call_budget_ms=20.0, max_steps_per_call=8)
     a = session(0, 4, rows=2)
     running = {GROUP: (2, 100.0)}
 
-    def steps(step_s=0.004, waiting=0, demand=running, sessions=(a,), arrival=100.0, now=100.5, of=p):
-        return of.call_steps(a, list(sessions), demand, waiting, step_s, arrival, now)
+    def steps(step_s=0.004, waiting=0, demand=running, sessions=(a,), arrivals=(100.0,), now=100.5, of=p):
+        return of.call_steps(a, list(sessions), demand, waiting, step_s, arrivals, now)
 
     assert steps() == 5                                   # 20 ms at 4 ms per step
     assert steps(step_s=0.001) == 8                       # capped
     assert steps(step_s=0.015) is None                    # one step fits: the default
     assert steps(step_s=None) is None                     # no measurement yet
     assert steps(waiting=1) is None                       # a sequence waits
-    assert steps(arrival=100.47) is None                  # one arrived 30 ms ago: a burst may be on
+    assert steps(arrivals=(100.47,)) is None              # one arrived 30 ms ago: a burst may be on
+    assert steps(arrivals=[99.6 + 0.06 * i for i in range(12)]) == 5   # 12 in the last second: 0.24 per budget
+    assert steps(arrivals=[99.6 + 0.06 * i for i in range(13)]) is None  # 13: a burst, spread out
     assert steps(demand={GROUP: (3, 100.0)}) is None      # a client is coming back
     assert steps(demand={GROUP: (3, 100.0)}, now=103.0) == 5  # ... not any more (2 s window)
     assert steps(sessions=(a, session(1, 4, rows=1, group=OTHER)), demand={}) is None  # round robin

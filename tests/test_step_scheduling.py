@@ -119,10 +119,10 @@ def test_rebucket_mid_generation(algorithm):
     model = _model("nemotron" if algorithm == "static_block" else "llada")
     rng = np.random.default_rng(11)
     n = 6
-    prompts = [rng.integers(0, 256, 40).tolist()] + [rng.integers(0, 256, int(k)).tolist()
+    prompts = [rng.integers(0, 256, 50).tolist()] + [rng.integers(0, 256, int(k)).tolist()
                                                       for k in rng.integers(3, 30, n - 1)]
     params = _params(algorithm, n)
-    session = DecodeSession(model, program_key(model, 40, params[0], 4), steps_per_call=1)
+    session = DecodeSession(model, program_key(model, 50, params[0], 4), steps_per_call=1)
     assert session.key.prompt_len == 64
     owner = {slot: slot for slot in range(4)}
     session.admit({slot: Row(prompts[i], params[i]) for slot, i in owner.items()})

@@ -312,7 +312,9 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
     return n
 
 
-PROMPT_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+# Each at most 1.5x the one before from 32 on (a prompt pads by at most half its bucket; measured:
+# docs/performance.md "Prompt buckets"), multiples of 16.
+PROMPT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 

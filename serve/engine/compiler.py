@@ -114,6 +114,18 @@ class Compiler:
                 self._pool.submit(self._compile, key)
             return False
 
+    def ready_if_idle(self, key: ProgramKey) -> bool:
+        """``ready``, but a compile starts only when none runs or waits: for programs that are
+        only an improvement (a tighter prompt bucket), which must not delay the compiles that
+        waiting requests need."""
+        if not self.background:
+            return True
+        with self._lock:
+            if key in self.compiled:
+                return True
+            busy = bool(self._compiling)
+        return False if busy else self.ready(key)
+
     def in_flight(self) -> int:
         """Background compiles running or queued."""
         with self._lock:

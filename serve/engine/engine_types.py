@@ -68,7 +68,7 @@ class EngineOptions:
     allow_weight_updates: bool = False              # POST /update_weights_from_disk
     steps_per_call: int = STEPS_PER_CALL            # denoising steps per device call (fewer once a row finishes)
     refill_wait_ms: float = 20.0                    # after rows leave, wait this long for returning clients
-    call_budget_ms: float = 20.0                    # a call runs several steps, up to this long, when no request
+    call_budget_ms: float = 0.0                     # a call runs several steps, up to this long, when no request
                                                     # waits or is expected back (0: steps_per_call always)
     max_steps_per_call: int = 32                    # ... and at most this many
     # request limits (docs/api.md "Limits"): bounded before any expensive work

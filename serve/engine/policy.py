@@ -5,10 +5,11 @@ Between two device calls the scheduler asks, and this module answers:
 1. *joining* (``Policy.join_running``): waiting sequences (FIFO) are admitted into free slots
    of running sessions of their *group* (requests whose ProgramKeys are equal up to batch size
    and prompt bucket share a compiled program; a shorter prompt may join a session of a longer
-   prompt bucket: it is left-padded, which does not change its output) and weights version; a
-   longer one joins a session whose program at its prompt bucket is compiled (the session moves
-   to that bucket first). A session runs at its rows' own longest bucket: once its long
-   prompts leave, it moves down again (``Policy.fit``; ``DecodeSession.rebucket``).
+   prompt bucket: it is left-padded, which does not change its output) and weights version
+   (given ``ready``, also a longer one, into a session whose program at its bucket is compiled,
+   which moves up first; the scheduler does not ask for that: on a loaded host it split
+   batches, docs/performance.md). A session runs at its rows' own longest bucket: once its
+   long prompts leave, it moves down (``Policy.fit``; ``DecodeSession.rebucket``).
    When the session limit blocks the oldest waiting sequence, later arrivals stop joining
    running sessions, so those drain and the blocked group gets its turn (FIFO fairness, no
    starvation);
@@ -25,8 +26,8 @@ Between two device calls the scheduler asks, and this module answers:
 5. *the refill wait* (``Policy.refill``): when rows left and the group's recent demand says
    their clients will be back, the next call waits until as many requests arrived, for at
    most ``refill_wait_ms``;
-6. *steps per call* (``Policy.call_steps``): ``steps_per_call``, or, when nothing waits and no
-   client is expected back, as many steps as fit in ``call_budget_ms`` (a call still ends at the
+6. *steps per call* (``Policy.call_steps``): ``steps_per_call``, or (``call_budget_ms`` > 0, off
+   by default), when nothing waits and no client is expected back, as many steps as fit in it (a call still ends at the
    step a row finishes, so nothing that could join is held back by it).
 
 The demand (``track_demand``) is the peak number of sequences per group (running + waiting)
@@ -283,19 +284,21 @@ class Policy:
         return (wait_s, coming) if coming > 0 else (0.0, 0)
 
     def call_steps(self, session: SessionView, sessions: Sequence[SessionView], demand: Demand, waiting: int,
-                   step_s: float | None, last_arrival: float, now: float) -> int | None:
+                   step_s: float | None, arrivals: Sequence[float], now: float) -> int | None:
         """Denoising steps for ``session``'s next call (None: ``steps_per_call``, the executor's
         default). Several, as many as fit in ``call_budget_ms`` at ``step_s`` seconds per step
         (its recent calls), only when it alone has rows, nothing waits (``waiting`` sequences,
-        any group), nothing arrived for two budgets (``last_arrival``: not in a burst of
-        arrivals) and its group's recent demand is all running (no client is about to come
+        any group), no burst of arrivals is on (``arrivals``: the recent arrival times; none in
+        the last two budgets, and at the last second's rate fewer than a quarter of an arrival
+        per budget) and its group's recent demand is all running (no client is about to come
         back): then no request is expected to join before a row finishes, which ends the call
         anyway; one that arrives all the same waits at most the budget. Fewer host round
         trips; the tokens are the same (a row's steps do not depend on where calls end)."""
         base = self.steps_per_call or 1
         if waiting or not step_s or self.call_budget_s <= 0 or sum(1 for s in sessions if s.rows) > 1:
             return None
-        if now - last_arrival < 2 * self.call_budget_s:
+        last_second = [t for t in arrivals if now - t < 1.0]
+        if any(now - t < 2 * self.call_budget_s for t in last_second) or len(last_second) * self.call_budget_s > 0.25:
             return None
         if self.recent_peak(demand, session.group, now) > self.running(sessions, session.group):
             return None

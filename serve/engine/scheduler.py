@@ -18,6 +18,7 @@ fails which requests (``EngineFailed``, never an HTTP error): ``serve.engine.row
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -80,7 +81,7 @@ class Scheduler(RowEvents):
         self._builds = 0  # its builds already counted in programs_built_total
         self._refill_by = 0.0  # (monotonic) wait for returning clients until then: slots just freed
         self._refill_want = 0  # ... or until this many new sequences arrived
-        self._last_arrival = 0.0  # (monotonic) when a sequence last arrived (``Policy.call_steps``)
+        self._arrivals: collections.deque = collections.deque(maxlen=256)  # (monotonic) sequences' arrivals
         # Holds stop admissions and steps (rows stay in their slots, arrivals wait): 'paused'
         # (/pause_generation), 'released' (weights off the device). Weight updates still install.
         self.holds: set[str] = set()
@@ -109,7 +110,7 @@ class Scheduler(RowEvents):
                 return
             self.waiting.extend(new)
             if new:
-                self._last_arrival = time.monotonic()
+                self._arrivals.extend([time.monotonic()] * len(new))  # (Policy.call_steps: a burst?)
             self.scoring.extend(self.inbox.take_scores())
             for control in self.inbox.take_controls():  # pause, continue, abort, ...
                 control.run()
@@ -185,7 +186,7 @@ class Scheduler(RowEvents):
         draining = self.policy.draining(views, self._demand, self.compiler.ready) if self.sessions else set()
         free = {s.sid: ([] if s.sid in draining else s.free()) for s in self.sessions}
         admits: dict[int, dict[int, WeightedSeq]] = {}
-        joins = self.policy.join_running(waiting, views, draining, self.compiler.ready)
+        joins = self.policy.join_running(waiting, views, draining)
         for seq, sid in zip(queued, joins):
             if sid is not None:
                 admits.setdefault(sid, {})[free[sid].pop(0)] = seq
@@ -238,7 +239,7 @@ class Scheduler(RowEvents):
             session = by_sid[sid]
             self.inbox.dequeued(len(rows))
             try:
-                self._fit(session, [seq.need for seq in rows.values()])  # (a longer prompt joined: grow first)
+                self._fit(session, [seq.need for seq in rows.values()])  # (an empty session: to its new rows' bucket)
                 failed = self.executor.admit(sid, {slot: (seq.req.prompt, seq.req.params)
                                                    for slot, seq in rows.items()})
             except Exception as e:  # noqa: BLE001 - not one row's fault: the rows of this admission
@@ -253,10 +254,10 @@ class Scheduler(RowEvents):
 
     def _fit(self, session: Session, joining=()) -> None:
         """Move ``session`` to its rows' (and ``joining`` prompt buckets') longest prompt bucket
-        when that program is compiled (``Policy.fit``): its long prompts left, or a longer one
-        joins. Raises what the move raised (the caller fails the rows)."""
+        when that program is compiled (``Policy.fit``; a compile starts only when none runs or
+        waits): its long prompts left. Raises what the move raised (the caller fails the rows)."""
         fitted = self.policy.fit(session.key, [seq.need for seq in session.slots.values()] + list(joining),
-                                 self.compiler.ready)
+                                 self.compiler.ready_if_idle)
         if fitted is not None:
             self.executor.rebucket(session.sid, fitted)
             session.key = fitted
@@ -267,7 +268,7 @@ class Scheduler(RowEvents):
         try:
             self._fit(session)
             steps = self.policy.call_steps(session.view(), self._views(), self._demand, len(self.waiting),
-                                           session.step_s, self._last_arrival, t0)
+                                           session.step_s, self._arrivals, t0)
             updates = self.executor.step(session.sid, steps)
         except Exception as e:  # noqa: BLE001 - fail this batch only
             self._fail(session, list(session.slots.values()), e, "running a decode step")
