@@ -532,7 +532,7 @@ def test_new_programs_compile_in_background_meanwhile_a_bigger_one_is_borrowed(m
     assert ex.opened[0] == big
     assert [(k.batch, k.prompt_len, k.gen_length) for k in ex.opened[1:]] == [(1, 16, 128), (1, 16, 64)]
     # (not the borrowed session's own prompt bucket at its batch, B4/P16: a move to a tighter bucket
-    # starts a compile only when none runs or waits, Compiler.ready_if_idle)
+    # starts a compile only when none runs or waits: Compiler.ready(only_if_idle=True))
     assert read_metrics(engine.metrics.render(), "fake")["dllm_compiles_total"] == 2
 
 

@@ -46,6 +46,22 @@ def _params(algorithm: str, n: int) -> list[SamplingParams]:
     return out
 
 
+def _step_and_collect(session, owner: dict, results: dict) -> None:
+    """One call; finished rows' tokens go to ``results`` under their request and free their slot."""
+    for u in session.step():
+        if u.done:
+            results[owner.pop(u.slot)] = u.tokens
+            session.release(u.slot)
+
+
+def _assert_solo(model, algorithm, prompts, params, results) -> None:
+    """Every request in ``results`` got the tokens of its solo ``Model.generate``."""
+    for i in results:
+        want = model.generate([prompts[i]], **dataclasses.asdict(params[i]))
+        np.testing.assert_array_equal(results[i], want.tokens[0][: want.lengths[0]],
+                                      err_msg=f"{algorithm} request {i}")
+
+
 # (no_cache runs basic's full-forward path with another stop rule; the golden tests cover it)
 @pytest.mark.parametrize("algorithm", ["basic", "prefix_cache", "dual_cache", "dinfer_credit", "static_block"])
 def test_rows_join_at_any_step(algorithm):
@@ -74,18 +90,12 @@ def test_rows_join_at_any_step(algorithm):
             # a batch-mate is mid-block (cached algorithms: past its refresh) or past its first block
             joined_mid_block += any(call[s] > 0 or block[s] > start for s in owner if s not in rows)
             session.admit(rows)
-        for u in session.step():
-            if u.done:
-                results[owner.pop(u.slot)] = u.tokens
-                session.release(u.slot)
+        _step_and_collect(session, owner, results)
         step += 1
         assert step < 500
     assert joined_mid_block >= 2
     assert sorted(results) == list(range(n))
-    for i in range(n):
-        want = model.generate([prompts[i]], **dataclasses.asdict(params[i]))
-        np.testing.assert_array_equal(results[i], want.tokens[0][: want.lengths[0]],
-                                      err_msg=f"{algorithm} request {i}")
+    _assert_solo(model, algorithm, prompts, params, results)
 
 
 def test_step_budget_and_early_return():
@@ -141,15 +151,9 @@ def test_rebucket_mid_generation(algorithm):
         if step > 6 and free and waiting:
             owner[free[0]] = waiting.pop(0)
             session.admit({free[0]: Row(prompts[owner[free[0]]], params[owner[free[0]]])})
-        for u in session.step():
-            if u.done:
-                results[owner.pop(u.slot)] = u.tokens
-                session.release(u.slot)
+        _step_and_collect(session, owner, results)
         step += 1
         assert step < 500
     assert sorted(set(results) | cancelled) == list(range(n))
-    for i in results:
-        want = model.generate([prompts[i]], **dataclasses.asdict(params[i]))
-        np.testing.assert_array_equal(results[i], want.tokens[0][: want.lengths[0]],
-                                      err_msg=f"{algorithm} request {i}")
+    _assert_solo(model, algorithm, prompts, params, results)
 

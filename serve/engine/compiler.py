@@ -102,29 +102,21 @@ class Compiler:
             self.compiled.discard(key)
         trim_heap()  # (its executable is freed once no session holds it; the next trim gets the rest)
 
-    def ready(self, key: ProgramKey) -> bool:
-        """True when ``key`` can run now; otherwise its compile is started (background mode)."""
+    def ready(self, key: ProgramKey, *, only_if_idle: bool = False) -> bool:
+        """True when ``key`` can run now; otherwise its compile is started (background mode) -
+        with ``only_if_idle``, only when none runs or waits (for programs that are only an
+        improvement, a tighter prompt bucket, which must not delay the compiles waiting requests need)."""
         if not self.background:
             return True
         with self._lock:
             if key in self.compiled:
                 return True
+            if only_if_idle and self._compiling:
+                return False
             if key not in self._compiling:
                 self._compiling.add(key)
                 self._pool.submit(self._compile, key)
             return False
-
-    def ready_if_idle(self, key: ProgramKey) -> bool:
-        """``ready``, but a compile starts only when none runs or waits: for programs that are
-        only an improvement (a tighter prompt bucket), which must not delay the compiles that
-        waiting requests need."""
-        if not self.background:
-            return True
-        with self._lock:
-            if key in self.compiled:
-                return True
-            busy = bool(self._compiling)
-        return False if busy else self.ready(key)
 
     def in_flight(self) -> int:
         """Background compiles running or queued."""

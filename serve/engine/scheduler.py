@@ -257,7 +257,7 @@ class Scheduler(RowEvents):
         when that program is compiled (``Policy.fit``; a compile starts only when none runs or
         waits): its long prompts left. Raises what the move raised (the caller fails the rows)."""
         fitted = self.policy.fit(session.key, [seq.need for seq in session.slots.values()] + list(joining),
-                                 self.compiler.ready_if_idle)
+                                 lambda key: self.compiler.ready(key, only_if_idle=True))
         if fitted is not None:
             self.executor.rebucket(session.sid, fitted)
             session.key = fitted
