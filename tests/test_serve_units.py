@@ -300,8 +300,8 @@ class FakeExecutor:
         self.sessions[sid]["key"] = key
         self.log.append(("rebucket", sid, key.prompt_len))
 
-    def last_steps(self, sid):
-        return 1
+    def last_work(self, sid):
+        return 1, 1
 
     def close(self, sid):
         self.sessions.pop(sid)
@@ -441,6 +441,46 @@ def test_a_session_runs_at_its_rows_prompt_bucket(make_engine):
     assert ex.log[admit][3] == [40, 10] and admit < down
     assert ex.log.index(("release", 0, 0)) < down < ex.log.index(("release", 0, 1))
     assert read_metrics(engine.metrics.render(), "fake")["dllm_rebuckets_total"] == 1
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_longer_prompt_joins_a_session_that_moves_up_to_a_compiled_bucket(make_engine, compiled):
+    """A request whose prompt bucket is longer than a running session's joins its free slot by
+    moving the session up, when that program is compiled; otherwise it opens its own batch (no
+    compile is started for the move)."""
+    from dllm_jax.sampling import program_key
+
+    engine = make_engine(max_batch_size=2, max_wait_ms=50)
+    ex = engine.executor
+    p = default_params("llada", 96)
+    keys = {(n, b): program_key(engine.model, n, p, b, batch_buckets=(1, 2)) for n, b in ((10, 2), (40, 2), (40, 1))}
+    for n, b in ((10, 2), (40, 1)) + (((40, 2),) if compiled else ()):
+        engine.compiler.add(keys[n, b])
+
+    async def main():
+        ex.gate = threading.Semaphore(0)
+        with engine.inbox.cv:
+            a = engine.submit([seq(gen=96)])
+            b = engine.submit([seq(gen=96, max_tokens=32)])  # leaves after the first step
+        ex.gate.release(1)
+        for _ in range(500):
+            if ("release", 0, 1) in ex.log:
+                break
+            await asyncio.sleep(0.01)
+        long = engine.submit([seq(prompt_len=40, gen=96)])  # (seen after the step that waits now)
+        ex.gate.release(1000)
+        return [await collect(h) for h in (a, b, long)]
+
+    a, b, long = asyncio.run(main())
+    assert len(long[0].tokens) == 96 and len(a[0].tokens) == 96
+    opens = [e for e in ex.log if e[0] == "open"]
+    if compiled:
+        assert opens == [("open", 0, 2)]
+        up = ex.log.index(("rebucket", 0, keys[40, 2].prompt_len))
+        assert ex.log[up + 1][:2] == ("admit", 0) and ex.log[up + 1][3] == [40]
+    else:
+        assert len(opens) == 2 and not any(e[0] == "rebucket" and e[2] > 16 for e in ex.log)
+        assert engine.compiler.in_flight() == 0 or keys[40, 2] not in engine.compiler.compiled
 
 
 def test_cancelled_before_admission_is_never_admitted_and_queue_limit(make_engine):

@@ -157,3 +157,45 @@ def test_rebucket_mid_generation(algorithm):
     assert sorted(set(results) | cancelled) == list(range(n))
     _assert_solo(model, algorithm, prompts, params, results)
 
+
+
+# (dual and prefix cache share the refresh code; dInfer credit adds per-block credit state)
+@pytest.mark.parametrize("algorithm", ["dual_cache", "dinfer_credit"])
+def test_twins_share_block_start_forwards(algorithm):
+    """Rows entering a block with identical inputs (the n samples of one prompt, a repeated
+    prompt) run one refresh forward between them: fewer batch forwards than with sharing off, and
+    every row still gets the tokens of its solo generate (bf16; T > 0 rows diverge after their
+    first step, greedy twins stay twins to the end)."""
+    model = _model("llada", refresh_rows=1)
+    rng = np.random.default_rng(3)
+    a, b, c = (rng.integers(0, 256, int(k)).tolist() for k in (9, 14, 5))
+    prompts = [a, a, a, a, b, b, c, a]
+    params = _params(algorithm, len(prompts))
+    for i in (1, 2):  # seeded T > 0 samples of prompt a (one more at 3 is greedy, as 0 is)
+        params[i] = dataclasses.replace(params[0], temperature=0.8, seed=100 + i)
+    params[3] = params[0]  # a greedy twin of row 0, the same request twice
+    params[5] = dataclasses.replace(params[4], seed=params[4].seed + 1)
+    forwards, got = {}, {}
+    for share in (True, False) if algorithm == "dual_cache" else (True,):
+        m = model if share else dllm_jax.load(LLADA_DIR / "model", dtype="bfloat16", mesh=dllm_jax.make_mesh("1"))
+        m.programs.refresh_rows, m.programs.share_forwards = 1, share
+        session = DecodeSession(m, program_key(m, 16, params[0], 8), steps_per_call=1)
+        owner = {slot: slot for slot in range(7)}  # request 7 (prompt a again) joins later, alone
+        session.admit({slot: Row(prompts[i], params[i]) for slot, i in owner.items()})
+        results, step = {}, 0
+        while owner or 7 not in results:
+            if step == 3:
+                owner[7] = 7
+                session.admit({7: Row(prompts[7], params[7])})
+            _step_and_collect(session, owner, results)
+            step += 1
+            assert step < 500
+        forwards[share], got[share] = int(np.asarray(session.state.batch_nfe)), results
+        assert sorted(results) == list(range(len(prompts)))
+    _assert_solo(model, algorithm, prompts, params, got[True])
+    np.testing.assert_array_equal(got[True][3], got[True][0])
+    if False in got:
+        for i in got[True]:
+            np.testing.assert_array_equal(got[True][i], got[False][i], err_msg=f"request {i}")
+        # the first step alone saves 3 of a's 4 refreshes and 1 of b's 2; greedy twins 0 and 3 share every block's
+        assert forwards[True] <= forwards[False] - 4 - (G // LB - 1), forwards

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from dllm_jax.sampling import head, rules
+from dllm_jax.sampling.loops import step_loop, when
+from dllm_jax.sampling.twins import copy_twins, same_forward
 from dllm_jax.sampling.state import DecodeState
 
 # (annotations only: ``ProgramKey`` is dllm_jax.sampling.params' and ``BlockDecoder`` decoders';
@@ -56,21 +58,6 @@ def contains_stop(tokens, stop_ids):
 
 
 @struct.dataclass
-class StepLoop:
-    """Carry of a step program's loop.
-
-    Attributes:
-      state: the decode state.
-      steps: [] int32 steps run in this call.
-      finished: [] bool some row finished in this call.
-    """
-
-    state: DecodeState
-    steps: jax.Array
-    finished: jax.Array
-
-
-@struct.dataclass
 class RefreshLoop:
     """Carry of the refresh loop (block-start forwards, ``chunk_rows`` rows at a time).
 
@@ -86,33 +73,6 @@ class RefreshLoop:
     hidden: jax.Array
     pending: jax.Array
     forwards: jax.Array
-
-
-def step_loop(step, st: DecodeState, budget, exit_on_done) -> DecodeState:
-    """Run ``step`` up to ``budget`` times, while some row runs (and, with ``exit_on_done``, until one finishes)."""
-    done_before = st.progress.done  # [B]
-
-    def cond(loop: StepLoop):
-        running = loop.state.progress.active & ~loop.state.progress.done  # [B]
-        return (loop.steps < budget) & jnp.any(running) & ~(exit_on_done & loop.finished)
-
-    def body(loop: StepLoop) -> StepLoop:
-        new = step(loop.state)
-        new = new.replace(batch_steps=new.batch_steps + 1)
-        return StepLoop(new, loop.steps + 1, jnp.any(new.progress.done & ~done_before))
-
-    return jax.lax.while_loop(cond, body, StepLoop(st, jnp.int32(0), jnp.bool_(False))).state
-
-
-def when(pred, fn, st):
-    """``fn(st)`` if ``pred`` else ``st``, as a while loop of zero or one iteration: XLA:CPU keeps a
-    while loop's carry (the KV cache) in place, where a ``lax.cond`` returning the state copied
-    it on every step (measured: docs/performance.md, "Step-level scheduling")."""
-    def body(carry):
-        _, st = carry
-        return jnp.bool_(False), fn(st)
-
-    return jax.lax.while_loop(lambda carry: carry[0], body, (pred, st))[1]
 
 
 # Canvas tokens one refresh chunk aims at (docs/performance.md, "Step-level scheduling"): a
@@ -139,6 +99,8 @@ class BlockProgram:
       mask_id, fill_id: the mask token and what fills a canvas after an early stop.
       chunk: rows per refresh forward (``chunk_rows``; the batch size = every row in one
         forward, no gather).
+      share: entering rows with identical forward inputs run one refresh forward
+        (``twins.same_forward``; only where refreshes are gathered in chunks).
     """
 
     key: ProgramKey
@@ -147,6 +109,7 @@ class BlockProgram:
     mask_id: int
     fill_id: int
     chunk: int
+    share: bool = True
 
     @property
     def num_blocks(self) -> int:
@@ -166,7 +129,6 @@ class BlockProgram:
         """``budget`` denoising steps of every live row (fewer: see ``step_loop``)."""
         model = nnx.merge(self.graphdef, params)
         return step_loop(lambda s: self.step(model, s), st, budget, exit_on_done)
-
 
     def step(self, model, st: DecodeState) -> DecodeState:
         running = st.progress.active & ~st.progress.done  # [B]
@@ -209,7 +171,6 @@ class BlockProgram:
         mask_left = jnp.any(self.block_tokens(st) == self.mask_id, axis=-1)
         return (call >= 1) & ((call == 1) | mask_left) & (call < self.max_calls)  # [B]
 
-
     def forward(self, model, rows, bs, want_kv: bool):
         """Hidden states of the rows' blocks from a full-canvas forward (and its K/V): [n, Lb, D],
         with CFG [n, 2, Lb, D] (cond, uncond; ``head.block_head`` guides their logits).
@@ -248,6 +209,8 @@ class BlockProgram:
             sel = entering[:, None, None, None]
             cache = jax.tree.map(lambda old, new: jnp.where(sel, new.astype(old.dtype), old), st.cache, kv)
             return self.commit(model, st.replace(cache=cache), hb, entering)
+        lead = same_forward(st, entering, bs) if self.share else jnp.arange(b)  # [B]
+        twin = entering & (lead != jnp.arange(b))  # [B] rows that copy an earlier row's forward
 
         def chunk(c: RefreshLoop) -> RefreshLoop:
             rows = jnp.argsort(~c.pending, stable=True)[:self.chunk]  # [R] the first pending rows
@@ -260,8 +223,10 @@ class BlockProgram:
 
         hidden0 = jnp.zeros((b, self.key.block_length, model.spec.d_model), model.embed[...].dtype)  # [B, Lb, D]
         loop = jax.lax.while_loop(lambda c: jnp.any(c.pending), chunk,
-                                  RefreshLoop(st.cache, hidden0, entering, jnp.int32(0)))
-        st = self.commit(model, st.replace(cache=loop.cache), loop.hidden, entering)
+                                  RefreshLoop(st.cache, hidden0, entering & ~twin, jnp.int32(0)))
+        cache, hidden = copy_twins(loop.cache, loop.hidden, twin, lead, self.chunk) if self.share else \
+            (loop.cache, loop.hidden)
+        st = self.commit(model, st.replace(cache=cache), hidden, entering)
         return st.replace(batch_nfe=st.batch_nfe + loop.forwards - 1)  # commit counted one
 
     def cached_step(self, model, st: DecodeState, live) -> DecodeState:
@@ -279,7 +244,6 @@ class BlockProgram:
         if dual:
             st = st.replace(cache=new_cache)
         return self.commit(model, st, hb, live)
-
 
     def commit(self, model, st: DecodeState, hb, live) -> DecodeState:
         """Head, propose, select and write tokens for rows in ``live`` [B] from their block hidden
@@ -339,8 +303,10 @@ class BlockProgram:
 
 
 def make_step_program(key: "ProgramKey", decoder: "BlockDecoder", graphdef, *, mask_id: int, fill_id: int,
-                      refresh_rows: int | None = None):
+                      refresh_rows: int | None = None, share: bool = True):
     """``run(params, state, budget, exit_on_done) -> state`` of one program key (jit it outside);
-    ``refresh_rows``: rows per refresh chunk (default from REFRESH_TOKENS)."""
-    program = BlockProgram(key, decoder, graphdef, mask_id, fill_id, chunk_rows(key.batch, key.canvas_len, refresh_rows))
+    ``refresh_rows``: rows per refresh chunk (default from REFRESH_TOKENS); ``share``: twins
+    share a refresh forward (``twins.same_forward``)."""
+    program = BlockProgram(key, decoder, graphdef, mask_id, fill_id, chunk_rows(key.batch, key.canvas_len, refresh_rows),
+                           share)
     return program.run

@@ -67,8 +67,10 @@ class Decoder:
         raise SamplingError); returns the fields it resolves (threshold / factor)."""
         return {}
 
-    def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_rows: int | None = None):
-        """The step program of ``key`` (``refresh_rows``: rows per refresh chunk, see ``blocks.make_step_program``)."""
+    def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_rows: int | None = None,
+              share: bool = True):
+        """The step program of ``key`` (``refresh_rows``: rows per refresh chunk; ``share``: rows
+        with identical inputs share a block-start forward; see ``blocks.make_step_program``)."""
         raise NotImplementedError
 
 
@@ -118,9 +120,10 @@ class BlockDecoder(Decoder):
                                 "with IndexError here", "steps")
         return {"threshold": threshold, "factor": factor}
 
-    def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_rows: int | None = None):
+    def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_rows: int | None = None,
+              share: bool = True):
         return blocks.make_step_program(key, self, graphdef, mask_id=mask_id, fill_id=fill_id,
-                                        refresh_rows=refresh_rows)
+                                        refresh_rows=refresh_rows, share=share)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,5 +160,6 @@ class SlidingDecoder(Decoder):
                                 "possible with it)", "shift_logits")
         return {"threshold": None, "factor": 1.0 if params.factor is None else params.factor}
 
-    def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_rows: int | None = None):
+    def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_rows: int | None = None,
+              share: bool = True):
         return sliding.make_step_program(key, graphdef, mask_id=mask_id)

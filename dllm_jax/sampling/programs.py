@@ -45,6 +45,9 @@ class Programs:
         ``blocks.REFRESH_TOKENS`` and the canvas); programs built after a change use it.
       lean_head: ``program_key`` gives requests that allow it lean-head keys (no [B, Lb, V]
         logits; docs/sampling.md "The lean head"); off by default: a key then admits any row.
+      share_forwards: rows entering a block with identical inputs (the n samples of one prompt,
+        repeated prompts) run one block-start forward (``blocks.same_forward``; on by default,
+        tokens unchanged); programs built after a change use it.
     """
 
     def __init__(self, model, max_programs: int | None = None, refresh_rows: int | None = None):
@@ -52,6 +55,7 @@ class Programs:
         self.max_programs = max_programs
         self.refresh_rows = refresh_rows
         self.lean_head = False
+        self.share_forwards = True
         self._cache: collections.OrderedDict = collections.OrderedDict()  # oldest use first
         self._users: dict = {}  # key -> WeakSet of the sessions using it
         self._lock = threading.RLock()
@@ -132,7 +136,7 @@ class Programs:
         shardings = state_shardings(key, m.mesh, m.spec)
         param_shardings = jax.tree.map(lambda x: x.sharding, m.params)
         fn = key.decoder.build(key, m.graphdef, mask_id=m.mask_token_id, fill_id=m.config.eos_token_id,
-                               refresh_rows=self.refresh_rows)
+                               refresh_rows=self.refresh_rows, share=self.share_forwards)
         scalar = shardings.batch_nfe  # (budget, exit_on_done): replicated scalars
         program = jax.jit(fn, in_shardings=(param_shardings, shardings, scalar, scalar), out_shardings=shardings,
                           donate_argnums=(1,))

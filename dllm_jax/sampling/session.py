@@ -77,6 +77,8 @@ class DecodeSession:
     Attributes:
       steps_per_call: the step budget of one ``step`` call.
       last_steps: denoising steps the last ``step`` call ran.
+      last_forwards: model forward passes the batch ran in it (block-start refresh chunks and
+        cached calls, each over the rows that need it; twins sharing a refresh count once).
     """
 
     def __init__(self, model, key: ProgramKey, steps_per_call: int = STEPS_PER_CALL):
@@ -86,7 +88,8 @@ class DecodeSession:
         self.slots: dict[int, Row] = {}
         self.steps_per_call = steps_per_call
         self.last_steps = 0  # denoising steps the last ``step`` call ran
-        self._steps = 0
+        self.last_forwards = 0  # ... and the batch's forward passes in it
+        self._steps = self._forwards = 0
         self._finished: set[int] = set()  # slots whose row is done on the device
 
     def admit(self, rows: dict[int, Row], *, isolate: bool = False) -> dict[int, Exception]:
@@ -193,7 +196,7 @@ class DecodeSession:
         self.state = self._run(self.steps_per_call if steps is None else steps, exit_on_done)
         st = self.state
         wanted = {"canvas": st.tokens.canvas, "done": st.progress.done, "nfe": st.progress.nfe,
-                  "batch_steps": st.batch_steps}
+                  "batch_steps": st.batch_steps, "batch_nfe": st.batch_nfe}
         if self.key.logprobs:
             wanted.update(commit_logprob=st.records.commit_logprob, top_ids=st.records.top_ids,
                           top_logprobs=st.records.top_logprobs)
@@ -206,7 +209,9 @@ class DecodeSession:
         updates = [self._update(slot, host, trace_row.get(slot)) for slot in sorted(self.slots)]
         self._finished.update(u.slot for u in updates if u.done)
         steps = int(host["batch_steps"])
+        forwards = int(host["batch_nfe"])
         self.last_steps, self._steps = steps - self._steps, steps
+        self.last_forwards, self._forwards = forwards - self._forwards, forwards
         return updates
 
     def _update(self, slot: int, host, trace_row: int | None = None) -> SlotUpdate:

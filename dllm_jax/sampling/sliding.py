@@ -11,7 +11,7 @@ when a window start with a decoded run reaches ``s + Lb >= P + G`` or holds a st
 with no mask before it. The prompt prefill (bidirectional within the prompt) is not counted
 in NFE, as upstream.
 
-``SlidingProgram.run`` is a step program (``blocks.step_loop``): one step is one decode forward of every
+``SlidingProgram.run`` is a step program (``loops.step_loop``): one step is one decode forward of every
 live row's window, preceded (in the step a row starts) by its prompt prefill, so rows of one
 batch slide independently and a freed slot takes a new request at the next host call.
 """
@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dllm_jax.sampling import proposal, rules
-from dllm_jax.sampling.blocks import contains_stop, put, step_loop, take, when
+from dllm_jax.sampling.blocks import contains_stop, put, take
+from dllm_jax.sampling.loops import step_loop, when
 from dllm_jax.sampling.state import DecodeState
 
 # (annotations only: ``ProgramKey`` is dllm_jax.sampling.params', which imports this module)

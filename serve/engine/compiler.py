@@ -118,6 +118,11 @@ class Compiler:
                 self._pool.submit(self._compile, key)
             return False
 
+    def is_compiled(self, key: ProgramKey) -> bool:
+        """Whether ``key`` is compiled now (never starts a compile)."""
+        with self._lock:
+            return key in self.compiled
+
     def in_flight(self) -> int:
         """Background compiles running or queued."""
         with self._lock:

@@ -45,6 +45,8 @@ COUNTERS = {  # prometheus_client renders a Counter named x as x_total
     "batch_steps_total": "Denoising steps run (one step advances every row of a batch by one step).",
     "decode_calls_total": "Decode calls (device round trips, each a few denoising steps) run.",
     "batch_rows_total": "Occupied slots summed over denoising steps.",
+    "batch_forwards_total": "Model forward passes batches ran (a block-start refresh chunk or a cached call; rows "
+                            "entering a block with identical inputs, such as the n samples of a prompt, share one).",
     "batch_slots_total": "Compiled slots summed over denoising steps (fill = rows / slots).",
     "rebuckets_total": "Sessions moved to another prompt bucket (their long prompts left, or a longer one joined).",
     "requests_cancelled_total": "Sequences dropped because the client went away.",
@@ -151,11 +153,13 @@ class Metrics:
     def observe(self, name: str, value: float) -> None:
         self._hist[name].observe(value)
 
-    def batch(self, rows: int, slots: int, seconds: float, steps: int = 1) -> None:
-        """One decode call ran ``steps`` denoising steps with ``rows`` of its ``slots`` occupied."""
+    def batch(self, rows: int, slots: int, seconds: float, steps: int = 1, forwards: int = 0) -> None:
+        """One decode call ran ``steps`` denoising steps (``forwards`` model forward passes) with
+        ``rows`` of its ``slots`` occupied."""
         with self._lock:
             self._counters["decode_calls_total"].inc()
             self._counters["batch_steps_total"].inc(steps)
+            self._counters["batch_forwards_total"].inc(forwards)
             self._counters["batch_rows_total"].inc(rows * steps)
             self._counters["batch_slots_total"].inc(slots * steps)
             self._hist["batch_size"].observe(rows)

@@ -7,8 +7,9 @@ Between two device calls the scheduler asks, and this module answers:
    and prompt bucket share a compiled program; a shorter prompt may join a session of a longer
    prompt bucket: it is left-padded, which does not change its output) and weights version
    (given ``ready``, also a longer one, into a session whose program at its bucket is compiled,
-   which moves up first; the scheduler does not ask for that: on a loaded host it split
-   batches, docs/performance.md). A session runs at its rows' own longest bucket: once its
+   which moves up first; the scheduler asks only whether it is compiled already, never starting
+   a compile for it: waiting on one split batches on a loaded host, docs/performance.md). A
+   session runs at its rows' own longest bucket: once its
    long prompts leave, it moves down (``Policy.fit``; ``DecodeSession.rebucket``).
    When the session limit blocks the oldest waiting sequence, later arrivals stop joining
    running sessions, so those drain and the blocked group gets its turn (FIFO fairness, no

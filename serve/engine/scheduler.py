@@ -186,7 +186,8 @@ class Scheduler(RowEvents):
         draining = self.policy.draining(views, self._demand, self.compiler.ready) if self.sessions else set()
         free = {s.sid: ([] if s.sid in draining else s.free()) for s in self.sessions}
         admits: dict[int, dict[int, WeightedSeq]] = {}
-        joins = self.policy.join_running(waiting, views, draining)
+        # (a longer prompt moves a session up only to a compiled program: see Policy.join_running)
+        joins = self.policy.join_running(waiting, views, draining, self.compiler.is_compiled)
         for seq, sid in zip(queued, joins):
             if sid is not None:
                 admits.setdefault(sid, {})[free[sid].pop(0)] = seq
@@ -274,8 +275,8 @@ class Scheduler(RowEvents):
             self._fail(session, list(session.slots.values()), e, "running a decode step")
             return
         self._last_command = time.monotonic()
-        ran = self.executor.last_steps(session.sid)
-        self.metrics.batch(len(session.slots), session.key.batch, self._last_command - t0, ran)
+        ran, forwards = self.executor.last_work(session.sid)
+        self.metrics.batch(len(session.slots), session.key.batch, self._last_command - t0, ran, forwards)
         session.step_s = (self._last_command - t0) / max(ran, 1)
         freed = 0
         for u in updates:

@@ -1,0 +1,62 @@
+"""Twins: rows that enter a block in the same step with identical forward inputs share one
+block-start refresh forward (docs/sampling.md, "Twins share a refresh").
+
+The ``n`` samples of one prompt enter their first block with the same prompt + all-mask canvas,
+as do repeated prompts; greedy twins (the same request twice) stay twins to the end. A row's
+forward does not depend on its batch-mates (batch invariance), so a twin may copy the first
+row's cache rows and block hidden states instead of running its own forward.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dllm_jax.sampling.state import DecodeState
+
+
+def _hash_weights(length: int, salt: int):
+    """[length] odd uint32 constants of ``row_hash`` (fixed: the same for every program)."""
+    return jnp.asarray(np.random.default_rng(salt).integers(0, 2 ** 31, length, dtype=np.uint32) * 2 + 1)
+
+
+def row_hash(*fields):
+    """[B] uint32: a weighted sum (mod 2**32, so exact and order-free) of each [B, L] integer or bool field."""
+    h = jnp.zeros(fields[0].shape[:1], jnp.uint32)
+    for salt, x in enumerate(fields):
+        h = h + jnp.sum(x.astype(jnp.uint32) * _hash_weights(x.shape[1], salt)[None, :], axis=1, dtype=jnp.uint32)
+    return h
+
+
+def same_forward(st: DecodeState, entering, bs):
+    """[B] int32: for each row entering a block, the first entering row whose block-start forward
+    reads exactly the same inputs (canvas, positions, valid, prompt, block start ``bs``): itself
+    when no earlier row does; other rows: themselves. Candidates are matched by ``row_hash``, then
+    compared field by field, so a hash collision only loses a share."""
+    t = st.tokens
+    fields = (t.canvas, t.positions, t.valid, t.prompt)
+    h = row_hash(*fields)  # [B]
+    b = h.shape[0]
+    match = (h[:, None] == h[None, :]) & (bs[:, None] == bs[None, :]) & entering[None, :]  # [B, B]
+    first = jnp.argmax(match, axis=1)  # the first match (itself, if entering and no earlier one)
+    exact = jnp.ones((b,), bool)
+    for x in fields:
+        exact &= jnp.all(x == x[first], axis=1)
+    return jnp.where(entering & exact, first, jnp.arange(b)).astype(jnp.int32)
+
+
+def copy_twins(cache, hidden, twin, lead, chunk: int):
+    """``cache`` rows and ``hidden`` [B, Lb, D] of each ``twin`` row [B] set to its ``lead`` row's,
+    ``chunk`` rows per iteration of a while loop (rows with nothing to copy cost nothing)."""
+    b = twin.shape[0]
+
+    def body(carry):
+        cache, hidden, pending = carry
+        rows = jnp.argsort(~pending, stable=True)[:chunk]  # [R] the first twins left
+        dest, src = jnp.where(pending[rows], rows, b), lead[rows]  # padding rows: out of range, dropped
+        cache = jax.tree.map(lambda x: x.at[dest].set(x[src], mode="drop"), cache)
+        return cache, hidden.at[dest].set(hidden[src], mode="drop"), pending.at[dest].set(False, mode="drop")
+
+    cache, hidden, _ = jax.lax.while_loop(lambda c: jnp.any(c[2]), body, (cache, hidden, twin))
+    return cache, hidden
