@@ -224,7 +224,7 @@ def reference_generate(model, prompt, params: SamplingParams, fwd: Forward | Non
         return _reference_sliding(model, prompt, p, fwd)
     algo = ALGORITHMS[p.algorithm]
     mask_id = model.mask_token_id
-    rule = algo.rule if algo.rule is not None else p.rule
+    rule = algo.rule if algo.rule is not None and p.entropy_bound is None else p.rule
     plen, g, lb = len(prompt), p.gen_length, p.block_length
     x = np.array(list(prompt) + [mask_id] * g)
     spb = p.steps // (g // lb)
@@ -272,7 +272,7 @@ def reference_generate(model, prompt, params: SamplingParams, fwd: Forward | Non
                     h, _ = fwd.window(x[start:], start, cache, write_from=s)
                     logits = fwd.logits(h[s - shift - start:e - shift - start])
             raw_logp = log_softmax(logits)  # the model's own (before credit fusion)
-            if rule == rules.CREDIT:
+            if algo.rule == rules.CREDIT:
                 if i > 0:
                     credit *= rules.CREDIT_DECAY
                 probs = _softmax(logits)
@@ -283,7 +283,7 @@ def reference_generate(model, prompt, params: SamplingParams, fwd: Forward | Non
                                            p.top_k, p.top_p, p.min_p)
             chosen = choose(rule, conf, masked, k=sched[min(i, spb - 1)], threshold=p.threshold or 1.0,
                             factor=p.factor or 1.0, leftmost=p.remasking == "leftmost",
-                            entropy=entropy(raw_logp, mask_id), bound=p.entropy_bound or 0.0)
+                            entropy=entropy(logits, mask_id), bound=p.entropy_bound or 0.0)
             nfe += 1
             for j in chosen:
                 x[s + j] = x0[j]

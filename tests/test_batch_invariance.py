@@ -296,9 +296,10 @@ def _xparams(algorithm):
     if ALGORITHMS[algorithm].rule is None:  # the row picks FIXED / THRESHOLD / FACTOR / ENTROPY_BOUND
         rule = [{}, dict(threshold=0.7), dict(factor=1.0), dict(entropy_bound=0.3), dict(threshold=0.9),
                 dict(factor=2.0), dict(entropy_bound=1.0), dict(threshold=0.6)]
-    else:  # dInfer: the algorithm's rule, per-row thresholds
-        rule = [{}, dict(threshold=0.7), dict(threshold=0.5), dict(threshold=0.6), dict(threshold=0.9),
-                dict(threshold=0.8), {}, dict(threshold=0.6)]
+    else:  # dInfer: the algorithm's rule, per-row thresholds (the EB-Sampler where it takes the threshold's place)
+        eb = ALGORITHMS[algorithm].decoder.rows_pick_rule
+        rule = [{}, dict(threshold=0.7), dict(threshold=0.5), dict(entropy_bound=0.3) if eb else dict(threshold=0.6),
+                dict(threshold=0.9), dict(threshold=0.8), dict(entropy_bound=1.0) if eb else {}, dict(threshold=0.6)]
     sampled = {3: 0.8, 6: 0.7}  # seeded T > 0 rows
     return [SamplingParams(algorithm=algorithm, gen_length=G, block_length=LB, steps=G, trace=True,
                            temperature=sampled.get(i, 0.0), seed=50 + i, **rule[i]).resolve("llada")

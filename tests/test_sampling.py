@@ -90,10 +90,13 @@ def test_leftmost_matches_python_loop_reference(llada_model, llada_forward, algo
             assert all(np.all(np.diff(block) >= 0) for block in steps), steps
 
 
-@pytest.mark.parametrize("algorithm", ["basic", "no_cache", "prefix_cache", "dual_cache"])
+@pytest.mark.parametrize("algorithm", ["basic", "no_cache", "prefix_cache", "dual_cache", "dinfer_blockwise",
+                                       "dinfer_credit"])
 def test_entropy_bound_matches_python_loop_reference(llada_model, llada_forward, algorithm):
     """EB-Sampler rows (several gammas, greedy and sampled, every selection policy) beside a
-    threshold row and a fixed-schedule row, vs the reference's walk (reference_sampler._entropy_bounded)."""
+    threshold row and a fixed-schedule row (on the dInfer decoders: their default threshold),
+    vs the reference's walk (reference_sampler._entropy_bounded; with dInfer's credit, the
+    entropy of the credit-fused distribution the tokens are drawn from)."""
     rng = np.random.default_rng(zlib.crc32(b"entropy_bound " + algorithm.encode()))
     prompts = _prompts(rng, 6, lo=9, hi=10)
     rows = [dict(entropy_bound=0.0), dict(entropy_bound=0.5, temperature=0.8, seed=3),

@@ -116,6 +116,9 @@ def test_max_tokens_maps_to_whole_blocks_and_family_defaults():
     # the EB-Sampler's gamma replaces the default algorithm's threshold
     p = request_params(chat(entropy_bound=0.15), "llada", 512)[0][0]
     assert (p.algorithm, p.threshold, p.entropy_bound) == ("dual_cache", None, 0.15)
+    # ... and a dInfer threshold decoder's (its credit fusion, if any, stays)
+    p = request_params(chat(entropy_bound=0.15, algorithm="dinfer_credit"), "llada", 512)[0][0]
+    assert (p.algorithm, p.threshold, p.entropy_bound) == ("dinfer_credit", None, 0.15)
 
 
 @pytest.mark.parametrize("kw,param", [

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from dllm_jax.sampling import head, rules
+from dllm_jax.sampling import head, proposal, rules
 from dllm_jax.sampling.loops import step_loop, when
 from dllm_jax.sampling.twins import copy_twins, same_forward
 from dllm_jax.sampling.state import DecodeState
@@ -265,9 +265,13 @@ class BlockProgram:
         spb = key.steps_per_block
         n0, idx = p.block_masks, jnp.minimum(p.call, spb - 1)  # [B]
         k = n0 // spb + (idx < n0 % spb)  # [B]
-        entropy = stats.entropy() if self.decoder.rule is None else None  # rows may pick the EB-Sampler
-        transfer = rules.select(self.decoder.rule, k_.rule, conf, masked, k, k_.threshold, k_.factor,
-                                k_.remasking, entropy, k_.entropy_bound)  # [B, Lb]
+        entropy = None
+        if self.decoder.rows_pick_rule:  # rows may pick the EB-Sampler: the entropy of what x0 is drawn from
+            entropy = stats.entropy() if fused is None else jax.lax.cond(
+                jnp.any(k_.rule == rules.ENTROPY_BOUND), lambda f: proposal.entropy(f, self.mask_id),
+                lambda f: jnp.zeros(f.shape[:2], jnp.float32), fused)
+        transfer = rules.select(None if self.decoder.rows_pick_rule else self.decoder.rule, k_.rule, conf, masked, k,
+                                k_.threshold, k_.factor, k_.remasking, entropy, k_.entropy_bound)  # [B, Lb]
         canvas = put(st.tokens.canvas, bs, jnp.where(transfer, x0, block_tokens))  # [B, L]
         nfe = p.nfe + live
         gen_idx = bs - key.prompt_len  # [B] block start in the generated region

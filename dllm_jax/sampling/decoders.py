@@ -45,6 +45,12 @@ class Decoder:
         """The state holds a KV cache."""
         return True
 
+    @property
+    def rows_pick_rule(self) -> bool:
+        """Each row picks its transfer rule by its knobs (``rules.row_rule``): no fixed rule, or a
+        fixed threshold rule whose rows may take the EB-Sampler instead (``entropy_bound_rows``)."""
+        return self.rule is None or rules.RULES[self.rule].entropy_bound_rows
+
     def extra_length(self, block_length: int) -> int:
         """Canvas positions a row needs after prompt + gen_length."""
         return 0
@@ -105,10 +111,10 @@ class BlockDecoder(Decoder):
             raise SamplingError(f"factor is not used by algorithm {params.algorithm!r}", "factor")
         if params.entropy_bound is not None and (threshold is not None or factor is not None):
             raise SamplingError("give entropy_bound or a threshold / factor, not both", "entropy_bound")
-        if self.rule is not None and params.entropy_bound is not None:
+        if params.entropy_bound is not None and not self.rows_pick_rule:
             raise SamplingError(f"entropy_bound is not used by algorithm {params.algorithm!r} (its transfer rule "
                                 "is fixed)", "entropy_bound")
-        if self.rule is not None and threshold is None:
+        if self.rule is not None and threshold is None and params.entropy_bound is None:
             threshold = self.default_threshold
         if params.cfg_scale > 0 and self.uses_cache:
             raise SamplingError(f"cfg_scale > 0 needs a full-canvas algorithm ('basic' or 'no_cache'), "

@@ -199,6 +199,9 @@ class Rule:
       per_row: a row picks it by its own knobs when its algorithm fixes no rule (``row_rule``).
       fuses_credit: the step fuses the logits with a per-block credit first (``credit_fuse``).
       needs_entropy: its ``select`` reads ``Ranked.entropy`` (computed only when a row uses it).
+      entropy_bound_rows: where an algorithm fixes this rule, a row that gives ``entropy_bound``
+        commits by the EB-Sampler instead (the threshold rules: same candidates and confidences,
+        only the stopping test differs; docs/sampling.md, "EB-Sampler").
     """
 
     name: ClassVar[str]
@@ -206,6 +209,7 @@ class Rule:
     per_row: ClassVar[bool] = False
     fuses_credit: ClassVar[bool] = False
     needs_entropy: ClassVar[bool] = False
+    entropy_bound_rows: ClassVar[bool] = False
 
     @property
     def code(self) -> int:
@@ -229,7 +233,7 @@ class Threshold(Rule):
     """The first-ranked masked position plus every one with confidence >= ``threshold``
     (Fast-dLLM ``get_transfer_index``; dInfer's blockwise decoder)."""
 
-    name, knobs, per_row = "threshold", ("threshold",), True
+    name, knobs, per_row, entropy_bound_rows = "threshold", ("threshold",), True, True
 
     def select(self, r: Ranked) -> jax.Array:
         return transfer_threshold(r.conf, r.masked, r.threshold, r.rank)
