@@ -26,12 +26,14 @@ version, continue and the client between those calls), rollouts/s and tokens/s o
 generation, and of the whole loop (generation + cycle; the benchmark's own answer checks,
 /metrics reads and checkpoint writes are not counted).
 
-Second table, group sharing: the same P x n rollouts as P requests with ``n`` (seed s gives
-samples s, s+1, ...) and as P x n requests with ``n = 1`` and those seeds, alternating which
-goes first over ``--repeats``; tokens and logprobs must be identical. The ratio of the two
-rollouts/s (and of the engine's seconds, less noisy on a shared host) is what sharing the
-group's first forward could gain (today the n rows of a group are batched like independent
-requests).
+Second table, group sharing: the same P x n rollouts three ways, order rotating over
+``--repeats``: as P requests with ``n`` (seed s gives samples s, s+1, ...) and as P x n requests
+with ``n = 1`` and those seeds, both on the server above, and as P requests with ``n`` on a second
+server started with ``--no-share-forwards``. The rows of a group enter their first block with the
+same canvas and share that block-start forward (docs/sampling.md, "Twins share a refresh"), so do
+independent requests of one prompt admitted in the same step; the second server runs every row's
+own. Tokens and logprobs must be identical in all three; the batch forwards
+(``dllm_batch_forwards_total``), engine seconds and rollouts/s show what the sharing saves.
 """
 
 from __future__ import annotations
@@ -68,8 +70,9 @@ def device() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def start(args, model: str, tmp: Path) -> tuple[subprocess.Popen, str, Path]:
-    """``python -m serve`` with one batch bucket of P x n rows and one prompt bucket; its log in tmp."""
+def start(args, model: str, tmp: Path, extra: tuple[str, ...] = (), name: str = "server") -> tuple[subprocess.Popen, str, Path]:
+    """``python -m serve`` with one batch bucket of P x n rows and one prompt bucket (and ``extra``
+    arguments); its log in tmp/NAME.log."""
     rows = args.prompts * args.n
     serve_args = ["--model", model, "--allow-weight-updates", "--max-batch-size", str(rows), "--batch-buckets",
                   str(rows), "--prompt-buckets", str(PROMPT_BUCKET), "--warmup-buckets", "none", "--max-wait-ms", "20"]
@@ -77,7 +80,8 @@ def start(args, model: str, tmp: Path) -> tuple[subprocess.Popen, str, Path]:
         if getattr(args, flag):
             serve_args += [f"--{flag}", getattr(args, flag)]
     port = free_port()
-    log = tmp / "server.log"
+    serve_args += list(extra)
+    log = tmp / f"{name}.log"
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--port", str(port), *serve_args], cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT)
@@ -161,9 +165,10 @@ def measured(url: str, bodies: list[dict]) -> dict:
     before = scrape(url, {})
     wall, answers = asyncio.run(send(url, bodies))
     after = scrape(url, {})
-    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("dllm_batch_steps_total", "dllm_block_step_seconds_sum")}
+    delta = {k: after.get(k, 0) - before.get(k, 0)
+             for k in ("dllm_batch_steps_total", "dllm_batch_forwards_total", "dllm_block_step_seconds_sum")}
     return {"wall": wall, "answers": answers, "steps": int(delta["dllm_batch_steps_total"]),
-            "engine": delta["dllm_block_step_seconds_sum"]}
+            "forwards": int(delta["dllm_batch_forwards_total"]), "engine": delta["dllm_block_step_seconds_sum"]}
 
 
 def check_finished(answers: list[dict]) -> None:
@@ -256,27 +261,64 @@ def loop(url: str, trainer: Trainer, ps: list[list[int]], seeds: list[int], args
     return rows
 
 
-def sharing(url: str, ps: list[list[int]], seeds: list[int], args) -> list[dict]:
+ARMS = ("group", "independent", "group, not shared")
+
+
+def sharing(urls: dict[str, str], ps: list[list[int]], seeds: list[int], args) -> list[dict]:
+    """The three arms (``ARMS``) once per repeat, the order rotating; ``urls``: the sharing server
+    ("shared") and the one started with ``--no-share-forwards`` ("not shared")."""
     rows = []
+    lp = lambda xs: [[x[0] for x in a["meta_info"]["output_token_logprobs"]] for a in xs]  # noqa: E731
     for r in range(args.repeats):
-        order = ("group", "independent") if r % 2 == 0 else ("independent", "group")
+        order = ARMS[r % 3:] + ARMS[:r % 3]
         got = {}
         for arm in order:
-            bodies = group_bodies(ps, seeds, args) if arm == "group" else single_bodies(ps, seeds, args)
+            url = urls["not shared" if arm.endswith("not shared") else "shared"]
+            bodies = single_bodies(ps, seeds, args) if arm == "independent" else group_bodies(ps, seeds, args)
             got[arm] = measured(url, bodies)
             check_finished(got[arm]["answers"])
-        g, i = got["group"], got["independent"]
-        (tg, ag), (ti, ai) = (g["wall"], g["answers"]), (i["wall"], i["answers"])
-        same_tokens = [a["output_ids"] for a in ag] == [a["output_ids"] for a in ai]
-        lp = lambda xs: [[x[0] for x in a["meta_info"]["output_token_logprobs"]] for a in xs]  # noqa: E731
-        rows.append({"repeat": r + 1, "first": order[0], "group s": tg, "independent s": ti,
-                     "group rollouts/s": len(ag) / tg, "independent rollouts/s": len(ai) / ti,
-                     "group / independent": ti / tg, "steps group / indep.": f"{g['steps']} / {i['steps']}",
-                     "engine s group / indep.": f"{g['engine']:.3g} / {i['engine']:.3g}",
-                     "engine ratio": i["engine"] / g["engine"],
-                     "tokens identical": "yes" if same_tokens else "NO",
-                     "logprobs identical": "yes" if lp(ag) == lp(ai) else "NO"})
+        g, i, u = (got[a] for a in ARMS)
+        tokens = [[a["output_ids"] for a in m["answers"]] for m in (g, i, u)]
+        logprobs = [lp(m["answers"]) for m in (g, i, u)]
+        row = {"repeat": r + 1, "first": order[0]}
+        for name, m in zip(ARMS, (g, i, u)):
+            row[f"{name}: rollouts/s"] = len(m["answers"]) / m["wall"]
+            row[f"{name}: forwards"] = m["forwards"]
+            row[f"{name}: engine s"] = m["engine"]
+        row.update({"steps g / i / u": f"{g['steps']} / {i['steps']} / {u['steps']}",
+                    "forwards not shared / group": u["forwards"] / max(g["forwards"], 1),
+                    "engine s not shared / group": u["engine"] / g["engine"],
+                    "tokens identical": "yes" if tokens[0] == tokens[1] == tokens[2] else "NO",
+                    "logprobs identical": "yes" if logprobs[0] == logprobs[1] == logprobs[2] else "NO"})
+        rows.append(row)
     return rows
+
+
+def shared_table(args, model: str, tmp: Path, url: str, ps, seeds, latest: Path) -> list[dict]:
+    """The group-sharing table: a second server (``--no-share-forwards``, updated to ``latest``, the
+    first server's weights) beside the first; prints the table and its summary line."""
+    proc, url2, log = start(args, model, tmp, ("--no-share-forwards",), name="server-not-shared")
+    try:
+        warm(url2, [body(ps[0], 1, 0, args.max_new_tokens)])
+        with httpx.Client(base_url=url2, timeout=3600) as http:  # the first server's weights now
+            update_cycle(http, latest, str(args.iterations + 1))
+        share = sharing({"shared": url, "not shared": url2}, ps, seeds, args)
+    except BaseException:
+        print(f"server log: the last lines of {log}:\n" + "".join(open(log).readlines()[-30:]), file=sys.stderr)
+        raise
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    print_table(share, list(share[0]), f"group sharing: {args.prompts} requests with n={args.n} (group), "
+                f"{args.prompts * args.n} requests with n=1 and the same seeds (independent), and the group on a "
+                "server with --no-share-forwards")
+    med = lambda k: statistics.median(r[k] for r in share)  # noqa: E731
+    print(f"\nmedians: forwards not shared / group {med('forwards not shared / group'):.3f}, engine seconds not "
+          f"shared / group {med('engine s not shared / group'):.3f}, rollouts/s group / not shared "
+          f"{med('group: rollouts/s') / med('group, not shared: rollouts/s'):.3f}; tokens identical in every "
+          f"repeat: {'yes' if all(r['tokens identical'] == 'yes' for r in share) else 'NO'}; logprobs identical: "
+          f"{'yes' if all(r['logprobs identical'] == 'yes' for r in share) else 'NO'}")
+    return share
 
 
 def main(argv=None) -> int:
@@ -287,7 +329,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=None, help="samples per prompt (default 8; --quick 4)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="G (default 128; --quick 32)")
     p.add_argument("--iterations", type=int, default=None, help="timed iterations (default 3; --quick 2)")
-    p.add_argument("--repeats", type=int, default=None, help="group-sharing A/B repeats (default 4; --quick 6)")
+    p.add_argument("--repeats", type=int, default=None, help="group-sharing repeats (default 3; --quick 6)")
     p.add_argument("--mesh", default=None)
     p.add_argument("--dtype", default=None, help="the server's --dtype (default: the checkpoint's)")
     p.add_argument("--noise", type=float, default=0.01, help="per-step noise, x each matrix's std")
@@ -295,7 +337,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny settings: tiny fixture, 4 x 4, 32 tokens, 2 iterations")
     args = p.parse_args(argv)
     quick = dict(prompts=4, n=4, max_new_tokens=32, iterations=2, repeats=6)
-    full = dict(prompts=8, n=8, max_new_tokens=128, iterations=3, repeats=4)
+    full = dict(prompts=8, n=8, max_new_tokens=128, iterations=3, repeats=3)
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -348,17 +390,9 @@ def main(argv=None) -> int:
                        "loop rollouts/s": sum(args.prompts * args.n for _ in rows) / total,
                        "versions ok": "yes" if all(r["ok"] == "yes" for r in rows) else "NO"}
             print_table([summary], list(summary), "summary (means over iterations; loop = gen + swap + idle)")
-            share = sharing(url, ps, seeds, args)
-            print_table(share, list(share[0]), f"group sharing: {args.prompts} requests with n={args.n} vs "
-                        f"{args.prompts * args.n} requests with n=1, same seeds")
-            ratios, engine = [r["group / independent"] for r in share], [r["engine ratio"] for r in share]
-            print(f"\ngroup / independent rollouts/s: median {statistics.median(ratios):.3f} "
-                  f"(min {min(ratios):.3f}, max {max(ratios):.3f}); engine seconds independent / group: median "
-                  f"{statistics.median(engine):.3f}; tokens identical in every repeat: "
-                  f"{'yes' if all(r['tokens identical'] == 'yes' for r in share) else 'NO'}; logprobs identical: "
-                  f"{'yes' if all(r['logprobs identical'] == 'yes' for r in share) else 'NO'}")
             after = scrape(url, {}).get("dllm_compiles_total", 0)
             print(f"programs compiled during the timed part: {after - compiles:.0f}")
+            shared_table(args, str(model), tmp, url, ps, seeds, trainer.written[-1])
         except BaseException:
             print(f"server log: the last lines of {log}:\n" + "".join(open(log).readlines()[-30:]), file=sys.stderr)
             raise

@@ -94,6 +94,9 @@ def _engine_args(p) -> None:
                    help="compiled programs kept in memory (LRU over program keys and scoring programs; "
                         "0: unbounded); an evicted one compiles again when next needed")
     p.add_argument("--compile-cache", default=None, help="directory for JAX's persistent compilation cache")
+    p.add_argument("--no-share-forwards", dest="share_forwards", action="store_false",
+                   help="every row runs its own block-start forward (by default rows entering a block with identical "
+                        "inputs, such as the n samples of one prompt, share one; same tokens either way)")
 
 
 def _weights_args(p) -> None:
@@ -230,6 +233,7 @@ def _follow(args, load, liveness) -> None:
 
     model = load()
     model.programs.set_limit(args.max_programs or None)  # the same cache as process 0's
+    model.programs.share_forwards = args.share_forwards  # the same step programs as process 0's
     multihost.follow(model, weights_root=args.weights_root)
     liveness.stop()
     jax.distributed.shutdown()
@@ -247,7 +251,7 @@ def _make_engine(args, load, multi: bool):
         max_sessions=args.max_sessions, batch_buckets=_ints(args.batch_buckets),
         prompt_buckets=_ints(args.prompt_buckets), warmup=warmup_buckets(args.warmup_buckets, args.max_batch_size),
         max_score_tokens=args.max_score_tokens, heartbeat_s=10.0 if multi else None,
-        background_compile=not multi, max_programs=args.max_programs or None,
+        background_compile=not multi, max_programs=args.max_programs or None, share_forwards=args.share_forwards,
         allow_weight_updates=args.allow_weight_updates, weights_root=args.weights_root,
         refill_wait_ms=args.refill_wait_ms, call_budget_ms=args.call_budget_ms,
         max_steps_per_call=args.max_steps_per_call,

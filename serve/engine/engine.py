@@ -205,6 +205,7 @@ class Engine(WeightUpdates):
             if programs is not None:
                 programs.set_limit(self.options.max_programs)
                 programs.on_evict.append(self._evicted)
+                programs.share_forwards = self.options.share_forwards
             self.swapper = Swapper(self.executor, self.inbox, self.metrics, background=self.options.background_compile,
                                    initial=Weights(0, str(model.source), time.time()))
             self.scheduler = Scheduler(model, self.executor, self.compiler, self.options, self.metrics, self.inbox,

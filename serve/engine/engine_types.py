@@ -65,6 +65,7 @@ class EngineOptions:
     heartbeat_s: float | None = None                # multi-host: a noop command when idle this long
     background_compile: bool = True                 # single host; multi-host compiles inline (in order)
     max_programs: int | None = 64                   # compiled programs kept (LRU); None: unbounded
+    share_forwards: bool = True                     # twins share a block-start forward (Programs.share_forwards)
     allow_weight_updates: bool = False              # POST /update_weights_from_disk
     steps_per_call: int = STEPS_PER_CALL            # denoising steps per device call (fewer once a row finishes)
     refill_wait_ms: float = 20.0                    # after rows leave, wait this long for returning clients
