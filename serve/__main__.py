@@ -97,6 +97,13 @@ def _engine_args(p) -> None:
     p.add_argument("--no-share-forwards", dest="share_forwards", action="store_false",
                    help="every row runs its own block-start forward (by default rows entering a block with identical "
                         "inputs, such as the n samples of one prompt, share one; same tokens either way)")
+    p.add_argument("--lean-head", choices=("auto", "on", "off"), default="auto",
+                   help="step programs without [batch, block, vocab] float32 logits (the head in vocabulary chunks, "
+                        "docs/sampling.md 'The lean head') for requests that allow them: greedy ones, and T > 0 ones "
+                        "without top_k/top_p/min_p on algorithms other than dinfer_credit. The others run the full "
+                        "programs, which are different compiled programs: the two kinds never share a batch and each "
+                        "compiles its own buckets (auto, the default: on for vocabularies of 32768 tokens or more, "
+                        "off for small ones such as the demo model's)")
 
 
 def _weights_args(p) -> None:
@@ -230,10 +237,14 @@ def _follow(args, load, liveness) -> None:
     import jax
 
     from serve.engine import multihost
+    from serve.engine.engine_types import lean_head_on
 
     model = load()
     model.programs.set_limit(args.max_programs or None)  # the same cache as process 0's
     model.programs.share_forwards = args.share_forwards  # the same step programs as process 0's
+    # (process 0's commands carry its program keys, lean or not; the same flag keeps this model's
+    # programs alike should it ever make keys itself)
+    model.programs.lean_head = lean_head_on(args.lean_head, model.spec.vocab)
     multihost.follow(model, weights_root=args.weights_root)
     liveness.stop()
     jax.distributed.shutdown()
@@ -251,7 +262,7 @@ def _make_engine(args, load, multi: bool):
         max_sessions=args.max_sessions, batch_buckets=_ints(args.batch_buckets),
         prompt_buckets=_ints(args.prompt_buckets), warmup=warmup_buckets(args.warmup_buckets, args.max_batch_size),
         max_score_tokens=args.max_score_tokens, heartbeat_s=10.0 if multi else None,
-        background_compile=not multi, max_programs=args.max_programs or None, share_forwards=args.share_forwards,
+        background_compile=not multi, max_programs=args.max_programs or None, share_forwards=args.share_forwards, lean_head=args.lean_head,
         allow_weight_updates=args.allow_weight_updates, weights_root=args.weights_root,
         refill_wait_ms=args.refill_wait_ms, call_budget_ms=args.call_budget_ms,
         max_steps_per_call=args.max_steps_per_call,

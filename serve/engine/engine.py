@@ -33,6 +33,7 @@ from serve.engine.engine_types import (
     State,
     WeightedScoreJob,
     WeightedSeq,
+    lean_head_on,
     prompt_chars_bound,
 )
 from serve.engine.errors import ContextLengthExceeded, EngineDead, EngineNotReady
@@ -206,6 +207,10 @@ class Engine(WeightUpdates):
                 programs.set_limit(self.options.max_programs)
                 programs.on_evict.append(self._evicted)
                 programs.share_forwards = self.options.share_forwards
+                # (before any key is made: requests that allow it get lean-head keys, the others full ones)
+                programs.lean_head = lean_head_on(self.options.lean_head, model.spec.vocab)
+                log.info("lean head %s (--lean-head %s, vocabulary %d)", "on" if programs.lean_head else "off",
+                         self.options.lean_head, model.spec.vocab)
             self.swapper = Swapper(self.executor, self.inbox, self.metrics, background=self.options.background_compile,
                                    initial=Weights(0, str(model.source), time.time()))
             self.scheduler = Scheduler(model, self.executor, self.compiler, self.options, self.metrics, self.inbox,

@@ -13,6 +13,19 @@ from serve.engine.requests import ScoreJob, Seq
 from serve.engine.weights import Weights
 
 
+# ``EngineOptions.lean_head`` 'auto': lean-head programs from this vocabulary size on (LLaDA:
+# 126,464), where a block's [B, Lb, V] float32 logits are what a step's memory is made of
+LEAN_HEAD_MIN_VOCAB = 32768
+
+
+def lean_head_on(mode: str, vocab: int) -> bool:
+    """``EngineOptions.lean_head`` ('auto', 'on' or 'off') for a model of ``vocab`` tokens: whether
+    its ``programs.lean_head`` is set (docs/sampling.md, "The lean head")."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"lean_head={mode!r} must be 'auto', 'on' or 'off'")
+    return vocab >= LEAN_HEAD_MIN_VOCAB if mode == "auto" else mode == "on"
+
+
 def prompt_chars_bound(model: ServedModel) -> int:
     """The default character bound of a prompt: the context times the longest vocabulary entry
     (a token never covers more characters than its own string, so no prompt that fits the
@@ -66,6 +79,9 @@ class EngineOptions:
     background_compile: bool = True                 # single host; multi-host compiles inline (in order)
     max_programs: int | None = 64                   # compiled programs kept (LRU); None: unbounded
     share_forwards: bool = True                     # twins share a block-start forward (Programs.share_forwards)
+    lean_head: str = "auto"                         # lean-head programs (no [B, Lb, V] logits) for the
+                                                    # requests that allow them: 'on', 'off', 'auto' (on
+                                                    # from LEAN_HEAD_MIN_VOCAB tokens); ``lean_head_on``
     allow_weight_updates: bool = False              # POST /update_weights_from_disk
     steps_per_call: int = STEPS_PER_CALL            # denoising steps per device call (fewer once a row finishes)
     refill_wait_ms: float = 20.0                    # after rows leave, wait this long for returning clients
