@@ -248,18 +248,20 @@ class BlockProgram:
     def commit(self, model, st: DecodeState, hb, live) -> DecodeState:
         """Head, propose, select and write tokens for rows in ``live`` [B] from their block hidden
         states ``hb`` (``forward``); count their forward pass. The head runs in vocabulary chunks
-        (``head.block_head``); a lean key's program never holds [B, Lb, V] logits."""
+        (``head.block_head``; a lean key's program never holds [B, Lb, V] logits: its T > 0 draw is
+        the head's)."""
         key, k_, p = self.key, st.knobs, st.progress
         bs = self.block_start(st)  # [B]
         block_tokens = take(st.tokens.canvas, bs, key.block_length)  # [B, Lb]
         masked = (block_tokens == self.mask_id) & live[:, None]  # [B, Lb]
+        keys = jax.vmap(jax.random.fold_in)(k_.rng, p.nfe)
         stats, logits = head.block_head(model, hb, k_.cfg_scale if key.cfg else None, self.mask_id,
-                                        top_k=key.logprobs, keep_logits=not key.lean_head)
+                                        top_k=key.logprobs, keep_logits=not key.lean_head, knobs=k_, keys=keys,
+                                        fuses_credit=self.decoder.fuses_credit)
         fused, credit = None, st.credit  # [B, Lb, V]
         if self.decoder.fuses_credit:
             fused, new_credit = rules.credit_fuse(logits, credit, masked, (p.call == 0)[:, None, None])
             credit = jnp.where(live[:, None, None], new_credit, credit)
-        keys = jax.vmap(jax.random.fold_in)(k_.rng, p.nfe)
         x0, conf, floor, logit = head.propose(stats, logits, k_, keys, self.mask_id, fused)  # [B, Lb] each
         # the static schedule's share of this call: LLaDA's get_num_transfer_tokens(n)[call]
         spb = key.steps_per_block

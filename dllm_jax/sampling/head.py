@@ -5,10 +5,15 @@ without a [B, Lb, V] float32 logits array (issue 26, docs/sampling.md "The lean 
 per position, online statistics of the logits (``HeadStats``): the greedy proposal (argmax, the
 mask token excluded, the lowest index on ties, exactly ``jnp.argmax``), the running maximum and
 exp-sums that give the softmax normaliser over the full vocabulary, the entropy without the mask
-token, and a running top-k. A *lean* program (``ProgramKey.lean_head``: every row greedy, no credit
-fusion) keeps only these; a *full* one also writes the chunks into the [B, Lb, V] logits the T > 0
-draw, the filters, 'processed' logprobs and dInfer's credit need. Both derive confidence, entropy
-and raw logprobs from the same statistics, so a greedy row gets the same bits in either program.
+token, a running top-k; in a lean program the T > 0 Gumbel-max draw (the noise of each chunk's
+columns drawn on the spot, ``proposal.gumbel_columns``: the same numbers as the full draw's); and,
+for rows that ask for 'processed' logprobs at T > 0 without filters, an online log-sum-exp of
+logits / T. A *lean* program (``ProgramKey.lean_head``: rows without top_k / top_p / min_p filters
+at T > 0 and without credit fusion, ``params.lean_head_ok``) keeps only these; a *full* one also
+writes the chunks into the [B, Lb, V] logits the filtered draw, its 'processed' logprobs and
+dInfer's credit need (and draws unfiltered T > 0 rows from them, ``proposal.draw``). Both derive
+confidence, entropy, raw logprobs and unfiltered 'processed' ones from the same statistics, so a
+row gets the same bits in either program.
 
 Every sum is a fixed-order ``row_sum`` inside a chunk and a sequential combination across chunks,
 so a row's values do not depend on its batch-mates (docs/sampling.md, "Batch invariance in bf16").
@@ -43,6 +48,13 @@ class HeadStats:
       mask_logit: the mask token's logit.
       top_vals, top_ids: the k largest logits without the mask token (descending, lowest index first
         on ties) and their ids.
+      drawn: int32 the T > 0 Gumbel-max draw, argmax of l + T g without the mask token (g the step's
+        Gumbel noise, ``proposal.draw``'s numbers; lowest index on ties); computed only by a lean
+        program in a step where some row samples (``proposal`` picks it for T > 0 rows only).
+      drawn_score: its score l + T g; drawn_logit: its logit l.
+      t_best: max of l / T' without the mask token (T' = max(T, 1e-6), ``proposal._scaled``).
+      t_total: sum over tokens but the mask of exp(l / T' - t_best): with t_best the normaliser of
+        'processed' logprobs at T > 0 (computed only in steps where a row wants them).
     """
 
     argmax: jax.Array
@@ -52,6 +64,11 @@ class HeadStats:
     mask_logit: jax.Array
     top_vals: jax.Array
     top_ids: jax.Array
+    drawn: jax.Array
+    drawn_score: jax.Array
+    drawn_logit: jax.Array
+    t_best: jax.Array
+    t_total: jax.Array
 
     def log_z(self):
         """log of the full softmax normaliser (the mask token included): log sum_v exp(l_v)."""
@@ -71,12 +88,28 @@ class HeadStats:
         log_z = self.log_z()
         return logit - log_z, self.top_ids, self.top_vals - log_z[..., None]
 
+    def proposal(self, temperature):
+        """(x0 [B, Lb] int32, its logit [B, Lb]) of a lean program: the Gumbel-max draw for rows at
+        T > 0 (``temperature`` [B]), the argmax for greedy rows."""
+        sampled = (temperature > 0)[:, None]
+        return jnp.where(sampled, self.drawn, self.argmax), jnp.where(sampled, self.drawn_logit, self.best)
+
+    def processed_logprobs(self, logit, temperature):
+        """'processed' logprobs at T > 0 without filters: log-softmax of l / T' over the tokens but the
+        mask (``proposal.processed_logprobs`` with no filter floor) of x's logit, and of the top k
+        (the raw top k: dividing by T' > 0 keeps their order). Returns (logprob [B, Lb], top_ids,
+        top_logprobs [B, Lb, k])."""
+        tt = jnp.maximum(temperature, 1e-6)[:, None]  # [B, 1]
+        log_z = self.t_best + jnp.log(self.t_total)
+        return logit / tt - log_z, self.top_ids, self.top_vals / tt[..., None] - log_z[..., None]
+
 
 def _init(shape, k: int) -> HeadStats:
     neg = jnp.full(shape, NEG_INF, jnp.float32)
     zero = jnp.zeros(shape, jnp.float32)
-    return HeadStats(jnp.zeros(shape, jnp.int32), neg, zero, zero, neg,
-                     jnp.full(shape + (k,), NEG_INF, jnp.float32), jnp.zeros(shape + (k,), jnp.int32))
+    ids = jnp.zeros(shape, jnp.int32)
+    return HeadStats(ids, neg, zero, zero, neg, jnp.full(shape + (k,), NEG_INF, jnp.float32),
+                     jnp.zeros(shape + (k,), jnp.int32), ids, neg, zero, neg, zero)
 
 
 def update(s: HeadStats, c, start, first, mask_id: int) -> HeadStats:
@@ -108,7 +141,39 @@ def update(s: HeadStats, c, start, first, mask_id: int) -> HeadStats:
         ids = jnp.concatenate([top_ids, (start + idx).astype(jnp.int32)], axis=-1)
         top_vals, at_k = jax.lax.top_k(merged, k)
         top_ids = jnp.take_along_axis(ids, at_k, axis=-1)
-    return HeadStats(argmax, best, total, moment, mask_logit, top_vals, top_ids)
+    return s.replace(argmax=argmax, best=best, total=total, moment=moment, mask_logit=mask_logit, top_vals=top_vals,
+                     top_ids=top_ids)
+
+
+def _candidates(c, start, first, mask_id: int):
+    """[C] bool: the chunk's columns not folded yet, the mask token aside."""
+    col = start + jnp.arange(c.shape[-1])
+    return (col >= first) & (col != mask_id)
+
+
+def update_draw(s: HeadStats, c, g, start, first, mask_id: int, temperature) -> HeadStats:
+    """Fold one chunk into the Gumbel-max draw: c [B, Lb, C] logits, g [B, Lb, C] the Gumbel noise
+    of those columns, temperature [B]. The scores are ``proposal.draw``'s, l + T g at T > 0 and l at
+    T = 0, the mask token at -inf; a strictly larger chunk maximum takes over, so ties keep the
+    lowest index, as ``jnp.argmax`` over the whole row."""
+    t = temperature[:, None, None]
+    scores = jnp.where(_candidates(c, start, first, mask_id), jnp.where(t > 0, c + t * g, c), NEG_INF)
+    chunk_best = row_max(scores)[..., 0]  # [B, Lb]
+    at = jnp.argmax(scores, axis=-1)
+    logit = jnp.take_along_axis(c, at[..., None], axis=-1)[..., 0]
+    won = chunk_best > s.drawn_score
+    return s.replace(drawn=jnp.where(won, (start + at).astype(jnp.int32), s.drawn),
+                     drawn_score=jnp.where(won, chunk_best, s.drawn_score),
+                     drawn_logit=jnp.where(won, logit, s.drawn_logit))
+
+
+def update_scaled(s: HeadStats, c, start, first, mask_id: int, temperature) -> HeadStats:
+    """Fold one chunk into the online log-sum-exp of l / T' (``HeadStats.t_best`` / ``t_total``)."""
+    x = jnp.where(_candidates(c, start, first, mask_id), c / jnp.maximum(temperature, 1e-6)[:, None, None], NEG_INF)
+    best = jnp.maximum(s.t_best, row_max(x)[..., 0])
+    scale = jnp.where(s.t_best == best, 1.0, jnp.exp(s.t_best - best))  # (-inf == -inf: nothing yet)
+    e = jnp.exp(jnp.where(x == NEG_INF, NEG_INF, x - best[..., None]))
+    return s.replace(t_best=best, t_total=s.t_total * scale + row_sum(e)[..., 0])
 
 
 def chunk_width(vocab: int, chunk: int | None = None) -> int:
@@ -122,11 +187,17 @@ def chunk_width(vocab: int, chunk: int | None = None) -> int:
 
 
 def scan(chunk_logits, shape, vocab: int, mask_id: int, *, top_k: int = 0, keep_logits: bool = False,
-         chunk: int | None = None):
-    """``HeadStats`` of the logits whose columns ``chunk_logits(start, width)`` [*shape, width]
-    computes, one chunk after another; with ``keep_logits`` also the logits [*shape, V] float32."""
+         chunk: int | None = None, temperature=None, noise=None, scaled=None):
+    """``HeadStats`` of the logits whose columns ``chunk_logits(start, width)`` [B, Lb, width]
+    computes, one chunk after another; with ``keep_logits`` also the logits [B, Lb, V] float32.
+
+    ``temperature`` [B] with ``noise`` [B] (the rows' typed keys of the step's Gumbel draw,
+    ``proposal.noise_keys(keys)[:, 0]``): also the Gumbel-max draw (``update_draw``), in chunks
+    where some row samples; with ``scaled`` [B] bool: the log-sum-exp of logits / T, in chunks
+    where some such row is (``update_scaled``)."""
     width = chunk_width(vocab, chunk)
     n = -(-vocab // width)
+    lb = shape[1]
 
     def body(i, carry):
         stats, logits = carry
@@ -135,18 +206,41 @@ def scan(chunk_logits, shape, vocab: int, mask_id: int, *, top_k: int = 0, keep_
         c = chunk_logits(start, width)
         if logits is not None:
             logits = jax.lax.dynamic_update_slice_in_dim(logits, c, start, axis=-1)
-        return update(stats, c, start, first, mask_id), logits
+        stats = update(stats, c, start, first, mask_id)
+        if noise is not None:
+            def sample(s):
+                g = jax.vmap(lambda key: proposal.gumbel_columns(key, lb, vocab, start, width))(noise)  # [B, Lb, C]
+                return update_draw(s, c, g, start, first, mask_id, temperature)
+
+            stats = jax.lax.cond(jnp.any(temperature > 0), sample, lambda s: s, stats)
+        if scaled is not None:
+            stats = jax.lax.cond(jnp.any(scaled), lambda s: update_scaled(s, c, start, first, mask_id, temperature),
+                                 lambda s: s, stats)
+        return stats, logits
 
     logits0 = jnp.zeros(shape + (vocab,), jnp.float32) if keep_logits else None
     return jax.lax.fori_loop(0, n, body, (_init(shape, top_k), logits0))
 
 
+def stats_processed(knobs):
+    """[B] rows whose 'processed' logprobs come from the statistics (``HeadStats.processed_logprobs``):
+    'processed' at T > 0 without a top_k / top_p / min_p filter (filtered rows renormalise over
+    their filter set: the full path, ``proposal.processed_logprobs``)."""
+    filtered = (knobs.top_k > 0) | (knobs.top_p < 1.0) | (knobs.min_p > 0.0)
+    return knobs.processed_logprobs & (knobs.temperature > 0) & ~filtered
+
+
 def block_head(model, hb, cfg_scale, mask_id: int, *, top_k: int = 0, keep_logits: bool = False,
-               chunk: int | None = None):
+               chunk: int | None = None, knobs=None, keys=None, fuses_credit: bool = False):
     """The head of a block's hidden states (before the final norm): hb [B, Lb, D], or with
     ``cfg_scale`` [B] given, [B, 2, Lb, D] (cond, uncond; guided logits
     ``unc + (w + 1) * (cond - unc)`` where w > 0, as ``BlockProgram.forward`` combined them).
-    Returns (``HeadStats``, logits [B, Lb, V] float32 or None)."""
+
+    With the rows' ``knobs`` and step ``keys`` [B]: a lean program (no ``keep_logits``) also draws
+    the T > 0 proposals in the chunks; with ``top_k`` (logprobs tracked) and no credit fusion
+    (``fuses_credit``: processed logprobs are then of the fused logits) the statistics also hold
+    the log-sum-exp of logits / T for ``stats_processed`` rows. Returns (``HeadStats``, logits
+    [B, Lb, V] float32 or None)."""
     w_head, vocab = model.lm_head[...], model.spec.vocab
     hn = rms_norm(hb, model.final_norm[...], model.spec.norm_eps)
     shape = hb.shape[:1] + hb.shape[-2:-1]
@@ -167,22 +261,32 @@ def block_head(model, hb, cfg_scale, mask_id: int, *, top_k: int = 0, keep_logit
         wt = cfg_scale[:, None, None]
         return jnp.where(wt > 0, unc + (wt + 1.0) * (cond - unc), cond)
 
-    return scan(chunk_logits, shape, vocab, mask_id, top_k=top_k, keep_logits=keep_logits, chunk=chunk)
+    sampling = {}
+    if knobs is not None:
+        sampling["temperature"] = knobs.temperature
+        if not keep_logits:
+            sampling["noise"] = proposal.noise_keys(keys)[:, 0]
+        if top_k and not fuses_credit:
+            sampling["scaled"] = stats_processed(knobs)
+    return scan(chunk_logits, shape, vocab, mask_id, top_k=top_k, keep_logits=keep_logits, chunk=chunk, **sampling)
 
 
 def propose(stats: HeadStats, logits, knobs, keys, mask_id: int, fused=None):
     """The step's candidates from the head: (x0 [B, Lb] int32, conf [B, Lb], the filters' floor
     [B, Lb], x0's raw logit [B, Lb]).
 
-    Lean (``logits`` None: every row greedy): x0 is the statistics' argmax. Full: x0 is
-    ``proposal.draw``'s (the argmax at T = 0, equal bits; the Gumbel-max draw under the filters
-    at T > 0). Either way conf = softmax(logits)[x0] from the statistics' normaliser, so a greedy
-    row's confidence does not depend on which program ran it. ``fused``: dInfer's credit-fused
-    logits, which the draw and the confidence use instead (``proposal.propose``, as before)."""
+    Lean (``logits`` None: no row has filters): x0 is the statistics' argmax at T = 0 and their
+    chunked Gumbel-max draw at T > 0 (``HeadStats.proposal``). Full: x0 is ``proposal.draw``'s (the
+    argmax at T = 0, equal bits; the Gumbel-max draw under the filters at T > 0, the same draw as
+    the lean one without filters: the same noise, the same scores). Either way conf =
+    softmax(logits)[x0] from the statistics' normaliser, so a row's confidence does not depend on
+    which program ran it. ``fused``: dInfer's credit-fused logits, which the draw and the
+    confidence use instead (``proposal.propose``, as before)."""
     if logits is None:
         b, lb = stats.best.shape
-        return (stats.argmax, proposal.random_conf(stats.prob(stats.best), keys, knobs.remasking),
-                jnp.full((b, lb), NEG_INF, jnp.float32), stats.best)
+        x0, logit = stats.proposal(knobs.temperature)
+        return (x0, proposal.random_conf(stats.prob(logit), keys, knobs.remasking),
+                jnp.full((b, lb), NEG_INF, jnp.float32), logit)
     filters = (knobs.top_k, knobs.top_p, knobs.min_p)
     if fused is not None:
         x0, conf, floor = proposal.propose(fused, knobs.temperature, keys, mask_id, knobs.remasking, filters,
@@ -196,12 +300,19 @@ def propose(stats: HeadStats, logits, knobs, keys, mask_id: int, fused=None):
 def logprobs(stats: HeadStats, logits, x0, logit, knobs, mask_id: int, floor, drawn=None):
     """(logprob [B, Lb], top_ids [B, Lb, k], top_logprobs [B, Lb, k]) of the committed candidates:
     'raw' from the statistics (log-softmax of the model's logits; the mask token left out of the
-    top k); 'processed' rows at T > 0 (full programs only) from ``proposal.processed_logprobs`` of
-    ``drawn`` (the logits the draw used), computed only in steps where such a row samples."""
+    top k); 'processed' rows at T > 0 without filters (``stats_processed``) from the statistics too
+    (``HeadStats.processed_logprobs``), other 'processed' rows at T > 0 (full programs only:
+    filters, or ``drawn`` the credit-fused logits the draw used) from
+    ``proposal.processed_logprobs``, computed only in steps where such a row samples."""
     raw = stats.raw_logprobs(logit)
-    if logits is None:
-        return raw
     use = knobs.processed_logprobs & (knobs.temperature > 0)  # [B]
+    if drawn is None:  # (credit fusion: processed logprobs are of the fused logits, below)
+        online = stats_processed(knobs)  # [B]
+        got = stats.processed_logprobs(logit, knobs.temperature)
+        raw = tuple(jnp.where(online.reshape((-1,) + (1,) * (r.ndim - 1)), g, r) for g, r in zip(got, raw))
+        use = use & ~online
+    if logits is None:  # (a lean program has no filtered rows)
+        return raw
     k = stats.top_vals.shape[-1]
 
     def of_draw(_):

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Sequence
 
 from dllm_jax.configs import FAMILY_CONFIGS
-from dllm_jax.sampling import rules
+from dllm_jax.sampling import proposal, rules
 from dllm_jax.sampling.decoders import BlockDecoder, Decoder, SlidingDecoder
 from dllm_jax.sampling.errors import SamplingError
 
@@ -279,7 +279,7 @@ class ProgramKey:
     shift: bool
     logprobs: int = 0  # top-logprobs width recorded per committed token (0: no logprobs tracked)
     # the lean head (docs/sampling.md): the program holds no [B, Lb, V] logits, so it admits only
-    # rows that need none (``lean_head_ok``: greedy, no credit fusion)
+    # rows that need none (``lean_head_ok``: no sampling filters at T > 0, no credit fusion)
     lean_head: bool = False
 
     @property
@@ -297,11 +297,19 @@ class ProgramKey:
 
 
 def lean_head_ok(params: SamplingParams) -> bool:
-    """The request can run on a lean-head program: greedy (T = 0: no Gumbel draw, the filters and
-    'processed' logprobs are the raw ones) on a block decoder without dInfer's credit fusion
-    (``params`` resolved)."""
+    """The request can run on a lean-head program (no [B, Lb, V] logits; ``params`` resolved): a
+    block decoder without dInfer's credit fusion (the credit is itself [B, Lb, V]), and at T > 0 no
+    top_k / top_p / min_p filter (they sort the whole distribution) and a PRNG whose Gumbel noise
+    the head can draw chunk by chunk (``proposal.chunked_gumbel_exact``: JAX's default threefry).
+    At T = 0 the filters do nothing and 'processed' logprobs are the raw ones; at T > 0 without
+    filters they are log-softmax(logits / T), an online sum of the head's (``head.HeadStats``)."""
     decoder = ALGORITHMS[params.algorithm].decoder
-    return params.temperature == 0 and isinstance(decoder, BlockDecoder) and not decoder.fuses_credit
+    if not isinstance(decoder, BlockDecoder) or decoder.fuses_credit:
+        return False
+    if params.temperature == 0:
+        return True
+    filtered = params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0
+    return not filtered and proposal.chunked_gumbel_exact()
 
 
 def bucket(n: int, buckets: Sequence[int]) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dllm_jax.models.transformer import log_softmax, row_sum, softmax
 from dllm_jax.sampling.rules import NEG_INF, RANDOM
@@ -65,6 +66,53 @@ def restrict(scores, logits, temperature, filters, mask_id: int):
 def noise_keys(keys):
     """[B, 2] per-row keys of one step: [:, 0] the Gumbel draw, [:, 1] random remasking's noise."""
     return jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+
+
+def chunked_gumbel_exact() -> bool:
+    """Whether ``gumbel_columns`` draws exactly ``jax.random.gumbel``'s numbers under the current JAX
+    configuration: the default PRNG is threefry2x32 with partitionable bits
+    (``jax_threefry_partitionable``) and Gumbel noise in the default 'low' mode. Otherwise a T > 0
+    row needs the full head (``params.lean_head_ok``)."""
+    return (jax.config.jax_default_prng_impl == "threefry2x32" and bool(jax.config.jax_threefry_partitionable)
+            and not jax.config.jax_high_dynamic_range_gumbel)
+
+
+def gumbel_columns(key, lb: int, v: int, start, width: int):
+    """Columns ``start .. start + width - 1`` of ``jax.random.gumbel(key, (lb, v), jnp.float32)``,
+    bit for bit, [lb, width] float32, without drawing the other columns: the lean head's T > 0 draw
+    one vocabulary chunk at a time (``head.scan``).
+
+    Under JAX's partitionable threefry (``chunked_gumbel_exact``) element (l, j) of a draw of shape
+    (lb, v) depends only on the key and its flat index n = l * v + j: the threefry2x32 hash of the
+    counter pair (n >> 32, n & 0xffffffff) under the key's two words, the two output words XORed
+    (jax/_src/random/threefry2x32.py ``_threefry_random_bits_partitionable``, counters from
+    prng.py ``iota_2x32_shape``). ``uniform`` puts the top 23 bits into the mantissa of a float in
+    [1, 2), subtracts 1 and maps into [tiny, 1) (jax/_src/random/core.py ``_uniform``); 'low'-mode
+    ``gumbel`` is -log(-log(u)) (``_gumbel``). This repeats those steps for the chunk's flat
+    indices with the threefry primitive itself (``jax.extend.random.threefry2x32_p``). It follows
+    JAX internals, so tests/test_lean_head.py pins it to ``jax.random.gumbel`` on several shapes
+    (a JAX upgrade that changes the stream fails there, not silently).
+
+    Args:
+      key: one typed threefry2x32 PRNG key (vmap for a batch of keys).
+      lb, v: the full draw's static shape (lb * v < 2**32: the counters' high word is 0).
+      start: first column (int, may be traced); width: static number of columns.
+    """
+    from jax.extend.random import threefry2x32_p
+
+    if lb * v >= 2 ** 32:
+        raise NotImplementedError(f"a Gumbel draw of {lb} x {v} >= 2**32 elements")
+    words = jax.random.key_data(key)  # [2] uint32
+    col = jnp.asarray(start).astype(jnp.uint32) + jnp.arange(width, dtype=jnp.uint32)  # [width]
+    lo = jnp.arange(lb, dtype=jnp.uint32)[:, None] * jnp.uint32(v) + col[None, :]  # [lb, width] flat indices
+    bits1, bits2 = threefry2x32_p.bind(words[0], words[1], jnp.zeros_like(lo), lo)
+    bits = bits1 ^ bits2
+    one = np.array(1.0, np.float32).view(np.uint32)
+    floats = jax.lax.bitcast_convert_type(jax.lax.shift_right_logical(bits, jnp.uint32(32 - 23)) | one,
+                                          jnp.float32) - jnp.float32(1.0)
+    minval, maxval = jnp.float32(np.finfo(np.float32).tiny), jnp.float32(1.0)
+    uniform = jnp.maximum(minval, floats * (maxval - minval) + minval)
+    return -jnp.log(-jnp.log(uniform))
 
 
 def draw(logits, temperature, keys, mask_id: int, filters=None):
