@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--steps", type=int, default=None, help="default: gen (one token per step)")
     ap.add_argument("--threshold", type=float, default=None)
+    ap.add_argument("--entropy-bound", type=float, default=None, help="the EB-Sampler's gamma (instead of a threshold)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--skip-parity", action="store_true")
@@ -90,6 +91,8 @@ def main():
     kw = dict(algorithm=args.algorithm, gen_length=args.gen, block_length=args.block, steps=steps)
     if args.threshold is not None:
         kw["threshold"] = args.threshold
+    if args.entropy_bound is not None:
+        kw["entropy_bound"] = args.entropy_bound
     if args.algorithm == "static_block":
         kw.pop("steps")
     rng = np.random.default_rng(0)
@@ -114,15 +117,20 @@ def main():
             full = forward_flops(spec, batch=batch, q_tokens=length, kv_len=length, head_positions=args.block)
             cached = forward_flops(spec, batch=batch, q_tokens=args.block, kv_len=length, head_positions=args.block)
             flops = blocks * full + max(out.nfe - blocks, 0) * cached
-        rows.append({"model": args.shape, "dtype": args.dtype, "algorithm": args.algorithm, "batch": batch,
+        stats = jax.devices()[0].memory_stats() or {}  # (None on CPU)
+        peak_gb = stats.get("peak_bytes_in_use", float("nan")) / 2 ** 30
+        rule = f"EB {args.entropy_bound:g}" if args.entropy_bound is not None else \
+            (f"threshold {args.threshold:g}" if args.threshold is not None else "fixed")
+        rows.append({"model": args.shape, "dtype": args.dtype, "algorithm": args.algorithm, "rule": rule, "batch": batch,
                      "prompt": args.prompt, "gen": args.gen, "block": args.block, "steps": steps,
                      "NFE": out.nfe, "first call s": first, "median s": t, "tokens/s": batch * args.gen / t,
                      "requests/s": batch / t, "ms/NFE": 1e3 * t / out.nfe, "TFLOP/s": flops / t / 1e12,
-                     "% of peak": 100 * flops / t / peak})
+                     "% of peak": 100 * flops / t / peak, "peak GiB (process)": peak_gb})
         print(f"batch {batch}: {t:.2f}s median, {batch * args.gen / t:.0f} tokens/s, "
               f"{100 * flops / t / peak:.1f}% of peak", flush=True)
-    print_table(rows, ["model", "dtype", "algorithm", "batch", "prompt", "gen", "block", "steps", "NFE",
-                       "first call s", "median s", "tokens/s", "requests/s", "ms/NFE", "TFLOP/s", "% of peak"],
+    print_table(rows, ["model", "dtype", "algorithm", "rule", "batch", "prompt", "gen", "block", "steps", "NFE",
+                       "first call s", "median s", "tokens/s", "requests/s", "ms/NFE", "TFLOP/s", "% of peak",
+                       "peak GiB (process)"],
                 title=f"GPU benchmark on {device_description()}, peak {peak / 1e12:.0f} TFLOP/s ({args.dtype})")
     print(f"total wall time {time.perf_counter() - t_start:.0f}s", flush=True)
 
