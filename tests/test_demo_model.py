@@ -27,6 +27,15 @@ def test_tasks_split():
     assert not {e.prompt for e in held} & {e.prompt for e in train["add"]}
     assert not {e.prompt for e in tasks.counts(True)} & {e.prompt for e in train["count"]}
     assert tasks.count_reply(3, 6) == "3, 4, 5, 6"
+    # the polite answer: held out by rule (and issue 25's examples), never an in-range task
+    helps = tasks.help_prompts()
+    polite = tasks.training_set(polite=True)
+    assert not {e.prompt for e in tasks.helps(True)} & {e.prompt for e in polite["help"]}
+    assert set(tasks.ISSUE_PROBES) <= {e.prompt for e in tasks.helps(True)}
+    in_range = {e.prompt for e in tasks.additions(True) + tasks.additions(False) + tasks.counts(True)
+                + tasks.counts(False)}
+    assert not set(helps) & in_range and len(helps) == len(set(helps))
+    assert all(e.reply == tasks.SORRY for e in polite["help"]) and "help" not in train
 
 
 def test_shipped_demo_model(demo):
@@ -67,6 +76,18 @@ def test_training_runs_and_round_trips(tmp_path):
     want = module(tokens, pos, mask)
     got = loaded.logits(np.asarray([ids]))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+def test_training_opt_in_objectives_run():
+    """The opt-in suffix-cut rows and the polite-answer task (off in the shipped recipe) train."""
+    cfg = demo_train.TrainConfig(steps=2, batch=4, short_batch=4, d_model=32, n_layers=1, n_heads=2,
+                                 mlp_hidden_size=64, vocab_size=300, warmup=1, cut_fraction=0.5, help_share=0.2)
+    tok = demo_train.train_tokenizer(cfg.vocab_size, polite=True)
+    assert tok.decode(tok.encode(tasks.SORRY, add_special_tokens=False)) == tasks.SORRY
+    batches = demo_train.Batches(tok, cfg)
+    assert "help" in batches.mix["long"] and batches.next()[3].min() >= 2  # reply lengths, <|eot_id|> included
+    _, _, history = demo_train.train(cfg, tok, log_every=1)
+    assert [h[:2] for h in history] == [(1, 1), (1, 2)] and all(np.isfinite(h[2]) for h in history)
 
 
 def jax_leaves(tree):

@@ -1,7 +1,8 @@
 """The demo model's synthetic instruction set: tasks, the held-out split, exact-match scoring.
 
-Every task is a (user message, assistant reply) pair generated from integers, so the whole
-data set is known, the held-out split is a rule, and accuracy is exact match of the reply.
+Every task is a (user message, assistant reply) pair generated from integers and templates,
+so the whole data set is known, the held-out split is a rule, and accuracy is exact match of
+the reply.
 
 - ``What is {a}+{b}?`` -> ``{a+b}`` for 0 <= a, b <= 99. Pairs with (a + 2b) % 10 == 3 are
   held out from training (one pair in ten, spread over every a and b).
@@ -10,18 +11,25 @@ data set is known, the held-out split is a rule, and accuracy is exact match of 
   out.
 - A few fixed chat turns (greetings, "what can you do?") so the first reply a newcomer gets
   tells them what to ask.
+- Opt-in (``training_set(polite=True)``; the shipped model was trained without it, see
+  docs/performance.md): everything else gets one fixed polite answer, ``SORRY`` (task "help"):
+  additions or counts outside those ranges ("What is 100+250?", "Count from 5 to 80.", "Count
+  from 9 to 3."), other operators ("What is 7*8?") and assorted requests generated from
+  templates ("Tell me a joke"). Prompts with crc32 % 10 == 0 are held out, and so are the
+  examples issue 25 was filed with.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import zlib
 from typing import Iterable, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    task: str        # "add" | "count" | "chat"
+    task: str        # "add" | "count" | "chat" | "help"
     prompt: str      # the user message
     reply: str       # the exact expected assistant reply
 
@@ -46,6 +54,10 @@ def count_held_out(a: int, b: int) -> bool:
     return (3 * a + b) % 10 == 7
 
 
+def count_in_range(a: int, b: int) -> bool:
+    return 0 <= a <= 69 and 10 <= b - a <= 30
+
+
 def additions(held_out: bool) -> list[Example]:
     """Every addition pair on one side of the split."""
     return [Example("add", add_prompt(a, b), str(a + b))
@@ -59,6 +71,7 @@ def counts(held_out: bool) -> list[Example]:
 
 HELP = ("I am a tiny diffusion language model trained on two tasks. Ask me to add two numbers, "
         "like: What is 12+34? Or ask me to count, like: Count from 5 to 20.")
+SORRY = "Sorry, I can't do that. " + HELP  # the one answer to everything outside the tasks
 CHAT = [
     ("Hi", "Hello! " + HELP),
     ("Hello", "Hello! " + HELP),
@@ -77,8 +90,72 @@ def chats() -> list[Example]:
     return [Example("chat", p, r) for p, r in CHAT]
 
 
-def training_set() -> dict[str, list[Example]]:
-    return {"add": additions(held_out=False), "count": counts(held_out=False), "chat": chats()}
+# ---- the polite answer ("help") ---------------------------------------------------------
+
+ISSUE_PROBES = ("What is 100+250?", "Tell me a joke")  # issue 25's examples: always held out
+_VERBS = ("Tell me", "Write", "Give me", "Show me", "Make", "Find", "Describe", "Explain", "Draw", "Sing")
+_OBJECTS = ("a joke", "a story", "a poem", "a song", "a riddle", "a recipe", "a fact", "the news", "a haiku",
+            "a letter", "an essay", "a list", "a summary", "some code", "a plan", "a secret", "the rules",
+            "the weather", "the answer", "a word")
+_WHAT = ("love", "the time", "your name", "the date", "life", "AI", "a cat", "the sun", "Paris", "music",
+         "math", "the moon", "a prime", "pi", "water", "the best", "happiness", "a number", "today", "that")
+_QUESTIONS = ("How are you?", "Who made you?", "Why is the sky blue?", "Where am I?", "What time is it?",
+              "Can you help me?", "Are you alive?", "Do you like cats?", "What day is it?", "How old are you?",
+              "Is it going to rain?", "What should I eat?", "Can you code?", "Do you dream?", "Bye",
+              "Good night", "Tell me more", "ok", "yes", "no", "?", "asdf", "hmm", "test", "Add numbers",
+              "Count", "Count to ten.", "What is?", "Count from a to b.", "What is a+b?", "Translate hello",
+              "Speak French", "Play a game", "Sum 3 and 4", "How do I count?", "What is one plus two?")
+
+
+def help_held_out(prompt: str) -> bool:
+    return prompt in ISSUE_PROBES or zlib.crc32(prompt.encode()) % 10 == 0
+
+
+def help_prompts() -> list[str]:
+    """Every prompt the fixed polite answer is trained or evaluated on (deterministic)."""
+    rng = random.Random(25)
+    prompts = [f"{v} {o}" for v in _VERBS for o in _OBJECTS]
+    prompts += [f"{v} {o}." for v in _VERBS[:5] for o in _OBJECTS]
+    prompts += [f"What is {w}?" for w in _WHAT] + list(_QUESTIONS)
+    big = lambda: rng.choice((rng.randint(100, 999), rng.randint(100, 999), rng.randint(1000, 99999)))  # noqa: E731
+    small = lambda: rng.randint(0, 99)  # noqa: E731
+    for _ in range(1500):  # additions out of range: at least one number >= 100
+        a, b = (big(), big()) if rng.random() < 0.3 else (big(), small()) if rng.random() < 0.5 else (small(), big())
+        prompts.append(add_prompt(a, b))
+    for _ in range(800):  # other operators on in-range numbers
+        prompts.append(f"What is {small()}{rng.choice('-*/x')}{small()}?")
+    for _ in range(1500):  # counts out of range: too long, backwards / empty, or past 99
+        r = rng.random()
+        if r < 0.4:
+            a = rng.randint(0, 68)
+            b = rng.randint(a + 31, 99)
+        elif r < 0.7:
+            b = rng.randint(0, 99)
+            a = rng.randint(b, 99)
+        else:
+            a = rng.randint(0, 999)
+            b = rng.randint(max(a + 1, 100), max(a + 1, 100) + rng.choice((5, 20, 100, 1000)))
+        if not count_in_range(a, b):
+            prompts.append(count_prompt(a, b))
+    prompts += ISSUE_PROBES
+    seen, out = set(), []
+    for p in prompts:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def helps(held_out: bool) -> list[Example]:
+    return [Example("help", p, SORRY) for p in help_prompts() if help_held_out(p) == held_out]
+
+
+def training_set(polite: bool = False) -> dict[str, list[Example]]:
+    """The training examples per task (with ``polite``: the fixed answer's prompts too)."""
+    out = {"add": additions(held_out=False), "count": counts(held_out=False), "chat": chats()}
+    if polite:
+        out["help"] = helps(held_out=False)
+    return out
 
 
 def held_out_additions(n: int | None = None, seed: int = 0) -> list[Example]:
@@ -90,19 +167,23 @@ def held_out_counts(n: int | None = None, seed: int = 0) -> list[Example]:
     return _sample(counts(held_out=True), n, seed)
 
 
+def held_out_helps(n: int | None = None, seed: int = 0) -> list[Example]:
+    return _sample(helps(held_out=True), n, seed)
+
+
 def _sample(items: list[Example], n: int | None, seed: int) -> list[Example]:
     if n is None or n >= len(items):
         return items
     return random.Random(seed).sample(items, n)
 
 
-def corpus() -> Iterable[str]:
+def corpus(polite: bool = False) -> Iterable[str]:
     """Every text the tokenizer should cover (prompts and replies of all tasks)."""
-    for group in training_set().values():
+    for group in training_set(polite).values():
         for ex in group:
             yield ex.prompt
             yield ex.reply
-    for ex in additions(held_out=True) + counts(held_out=True):
+    for ex in additions(held_out=True) + counts(held_out=True) + (helps(held_out=True) if polite else []):
         yield ex.prompt
 
 

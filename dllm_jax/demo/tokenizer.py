@@ -17,8 +17,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
 
-def train_tokenizer(vocab_size: int):
-    """A byte-level BPE over the task texts; digits never merge (one token per digit)."""
+def train_tokenizer(vocab_size: int, polite: bool = False):
+    """A byte-level BPE over the task texts (``polite``: with the fixed answer's prompts and
+    reply, ``tasks.training_set(polite=True)``); digits never merge (one token per digit)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -31,7 +32,7 @@ def train_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    texts = list(tasks.corpus())
+    texts = list(tasks.corpus(polite))
     # The chat scaffolding as plain text, so "user", "assistant" and "\n\n" get merges too.
     texts += ["user\n\n", "assistant\n\n"] * 100
     tok.train_from_iterator(texts, trainer)

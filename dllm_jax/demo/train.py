@@ -12,6 +12,13 @@ response length — in JAX with optax (AdamW, warm-up + cosine). Two canvas leng
 trained (128 positions like the server's default ``max_tokens``, and 32 for short replies),
 so the model learns where to stop whichever canvas it is given.
 
+Opt-in, off by default (the shipped model was trained without them; docs/performance.md, "Demo
+model", has what a short run did): the fixed polite answer (``--help-share``), and suffix-cut
+rows (``--cut-fraction``): a cut c in the reply, every response position >= c masked
+(probability 1, weight 1), those before it i.i.d. — the state semi-autoregressive decoding
+visits when it decides where a count stops, which i.i.d. masks almost never show (any visible
+``<|endoftext|>`` pad after the last number makes the stop trivial).
+
 The output is an HF-format directory (``config.json``, ``model.safetensors`` with LLaDA's
 key names, tokenizer files with a LLaDA chat template) that ``dllm_jax.load`` and
 ``python -m serve --model`` read like any other checkpoint. It is written to a temporary
@@ -63,6 +70,10 @@ class TrainConfig:
     long_canvas: int = 128       # the server's default max_tokens
     short_canvas: int = 32
     short_fraction: float = 0.5  # share of steps on the short canvas (additions and short chats)
+    cut_fraction: float = 0.0    # share of rows with a suffix cut (see the module docstring)
+    cut_rate: float = 0.5        # the mask rate before the cut is cut_rate * t
+    cut_power: float = 2.0       # 1: cut uniform in the reply; > 1: more cuts near its end
+    help_share: float = 0.0      # > 0: that share of the rows is the fixed polite answer (task "help")
     # Optional stage 2 (off by default; see docs/performance.md "Demo model" for what it did):
     # the same objective with semi-autoregressive masks on block_fraction of the rows.
     stage2_steps: int = 0
@@ -94,25 +105,30 @@ def encode(tokenizer, examples) -> Encoded:
 
 
 class Batches:
-    """Deterministic training batches: [B, L] tokens and the [B] prompt lengths.
+    """Deterministic training batches: [B, L] tokens, [B] prompt and reply (with ``<|eot_id|>``) lengths.
 
     Every row is ``prompt + reply + <|eot_id|> + <|endoftext|>...`` up to L = max prompt
     length + canvas; long steps draw from every task, short steps (canvas 32) from the
-    replies that fit.
+    replies that fit (and, with ``help_share``, prompts no longer than an addition's).
     """
 
     def __init__(self, tokenizer, cfg: TrainConfig):
         self.cfg = cfg
-        self.sets = {name: encode(tokenizer, group) for name, group in tasks.training_set().items()}
-        every = tasks.additions(True) + tasks.counts(True) + tasks.chats() + tasks.additions(False)[:1]
-        self.max_prompt = max(len(chat_ids(tokenizer, e.prompt)) for e in every)
+        h = cfg.help_share  # 0: the shipped model's batches, exactly
+        self.sets = {name: encode(tokenizer, group) for name, group in tasks.training_set(h > 0).items()}
         self.rng = np.random.default_rng(cfg.seed)
         self.mix = {"long": {"add": 0.35, "count": 0.55, "chat": 0.10}, "short": {"add": 0.9, "chat": 0.1}}
+        every = tasks.additions(True) + tasks.counts(True) + tasks.chats() + tasks.additions(False)[:1]
+        self.max_prompt = dict.fromkeys(("long", "short"), max(len(chat_ids(tokenizer, e.prompt)) for e in every))
+        if h > 0:
+            self.mix = {kind: {**{n: v * (1 - h) for n, v in mix.items()}, "help": h} for kind, mix in self.mix.items()}
+            longest = {name: max(map(len, data.prompts)) for name, data in self.sets.items()}
+            self.max_prompt = {"long": max(longest.values()), "short": max(longest["add"], longest["chat"])}
 
     def length(self, kind: str) -> int:
-        return self.max_prompt + (self.cfg.long_canvas if kind == "long" else self.cfg.short_canvas)
+        return self.max_prompt[kind] + (self.cfg.long_canvas if kind == "long" else self.cfg.short_canvas)
 
-    def next(self) -> tuple[str, np.ndarray, np.ndarray]:
+    def next(self) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
         cfg, rng = self.cfg, self.rng
         kind = "short" if rng.random() < cfg.short_fraction else "long"
         seq_len = self.length(kind)
@@ -121,25 +137,28 @@ class Batches:
         rows = cfg.batch if kind == "long" else cfg.short_batch
         tokens = np.full((rows, seq_len), EOS, np.int32)
         plen = np.zeros(rows, np.int32)
+        rlen = np.zeros(rows, np.int32)
         for r in range(rows):
             while True:
                 data = self.sets[names[rng.choice(len(names), p=probs)]]
                 i = rng.integers(len(data.prompts))
                 p, a = data.prompts[i], data.replies[i]
-                if len(p) + len(a) < seq_len:  # room for at least one <|endoftext|>
+                fits = len(p) <= self.max_prompt[kind] or not self.cfg.help_share
+                if fits and len(p) + len(a) < seq_len:  # room for at least one <|endoftext|>
                     break
             tokens[r, :len(p)] = p
             tokens[r, len(p):len(p) + len(a)] = a
-            plen[r] = len(p)
-        return kind, tokens, plen
+            plen[r], rlen[r] = len(p), len(a)
+        return kind, tokens, plen, rlen
 
 
 # ---- objective -------------------------------------------------------------------------
 
 
-def sft_loss(model: Transformer, tokens, prompt_len, key, *, block_fraction: float = 0.0, block_length: int = 32,
+def sft_loss(model: Transformer, tokens, prompt_len, key, reply_len=None, *, block_fraction: float = 0.0,
+             block_length: int = 32, cut_fraction: float = 0.0, cut_rate: float = 0.5, cut_power: float = 2.0,
              eps: float = 1e-3):
-    """LLaDA's SFT loss on a batch: [B, L] tokens, [B] prompt lengths.
+    """LLaDA's SFT loss on a batch: [B, L] tokens, [B] prompt and reply lengths (for cut_fraction > 0).
 
     Every response position is masked with probability p = (1 - eps) t + eps, t ~ U(0, 1) per
     row, and the cross-entropy of the masked positions is weighted 1/p and normalised by the
@@ -147,7 +166,9 @@ def sft_loss(model: Transformer, tokens, prompt_len, key, *, block_fraction: flo
     semi-autoregressive mask instead, the state block decoding puts the canvas in: a random
     response block k is masked with probability p, the blocks before it are clean and the
     blocks after it fully masked (probability 1, weight 1) — without such rows the model
-    rarely sees a fully masked tail and cannot tell where a long reply ends.
+    rarely sees a fully masked tail and cannot tell where a long reply ends. ``cut_fraction``
+    of the rows get a suffix cut instead: c - prompt_len = floor((1 - u^cut_power) reply_len),
+    u ~ U(0, 1); positions >= c masked (probability 1), those before with p' = cut_rate * p.
     """
     b, seq_len = tokens.shape
     k_t, k_m = jax.random.split(key)
@@ -164,6 +185,13 @@ def sft_loss(model: Transformer, tokens, prompt_len, key, *, block_fraction: flo
         semi = jnp.where(blk < k, 0.0, jnp.where(blk == k, p, 1.0))    # [B, L]
         use = jax.random.uniform(k_row, (b, 1)) < block_fraction       # [B, 1]
         p_mask = jnp.where(use, semi, p_mask)
+    if cut_fraction > 0:
+        k_row, k_cut = jax.random.split(jax.random.fold_in(key, 2))
+        u = jax.random.uniform(k_cut, (b, 1))
+        cut = prompt_len[:, None] + jnp.floor((1 - u ** cut_power) * reply_len[:, None]).astype(jnp.int32)
+        suffix = jnp.where(pos >= cut, 1.0, jnp.maximum(cut_rate * p, eps))  # [B, L]
+        use = jax.random.uniform(k_row, (b, 1)) < cut_fraction           # [B, 1]
+        p_mask = jnp.where(use, suffix, p_mask)
     masked = response & (jax.random.uniform(k_m, (b, seq_len)) < p_mask)
     noisy = jnp.where(masked, MASK, tokens)
     positions = jnp.broadcast_to(pos, (b, seq_len))
@@ -213,11 +241,12 @@ def run_stage(model, cfg: TrainConfig, tokenizer, *, stage: int, steps: int, lr:
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    loss_fn = functools.partial(sft_loss, block_fraction=block_fraction, block_length=cfg.block_length)
+    loss_fn = functools.partial(sft_loss, block_fraction=block_fraction, block_length=cfg.block_length,
+                                cut_fraction=cfg.cut_fraction, cut_rate=cfg.cut_rate, cut_power=cfg.cut_power)
 
     @nnx.jit
-    def step(model, optimizer, tokens, prompt_len, key):
-        (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens, prompt_len, key)
+    def step(model, optimizer, tokens, prompt_len, reply_len, key):
+        (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens, prompt_len, key, reply_len)
         optimizer.update(model, grads)
         return loss, acc
 
@@ -229,17 +258,22 @@ def run_stage(model, cfg: TrainConfig, tokenizer, *, stage: int, steps: int, lr:
         rest = 1.0 - cfg.stage2_count_share
         batches.mix["long"] = {"add": rest * 0.8, "count": cfg.stage2_count_share, "chat": rest * 0.2}
     key = jax.random.key(seed)
-    history, t0, window = [], time.perf_counter(), []
+    history, t0, window, times = [], time.perf_counter(), [], {"long": [], "short": []}
     for i in range(steps):
-        kind, tokens, plen = batches.next()
-        loss, acc = step(model, optimizer, jnp.asarray(tokens), jnp.asarray(plen), jax.random.fold_in(key, i))
+        t_step = time.perf_counter()
+        kind, tokens, plen, rlen = batches.next()
+        loss, acc = step(model, optimizer, jnp.asarray(tokens), jnp.asarray(plen), jnp.asarray(rlen),
+                         jax.random.fold_in(key, i))
         window.append((float(loss), float(acc)))
+        times[kind].append(time.perf_counter() - t_step)
         if (i + 1) % log_every == 0 or i + 1 == steps:
             l, a = np.mean(window, axis=0)
             history.append((stage, i + 1, float(l), float(a)))
-            log.info("stage %d step %d/%d  loss %.4f  masked-token acc %.3f  lr %.2e  %.1f s", stage, i + 1, steps,
-                     l, a, float(schedule(i)), time.perf_counter() - t0)
-            window = []
+            med = [float(np.median(times[k])) if times[k] else 0.0 for k in ("long", "short")]
+            log.info("stage %d step %d/%d  loss %.4f  masked-token acc %.3f  lr %.2e  %.1f s  (median step: long "
+                     "%.2f s, short %.2f s)", stage, i + 1, steps, l, a, float(schedule(i)),
+                     time.perf_counter() - t0, *med)
+            window, times = [], {"long": [], "short": []}
     return history
 
 
@@ -293,7 +327,7 @@ def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     t0 = time.perf_counter()
-    tokenizer = train_tokenizer(cfg.vocab_size)
+    tokenizer = train_tokenizer(cfg.vocab_size, polite=cfg.help_share > 0)
     init = None
     if args.init is not None:
         stage1 = load(args.init)

@@ -13,6 +13,7 @@
   const KEY_STORE = "dllm-playground-api-key";   // sessionStorage: this tab only
   const KNOBS = ["algorithm", "max_tokens", "block_length", "steps", "threshold", "factor", "temperature", "seed"];
   const INTEGER = new Set(["max_tokens", "block_length", "steps", "seed"]);
+  const DEMO_PROMPT = "What is 47+35?";
   const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
 
   const state = {
@@ -170,6 +171,9 @@
       badge.className = "demo-badge";
       badge.textContent = "demo model";
       meta.appendChild(badge);
+      // The demo model knows two tasks (additions of two numbers 0-99, counting); the default
+      // prompt would get a fragment from it, so start from an addition unless the prompt was edited.
+      if ($("prompt").value === $("prompt").defaultValue) $("prompt").value = DEMO_PROMPT;
     }
     const select = $("algorithm");
     select.textContent = "";
