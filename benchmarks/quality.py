@@ -3,7 +3,8 @@
 For each algorithm the server offers and each transfer schedule — the fixed schedule (one
 token per step: steps = gen_length), confidence threshold 0.7 / 0.8 / 0.9 / 0.95 and the
 factor rule 1-4, the EB-Sampler's entropy bound 0.05 / 0.15 / 0.5 / 1 / 2 (the dInfer decoders
-take thresholds only) — at batch 1 and batch 16, on the
+take thresholds, and dinfer_blockwise / dinfer_credit the entropy bound too) — at batch 1 and
+batch 16, on the
 held-out additions and the held-out counts: exact-match accuracy ("count to b": the reply starts
 with the right count, whether or not it stopped after b), mean NFE per request,
 tokens per forward, wall time and tokens/s. T=0, canvas 128, block 32, early stop (the
@@ -26,6 +27,7 @@ import numpy as np
 
 CACHE_ALGORITHMS = ("basic", "no_cache", "prefix_cache", "dual_cache")
 DINFER = ("dinfer_blockwise", "dinfer_hierarchy", "dinfer_credit")
+EB_DINFER = ("dinfer_blockwise", "dinfer_credit")  # the dInfer decoders that take an entropy bound
 THRESHOLDS = (0.7, 0.8, 0.9, 0.95)
 FACTORS = (1.0, 2.0, 3.0, 4.0)
 ENTROPY_BOUNDS = (0.05, 0.15, 0.5, 1.0, 2.0)  # the EB-Sampler's gamma (SGLang's default: 0.15)
@@ -38,7 +40,7 @@ def schedules(algorithm: str, quick: bool):
     out += [(f"threshold {t}", {"threshold": t}) for t in thresholds]
     if algorithm not in DINFER and not quick:
         out += [(f"factor {f:g}", {"threshold": None, "factor": f}) for f in FACTORS]
-    if algorithm not in DINFER:
+    if algorithm not in DINFER or algorithm in EB_DINFER:
         bounds = (0.15,) if quick else ENTROPY_BOUNDS
         out += [(f"entropy bound {g:g}", {"threshold": None, "entropy_bound": g}) for g in bounds]
     return out
