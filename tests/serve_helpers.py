@@ -48,6 +48,13 @@ def server_env(devices: int = 8, **extra) -> dict:
     return env
 
 
+# Run as ``python -c _DIE_WITH_PARENT PID CMD...``: asks the kernel to kill this process when its parent
+# (the pytest process) dies, then becomes CMD. A test process that crashes (a segfault in a worker) would
+# otherwise leave its server running for the rest of the suite, holding memory.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGKILL); "
+                    "os.getppid() == int(sys.argv[1]) or sys.exit(1); os.execv(sys.argv[2], sys.argv[2:])")
+
+
 class Server:
     """``python -m serve ARGS`` on a free localhost port; ready when /health says 200."""
 
@@ -56,7 +63,8 @@ class Server:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "serve", "--port", str(self.port), *args]
+        cmd = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()),
+               sys.executable, "-m", "serve", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env or server_env(), stdout=self.log,
                                      stderr=subprocess.STDOUT)
         if wait:

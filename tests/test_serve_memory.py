@@ -173,42 +173,43 @@ KEYS = [(8, 8), (16, 8), (16, 16), (24, 8)]  # (max_tokens, block_length): four 
 
 @pytest.mark.slow
 def test_server_with_two_programs_evicts_and_stays_correct(llada_model):
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        refs = pool.submit(lambda: {k: reference(llada_model, [PROMPT], [k[0]], block_length=k[1])[0] for k in KEYS})
-        server = Server("--model", str(LLADA_MODEL), "--mesh", "1", "--max-programs", "2",
-                        "--max-batch-size", "2", "--batch-buckets", "2", "--prompt-buckets", "64",
-                        "--max-wait-ms", "0", "--warmup-buckets", "none")
-        try:
-            peak, stop = [0.0], threading.Event()
+    # The references first, in this thread: computing them in a pool thread while the server starts (as
+    # this test once did) crashed a CI worker twice inside JAX's persistent-cache write of a program
+    # compiled in that thread (a segfault in executable.serialize); never reproduced here.
+    expected = {k: reference(llada_model, [PROMPT], [k[0]], block_length=k[1])[0] for k in KEYS}
+    server = Server("--model", str(LLADA_MODEL), "--mesh", "1", "--max-programs", "2",
+                    "--max-batch-size", "2", "--batch-buckets", "2", "--prompt-buckets", "64",
+                    "--max-wait-ms", "0", "--warmup-buckets", "none")
+    try:
+        peak, stop = [0.0], threading.Event()
 
-            def watch():
-                with httpx.Client(base_url=server.url, timeout=30) as c:
-                    while not stop.is_set():
-                        m = read_metrics(c.get("/metrics").text)
-                        peak[0] = max(peak[0], m["dllm_programs_cached"])
-                        stop.wait(0.05)
+        def watch():
+            with httpx.Client(base_url=server.url, timeout=30) as c:
+                while not stop.is_set():
+                    m = read_metrics(c.get("/metrics").text)
+                    peak[0] = max(peak[0], m["dllm_programs_cached"])
+                    stop.wait(0.05)
 
-            watcher = threading.Thread(target=watch, daemon=True)
-            watcher.start()
-            with httpx.Client(base_url=server.url, timeout=300) as http:
-                errors_before = server_errors(read_metrics(http.get("/metrics").text))  # (503s while loading)
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        with httpx.Client(base_url=server.url, timeout=300) as http:
+            errors_before = server_errors(read_metrics(http.get("/metrics").text))  # (503s while loading)
 
-                def ask(key):
-                    body = {"model": "model", "prompt": PROMPT, "max_tokens": key[0], "block_length": key[1],
-                            "temperature": 0}
-                    r = http.post("/v1/completions", json=body)
-                    assert r.status_code == 200, r.text
-                    return key, r.json()["choices"][0]["text"]
+            def ask(key):
+                body = {"model": "model", "prompt": PROMPT, "max_tokens": key[0], "block_length": key[1],
+                        "temperature": 0}
+                r = http.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                return key, r.json()["choices"][0]["text"]
 
-                answers = [ask(k) for k in KEYS]                        # each new key evicts the oldest
-                with concurrent.futures.ThreadPoolExecutor(2) as clients:  # evicted keys again, at once
-                    answers += list(clients.map(ask, [KEYS[0], KEYS[1]]))
-                metrics = read_metrics(http.get("/metrics").text)
-            stop.set()
-            watcher.join(10)
-        finally:
-            server.stop()
-        expected = refs.result()
+            answers = [ask(k) for k in KEYS]                        # each new key evicts the oldest
+            with concurrent.futures.ThreadPoolExecutor(2) as clients:  # evicted keys again, at once
+                answers += list(clients.map(ask, [KEYS[0], KEYS[1]]))
+            metrics = read_metrics(http.get("/metrics").text)
+        stop.set()
+        watcher.join(10)
+    finally:
+        server.stop()
     for key, text in answers:
         assert text == expected[key], key
     assert metrics["dllm_programs_evicted_total"] >= 4
