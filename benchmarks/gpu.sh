@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU benchmark, unattended (< 12 minutes on one H100/H200): full-size random LLaDA-8B in bf16,
+# GPU benchmark, unattended (< 10 minutes in all on one H100/H200; each part stops at its timeout and the next one still runs): full-size random LLaDA-8B in bf16,
 # dual cache, batch 1/8/32/64, gen 256, block 32, prompt 128; then the EB-Sampler on the dual cache
 # and on dinfer_credit at batch 32 (peak device memory per row of the table). Needs only a CUDA JAX install
 # (jax[cuda12], flax, orbax-checkpoint, numpy) and this repository on PYTHONPATH.
@@ -10,12 +10,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 out="${OUT:-.}/gpu_bench.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$out" || true
-timeout "${GPU_BENCH_TIMEOUT:-420}" python -m benchmarks.gpu_bench --shape llada_8b --algorithm dual_cache \
-    --batches "${BATCHES:-1,8,32,64}" --gen 256 --block 32 --prompt 128 "$@" 2>&1 | tee -a "$out"
+timeout "${GPU_BENCH_TIMEOUT:-380}" python -m benchmarks.gpu_bench --shape llada_8b --algorithm dual_cache \
+    --batches "${BATCHES:-1,8,32,64}" --gen 256 --block 32 --prompt 128 "$@" 2>&1 | tee -a "$out" || true
 # The decoders of issue 26 at the same shape, batch 32: the EB-Sampler (gamma 0.15, SGLang's default) on the
 # dual cache and on dInfer's credit decoder (its full-vocabulary fusion). Random weights: read ms/NFE and the
 # peak memory, not the number of forwards (no model is confident on random weights).
-timeout "${GPU_BENCH_EB_TIMEOUT:-150}" python -m benchmarks.gpu_bench --shape llada_8b --algorithm dual_cache \
+timeout "${GPU_BENCH_EB_TIMEOUT:-90}" python -m benchmarks.gpu_bench --shape llada_8b --algorithm dual_cache \
     --entropy-bound 0.15 --batches 32 --gen 256 --block 32 --prompt 128 --repeats 1 --skip-parity 2>&1 | tee -a "$out" || true
-timeout "${GPU_BENCH_EB_TIMEOUT:-150}" python -m benchmarks.gpu_bench --shape llada_8b --algorithm dinfer_credit \
+timeout "${GPU_BENCH_EB_TIMEOUT:-90}" python -m benchmarks.gpu_bench --shape llada_8b --algorithm dinfer_credit \
     --entropy-bound 0.15 --batches 32 --gen 256 --block 32 --prompt 128 --repeats 1 --skip-parity 2>&1 | tee -a "$out" || true
