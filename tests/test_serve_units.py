@@ -403,6 +403,7 @@ def test_scheduler_batches_admits_at_block_boundaries_and_cuts_max_tokens(make_e
         b = await collect(second)
         third = engine.submit([seq(gen=96)])           # joins later: new session or free slot
         c = await collect(third)
+        await until(lambda: ("release", 0, 0) in ex.log, "the first request's release")  # (after its last event)
         return a, b, c
 
     a, b, c = asyncio.run(main())
@@ -435,7 +436,10 @@ def test_a_session_runs_at_its_rows_prompt_bucket(make_engine):
             short = engine.submit([seq(gen=96)])
         ex.gate.release(1000)
         await collect(long)
-        return await collect(short)
+        out = await collect(short)
+        # (the scheduler thread releases a slot after sending the row's last event)
+        await until(lambda: ("release", 0, 1) in ex.log, "the short row's release")
+        return out
 
     short = asyncio.run(main())
     assert len(short[0].tokens) == 96
