@@ -74,7 +74,6 @@ def quick_random_model(config, dtype):
     matrices and unit norm scales.
     """
     import jax
-    from flax import nnx
 
     import dllm_jax
     from dllm_jax.model import abstract_params
@@ -85,18 +84,16 @@ def quick_random_model(config, dtype):
     programs = {}
 
     def make(key, sds):
-        one = sds.ndim == 1
-        if (sds.shape, sds.dtype, sds.sharding, one) not in programs:
-            programs[sds.shape, sds.dtype, sds.sharding, one] = jax.jit(
-                (lambda k: jax.numpy.ones(sds.shape, sds.dtype)) if one else
-                (lambda k: (0.02 * jax.random.normal(k, sds.shape, jax.numpy.float32)).astype(sds.dtype)),
-                out_shardings=sds.sharding)
-        return programs[sds.shape, sds.dtype, sds.sharding, one](key)
+        sig = (sds.shape, sds.dtype, sds.sharding)
+        if sig not in programs:
+            init = (lambda k: jax.numpy.ones(sds.shape, sds.dtype)) if sds.ndim == 1 else \
+                (lambda k: (0.02 * jax.random.normal(k, sds.shape, jax.numpy.float32)).astype(sds.dtype))
+            programs[sig] = jax.jit(init, out_shardings=sds.sharding)
+        return programs[sig](key)
 
     leaves, treedef = jax.tree.flatten(abstract)
     keys = jax.random.split(jax.random.key(0), len(leaves))
     params = jax.tree.unflatten(treedef, [make(k, sds) for k, sds in zip(keys, leaves)])
-    assert isinstance(params, nnx.State)
     return dllm_jax.Model(config, graphdef, params, mesh=mesh, source="random(leaf by leaf)")
 
 
