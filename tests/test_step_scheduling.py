@@ -199,3 +199,52 @@ def test_twins_share_block_start_forwards(algorithm):
             np.testing.assert_array_equal(got[True][i], got[False][i], err_msg=f"request {i}")
         # the first step alone saves 3 of a's 4 refreshes and 1 of b's 2; greedy twins 0 and 3 share every block's
         assert forwards[True] <= forwards[False] - 4 - (G // LB - 1), forwards
+
+
+def test_twins_share_the_prompt_prefill():
+    """static_block (Nemotron's block-causal sliding decoder): entering rows with the same prompt
+    run one prompt prefill between them, and its keys/values serve the whole generation (bf16).
+    The prefill alone: 2 forwards for the prompts a, a, b, a instead of 4, every row's cache
+    prompt region and context bitwise those of its own forward; end to end (two more rows join
+    later, one of them a again), every request gets its solo tokens, sharing on and off."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dllm_jax.sampling import sliding
+
+    rng = np.random.default_rng(11)
+    a, b, c = (rng.integers(0, 256, int(k)).tolist() for k in (9, 14, 5))
+    prompts, params = [a, a, b, a, c, a], _params("static_block", 6)
+    params[1] = params[3] = params[5] = params[0]  # the same request (greedy: twins to the end)
+    got = {}
+    for share in (True, False):
+        model = dllm_jax.load(NEMOTRON_DIR / "model", dtype="bfloat16", mesh=dllm_jax.make_mesh("1"))
+        model.programs.refresh_rows, model.programs.share_forwards = 1, share
+        session = DecodeSession(model, program_key(model, 16, params[0], 8), steps_per_call=1)
+        owner = {slot: slot for slot in range(4)}  # rows 4 and 5 join later
+        session.admit({slot: Row(prompts[i], params[i]) for slot, i in owner.items()})
+        program = sliding.SlidingProgram(session.key, model.graphdef, model.mask_token_id, chunk=1, share=share)
+        entering = jnp.arange(session.key.batch) < 4
+
+        @jax.jit
+        def prefill(params, st):
+            st, forwards = program.prefill(nnx.merge(model.graphdef, params), st, entering)
+            return st.cache, st.window.ctx, forwards
+
+        cache, ctx, forwards = prefill(model.params, session.state)
+        got[share] = (jax.tree.map(lambda x: np.asarray(x[:4, :, :16].astype(jnp.float32)), cache),
+                      np.asarray(ctx[:4].astype(jnp.float32)), int(forwards))
+        results, step = {}, 0
+        while owner or len(results) < 6:
+            if step == 2:
+                owner.update({4: 4, 5: 5})
+                session.admit({4: Row(prompts[4], params[4]), 5: Row(prompts[5], params[5])})
+            _step_and_collect(session, owner, results)
+            step += 1
+            assert step < 500
+        _assert_solo(model, "static_block", prompts, params, results)
+        np.testing.assert_array_equal(results[3], results[0])
+    assert (got[True][2], got[False][2]) == (2, 4)
+    jax.tree.map(np.testing.assert_array_equal, got[True][0], got[False][0])
+    np.testing.assert_array_equal(got[True][1], got[False][1])

@@ -168,4 +168,4 @@ class SlidingDecoder(Decoder):
 
     def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_rows: int | None = None,
               share: bool = True):
-        return sliding.make_step_program(key, graphdef, mask_id=mask_id)
+        return sliding.make_step_program(key, graphdef, mask_id=mask_id, refresh_rows=refresh_rows, share=share)

@@ -25,9 +25,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dllm_jax.sampling import proposal, rules
-from dllm_jax.sampling.blocks import contains_stop, put, take
+from dllm_jax.sampling.blocks import RefreshLoop, chunk_rows, contains_stop, put, take
 from dllm_jax.sampling.loops import step_loop, when
 from dllm_jax.sampling.state import DecodeState
+from dllm_jax.sampling.twins import copy_twins, same_forward
 
 # (annotations only: ``ProgramKey`` is dllm_jax.sampling.params', which imports this module)
 
@@ -40,26 +41,54 @@ class SlidingProgram:
       key: the program key.
       graphdef: the model's graph definition; ``run`` merges it with the params.
       mask_id: the mask token.
+      chunk: rows per prompt-prefill forward (``blocks.chunk_rows``).
+      share: entering rows with identical inputs run one prefill (``twins.same_forward``).
     """
 
     key: ProgramKey
     graphdef: object
     mask_id: int
+    chunk: int = 1
+    share: bool = True
 
     def run(self, params, st: DecodeState, budget, exit_on_done) -> DecodeState:
         model = nnx.merge(self.graphdef, params)
         return step_loop(lambda s: self.step(model, s), st, budget, exit_on_done)
 
-    def prefill(self, model, st: DecodeState, rows) -> DecodeState:
-        """The prompt region of rows that just entered, bidirectional within the prompt."""
+    def prompt_forward(self, model, st: DecodeState, rows):
+        """The prompt region of ``rows`` [R] alone (bidirectional within the prompt, no cache): its
+        hidden state at the last prompt position [R, D] and its keys/values (per layer [R, K, Lp, H])."""
         lp, t = self.key.prompt_len, st.tokens
-        mask = t.valid[:, None, :] & (jnp.arange(self.key.canvas_len) < lp)[None, None, :]  # [B, 1, L]
-        h, cache = model.hidden(t.canvas[:, :lp], t.positions[:, :lp], mask, cache=st.cache,
-                                write_start=jnp.zeros_like(st.progress.block),
-                                write_mask=jnp.broadcast_to(rows[:, None], (rows.shape[0], lp)),
-                                return_kv=True)  # [B, Lp, D]
-        ctx = jnp.where(rows[:, None], h[:, lp - 1].astype(st.window.ctx.dtype), st.window.ctx)  # [B, D]
-        return st.replace(cache=cache).update(ctx=ctx)
+        h, kv = model.hidden(t.canvas[rows, :lp], t.positions[rows, :lp], t.valid[rows, None, :lp], return_kv=True)
+        return h[:, lp - 1], kv
+
+    def prefill(self, model, st: DecodeState, entering):
+        """The prompt prefill of the rows that just entered [B], ``chunk`` rows per forward (a while
+        loop over the chunks: a step pays for the entering rows, not the batch); rows whose prompt
+        region equals an earlier entering row's (the ``n`` samples of one prompt, a repeated prompt)
+        copy its keys/values and context instead of running their own (``twins``). Block-causal: the
+        prompt's keys/values never change afterwards, so one prefill serves the whole generation.
+        Returns (state, prefill forwards run)."""
+        lp, b = self.key.prompt_len, self.key.batch
+        lead = same_forward(st, entering, st.progress.block) if self.share else jnp.arange(b)  # [B]
+        twin = entering & (lead != jnp.arange(b))
+
+        def scatter(cache, dest, kv):
+            return jax.tree.map(lambda old, new: old.at[dest, :, :lp].set(new.astype(old.dtype), mode="drop"),
+                                cache, kv)
+
+        def chunk(c: RefreshLoop) -> RefreshLoop:
+            rows = jnp.argsort(~c.pending, stable=True)[:self.chunk]  # [R] the first pending rows
+            ctx, kv = self.prompt_forward(model, st, rows)
+            dest = jnp.where(c.pending[rows], rows, b)  # padding rows: out of range, dropped
+            return RefreshLoop(scatter(c.cache, dest, kv), c.hidden.at[dest].set(ctx.astype(c.hidden.dtype), mode="drop"),
+                               c.pending.at[dest].set(False, mode="drop"), c.forwards + 1)
+
+        loop = jax.lax.while_loop(lambda c: jnp.any(c.pending), chunk,
+                                  RefreshLoop(st.cache, st.window.ctx, entering & ~twin, jnp.int32(0)))
+        cache, ctx = copy_twins(loop.cache, loop.hidden, twin, lead, self.chunk) if self.share else \
+            (loop.cache, loop.hidden)
+        return st.replace(cache=cache).update(ctx=ctx), loop.forwards
 
     def step(self, model, st: DecodeState) -> DecodeState:
         """One decode forward of every live row's window, then its commit and slide."""
@@ -67,7 +96,7 @@ class SlidingProgram:
         q_idx, k_idx = jnp.arange(lb), jnp.arange(self.key.canvas_len)
         running = st.progress.active & ~st.progress.done  # [B]
         entering = running & (st.progress.nfe == 0) & (st.progress.block == lp)
-        st = when(jnp.any(entering), lambda s: self.prefill(model, s, entering), st)
+        st = when(jnp.any(entering), lambda s: self.prefill(model, s, entering)[0], st)
         live = running
         s, pre, ctx = st.progress.block, st.window.prefix, st.window.ctx  # [B], [B], [B, D]
         tokens, positions = take(st.tokens.canvas, s, lb), take(st.tokens.positions, s, lb)  # [B, Lb]
@@ -127,6 +156,8 @@ class SlidingProgram:
         return st.update(block=s, prefix=pre, mblock=mblock, ctx=ctx, done=st.progress.done | at_end | eos)
 
 
-def make_step_program(key: "ProgramKey", graphdef, *, mask_id: int):
-    """``run(params, state, budget, exit_on_done) -> state`` (see the module docstring)."""
-    return SlidingProgram(key, graphdef, mask_id).run
+def make_step_program(key: "ProgramKey", graphdef, *, mask_id: int, refresh_rows: int | None = None,
+                      share: bool = True):
+    """``run(params, state, budget, exit_on_done) -> state`` (see the module docstring); ``refresh_rows``:
+    rows per prefill forward (default from ``blocks.REFRESH_TOKENS``); ``share``: twins share a prefill."""
+    return SlidingProgram(key, graphdef, mask_id, chunk_rows(key.batch, key.canvas_len, refresh_rows), share).run
