@@ -85,6 +85,32 @@ def test_per_row_filters_in_one_batch_equal_solo(llada_model):
         np.testing.assert_array_equal(batch[i], llada_model.generate([p], **r, **kw).tokens[0], err_msg=str(r))
 
 
+def test_top_k_keeps_k_tokens_when_the_cumulative_mass_saturates():
+    """top_p = 1 is off: with one dominant token over a tail of mass ~1e-13, the float32 cumsum of
+    the top-k probabilities is 1.0 from rank 1 on, so a ``before < top_p`` test would keep the
+    dominant token alone; the floor is the k-th largest scaled logit (ties at it kept)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dllm_jax.models.transformer import softmax
+    from dllm_jax.sampling import proposal
+
+    v, mask_id = 12, 11
+    logits = np.full((2, 1, v), -40.0, np.float32)
+    logits[:, 0, :6] = [0.0, -30.0, -30.5, -31.0, -31.5, -31.5]  # a tie at rank 5 / 6
+    logits = jnp.asarray(logits)
+    head = -jnp.sort(-logits[0, 0, :5])
+    before = jnp.cumsum(softmax(head)) - softmax(head)
+    assert float(before[1]) == 1.0  # saturated: every token after the first has "mass before" 1.0
+    t, top_k = jnp.asarray([1.0, 0.5]), jnp.asarray([5, 3])
+    floor = proposal.filter_floor(logits, t, top_k, jnp.ones(2), jnp.zeros(2), mask_id)
+    np.testing.assert_array_equal(floor[:, 0], [-31.5, -30.5 / 0.5])
+    keys = jax.random.split(jax.random.key(0), 2)
+    drawn = {int(proposal.draw(logits, jnp.asarray([60.0, 60.0]), jax.vmap(jax.random.fold_in)(keys, jnp.full(2, i)),
+                               mask_id, (top_k, jnp.ones(2), jnp.zeros(2)))[0][0, 0]) for i in range(200)}
+    assert drawn == {0, 1, 2, 3, 4, 5}  # at T = 60 the six kept tokens (a tie at the 5th) are all drawn
+
+
 @pytest.mark.parametrize("kwargs,param", [
     (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(min_p=-0.1), "min_p"), (dict(min_p=2.0), "min_p"), (dict(logprobs=21), "logprobs"),

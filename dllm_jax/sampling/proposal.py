@@ -39,7 +39,10 @@ def filter_floor(logits, temperature, top_k, top_p, min_p, mask_id: int):
     in_k = rank < k
     probs = softmax(jnp.where(in_k, ordered, NEG_INF), axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more probable tokens
-    keep_sorted = in_k & ((before < top_p[:, None, None]) | (rank == 0))
+    # top_p >= 1 is off: the float32 cumsum can reach 1.0 before rank k (a dominant token over a
+    # tiny tail), and ``before < 1`` would then drop tokens of the top k
+    nucleus = (before < top_p[:, None, None]) | (top_p >= 1.0)[:, None, None]
+    keep_sorted = in_k & (nucleus | (rank == 0))
     # top_k / top_p: the least probable kept token's value
     count = jnp.sum(keep_sorted, axis=-1, keepdims=True)
     cut = jnp.take_along_axis(ordered, count - 1, axis=-1)[..., 0]  # [B, Lb]
