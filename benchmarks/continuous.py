@@ -83,6 +83,8 @@ def main(argv=None) -> None:
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--group", type=int, default=1,
+                   help="each prompt repeated this many times in a row (the n samples of one prompt)")
     p.add_argument("--steps-per-call", type=int, default=None, help="step programs: steps per device call")
     p.add_argument("--refresh-rows", type=int, default=None, help="step programs: rows per refresh chunk")
     p.add_argument("--out", help="save per-request tokens (JSON)")
@@ -113,8 +115,10 @@ def main(argv=None) -> None:
     else:
         avoid = set(model.stop_token_ids) | {model.mask_token_id}
         prompts = make_prompts(args.requests, args.seed, model.spec.vocab, avoid, 384)
+    prompts = [q for q in prompts[:-(-args.requests // args.group)] for _ in range(args.group)][:args.requests]
+    threshold = None if args.algorithm == "static_block" else args.threshold  # (its own acceptance rule)
     params = SamplingParams(gen_length=args.gen_length, block_length=args.block_length, algorithm=args.algorithm,
-                            threshold=args.threshold, early_stop=True,
+                            threshold=threshold, early_stop=True,
                             stop_token_ids=tuple(model.stop_token_ids)).resolve(model.family)
     run_pass(model, prompts[:2 * args.batch], params, args.batch, args.steps_per_call)  # compile + warm up
     passes = []
@@ -127,8 +131,8 @@ def main(argv=None) -> None:
     print(f"# continuous batching: {device_description()}; model {args.model or 'demo'} "
           f"({model.spec.n_layers} layers, d_model {model.spec.d_model}), {np.dtype(model.dtype).name}")
     print(f"# {args.requests} requests ({args.workload} workload, prompts {min(map(len, prompts))}-{max(map(len, prompts))} "
-          f"tokens), batch {args.batch}, gen_length {args.gen_length}, block {args.block_length}, "
-          f"{args.algorithm}, threshold {args.threshold}, T=0, early stop; median of {args.repeats} passes")
+          f"tokens, groups of {args.group}), batch {args.batch}, gen_length {args.gen_length}, block {args.block_length}, "
+          f"{args.algorithm}, threshold {threshold}, T=0, early stop; median of {args.repeats} passes")
     print("| run | tokens/s | req/s | wall s | device calls | denoising steps | batch forwards | tokens/forward "
           "| ms/call | empty call ms |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
