@@ -221,7 +221,7 @@ def reference_generate(model, prompt, params: SamplingParams, fwd: Forward | Non
     p = params.resolve(model.family)
     fwd = fwd or Forward(model)
     if ALGORITHMS[p.algorithm].cache == "sliding":
-        return _reference_sliding(model, prompt, p, fwd)
+        return _reference_sliding(model, prompt, p, fwd, logprobs)
     algo = ALGORITHMS[p.algorithm]
     mask_id = model.mask_token_id
     rule = algo.rule if algo.rule is not None and p.entropy_bound is None else p.rule
@@ -298,8 +298,9 @@ def reference_generate(model, prompt, params: SamplingParams, fwd: Forward | Non
     return x[plen:], nfe, commit
 
 
-def _reference_sliding(model, prompt, p, fwd):
-    """NeMo-RL generate_static_block_size, one prompt, written as its upstream loop."""
+def _reference_sliding(model, prompt, p, fwd, logprobs=None):
+    """NeMo-RL generate_static_block_size, one prompt, written as its upstream loop (``logprobs``:
+    filled as ``reference_generate``'s; greedy, so 'processed' is 'raw')."""
     mask_id, plen, g, lb = model.mask_token_id, len(prompt), p.gen_length, p.block_length
     stops = p.stop_token_ids if p.stop_token_ids is not None else (model.config.eos_token_id,)
     x = np.array(list(prompt) + [mask_id] * (g + 2 * lb))
@@ -311,6 +312,8 @@ def _reference_sliding(model, prompt, p, fwd):
     s, prefix, nfe = plen, 0, 0
     mblock = np.ones(lb, bool)
     commit = np.full(g, -1)
+    if logprobs is not None:
+        logprobs.update(raw=np.zeros(g), processed=np.zeros(g))
     while True:
         h, cache = fwd.window(x[s:s + lb], s, cache, write_from=s, key_limit=s + lb, hide_prefix=prefix)
         logits = fwd.logits(jnp.concatenate([ctx[None], h[:-1]]))
@@ -322,6 +325,8 @@ def _reference_sliding(model, prompt, p, fwd):
             mblock[j] = False
             if s + j - plen < g:
                 commit[s + j - plen] = nfe
+                if logprobs is not None:
+                    logprobs["raw"][s + j - plen] = logprobs["processed"][s + j - plen] = log_softmax(logits[j])[x0[j]]
         if prefix > 0:
             ctx = h[prefix]
             s += prefix + 1

@@ -216,11 +216,22 @@ def test_logprobs_mode_is_checked(llada_model):
 
 
 def test_nemotron_logprobs(nemotron_model):
+    """static_block (its head in vocabulary chunks, no [B, Lb, V] logits): the tokens of a run
+    without logprobs, each committed token its own top-1, and its log-probability at the forward
+    that committed it equal to the upstream-shaped loop's log-softmax of the full logits."""
     plain = nemotron_model.generate([PROMPT], gen_length=G, block_length=LB)
-    out = nemotron_model.generate([PROMPT], gen_length=G, block_length=LB, logprobs=2)
+    out = nemotron_model.generate([PROMPT], gen_length=G, block_length=LB, logprobs=2, return_trace=True)
     np.testing.assert_array_equal(out.tokens, plain.tokens)
     n = out.lengths[0]
     np.testing.assert_array_equal(out.logprobs["top_ids"][0, :n, 0], out.tokens[0, :n])
+    ref = {}
+    tokens, _, commit = reference_generate(nemotron_model, PROMPT, SamplingParams(gen_length=G, block_length=LB),
+                                           logprobs=ref)
+    np.testing.assert_array_equal(out.tokens[0], tokens)
+    np.testing.assert_array_equal(out.trace["commit_step"][0], commit)
+    np.testing.assert_allclose(out.logprobs["token_logprobs"][0, :n], ref["raw"][:n], atol=1e-5)
+    np.testing.assert_array_equal(out.logprobs["top_logprobs"][0, :n, 0], out.logprobs["token_logprobs"][0, :n])
+    assert np.all(ref["raw"][:n] < 0) and np.ptp(ref["raw"][:n]) > 1e-3  # real values: the check is not vacuous
 
 
 # ---- scoring ----------------------------------------------------------------------------------

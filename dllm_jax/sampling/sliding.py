@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dllm_jax.sampling import proposal, rules
+from dllm_jax.sampling import head, rules
 from dllm_jax.sampling.blocks import RefreshLoop, chunk_rows, contains_stop, put, take
 from dllm_jax.sampling.loops import step_loop, when
 from dllm_jax.sampling.state import DecodeState
@@ -105,18 +105,19 @@ class SlidingProgram:
         h, cache = model.hidden(tokens, positions, visible & ~hidden_tail, cache=st.cache, write_start=s,
                                 write_mask=jnp.broadcast_to(live[:, None], tokens.shape), return_kv=True)
         predictors = jnp.concatenate([ctx[:, None, :].astype(h.dtype), h[:, :-1]], axis=1)  # [B, Lb, D]
-        logits = model.head(predictors)  # [B, Lb, V]
-        x0, conf = proposal.propose(logits, jnp.zeros_like(st.knobs.temperature),
-                                 jax.vmap(jax.random.fold_in)(st.knobs.rng, st.progress.nfe), self.mask_id)  # [B, Lb]
+        # greedy: the argmax and its confidence from the head's vocabulary chunks (no [B, Lb, V] logits)
+        stats, _ = head.block_head(model, predictors, None, self.mask_id, top_k=self.key.logprobs)
+        x0, conf = stats.argmax, stats.prob(stats.best)  # [B, Lb]
         transfer = rules.transfer_nemotron(conf, st.window.mblock & live[:, None], st.knobs.factor)  # [B, Lb]
         nfe = st.progress.nfe + live
         st = st.replace(cache=cache, batch_nfe=st.batch_nfe + 1).update(
             canvas=put(st.tokens.canvas, s, jnp.where(transfer, x0, tokens)), mblock=st.window.mblock & ~transfer,
-            nfe=nfe, **self.records(st, logits, x0, conf, transfer, nfe))
+            nfe=nfe, **self.records(st, stats, x0, conf, transfer, nfe))
         return self.slide(st, h, live)
 
-    def records(self, st: DecodeState, logits, x0, conf, transfer, nfe) -> dict:
-        """The records of the committed window positions (``transfer`` [B, Lb])."""
+    def records(self, st: DecodeState, stats, x0, conf, transfer, nfe) -> dict:
+        """The records of the committed window positions (``transfer`` [B, Lb]; ``stats`` the head's
+        ``HeadStats``: raw logprobs, as greedy rows' 'processed' ones are)."""
         key, r = self.key, st.records
         q_idx = jnp.arange(key.block_length)
         s = st.progress.block
@@ -127,7 +128,7 @@ class SlidingProgram:
                                                                     mode="drop"),
                    commit_conf=r.commit_conf.at[rows, gen_idx].set(conf, mode="drop"))
         if key.logprobs:
-            chosen, top_ids, top_lp = proposal.token_logprobs(logits, x0, key.logprobs, self.mask_id)
+            chosen, top_ids, top_lp = stats.raw_logprobs(stats.best)
             out.update(commit_logprob=r.commit_logprob.at[rows, gen_idx].set(chosen, mode="drop"),
                        top_ids=r.top_ids.at[rows, gen_idx].set(top_ids, mode="drop"),
                        top_logprobs=r.top_logprobs.at[rows, gen_idx].set(top_lp, mode="drop"))
