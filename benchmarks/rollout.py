@@ -321,6 +321,25 @@ def shared_table(args, model: str, tmp: Path, url: str, ps, seeds, latest: Path)
     return share
 
 
+def loop_tables(rows: list[dict], args, url: str, compiles: float) -> None:
+    """The GRPO loop's tables: per iteration and the summary; programs compiled while timed."""
+    cols = ["iter", "weight_version in answers", "ok", "gen s", "steps", "engine s", "swap s", "server load s",
+            "idle/other s", "flush tries", "rollouts/s", "tokens", "tokens/s", "loop rollouts/s", "changed",
+            "ckpt write s (not serving)"]
+    print_table(rows, cols, "GRPO loop (per iteration)")
+    mean = lambda k: statistics.mean(r[k] for r in rows)  # noqa: E731
+    total = sum(r["gen s"] + r["swap s"] + r["idle/other s"] for r in rows)
+    summary = {"iterations": len(rows), "gen s": mean("gen s"), "swap s": mean("swap s"),
+               "idle/other s": mean("idle/other s"),
+               "gen share": f"{sum(r['gen s'] for r in rows) / total:.0%}",
+               "rollouts/s": mean("rollouts/s"), "tokens/s": mean("tokens/s"),
+               "loop rollouts/s": sum(args.prompts * args.n for _ in rows) / total,
+               "versions ok": "yes" if all(r["ok"] == "yes" for r in rows) else "NO"}
+    print_table([summary], list(summary), "summary (means over iterations; loop = gen + swap + idle)")
+    after = scrape(url, {}).get("dllm_compiles_total", 0)
+    print(f"programs compiled during the timed part: {after - compiles:.0f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF safetensors dir (default: the bench model, written to a temp dir; "
@@ -328,7 +347,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=None, help="P prompts per iteration (default 8; --quick 4)")
     p.add_argument("--n", type=int, default=None, help="samples per prompt (default 8; --quick 4)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="G (default 128; --quick 32)")
-    p.add_argument("--iterations", type=int, default=None, help="timed iterations (default 3; --quick 2)")
+    p.add_argument("--iterations", type=int, default=None, help="timed iterations (default 3; --quick 2; 0: only the group-sharing table)")
     p.add_argument("--repeats", type=int, default=None, help="group-sharing repeats (default 3; --quick 6)")
     p.add_argument("--mesh", default=None)
     p.add_argument("--dtype", default=None, help="the server's --dtype (default: the checkpoint's)")
@@ -377,21 +396,8 @@ def main(argv=None) -> int:
             print(f"warm-up (iteration 0, untimed): {time.perf_counter() - t0:.1f} s, {passes} pass(es), "
                   f"{compiles:.0f} programs compiled")
             rows = loop(url, trainer, ps, seeds, args)
-            cols = ["iter", "weight_version in answers", "ok", "gen s", "steps", "engine s", "swap s", "server load s",
-                    "idle/other s", "flush tries", "rollouts/s", "tokens", "tokens/s", "loop rollouts/s", "changed",
-                    "ckpt write s (not serving)"]
-            print_table(rows, cols, "GRPO loop (per iteration)")
-            mean = lambda k: statistics.mean(r[k] for r in rows)  # noqa: E731
-            total = sum(r["gen s"] + r["swap s"] + r["idle/other s"] for r in rows)
-            summary = {"iterations": len(rows), "gen s": mean("gen s"), "swap s": mean("swap s"),
-                       "idle/other s": mean("idle/other s"),
-                       "gen share": f"{sum(r['gen s'] for r in rows) / total:.0%}",
-                       "rollouts/s": mean("rollouts/s"), "tokens/s": mean("tokens/s"),
-                       "loop rollouts/s": sum(args.prompts * args.n for _ in rows) / total,
-                       "versions ok": "yes" if all(r["ok"] == "yes" for r in rows) else "NO"}
-            print_table([summary], list(summary), "summary (means over iterations; loop = gen + swap + idle)")
-            after = scrape(url, {}).get("dllm_compiles_total", 0)
-            print(f"programs compiled during the timed part: {after - compiles:.0f}")
+            if rows:
+                loop_tables(rows, args, url, compiles)
             shared_table(args, str(model), tmp, url, ps, seeds, trainer.written[-1])
         except BaseException:
             print(f"server log: the last lines of {log}:\n" + "".join(open(log).readlines()[-30:]), file=sys.stderr)

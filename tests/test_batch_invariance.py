@@ -381,3 +381,19 @@ def test_rules_buckets_admission_gqa_prefix_cache():
     """GQA, bf16, one device, prefix_cache (issue 21's report): all 8 rows, together and staggered."""
     model = _gqa_model()
     _check_rules_buckets_admission(model, model, "prefix_cache", seed=12, checked=range(8), together=True)
+
+
+@pytest.mark.parametrize("family", ["llada", "nemotron"])
+def test_score_does_not_depend_on_the_other_sequences(family):
+    """``Model.score`` in bf16 (its head in vocabulary chunks: fixed-order sums): a sequence's
+    log-probabilities and top k are bitwise the same scored alone and beside sequences of other
+    lengths (other row buckets, other rows in its call)."""
+    model = _model(family, "1")
+    rng = np.random.default_rng(8)
+    target = rng.integers(0, 256, 9).tolist()
+    alone = model.score([target], top_k=3)[0]
+    for mates in ([rng.integers(0, 256, 4).tolist()], [rng.integers(0, 256, int(k)).tolist() for k in (12, 7, 15)]):
+        got = model.score(mates[:1] + [target] + mates[1:], top_k=3)[1]
+        np.testing.assert_array_equal(got.token_logprobs, alone.token_logprobs)
+        np.testing.assert_array_equal(got.top_ids, alone.top_ids)
+        np.testing.assert_array_equal(got.top_logprobs, alone.top_logprobs)

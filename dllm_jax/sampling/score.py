@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dllm_jax.models.transformer import rms_norm, row_sum
+from dllm_jax.sampling import head
 from dllm_jax.sampling.params import MAX_TOP_LOGPROBS, PROMPT_BUCKETS, SamplingError, batch_bucket, bucket
-from dllm_jax.sampling.rules import NEG_INF
 from dllm_jax.sampling.session import fetch
 from dllm_jax.sharding import batch_sharding
 
@@ -61,14 +62,29 @@ def _program(model, length: int, rows: int, k: int, shift: bool):
         h, _ = m.hidden(tokens, positions, valid[:, None, :])
         at = query - 1 if shift else query
         x = jnp.take_along_axis(h, at[:, None, None], axis=1)  # [R, 1, D]
-        logp = jax.nn.log_softmax(m.head(x)[:, 0].astype(jnp.float32), axis=-1)  # [R, V]
-        chosen = jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
-        if not k:
-            return chosen, jnp.zeros((rows, 0), jnp.int32), jnp.zeros((rows, 0), jnp.float32)
-        top_lp, top_ids = jax.lax.top_k(logp.at[:, mask_id].set(NEG_INF), k)
-        return chosen, top_ids.astype(jnp.int32), top_lp
+        return target_logprobs(m, x, target, mask_id, k)
 
     return run, sharding2, sharding1
+
+
+def target_logprobs(m, x, target, mask_id: int, k: int):
+    """log p(target) [R], and the top k [R, k] (ids, logprobs; the mask token left out) of the
+    model's distribution at x [R, 1, D] (hidden states before the final norm), from the head's
+    vocabulary chunks (``head.block_head``: no [R, V] float32 logits). The normaliser is the full
+    vocabulary's; the target's logit is its own column of the head, or, when the target is among
+    the top k, the top k's value (so a greedy target's logprob equals its top-1 entry bitwise)."""
+    stats, _ = head.block_head(m, x, None, mask_id, top_k=k)
+    log_z = stats.log_z()[:, 0]  # [R]
+    hn = rms_norm(x[:, 0], m.final_norm[...], m.spec.norm_eps)  # [R, D]
+    w = jnp.take(m.lm_head[...], target, axis=1).T  # [R, D]
+    # a fixed-order sum of exact float32 products: a dot's rounding would follow R (measured)
+    logit = row_sum(hn.astype(jnp.float32) * w.astype(jnp.float32))[:, 0]  # [R]
+    if not k:
+        return logit - log_z, jnp.zeros((x.shape[0], 0), jnp.int32), jnp.zeros((x.shape[0], 0), jnp.float32)
+    top_ids, top_vals = stats.top_ids[:, 0], stats.top_vals[:, 0]  # [R, k]
+    hit = top_ids == target[:, None]
+    logit = jnp.where(jnp.any(hit, -1), jnp.sum(jnp.where(hit, top_vals, 0.0), -1), logit)
+    return logit - log_z, top_ids, top_vals - log_z[:, None]
 
 
 def score(model, sequences: Sequence[Sequence[int]], *, top_k: int = 0, shift_logits: bool | None = None,
