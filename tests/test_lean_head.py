@@ -6,6 +6,7 @@ logprobs for every block decoder that runs greedy and unfiltered T > 0 rows on t
 bf16; a server with the lean head on serves what ``Model.generate`` gives."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dllm_jax.sampling import generation, head, proposal
+from dllm_jax.sampling import generation, head, head_filters, proposal
 from dllm_jax.sampling.params import SamplingParams, lean_head_ok
 from dllm_jax.sampling.programs import program_key
 
@@ -103,13 +104,77 @@ def test_chunked_draw_matches_the_full_draw(v, chunk, mask_id):
     np.testing.assert_array_equal(x0[1], stats.argmax[1])
     assert not np.array_equal(x0[::2], stats.argmax[::2])  # (not vacuous: the draw is not the argmax)
     np.testing.assert_array_equal(logit, jnp.take_along_axis(logits, want[..., None], -1)[..., 0])
-    got = stats.processed_logprobs(logit, t)
     floor = jnp.full(want.shape, -jnp.inf)
+    got = stats.processed_logprobs(logit, t, floor)
     ref = proposal.processed_logprobs(logits, want, K, mask_id, t, floor)
     for i in (0, 2):
         np.testing.assert_allclose(got[0][i], ref[0][i], rtol=0, atol=1e-5)
         np.testing.assert_array_equal(got[1][i], ref[1][i])
         np.testing.assert_allclose(got[2][i], ref[2][i], rtol=0, atol=1e-5)
+
+
+FILTERS = [(1, 0.0), (5, 0.0), (head_filters.FILTER_K, 0.0), (0, 0.05), (0, 0.5), (5, 0.05), (1, 0.5),
+           (head_filters.FILTER_K, 0.5)]
+
+
+def _filtered_head(logits, mask_id, chunk):
+    """(lean, full) of rows at T = 0.7, 1e-7 (T' = 1e-6) and 1.6 under (top_k, min_p) with top_p = 1:
+    the statistics' floor, the chunked draw (first pass, floor, second pass) and its 'processed'
+    logprobs vs ``proposal.filter_floor`` / ``draw`` / ``processed_logprobs`` (one jit per shape)."""
+    v = logits.shape[-1]
+    t = jnp.asarray([0.7, 1e-7, 1.6])
+    keys = jax.vmap(jax.random.fold_in)(jax.random.split(jax.random.key(5), 3), jnp.arange(3))
+    noise = proposal.noise_keys(keys)[:, 0]
+
+    @jax.jit
+    def run(logits, t, top_k, min_p):  # (arguments: no constant folding of the sort, or of 1 / T)
+        def chunk_logits(s, w):
+            return jax.lax.dynamic_slice_in_dim(logits, s, w, axis=-1)
+
+        knobs = SimpleNamespace(temperature=t, top_k=jnp.full(3, top_k), top_p=jnp.ones(3), min_p=jnp.full(3, min_p),
+                                processed_logprobs=jnp.ones(3, bool))
+        stats, _ = head.scan(chunk_logits, logits.shape[:2], v, mask_id, top_k=K, chunk=chunk, temperature=t,
+                             noise=noise, tops=jnp.ones(3, bool))
+        floor = head_filters.floor(stats.best, stats.filter_vals, knobs)
+        stats = head_filters.rescan(chunk_logits, stats, floor, v, head.chunk_width(v, chunk), mask_id, t, noise=noise,
+                                    draw=jnp.ones(3, bool), lse=jnp.ones(3, bool))
+        x0, logit = stats.proposal(t)
+        filters = (knobs.top_k, knobs.top_p, knobs.min_p)
+        ref_floor = proposal.filter_floor(logits, t, *filters, mask_id)
+        ref_x0, draw_floor = proposal.draw(logits, t, keys, mask_id, filters)
+        lean = (floor, x0, stats.processed_logprobs(logit, t, floor))
+        return lean, (ref_floor, ref_x0, proposal.processed_logprobs(logits, ref_x0, K, mask_id, t, draw_floor)), logit
+
+    return lambda top_k, min_p: run(logits, t, top_k, min_p)
+
+
+@pytest.mark.parametrize("v,chunk,mask_id", [(1000, 128, 5), (1000, 1000, 999), (37, 8, 36), (384, 100, 0),
+                                             (384, 64, 200)])
+def test_filters_from_statistics_match_the_full_path(v, chunk, mask_id):
+    """top_k (1, 5, ``FILTER_K``) and min_p (0.05, 0.5), alone and together, with top_p off: the
+    floor from the statistics (the running top-K, the maximum) is ``proposal.filter_floor``'s bit
+    for bit, the second pass's draw ``proposal.draw``'s token for token (in the filter set, the mask
+    token never), and the 'processed' logprobs over the filter set ``proposal.processed_logprobs``'
+    (to float32 rounding; the same top ids, -inf and the same filler ids beyond the set). Random
+    logits with ties, the mask token as a maximum, several chunks, V not divisible by the chunk."""
+    logits = _logits(v, mask_id)
+    run = _filtered_head(logits, mask_id, chunk)
+    sizes = set()
+    for top_k, min_p in FILTERS:
+        (floor, x0, got), (ref_floor, ref_x0, ref), logit = run(top_k, min_p)
+        what = f"top_k={top_k} min_p={min_p}"
+        np.testing.assert_array_equal(floor, ref_floor, err_msg=what)
+        assert np.all(np.isfinite(floor)) == (top_k < v - 1 or min_p > 0), what  # (-inf: top_k keeps every token)
+        np.testing.assert_array_equal(x0, ref_x0, err_msg=what)
+        assert not np.any(np.asarray(x0) == mask_id)
+        # row 1, T' = 1e-6: the reference rounds l / T' ~ 1e7 to whole numbers (float32), the
+        # statistics shift first ((l - max) / T'): they agree to that rounding
+        for i, atol in ((0, 2e-5), (1, 1.0), (2, 2e-5)):
+            np.testing.assert_allclose(got[0][i], ref[0][i], rtol=0, atol=atol, err_msg=what)
+            np.testing.assert_allclose(got[2][i], ref[2][i], rtol=0, atol=atol, err_msg=what)
+        np.testing.assert_array_equal(got[1], ref[1], err_msg=what)
+        sizes.update(np.isfinite(np.asarray(got[2])).sum(-1).ravel().tolist())
+    assert {1, K} <= sizes and len(sizes) > 2, sizes  # (not vacuous: sets smaller than the top k, and not)
 
 
 def test_block_head_matches_model_head(llada_model):
@@ -144,7 +209,9 @@ def test_lean_head_ok():
                                        logprobs_mode="processed").resolve("llada"))
     assert lean_head_ok(SamplingParams(**base, temperature=0.5, remasking="random").resolve("llada"))
     assert lean_head_ok(SamplingParams(**base, top_k=5, top_p=0.5).resolve("llada"))  # (T = 0: no-ops)
-    for f in (dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1)):  # they sort the whole distribution
+    for f in (dict(top_k=5), dict(min_p=0.1), dict(top_k=head_filters.FILTER_K, min_p=0.5)):  # from the statistics
+        assert lean_head_ok(SamplingParams(**base, temperature=0.5, **f).resolve("llada")), f
+    for f in (dict(top_p=0.9), dict(top_k=head_filters.FILTER_K + 1), dict(top_k=5, top_p=0.99)):  # the full sort
         assert not lean_head_ok(SamplingParams(**base, temperature=0.5, **f).resolve("llada")), f
     assert not lean_head_ok(SamplingParams(**base, algorithm="dinfer_credit").resolve("llada"))
     assert not lean_head_ok(SamplingParams(**base, algorithm="static_block").resolve("nemotron"))
@@ -156,6 +223,7 @@ def test_program_key_selects_the_lean_head(llada_model):
     assert not program_key(llada_model, 5, greedy, 1).lean_head  # opt-in: the default admits every row
     assert program_key(llada_model, 5, greedy, 1, lean_head=True).lean_head
     assert program_key(llada_model, 5, sampled, 1, lean_head=True).lean_head
+    assert program_key(llada_model, 5, dataclasses.replace(sampled, top_k=5, min_p=0.1), 1, lean_head=True).lean_head
     assert not program_key(llada_model, 5, dataclasses.replace(sampled, top_p=0.9), 1, lean_head=True).lean_head
 
 
@@ -243,6 +311,49 @@ def test_lean_program_equals_full_program_sampled(request, algorithm, dtype, mon
     assert not np.array_equal(lean.tokens[[0, 1, 3]], greedy.tokens[[0, 1, 3]])  # the rows did sample
 
 
+@pytest.fixture(scope="module")
+def fresh_models():
+    """dtype -> a model of its own (its own compiled programs: the test below runs them with small
+    head chunks)."""
+    import dllm_jax
+    from helpers import LLADA_DIR
+
+    return {dtype: dllm_jax.load(LLADA_DIR / "model", dtype=dtype) for dtype in ("float32", "bfloat16")}
+
+
+def _filtered_kwargs(algorithm):
+    """Five rows: top_k (5), min_p (0.1), both (3, 0.05) at T > 0 beside a greedy row and an
+    unfiltered T > 0 one; every per-row rule and remasking policy, raw and processed logprobs."""
+    return dict(algorithm=algorithm, gen_length=16, block_length=8, steps=16, logprobs=K,
+                threshold=[None, 0.7, None, None, 0.8], factor=[None, None, 1.0, None, None],
+                entropy_bound=[None, None, None, 0.3, None], temperature=[0.8, 1.3, 0.0, 0.5, 0.9],
+                top_k=[5, 0, 0, 3, 0], min_p=[0.0, 0.1, 0.0, 0.05, 0.0], seed=[11, 12, 13, 14, 15],
+                logprobs_mode=["processed", "raw", "processed", "processed", "processed"],
+                remasking=["low_confidence", "random", "low_confidence", "leftmost", "low_confidence"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("algorithm", ["basic", "prefix_cache", "dual_cache"])
+def test_lean_program_equals_full_program_filtered(fresh_models, algorithm, dtype, monkeypatch):
+    """top_k / min_p rows (top_p off) run lean: the statistics' floor and the second chunk pass give
+    the full program's tokens, NFE, commit steps and confidences, raw and processed logprobs, bit
+    for bit, in float32 and bf16, over four head chunks (V = 384 in chunks of 96)."""
+    model = fresh_models[dtype]
+    monkeypatch.setattr(head, "HEAD_CHUNK", 100)
+    rng = np.random.default_rng(10)
+    prompts = [rng.integers(0, 256, int(n)).tolist() for n in (5, 12, 3, 9, 7)]
+    kw = _filtered_kwargs(algorithm)
+    lean = _generate(model, prompts, True, monkeypatch, **kw)
+    full = _generate(model, prompts, False, monkeypatch, **kw)
+    _assert_same(lean, full, f"{algorithm} {dtype}")
+    plain = _generate(model, prompts, True, monkeypatch, **dict(kw, top_k=0, min_p=0.0))
+    np.testing.assert_array_equal(lean.tokens[[2, 4]], plain.tokens[[2, 4]])  # (rows without filters)
+    # (not vacuous: the filters changed what the rows drew, and the processed rows' distribution)
+    assert any(not np.array_equal(lean.tokens[i], plain.tokens[i]) for i in (0, 1, 3))
+    for i in (0, 3):
+        assert not np.array_equal(lean.logprobs["token_logprobs"][i], plain.logprobs["token_logprobs"][i]), i
+
+
 def test_chunk_width():
     assert head.chunk_width(126464) == 7904 and head.chunk_width(384) == 384
     assert head.chunk_width(384, 100) == 96 and head.chunk_width(384, 90) == 90  # no divisor in [68, 90]
@@ -277,8 +388,8 @@ def test_lean_program_equals_full_program_cfg_and_chunks(monkeypatch, chunk):
 
 
 def test_lean_session_refuses_filtered_rows(llada_model):
-    """A lean program has no logits to sort: admitting a T > 0 row with a filter (or a credit row)
-    is an error, with ``isolate`` that row's alone; an unfiltered T > 0 row is admitted."""
+    """A lean program has no logits to sort: admitting a T > 0 row with top_p (or a credit row) is
+    an error, with ``isolate`` that row's alone; an unfiltered T > 0 row and a top_k one are admitted."""
     from dllm_jax.sampling import DecodeSession, Row
 
     greedy = SamplingParams(gen_length=16, block_length=8, steps=16).resolve("llada")
@@ -288,8 +399,10 @@ def test_lean_session_refuses_filtered_rows(llada_model):
     assert session.key.lean_head
     with pytest.raises(ValueError, match="need the full logits"):
         session.admit({0: Row([1, 2, 3], filtered)})
-    failed = session.admit({0: Row([1, 2, 3], greedy), 1: Row([4, 5], filtered), 2: Row([6], sampled)}, isolate=True)
-    assert list(failed) == [1] and sorted(session.slots) == [0, 2]
+    top_k = dataclasses.replace(sampled, top_k=5)
+    failed = session.admit({0: Row([1, 2, 3], greedy), 1: Row([4, 5], filtered), 2: Row([6], sampled),
+                            3: Row([7, 8], top_k)}, isolate=True)
+    assert list(failed) == [1] and sorted(session.slots) == [0, 2, 3]
 
 
 def test_lean_head_option():
@@ -305,8 +418,8 @@ def test_lean_head_option():
 
 def test_server_with_the_lean_head_serves_what_generate_gives():
     """An in-process engine with ``lean_head='on'`` (a fresh model: its own program cache): a
-    greedy and a T > 0 seeded request run on lean keys, a top_k one on a full key (a separate
-    session); each one's tokens are ``Model.generate``'s for that request alone."""
+    greedy, a T > 0 seeded and a top_k request run on lean keys, a top_p one on a full key (a
+    separate session); each one's tokens are ``Model.generate``'s for that request alone."""
     import asyncio
     import time
 
@@ -319,7 +432,8 @@ def test_server_with_the_lean_head_serves_what_generate_gives():
     engine = Engine(lambda: model, names=["x"], options=EngineOptions(max_batch_size=4, warmup=(), lean_head="on"))
     base = dict(algorithm="dual_cache", gen_length=16, block_length=8, steps=16, threshold=0.8)
     rows = [([5, 49, 146, 244], dict(base)), ([7, 8, 9], dict(base, temperature=0.9, seed=21)),
-            ([11, 12, 13, 14, 15], dict(base, temperature=1.1, seed=22, top_k=5))]
+            ([11, 12, 13, 14, 15], dict(base, temperature=1.1, seed=22, top_p=0.8)),
+            ([3, 4, 5], dict(base, temperature=1.2, seed=23, top_k=5, min_p=0.05))]
 
     async def main():
         deadline = time.monotonic() + 120

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Sequence
 
 from dllm_jax.configs import FAMILY_CONFIGS
-from dllm_jax.sampling import proposal, rules
+from dllm_jax.sampling import head_filters, proposal, rules
 from dllm_jax.sampling.decoders import BlockDecoder, Decoder, SlidingDecoder
 from dllm_jax.sampling.errors import SamplingError
 
@@ -279,7 +279,7 @@ class ProgramKey:
     shift: bool
     logprobs: int = 0  # top-logprobs width recorded per committed token (0: no logprobs tracked)
     # the lean head (docs/sampling.md): the program holds no [B, Lb, V] logits, so it admits only
-    # rows that need none (``lean_head_ok``: no sampling filters at T > 0, no credit fusion)
+    # rows that need none (``lean_head_ok``: no top_p or top_k > 64 at T > 0, no credit fusion)
     lean_head: bool = False
 
     @property
@@ -299,17 +299,17 @@ class ProgramKey:
 def lean_head_ok(params: SamplingParams) -> bool:
     """The request can run on a lean-head program (no [B, Lb, V] logits; ``params`` resolved): a
     block decoder without dInfer's credit fusion (the credit is itself [B, Lb, V]), and at T > 0 no
-    top_k / top_p / min_p filter (they sort the whole distribution) and a PRNG whose Gumbel noise
-    the head can draw chunk by chunk (``proposal.chunked_gumbel_exact``: JAX's default threefry).
-    At T = 0 the filters do nothing and 'processed' logprobs are the raw ones; at T > 0 without
-    filters they are log-softmax(logits / T), an online sum of the head's (``head.HeadStats``)."""
+    top_p filter (it needs the whole sorted distribution), top_k at most ``head_filters.FILTER_K``
+    (the largest logits the head tracks; any min_p) and a PRNG whose Gumbel noise the head can draw
+    chunk by chunk (``proposal.chunked_gumbel_exact``: JAX's default threefry). At T = 0 the filters
+    do nothing and 'processed' logprobs are the raw ones; at T > 0 they are log-softmax(logits / T)
+    over the filter set, online sums of the head's (``head.HeadStats``, ``head_filters``)."""
     decoder = ALGORITHMS[params.algorithm].decoder
     if not isinstance(decoder, BlockDecoder) or decoder.fuses_credit:
         return False
     if params.temperature == 0:
         return True
-    filtered = params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0
-    return not filtered and proposal.chunked_gumbel_exact()
+    return params.top_p >= 1.0 and params.top_k <= head_filters.FILTER_K and proposal.chunked_gumbel_exact()
 
 
 def bucket(n: int, buckets: Sequence[int]) -> int:

@@ -15,10 +15,17 @@ from dllm_jax.models.transformer import log_softmax, row_sum, softmax
 from dllm_jax.sampling.rules import NEG_INF, RANDOM
 
 
+def inv_temperature(temperature):
+    """[B] 1 / T' (T' = max(T, 1e-6)): logits are scaled as l * (1 / T') everywhere. XLA rewrites
+    l / T' over a broadcast T' into that product in some fusions and not in others (an ulp apart);
+    one product everywhere keeps the filters' floors and their comparisons consistent bit for bit."""
+    return 1.0 / jnp.maximum(temperature, 1e-6)
+
+
 def _scaled(logits, temperature, mask_id: int):
-    """logits / T (T floored at 1e-6), the mask token at -inf: what the filters and the draw's
-    distribution are defined on."""
-    return (logits / jnp.maximum(temperature, 1e-6)[:, None, None]).at[..., mask_id].set(NEG_INF)
+    """logits / T (T floored at 1e-6; ``inv_temperature``), the mask token at -inf: what the
+    filters and the draw's distribution are defined on."""
+    return (logits * inv_temperature(temperature)[:, None, None]).at[..., mask_id].set(NEG_INF)
 
 
 def filter_floor(logits, temperature, top_k, top_p, min_p, mask_id: int):
@@ -32,23 +39,36 @@ def filter_floor(logits, temperature, top_k, top_p, min_p, mask_id: int):
     most probable token always does, and ties with the least probable kept one are kept too.
     """
     v = logits.shape[-1]
-    scaled = _scaled(logits, temperature, mask_id)
-    ordered = -jnp.sort(-scaled, axis=-1)  # [B, Lb, V] descending
+    inv = inv_temperature(temperature)[:, None, None]
+    ordered = -jnp.sort(-logits.at[..., mask_id].set(NEG_INF), axis=-1)  # [B, Lb, V] raw, descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)[:, None, None]
     rank = jnp.arange(v)[None, None, :]
     in_k = rank < k
-    probs = softmax(jnp.where(in_k, ordered, NEG_INF), axis=-1)
+    probs = softmax(jnp.where(in_k, ordered * inv, NEG_INF), axis=-1)  # (l / T' keeps l's order)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more probable tokens
     # top_p >= 1 is off: the float32 cumsum can reach 1.0 before rank k (a dominant token over a
     # tiny tail), and ``before < 1`` would then drop tokens of the top k
     nucleus = (before < top_p[:, None, None]) | (top_p >= 1.0)[:, None, None]
     keep_sorted = in_k & (nucleus | (rank == 0))
-    # top_k / top_p: the least probable kept token's value
+    # top_k / top_p: the least probable kept token's logit
     count = jnp.sum(keep_sorted, axis=-1, keepdims=True)
     cut = jnp.take_along_axis(ordered, count - 1, axis=-1)[..., 0]  # [B, Lb]
-    min_p_floor = jnp.where(min_p > 0, jnp.log(jnp.maximum(min_p, 1e-38)), NEG_INF)[:, None]
     off = (top_k <= 0) & (top_p >= 1.0) & (min_p <= 0.0)
-    return jnp.where(off[:, None], NEG_INF, jnp.maximum(cut, ordered[..., 0] + min_p_floor))
+    return jnp.where(off[:, None], NEG_INF, floor_of(cut, ordered[..., 0], temperature, min_p))
+
+
+def floor_of(cut, best, temperature, min_p):
+    """[B, Lb] max(cut / T', best / T' + log min_p) (T' = max(T, 1e-6); the min_p term only where it
+    is on) from raw logits: cut the least kept by top_k / top_p (-inf: none), best the largest.
+    The one expression both ``filter_floor`` and the lean head's statistics (``head_filters.floor``)
+    evaluate, so they agree bit for bit (XLA:CPU may fuse l * (1 / T') + c into one fma)."""
+    inv = inv_temperature(temperature)[:, None]
+    return jnp.maximum(cut * inv, best * inv + min_p_offset(min_p)[:, None])
+
+
+def min_p_offset(min_p):
+    """[B] log(min_p), -inf where min_p is off: min_p keeps the tokens with l / T >= max(l / T) + this."""
+    return jnp.where(min_p > 0, jnp.log(jnp.maximum(min_p, 1e-38)), NEG_INF)
 
 
 def restrict(scores, logits, temperature, filters, mask_id: int):
