@@ -83,6 +83,7 @@ def main(argv=None) -> None:
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-share-forwards", action="store_true", help="twins run their own block-start forwards")
     p.add_argument("--group", type=int, default=1,
                    help="each prompt repeated this many times in a row (the n samples of one prompt)")
     p.add_argument("--steps-per-call", type=int, default=None, help="step programs: steps per device call")
@@ -110,6 +111,7 @@ def main(argv=None) -> None:
     model = dllm_jax.load(args.model or dllm_jax.DEMO_MODEL)
     if args.refresh_rows is not None:
         model.programs.refresh_rows = args.refresh_rows
+    model.programs.share_forwards = not args.no_share_forwards
     if args.workload == "demo":
         prompts = demo_prompts(args.requests, args.seed, model.tokenizer)
     else:

@@ -18,6 +18,7 @@ bucket 64, gen 256, block 32. Per batch (a fresh subprocess) and head:
     python -m benchmarks.head_memory                     # batch 1 / 16 / 64, full vs lean
     python -m benchmarks.head_memory --batches 1 16 --repeats 2
     python -m benchmarks.head_memory --temperature 0.8   # seeded T > 0 rows (no filters: lean-ok)
+    python -m benchmarks.head_memory --batches 1 16 --repeats 2 --temperature 0.8 --top-k 50   # filtered rows
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def measure(args) -> list[dict]:
                                  mlp_hidden_size=args.d_model * 11 // 4, max_sequence_length=1024)
     model = dllm_jax.Model.random(config, seed=0, dtype=getattr(jnp, args.dtype))
     params = SamplingParams(algorithm="dual_cache", gen_length=args.gen, block_length=args.block, threshold=0.9,
-                            steps=args.gen, temperature=args.temperature, seed=1).resolve("llada")
+                            steps=args.gen, temperature=args.temperature, seed=1, top_k=args.top_k,
+                            min_p=args.min_p).resolve("llada")
     prompts = np.random.default_rng(0).integers(0, 100000, (args.batch, args.prompt)).tolist()
     sessions, out = {}, {}
     for head in args.heads:
@@ -109,7 +111,9 @@ def main(argv=None) -> None:
     p.add_argument("--gen", type=int, default=256)
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--temperature", type=float, default=0.0, help="the rows' temperature (seeded; no filters)")
+    p.add_argument("--temperature", type=float, default=0.0, help="the rows' temperature (seeded)")
+    p.add_argument("--top-k", type=int, default=0, help="the rows' top_k filter (0: off; <= 64 runs lean)")
+    p.add_argument("--min-p", type=float, default=0.0, help="the rows' min_p filter (0: off)")
     p.add_argument("--one", action="store_true", help="(internal) measure one case, print JSON")
     p.add_argument("--batch", type=int, help="(internal) with --one")
     args = p.parse_args(argv)
@@ -127,7 +131,7 @@ def main(argv=None) -> None:
             cmd = [sys.executable, "-m", "benchmarks.head_memory", "--one", "--batch", str(batch), "--heads", *heads,
                    "--d-model", str(args.d_model), "--layers", str(args.layers), "--dtype", args.dtype,
                    "--prompt", str(args.prompt), "--gen", str(args.gen), "--block", str(args.block),
-                   "--temperature", str(args.temperature),
+                   "--temperature", str(args.temperature), "--top-k", str(args.top_k), "--min-p", str(args.min_p),
                    "--repeats", str(args.repeats if i == 0 else 0)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
             measured.append({r["head"]: r for r in json.loads(out.stdout.strip().splitlines()[-1])})
@@ -141,7 +145,8 @@ def main(argv=None) -> None:
             r["peak vs full"] = f"{r['xla_peak_mb'] / full['xla_peak_mb']:.2f}x"
             r["time vs full"] = f"{r['step_s'] / full['step_s']:.2f}x"
     print(f"# {device_description()}; LLaDA shape d_model {args.d_model}, {args.layers} layers, vocab 126464, "
-          f"{args.dtype}, random weights; dual_cache threshold 0.9, T = {args.temperature:g}; prompt {args.prompt}, gen {args.gen}, "
+          f"{args.dtype}, random weights; dual_cache threshold 0.9, T = {args.temperature:g}, "
+          f"top_k {args.top_k}, min_p {args.min_p:g}; prompt {args.prompt}, gen {args.gen}, "
           f"block {args.block}; step time: median of {args.repeats} cached steps")
     print_table(rows, ["batch", "head", "xla_peak_mb", "xla_temp_mb", "peak vs full", "rss_mb", "step_s",
                        "time vs full"])

@@ -270,7 +270,8 @@ def sharing(urls: dict[str, str], ps: list[list[int]], seeds: list[int], args) -
     rows = []
     lp = lambda xs: [[x[0] for x in a["meta_info"]["output_token_logprobs"]] for a in xs]  # noqa: E731
     for r in range(args.repeats):
-        order = ARMS[r % 3:] + ARMS[:r % 3]
+        k = (r + args.first_arm) % 3
+        order = ARMS[k:] + ARMS[:k]
         got = {}
         for arm in order:
             url = urls["not shared" if arm.endswith("not shared") else "shared"]
@@ -349,6 +350,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None, help="G (default 128; --quick 32)")
     p.add_argument("--iterations", type=int, default=None, help="timed iterations (default 3; --quick 2; 0: only the group-sharing table)")
     p.add_argument("--repeats", type=int, default=None, help="group-sharing repeats (default 3; --quick 6)")
+    p.add_argument("--first-arm", type=int, default=0, choices=(0, 1, 2),
+                   help="group-sharing table: the arm the first repeat starts with (0 group, 1 independent, 2 not shared)")
     p.add_argument("--mesh", default=None)
     p.add_argument("--dtype", default=None, help="the server's --dtype (default: the checkpoint's)")
     p.add_argument("--noise", type=float, default=0.01, help="per-step noise, x each matrix's std")

@@ -103,7 +103,7 @@ def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_s
         if not 0 < n <= lp:
             raise ValueError(f"prompt of length {n} does not fit the program's prompt bucket {lp}")
         if key.lean_head and not lean_head_ok(p):  # (it has no logits to draw from: docs/sampling.md)
-            raise ValueError(f"a lean-head program takes no rows that need the full logits (sampling filters at "
+            raise ValueError(f"a lean-head program takes no rows that need the full logits (top_p or top_k > 64 at "
                              f"T > 0, credit fusion): temperature={p.temperature}, top_k={p.top_k}, top_p={p.top_p}, "
                              f"min_p={p.min_p} on {p.algorithm}")
         pad = lp - n
