@@ -3,8 +3,9 @@ filters without [B, Lb, V] logits (issue 26; docs/sampling.md "The lean head").
 
 With top_p off (1), a row's filter set is every token but the mask token with l / T' >= floor,
 floor = max(k-th largest l / T', max l / T' + log min_p) (T' = max(T, 1e-6); a term only where its
-filter is on): ``proposal.filter_floor``'s value bit for bit, since dividing by T' > 0 is monotone
-and correctly rounded, so the k-th largest of l / T' is the k-th largest l divided by T'. The
+filter is on): ``proposal.filter_floor``'s value bit for bit, since scaling by 1 / T' > 0 keeps the
+order, so the k-th largest of l / T' is the k-th largest l scaled (every scaling is the product
+``l * proposal.inv_temperature(T)``, and both paths take the floor from ``proposal.floor_of``). The
 head's first pass over the chunks tracks the largest ``FILTER_K`` logits (``update_top``); a second
 pass (``rescan``) redraws the filtered rows' Gumbel-max restricted to the floor
 (``update_draw``: the same noise and scores, so ``proposal.draw``'s token) and sums their
