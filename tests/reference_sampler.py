@@ -45,7 +45,7 @@ class Forward:
         h, kv = self._full(self.params, jnp.asarray(tokens, jnp.int32)[None])
         return h[0], kv
 
-    def window(self, tokens, start, cache, write_from, key_limit=None, hide_prefix=0):
+    def window(self, tokens, start, cache, write_from, key_limit=None, hide_prefix=0, write_to=None):
         t = jnp.asarray(tokens, jnp.int32)[None]
         n, s = t.shape[1], cache.k[0].shape[2]
         pos = np.arange(start, start + n)
@@ -55,7 +55,7 @@ class Forward:
         if hide_prefix:
             mask &= ~((np.arange(n)[:, None] < hide_prefix) & (np.arange(s)[None, :] >= start + hide_prefix))
         h, kv = self._window(self.params, t, jnp.asarray(pos)[None], jnp.asarray(mask)[None], cache,
-                             jnp.array([start]), jnp.asarray(pos >= write_from)[None])
+                             jnp.array([start]), jnp.asarray((pos >= write_from) & (pos < (write_to or pos[-1] + 1)))[None])
         return h[0], kv
 
     def logits(self, h):

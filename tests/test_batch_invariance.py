@@ -290,10 +290,15 @@ XLENGTHS = [5, 16, 11, 3, 40, 64, 33, 57]  # rows 0-3: bucket 16 alone; rows 4-7
 XADMIT_AT = [0, 3, 0, 6, 1, 9, 4, 0]  # denoising step at which each row enters its slot
 
 
-def _xparams(algorithm):
+def _xparams(algorithm, multi_block=False):
     """Per-row SamplingParams of the 8 rows (resolved; traced: a session reports each final
-    token's commit confidence, which changes neither the tokens nor the program)."""
-    if ALGORITHMS[algorithm].rule is None:  # the row picks FIXED / THRESHOLD / FACTOR / ENTROPY_BOUND
+    token's commit confidence, which changes neither the tokens nor the program). ``multi_block``:
+    look-ahead rows (per-row block_add_threshold; every rule that takes one)."""
+    if multi_block:
+        rule = [dict(threshold=0.5), dict(threshold=0.7), dict(factor=1.0), dict(entropy_bound=0.3),
+                dict(threshold=0.9), dict(factor=2.0), dict(entropy_bound=1.0), dict(threshold=0.6)]
+        rule = [dict(r, block_add_threshold=a) for r, a in zip(rule, (0.25, 0.5, 0.125, 0.25, 0.75, 0.25, 0.5, 1.0))]
+    elif ALGORITHMS[algorithm].rule is None:  # the row picks FIXED / THRESHOLD / FACTOR / ENTROPY_BOUND
         rule = [{}, dict(threshold=0.7), dict(factor=1.0), dict(entropy_bound=0.3), dict(threshold=0.9),
                 dict(factor=2.0), dict(entropy_bound=1.0), dict(threshold=0.6)]
     else:  # dInfer: the algorithm's rule, per-row thresholds (the EB-Sampler where it takes the threshold's place)
@@ -322,12 +327,12 @@ def _session_rows(model, key, rows, admit_at, slots):
             return [(updates[s].tokens, updates[s].commit_conf) for s in slots]
 
 
-def _check_rules_buckets_admission(solo_model, batch_model, algorithm, seed, checked, together):
+def _check_rules_buckets_admission(solo_model, batch_model, algorithm, seed, checked, together, multi_block=False):
     """Rows ``checked`` of the staggered batch (and, with ``together``, of the batch admitted at
     once) against each alone: the same tokens, and bitwise the same commit confidences (a 1-ulp
     difference there is what flips a near-tied commit elsewhere)."""
     rng = np.random.default_rng(seed)
-    params = _xparams(algorithm)
+    params = _xparams(algorithm, multi_block)
     rows = [Row(rng.integers(0, 256, n).tolist(), q) for n, q in zip(XLENGTHS, params)]
     key = program_key(batch_model, max(XLENGTHS), params[0], len(rows))
     assert (key.batch, key.prompt_len) == (8, 64)
@@ -358,6 +363,14 @@ def test_rules_buckets_admission_mha(algorithm):
     """MHA fixture, bf16: the 8-device batch program vs batch 1 on one device (rows 0-4)."""
     _check_rules_buckets_admission(_model("llada", "1"), _model("llada", "8"), algorithm, seed=11,
                                    checked=range(5), together=False)
+
+
+@pytest.mark.parametrize("algorithm", ["no_cache", "prefix_cache", "dual_cache"])
+def test_multi_block_rules_buckets_admission_mha(algorithm):
+    """Multi-block decoding (look-ahead rows), MHA fixture, bf16: the 8-device batch program vs
+    batch 1 on one device (rows 0-4)."""
+    _check_rules_buckets_admission(_model("llada", "1"), _model("llada", "8"), algorithm, seed=13,
+                                   checked=range(5), together=False, multi_block=True)
 
 
 @functools.cache

@@ -28,15 +28,14 @@ some row needs them (``when``), so a step without refreshes costs one cached cal
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
-from dllm_jax.sampling import head, proposal, rules
+from dllm_jax.sampling import head, lookahead, proposal, rules
 from dllm_jax.sampling.loops import step_loop, when
-from dllm_jax.sampling.twins import copy_twins, same_forward
+from dllm_jax.sampling.twins import RefreshLoop, chunk_rows, copy_twins, same_forward
 from dllm_jax.sampling.state import DecodeState
 
 # (annotations only: ``ProgramKey`` is dllm_jax.sampling.params' and ``BlockDecoder`` decoders';
@@ -55,37 +54,6 @@ def put(x, start, values):
 def contains_stop(tokens, stop_ids):
     """tokens [B, T], stop_ids [B, S] (-1 unused) -> [B, T] bool."""
     return jnp.any((tokens[:, :, None] == stop_ids[:, None, :]) & (stop_ids[:, None, :] >= 0), axis=-1)
-
-
-@struct.dataclass
-class RefreshLoop:
-    """Carry of the refresh loop (block-start forwards, ``chunk_rows`` rows at a time).
-
-    Attributes:
-      cache: the KV cache, the refreshed rows rebuilt.
-      hidden: [B, Lb, D] block hidden states of the refreshed rows (zeros elsewhere; the head
-        runs once, in ``commit``).
-      pending: [B] bool rows still to refresh.
-      forwards: [] int32 refresh forwards run.
-    """
-
-    cache: object
-    hidden: jax.Array
-    pending: jax.Array
-    forwards: jax.Array
-
-
-# Canvas tokens one refresh chunk aims at (docs/performance.md, "Step-level scheduling"): a
-# chunk is ceil(REFRESH_TOKENS / canvas) rows, so short canvases refresh a few rows per forward
-# and long ones one, and a step pays for about the rows that enter a block, not a fixed batch.
-REFRESH_TOKENS = 256
-
-
-def chunk_rows(batch: int, canvas_len: int, rows: int | None = None) -> int:
-    """Rows of one refresh forward: ``rows`` if given, else ceil(REFRESH_TOKENS / canvas_len); within [1, batch]."""
-    if rows is None:
-        rows = math.ceil(REFRESH_TOKENS / canvas_len)
-    return min(batch, max(1, rows))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +114,23 @@ class BlockProgram:
             st = when(jnp.any(live), lambda s: self.cached_step(model, s, live), st)
         return self.advance(st, running)
 
+    @property
+    def window(self) -> int:
+        """Positions a forward reads out: the block, or with look-ahead two blocks (``lookahead``)."""
+        return 2 * self.key.block_length if self.key.lookahead else self.key.block_length
+
+    def window_start(self, st: DecodeState):
+        """[B] the first canvas position of the row's window (its block start without look-ahead)."""
+        key = self.key
+        bs = self.block_start(st)
+        return lookahead.window_start(bs, key.prompt_len, key.gen_length, self.window) if key.lookahead else bs
+
+    def ahead(self, st: DecodeState):
+        """[B] the row's look-ahead block is active (``lookahead.active``; never without look-ahead)."""
+        masks_now = jnp.sum(self.block_tokens(st) == self.mask_id, axis=-1)
+        return lookahead.active(self.key.lookahead, st.progress.block, self.num_blocks, masks_now,
+                                self.key.block_length, st.knobs.block_add_threshold)
+
     def block_start(self, st: DecodeState):
         """[B] the row's block start in the canvas."""
         key = self.key
@@ -171,14 +156,14 @@ class BlockProgram:
         mask_left = jnp.any(self.block_tokens(st) == self.mask_id, axis=-1)
         return (call >= 1) & ((call == 1) | mask_left) & (call < self.max_calls)  # [B]
 
-    def forward(self, model, rows, bs, want_kv: bool):
-        """Hidden states of the rows' blocks from a full-canvas forward (and its K/V): [n, Lb, D],
-        with CFG [n, 2, Lb, D] (cond, uncond; ``head.block_head`` guides their logits).
+    def forward(self, model, rows, ws, want_kv: bool):
+        """Hidden states of the rows' windows from a full-canvas forward (and its K/V): [n, W, D],
+        with CFG [n, 2, W, D] (cond, uncond; ``head.block_head`` guides their logits).
 
-        ``rows``: (canvas, positions, valid, prompt, cfg_scale) of the n rows; ``bs``: [n] their
-        block starts."""
+        ``rows``: (canvas, positions, valid, prompt, cfg_scale) of the n rows; ``ws``: [n] their
+        window starts (``window_start``)."""
         canvas, positions, valid, prompt, _ = rows
-        lb, shift = self.key.block_length, self.shift
+        lb, shift = self.window, self.shift
         tokens, mask = canvas, valid[:, None, :]  # [n, L], [n, 1, L]
         if self.key.cfg:
             uncond = jnp.where(prompt, self.mask_id, canvas)  # [n, L]
@@ -188,8 +173,8 @@ class BlockProgram:
         h, kv = model.hidden(tokens, positions, mask, return_kv=want_kv)  # [n or 2n, L, D]
         if self.key.cfg:
             n = canvas.shape[0]
-            return jnp.stack([take(h[:n], bs - shift, lb), take(h[n:], bs - shift, lb)], axis=1), kv
-        return take(h, bs - shift, lb), kv
+            return jnp.stack([take(h[:n], ws - shift, lb), take(h[n:], ws - shift, lb)], axis=1), kv
+        return take(h, ws - shift, lb), kv
 
     @staticmethod
     def forward_rows(st: DecodeState, rows=slice(None)):
@@ -198,14 +183,14 @@ class BlockProgram:
         return t.canvas[rows], t.positions[rows], t.valid[rows], t.prompt[rows], st.knobs.cfg_scale[rows]
 
     def full_step(self, model, st: DecodeState, live) -> DecodeState:
-        hb, _ = self.forward(model, self.forward_rows(st), self.block_start(st), want_kv=False)
+        hb, _ = self.forward(model, self.forward_rows(st), self.window_start(st), want_kv=False)
         return self.commit(model, st, hb, live)
 
     def refresh_step(self, model, st: DecodeState, entering) -> DecodeState:
         """Block-start forwards of the entering rows, ``chunk`` at a time: rebuild their cache, commit their step 0."""
-        bs, b = self.block_start(st), self.key.batch
+        bs, ws, b = self.block_start(st), self.window_start(st), self.key.batch
         if self.chunk == b:  # every row in one forward: no gather
-            hb, kv = self.forward(model, self.forward_rows(st), bs, True)
+            hb, kv = self.forward(model, self.forward_rows(st), ws, True)
             sel = entering[:, None, None, None]
             cache = jax.tree.map(lambda old, new: jnp.where(sel, new.astype(old.dtype), old), st.cache, kv)
             return self.commit(model, st.replace(cache=cache), hb, entering)
@@ -215,13 +200,13 @@ class BlockProgram:
         def chunk(c: RefreshLoop) -> RefreshLoop:
             rows = jnp.argsort(~c.pending, stable=True)[:self.chunk]  # [R] the first pending rows
             taken = c.pending[rows]  # [R]
-            hb, kv = self.forward(model, self.forward_rows(st, rows), bs[rows], True)  # [R, Lb, D]
+            hb, kv = self.forward(model, self.forward_rows(st, rows), ws[rows], True)  # [R, W, D]
             dest = jnp.where(taken, rows, b)  # padding rows: out of range, dropped
             cache = jax.tree.map(lambda old, new: old.at[dest].set(new.astype(old.dtype), mode="drop"), c.cache, kv)
             return RefreshLoop(cache, c.hidden.at[dest].set(hb, mode="drop"),
                                c.pending.at[dest].set(False, mode="drop"), c.forwards + 1)
 
-        hidden0 = jnp.zeros((b, self.key.block_length, model.spec.d_model), model.embed[...].dtype)  # [B, Lb, D]
+        hidden0 = jnp.zeros((b, self.window, model.spec.d_model), model.embed[...].dtype)  # [B, W, D]
         loop = jax.lax.while_loop(lambda c: jnp.any(c.pending), chunk,
                                   RefreshLoop(st.cache, hidden0, entering & ~twin, jnp.int32(0)))
         cache, hidden = copy_twins(loop.cache, loop.hidden, twin, lead, self.chunk) if self.share else \
@@ -231,29 +216,32 @@ class BlockProgram:
 
     def cached_step(self, model, st: DecodeState, live) -> DecodeState:
         key, shift = self.key, self.shift
-        bs, dual = self.block_start(st), self.decoder.cache == "dual"
-        if dual:
-            start, size = bs - shift, key.block_length + shift
+        bs, ws, dual = self.block_start(st), self.window_start(st), self.decoder.cache == "dual"
+        if dual:  # the window; a look-ahead block takes fresh keys/values only while active
+            start, size = ws - shift, self.window + shift
         else:  # prefix: the whole generated region (static size), fresh from the block on
             start, size = jnp.full_like(bs, key.prompt_len - shift), key.gen_length + shift
         tokens, positions = take(st.tokens.canvas, start, size), take(st.tokens.positions, start, size)  # [B, S]
-        write = ((start[:, None] + jnp.arange(size)[None, :]) >= bs[:, None]) & live[:, None]  # [B, S]
+        pos = start[:, None] + jnp.arange(size)[None, :]  # [B, S]
+        write = (pos >= bs[:, None]) & live[:, None]
+        if dual and key.lookahead:
+            write &= (pos < (bs + key.block_length)[:, None]) | self.ahead(st)[:, None]
         h, new_cache = model.hidden(tokens, positions, st.tokens.valid[:, None, :], cache=st.cache,
                                     write_start=start, write_mask=write, return_kv=dual)  # [B, S, D]
-        hb = take(h, bs - shift - start, key.block_length)  # [B, Lb, D]
+        hb = take(h, ws - shift - start, self.window)  # [B, W, D]
         if dual:
             st = st.replace(cache=new_cache)
         return self.commit(model, st, hb, live)
 
     def commit(self, model, st: DecodeState, hb, live) -> DecodeState:
-        """Head, propose, select and write tokens for rows in ``live`` [B] from their block hidden
+        """Head, propose, select and write tokens for rows in ``live`` [B] from their window hidden
         states ``hb`` (``forward``); count their forward pass. The head runs in vocabulary chunks
-        (``head.block_head``; a lean key's program never holds [B, Lb, V] logits: its T > 0 draw is
+        (``head.block_head``; a lean key's program never holds [B, W, V] logits: its T > 0 draw is
         the head's)."""
         key, k_, p = self.key, st.knobs, st.progress
-        bs = self.block_start(st)  # [B]
-        block_tokens = take(st.tokens.canvas, bs, key.block_length)  # [B, Lb]
-        masked = (block_tokens == self.mask_id) & live[:, None]  # [B, Lb]
+        ws = self.window_start(st)  # [B]
+        tokens = take(st.tokens.canvas, ws, self.window)  # [B, W]
+        masked = (tokens == self.mask_id) & live[:, None]  # [B, W]
         keys = jax.vmap(jax.random.fold_in)(k_.rng, p.nfe)
         stats, logits = head.block_head(model, hb, k_.cfg_scale if key.cfg else None, self.mask_id,
                                         top_k=key.logprobs, keep_logits=not key.lean_head, knobs=k_, keys=keys,
@@ -262,25 +250,20 @@ class BlockProgram:
         if self.decoder.fuses_credit:
             fused, new_credit = rules.credit_fuse(logits, credit, masked, (p.call == 0)[:, None, None])
             credit = jnp.where(live[:, None, None], new_credit, credit)
-        x0, conf, floor, logit = head.propose(stats, logits, k_, keys, self.mask_id, fused)  # [B, Lb] each
-        # the static schedule's share of this call: LLaDA's get_num_transfer_tokens(n)[call]
-        spb = key.steps_per_block
-        n0, idx = p.block_masks, jnp.minimum(p.call, spb - 1)  # [B]
-        k = n0 // spb + (idx < n0 % spb)  # [B]
+        x0, conf, floor, logit = head.propose(stats, logits, k_, keys, self.mask_id, fused)  # [B, W] each
         entropy = None
         if self.decoder.rows_pick_rule:  # rows may pick the EB-Sampler: the entropy of what x0 is drawn from
             entropy = stats.entropy() if fused is None else jax.lax.cond(
                 jnp.any(k_.rule == rules.ENTROPY_BOUND), lambda f: proposal.entropy(f, self.mask_id),
                 lambda f: jnp.zeros(f.shape[:2], jnp.float32), fused)
-        transfer = rules.select(None if self.decoder.rows_pick_rule else self.decoder.rule, k_.rule, conf, masked, k,
-                                k_.threshold, k_.factor, k_.remasking, entropy, k_.entropy_bound)  # [B, Lb]
-        canvas = put(st.tokens.canvas, bs, jnp.where(transfer, x0, block_tokens))  # [B, L]
+        transfer = self.transfer(st, conf, masked, entropy)  # [B, W]
+        canvas = put(st.tokens.canvas, ws, jnp.where(transfer, x0, tokens))  # [B, L]
         nfe = p.nfe + live
-        gen_idx = bs - key.prompt_len  # [B] block start in the generated region
+        gen_idx = ws - key.prompt_len  # [B] window start in the generated region
 
-        def keep_new(old, new):  # old [B, G, ...], new [B, Lb, ...]: write committed positions
+        def keep_new(old, new):  # old [B, G, ...], new [B, W, ...]: write committed positions
             sel = transfer.reshape(transfer.shape + (1,) * (new.ndim - 2))
-            return put(old, gen_idx, jnp.where(sel, new, take(old, gen_idx, key.block_length)))
+            return put(old, gen_idx, jnp.where(sel, new, take(old, gen_idx, self.window)))
 
         r = st.records
         record = {}
@@ -292,18 +275,45 @@ class BlockProgram:
                          commit_step=keep_new(r.commit_step, jnp.broadcast_to(nfe[:, None], transfer.shape)),
                          commit_conf=keep_new(r.commit_conf, conf), batch_nfe=st.batch_nfe + 1, **record)
 
+    def transfer(self, st: DecodeState, conf, masked, entropy):
+        """[B, W] the positions this call commits: the block's by the rule (``rules.select``), and
+        with look-ahead the active next block's by ``lookahead.select`` (conf, masked, entropy [B, W])."""
+        key, k_, p, lb = self.key, st.knobs, st.progress, self.key.block_length
+        # the static schedule's share of this call: LLaDA's get_num_transfer_tokens(n)[call]
+        spb = key.steps_per_block
+        n0, idx = p.block_masks, jnp.minimum(p.call, spb - 1)  # [B]
+        k = n0 // spb + (idx < n0 % spb)  # [B]
+        offset = self.block_start(st) - self.window_start(st)  # [B] the block in the window: 0 or Lb
+
+        def cur(x):
+            return x if x is None or not key.lookahead else lookahead.current(x, offset, lb)
+
+        sel = rules.select(None if self.decoder.rows_pick_rule else self.decoder.rule, k_.rule, cur(conf), cur(masked),
+                           k, k_.threshold, k_.factor, k_.remasking, cur(entropy), k_.entropy_bound)  # [B, Lb]
+        if not key.lookahead:
+            return sel
+        ahead = lookahead.select(k_.rule, conf[:, lb:], masked[:, lb:] & self.ahead(st)[:, None], k_.threshold,
+                                 k_.factor, None if entropy is None else entropy[:, lb:], k_.entropy_bound)
+        return lookahead.combine(sel, ahead, offset, lb)
+
     def advance(self, st: DecodeState, running) -> DecodeState:
-        """Rows whose block is resolved move to their next block (or finish: last block, early stop)."""
-        p = st.progress
+        """Rows whose block is resolved move to their next block (or finish: last block, early stop).
+        With look-ahead, a next block it filled completely is passed over (its stop tokens count)."""
+        p, k_, lb = st.progress, st.knobs, self.key.block_length
         if not self.decoder.uses_cache:
             resolved = running & ~self.needs_full_call(st)
         else:
             resolved = running & (p.call >= 1) & ~self.needs_cached_call(st)  # [B]
         bs = self.block_start(st)
-        stop_here = st.knobs.early_stop & jnp.any(contains_stop(self.block_tokens(st), st.knobs.stop_ids), axis=-1)
-        next_block = p.block + resolved
+        stop_here = k_.early_stop & jnp.any(contains_stop(self.block_tokens(st), k_.stop_ids), axis=-1)
+        skip = jnp.zeros_like(resolved)
+        if self.key.lookahead:
+            nxt = take(st.tokens.canvas, bs + lb, lb)  # [B, Lb] (clamped in the last block: unused there)
+            skip = resolved & ~stop_here & (p.block + 1 < self.num_blocks) & ~jnp.any(nxt == self.mask_id, axis=-1)
+            stop_here |= skip & k_.early_stop & jnp.any(contains_stop(nxt, k_.stop_ids), axis=-1)
+        next_block = p.block + resolved + skip
         done = p.done | (resolved & ((next_block >= self.num_blocks) | stop_here))
-        after = jnp.arange(self.key.canvas_len)[None, :] >= (bs + self.key.block_length)[:, None]  # [B, L]
+        after = jnp.arange(self.key.canvas_len)[None, :] >= (bs + lb * (1 + skip))[:, None]  # [B, L]
         canvas = jnp.where((resolved & stop_here)[:, None] & after, self.fill_id, st.tokens.canvas)
         return st.update(canvas=canvas, block=next_block, done=done, call=jnp.where(resolved, 0, p.call))
 

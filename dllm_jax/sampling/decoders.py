@@ -116,6 +116,7 @@ class BlockDecoder(Decoder):
                                 "is fixed)", "entropy_bound")
         if self.rule is not None and threshold is None and params.entropy_bound is None:
             threshold = self.default_threshold
+        self._check_lookahead(params, threshold, factor)
         if params.cfg_scale > 0 and self.uses_cache:
             raise SamplingError(f"cfg_scale > 0 needs a full-canvas algorithm ('basic' or 'no_cache'), "
                                 f"not {params.algorithm!r}", "cfg_scale")
@@ -125,6 +126,23 @@ class BlockDecoder(Decoder):
                                 f"(got steps={steps} for {num_blocks} blocks); upstream Fast-dLLM fails "
                                 "with IndexError here", "steps")
         return {"threshold": threshold, "factor": factor}
+
+    def _check_lookahead(self, params, threshold, factor) -> None:
+        """Multi-block decoding (``block_add_threshold``): a per-row rule that accepts tokens on their
+        own merit (threshold, factor, entropy_bound), ranked by confidence (``lookahead.select``)."""
+        if params.block_add_threshold is None:
+            return
+        if self.rule is not None:
+            raise SamplingError(f"block_add_threshold (multi-block decoding) is not available with algorithm "
+                                f"{params.algorithm!r}; use basic, no_cache, prefix_cache or dual_cache",
+                                "block_add_threshold")
+        if threshold is None and factor is None and params.entropy_bound is None:
+            raise SamplingError("block_add_threshold (multi-block decoding) needs a threshold, factor or "
+                                "entropy_bound rule: the static schedule has nothing to commit ahead",
+                                "block_add_threshold")
+        if params.remasking != "low_confidence":
+            raise SamplingError("block_add_threshold (multi-block decoding) needs remasking='low_confidence'",
+                                "block_add_threshold")
 
     def build(self, key, graphdef, *, mask_id: int, fill_id: int, refresh_rows: int | None = None,
               share: bool = True):
@@ -156,6 +174,7 @@ class SlidingDecoder(Decoder):
             raise SamplingError(f"algorithm {params.algorithm!r} is the Nemotron-Diffusion decoder; this is a "
                                 f"{family} model", "algorithm")
         for name, bad in (("threshold", params.threshold is not None), ("entropy_bound", params.entropy_bound is not None),
+                          ("block_add_threshold", params.block_add_threshold is not None),
                           ("temperature", params.temperature > 0),
                           ("remasking", params.remasking != "low_confidence"), ("cfg_scale", params.cfg_scale > 0)):
             if bad:

@@ -45,8 +45,8 @@ class GenerateOutput:
     logprobs: dict | None = None
 
 
-_PER_ROW = ("temperature", "threshold", "factor", "entropy_bound", "seed", "remasking", "cfg_scale", "early_stop", "stop_token_ids",
-            "top_k", "top_p", "min_p", "logprobs_mode")
+_PER_ROW = ("temperature", "threshold", "factor", "entropy_bound", "block_add_threshold", "seed", "remasking",
+            "cfg_scale", "early_stop", "stop_token_ids", "top_k", "top_p", "min_p", "logprobs_mode")
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, return_trace: bool = False, **sampling) -> GenerateOutput:
@@ -56,7 +56,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, return_trace: bool = Fa
       prompts: list of token-id lists.
       return_trace: include per-position commit step and confidence.
       **sampling: ``SamplingParams`` fields. ``temperature``, ``threshold``, ``factor``,
-        ``seed``, ``remasking``, ``cfg_scale``, ``early_stop``, ``stop_token_ids``, ``top_k``,
+        ``block_add_threshold``, ``seed``, ``remasking``, ``cfg_scale``, ``early_stop``, ``stop_token_ids``, ``top_k``,
         ``top_p``, ``min_p`` and ``logprobs_mode`` may also be given per row as a list of len(prompts);
         ``logprobs=k`` (batch-wide) returns each token's log-probability and top k. ``eos_token_id`` (int) is accepted as
         upstream's name for a single stop token.
@@ -68,7 +68,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, return_trace: bool = Fa
     n = len(prompts)
     key = program_key(model, max(map(len, prompts)), per_row[0], n)
     key = dataclasses.replace(key, cfg=any(p.cfg_scale > 0 for p in per_row),
-                              lean_head=all(lean_head_ok(p) for p in per_row))  # no [B, Lb, V] logits
+                              lean_head=all(lean_head_ok(p) for p in per_row),  # no [B, Lb, V] logits
+                              lookahead=key.lookahead or any(p.block_add_threshold is not None for p in per_row)
+                              and key.gen_length > key.block_length)
     session = DecodeSession(model, key)
     session.admit({i: Row(prompts[i], per_row[i]) for i in range(n)})
     while True:

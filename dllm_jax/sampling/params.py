@@ -140,6 +140,10 @@ class SamplingParams:
       entropy_bound: the EB-Sampler's gamma (>= 0): each step commits, in the row's ranking
         order, the longest run of masked positions whose summed entropy minus its largest stays
         <= gamma (at least one). None = off.
+      block_add_threshold: multi-block decoding (d3LLM's name): once this fraction (0, 1] of the
+        row's block is committed, the next block decodes too, committing only what its rule
+        accepts without a forced token (docs/sampling.md, "Multi-block decoding"). None = off;
+        needs a threshold, factor or entropy_bound rule and low_confidence remasking.
       algorithm: name or alias (None = the family default).
       seed: per-request RNG seed (T > 0 and random remasking).
       early_stop: stop a row once a finished block contains a stop token (the text before
@@ -173,6 +177,7 @@ class SamplingParams:
     threshold: float | None = None
     factor: float | None = None
     entropy_bound: float | None = None
+    block_add_threshold: float | None = None
     algorithm: str | None = None
     seed: int = 0
     early_stop: bool = False
@@ -211,6 +216,8 @@ class SamplingParams:
                                    factor=resolved["factor"], shift_logits=bool(shift), stop_token_ids=stops,
                                    temperature=float(self.temperature), cfg_scale=float(self.cfg_scale),
                                    entropy_bound=None if self.entropy_bound is None else float(self.entropy_bound),
+                                   block_add_threshold=None if self.block_add_threshold is None
+                                   else float(self.block_add_threshold),
                                    top_p=float(self.top_p), min_p=float(self.min_p), trace=bool(self.trace))
 
     def _check_knobs(self) -> None:
@@ -231,6 +238,9 @@ class SamplingParams:
         if bound is not None and not (isinstance(bound, (int, float)) and not isinstance(bound, bool)
                                       and 0 <= bound < float("inf")):
             raise SamplingError(f"entropy_bound={bound!r} must be a finite number >= 0", "entropy_bound")
+        add = self.block_add_threshold
+        if add is not None and not (isinstance(add, (int, float)) and not isinstance(add, bool) and 0 < add <= 1):
+            raise SamplingError(f"block_add_threshold={add!r} must be in (0, 1]", "block_add_threshold")
 
     def _check_filters(self) -> None:
         _int_at_least(self.top_k, 0, "top_k")
@@ -281,6 +291,8 @@ class ProgramKey:
     # the lean head (docs/sampling.md): the program holds no [B, Lb, V] logits, so it admits only
     # rows that need none (``lean_head_ok``: no top_p or top_k > 64 at T > 0, no credit fusion)
     lean_head: bool = False
+    # multi-block decoding (``lookahead``): every forward covers the row's block and the next one
+    lookahead: bool = False
 
     @property
     def decoder(self) -> Decoder:

@@ -42,7 +42,7 @@ class Programs:
       max_programs: the cap (None: unbounded).
       builds / evictions: entries built / dropped so far.
       refresh_rows: rows per refresh chunk of the block decoders (None: from
-        ``blocks.REFRESH_TOKENS`` and the canvas); programs built after a change use it.
+        ``twins.REFRESH_TOKENS`` and the canvas); programs built after a change use it.
       lean_head: ``program_key`` gives requests that allow it lean-head keys (no [B, Lb, V]
         logits; docs/sampling.md "The lean head"); off by default: a key then admits any row.
       share_forwards: rows entering a block with identical inputs (the n samples of one prompt,
@@ -168,4 +168,5 @@ def program_key(model, prompt_len: int, params: SamplingParams, batch: int, *,
                       block_length=params.block_length, steps_per_block=spb, cfg=params.cfg_scale > 0,
                       shift=bool(params.shift_logits),
                       logprobs=MAX_TOP_LOGPROBS if params.logprobs is not None else 0,
-                      lean_head=lean_head and lean_head_ok(params))
+                      lean_head=lean_head and lean_head_ok(params),
+                      lookahead=params.block_add_threshold is not None and num_blocks >= 2)

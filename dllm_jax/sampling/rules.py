@@ -82,7 +82,7 @@ def leading_run(sel, masked, rank):
     return sel & (rank < first_out[:, None])
 
 
-def _by_rank(conf, masked, rank):
+def by_rank(conf, masked, rank):
     """[B, Lb]: at r, the confidence of the masked position of rank r (-inf past the masked count)."""
     b, lb = conf.shape
     out = jnp.full((b, lb), NEG_INF, conf.dtype)
@@ -107,7 +107,7 @@ def transfer_factor(conf, masked, factor, rank=None):
     """Accept ranks 0..n-1 where n = 1 + the leading run of ranks r >= 1 with c_r >= 1 - f/(r+2)."""
     lb = conf.shape[-1]
     rank = ranks(conf, masked) if rank is None else rank
-    c = _by_rank(conf, masked, rank)  # [B, Lb] by rank (descending under confidence ranking)
+    c = by_rank(conf, masked, rank)  # [B, Lb] by rank (descending under confidence ranking)
     r = jnp.arange(lb)
     ok = (c >= 1.0 - factor[:, None] / (r + 2.0)) & jnp.isfinite(c)
     ok = ok.at[:, 0].set(True)

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dllm_jax.sampling import head, rules
-from dllm_jax.sampling.blocks import RefreshLoop, chunk_rows, contains_stop, put, take
+from dllm_jax.sampling.blocks import contains_stop, put, take
 from dllm_jax.sampling.loops import step_loop, when
 from dllm_jax.sampling.state import DecodeState
-from dllm_jax.sampling.twins import copy_twins, same_forward
+from dllm_jax.sampling.twins import RefreshLoop, chunk_rows, copy_twins, same_forward
 
 # (annotations only: ``ProgramKey`` is dllm_jax.sampling.params', which imports this module)
 
@@ -41,7 +41,7 @@ class SlidingProgram:
       key: the program key.
       graphdef: the model's graph definition; ``run`` merges it with the params.
       mask_id: the mask token.
-      chunk: rows per prompt-prefill forward (``blocks.chunk_rows``).
+      chunk: rows per prompt-prefill forward (``twins.chunk_rows``).
       share: entering rows with identical inputs run one prefill (``twins.same_forward``).
     """
 
@@ -160,5 +160,5 @@ class SlidingProgram:
 def make_step_program(key: "ProgramKey", graphdef, *, mask_id: int, refresh_rows: int | None = None,
                       share: bool = True):
     """``run(params, state, budget, exit_on_done) -> state`` (see the module docstring); ``refresh_rows``:
-    rows per prefill forward (default from ``blocks.REFRESH_TOKENS``); ``share``: twins share a prefill."""
+    rows per prefill forward (default from ``twins.REFRESH_TOKENS``); ``share``: twins share a prefill."""
     return SlidingProgram(key, graphdef, mask_id, chunk_rows(key.batch, key.canvas_len, refresh_rows), share).run

@@ -125,6 +125,7 @@ def row_arrays(key: ProgramKey, rows: dict[int, Row], *, mask_id: int, default_s
         out["top_k"][slot], out["top_p"][slot], out["min_p"][slot] = p.top_k, p.top_p, p.min_p
         out["processed_logprobs"][slot] = p.logprobs_mode == "processed"
         out["entropy_bound"][slot] = 0.0 if p.entropy_bound is None else p.entropy_bound
+        out["block_add_threshold"][slot] = 1.0 if p.block_add_threshold is None else p.block_add_threshold
         stops = list(p.stop_token_ids if p.stop_token_ids is not None else default_stops)
         check_stop_count(stops, f"{len(stops)} stop tokens")  # (resolve() checks a request's own; this: the model's)
         out["stop_ids"][slot, :len(stops)] = stops

@@ -96,6 +96,8 @@ class Knobs:
       top_k, top_p, min_p: [B] sampling filters (0 / 1 / 0 = off).
       processed_logprobs: [B] bool ``logprobs_mode == 'processed'`` (``proposal.token_logprobs``).
       entropy_bound: [B] float32 the EB-Sampler's gamma (ENTROPY_BOUND rows).
+      block_add_threshold: [B] float32 the committed share of a row's block from which its next
+        block decodes too (look-ahead programs, ``lookahead.active``; 1 = only once filled).
     """
 
     rng: jax.Array = row("key", 0)
@@ -112,6 +114,7 @@ class Knobs:
     min_p: jax.Array = row("float32", 0.0)
     processed_logprobs: jax.Array = row("bool", False)
     entropy_bound: jax.Array = row("float32", 0.0)
+    block_add_threshold: jax.Array = row("float32", 1.0)
 
 
 @struct.dataclass

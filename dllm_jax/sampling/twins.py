@@ -1,5 +1,6 @@
-"""Twins: rows that enter a block in the same step with identical forward inputs share one
-block-start refresh forward (docs/sampling.md, "Twins share a refresh").
+"""Gathered refresh forwards (``chunk_rows`` rows at a time, ``RefreshLoop``) and twins: rows that
+enter a block in the same step with identical forward inputs share one block-start refresh
+forward (docs/sampling.md, "Twins share a refresh").
 
 The ``n`` samples of one prompt enter their first block with the same prompt + all-mask canvas,
 as do repeated prompts; greedy twins (the same request twice) stay twins to the end. A row's
@@ -9,11 +10,45 @@ row's cache rows and block hidden states instead of running its own forward.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from dllm_jax.sampling.state import DecodeState
+
+
+@struct.dataclass
+class RefreshLoop:
+    """Carry of the refresh loop (block-start forwards, ``chunk_rows`` rows at a time).
+
+    Attributes:
+      cache: the KV cache, the refreshed rows rebuilt.
+      hidden: [B, W, D] window hidden states of the refreshed rows (zeros elsewhere; the head
+        runs once, in ``commit``).
+      pending: [B] bool rows still to refresh.
+      forwards: [] int32 refresh forwards run.
+    """
+
+    cache: object
+    hidden: jax.Array
+    pending: jax.Array
+    forwards: jax.Array
+
+
+# Canvas tokens one refresh chunk aims at (docs/performance.md, "Step-level scheduling"): a
+# chunk is ceil(REFRESH_TOKENS / canvas) rows, so short canvases refresh a few rows per forward
+# and long ones one, and a step pays for about the rows that enter a block, not a fixed batch.
+REFRESH_TOKENS = 256
+
+
+def chunk_rows(batch: int, canvas_len: int, rows: int | None = None) -> int:
+    """Rows of one refresh forward: ``rows`` if given, else ceil(REFRESH_TOKENS / canvas_len); within [1, batch]."""
+    if rows is None:
+        rows = math.ceil(REFRESH_TOKENS / canvas_len)
+    return min(batch, max(1, rows))
 
 
 def _hash_weights(length: int, salt: int):
