@@ -177,6 +177,24 @@ def test_streaming_chunks_usage_and_equality(client, http):
     assert chunks[-1].usage.total_tokens == plain.usage.total_tokens
 
 
+def test_multi_block_streams_its_final_text(client, llada_model):
+    """Multi-block decoding through the server: the streamed text is the plain reply, which is
+    ``generate``'s with the same settings (committed tokens are final; the stream sends each
+    token once every position before it is committed)."""
+    content = "Tell me a story about a dragon."
+    messages = [{"role": "user", "content": content}]
+    extra = {"block_length": 16, "threshold": 0.5, "block_add_threshold": 0.25}
+    plain = client.chat.completions.create(model=NAME, messages=messages, max_tokens=96, extra_body=extra)
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=96, stream=True,
+                                                 extra_body=extra))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
+    out = llada_model.generate([chat_ids(llada_model, content)], gen_length=96, block_length=16, threshold=0.5,
+                               block_add_threshold=0.25, early_stop=True, algorithm="dual_cache")
+    expected = llada_model.tokenizer.decode(out.tokens[0][:int(out.lengths[0])].tolist(), skip_special_tokens=True)
+    assert plain.choices[0].message.content == expected
+    assert len(chunks) > 3  # it did stream in pieces
+
+
 # a long generation: 8 blocks of 32 with 32 full-canvas steps each, no early stop
 LONG = {"model": NAME, "messages": [{"role": "user", "content": "Hello there!"}], "max_tokens": 256,
         "stream": True, "early_stop": False, "algorithm": "basic", "steps": 256}

@@ -119,6 +119,9 @@ def test_max_tokens_maps_to_whole_blocks_and_family_defaults():
     # ... and a dInfer threshold decoder's (its credit fusion, if any, stays)
     p = request_params(chat(entropy_bound=0.15, algorithm="dinfer_credit"), "llada", 512)[0][0]
     assert (p.algorithm, p.threshold, p.entropy_bound) == ("dinfer_credit", None, 0.15)
+    # multi-block decoding keeps the default algorithm's threshold
+    p = request_params(chat(block_add_threshold=0.25), "llada", 512)[0][0]
+    assert (p.algorithm, p.threshold, p.block_add_threshold) == ("dual_cache", 0.9, 0.25)
 
 
 @pytest.mark.parametrize("kw,param", [
@@ -131,6 +134,11 @@ def test_max_tokens_maps_to_whole_blocks_and_family_defaults():
     ({"entropy_bound": -0.1}, "entropy_bound"), ({"entropy_bound": 0.2, "threshold": 0.5}, "entropy_bound"),
     ({"entropy_bound": 0.2, "algorithm": "dinfer_hierarchy"}, "entropy_bound"),
     ({"entropy_bound": 0.2, "algorithm": "static_block"}, "entropy_bound"),
+    ({"block_add_threshold": 0}, "block_add_threshold"), ({"block_add_threshold": 1.01}, "block_add_threshold"),
+    ({"block_add_threshold": float("nan")}, "block_add_threshold"),
+    ({"block_add_threshold": 0.5, "threshold": None}, "block_add_threshold"),
+    ({"block_add_threshold": 0.5, "algorithm": "dinfer_blockwise"}, "block_add_threshold"),
+    ({"block_add_threshold": 0.5, "algorithm": "static_block"}, "block_add_threshold"),
 ])
 def test_request_params_errors_name_the_field(kw, param):
     family = "nemotron" if kw.get("algorithm") == "static_block" else "llada"

@@ -95,7 +95,7 @@ def check_fields(req: DiffusionFields, *, max_stop_chars: int = MAX_STOP_CHARS) 
         raise bad_request(f"n={excerpt(req.n)} must be between 1 and {MAX_N}", "n")
     if req.temperature is not None and not (math.isfinite(req.temperature) and req.temperature >= 0):
         raise bad_request(f"temperature={req.temperature} must be a finite number >= 0", "temperature")
-    for name in ("threshold", "factor", "entropy_bound", "cfg_scale"):
+    for name in ("threshold", "factor", "entropy_bound", "block_add_threshold", "cfg_scale"):
         value = getattr(req, name)
         if value is not None and not math.isfinite(value):
             raise bad_request(f"{name}={value} must be a finite number", name)

@@ -140,6 +140,7 @@ class DiffusionFields(_Strict):
     threshold: float | None = None
     factor: float | None = None
     entropy_bound: float | None = None  # the EB-Sampler's gamma (docs/sampling.md, "Transfer rules")
+    block_add_threshold: float | None = None  # multi-block decoding (docs/sampling.md, "Multi-block decoding")
     cfg_scale: float | None = None
     early_stop: bool | None = None
     shift_logits: bool | None = None

@@ -129,7 +129,7 @@ def request_params(req: DiffusionFields, family: str, max_length: int, *, model_
         temperature=0.0 if req.temperature is None else float(req.temperature),
         cfg_scale=0.0 if req.cfg_scale is None else float(req.cfg_scale),
         remasking=req.remasking or "low_confidence", threshold=threshold, factor=factor,
-        entropy_bound=req.entropy_bound,
+        entropy_bound=req.entropy_bound, block_add_threshold=req.block_add_threshold,
         algorithm=algorithm if algorithm is not None else d["algorithm"],
         early_stop=d["early_stop"] if req.early_stop is None else req.early_stop,
         shift_logits=req.shift_logits,

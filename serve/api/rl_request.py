@@ -27,7 +27,7 @@ SAMPLING = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop", 
             "no_stop_trim", "skip_special_tokens", "spaces_between_special_tokens", "sampling_seed", "n",
             "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "logit_bias",
             "steps", "block_length", "algorithm", "generation_algorithm", "remasking", "threshold", "factor", "entropy_bound",
-            "cfg_scale", "early_stop", "shift_logits", "logprobs_mode"}
+            "block_add_threshold", "cfg_scale", "early_stop", "shift_logits", "logprobs_mode"}
 # accepted at their neutral value only (constrained decoding and custom processors do not exist here)
 NEUTRAL = {"json_schema": "structured output (json_schema) is not supported",
            "regex": "constrained decoding (regex) is not supported",
