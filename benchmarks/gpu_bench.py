@@ -48,21 +48,23 @@ def parity_check() -> str:
     return f"parity (float32, highest precision): {passed}/{len(cases)} golden LLaDA cases token- and NFE-identical"
 
 
-def row_flops(spec, nfe_per_row, *, algorithm: str, prompt: int, gen: int, block: int) -> float:
+def row_flops(spec, nfe_per_row, *, algorithm: str, prompt: int, gen: int, block: int, window: int | None = None) -> float:
     """Model FLOPs of a generation, summed over rows from each row's own forward count.
 
     Not from the batch's forward count: a cached decoder refreshes its rows in gathered chunks, each
     one a batch forward, so that count exceeds any row's. ``basic``/``no_cache`` forward the whole
     canvas every time; the cached decoders forward the whole canvas once per block (the refresh) and
-    the block's positions otherwise.
+    the block's positions otherwise (``window``: the positions a forward reads out, two blocks with
+    multi-block decoding; default ``block``).
     """
     from benchmarks.common import forward_flops
 
-    length, blocks = prompt + gen, gen // block
-    full = forward_flops(spec, batch=1, q_tokens=length, kv_len=length, head_positions=block)
+    length, blocks, window = prompt + gen, gen // block, window or block
+    full = forward_flops(spec, batch=1, q_tokens=length, kv_len=length, head_positions=window)
     if algorithm in ("basic", "no_cache"):
         return float(sum(int(n) * full for n in nfe_per_row))
-    cached = forward_flops(spec, batch=1, q_tokens=block, kv_len=length, head_positions=block)
+    q = window if algorithm == "dual_cache" else block  # (prefix_cache: an estimate of the block's share)
+    cached = forward_flops(spec, batch=1, q_tokens=q, kv_len=length, head_positions=window)
     return float(sum(min(int(n), blocks) * full + max(int(n) - blocks, 0) * cached for n in nfe_per_row))
 
 
@@ -108,6 +110,8 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="default: gen (one token per step)")
     ap.add_argument("--threshold", type=float, default=None)
     ap.add_argument("--entropy-bound", type=float, default=None, help="the EB-Sampler's gamma (instead of a threshold)")
+    ap.add_argument("--block-add-threshold", type=float, default=None,
+                    help="multi-block decoding: the next block starts at this share of the current one")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--skip-parity", action="store_true")
@@ -142,6 +146,8 @@ def main():
         kw["threshold"] = args.threshold
     if args.entropy_bound is not None:
         kw["entropy_bound"] = args.entropy_bound
+    if args.block_add_threshold is not None:
+        kw["block_add_threshold"] = args.block_add_threshold
     if args.algorithm == "static_block":
         kw.pop("steps")
     rng = np.random.default_rng(0)
@@ -157,12 +163,15 @@ def main():
             print(f"batch {batch}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             traceback.print_exc(limit=1)
             continue
+        window = 2 * args.block if args.block_add_threshold is not None and args.gen > args.block else args.block
         flops = row_flops(spec, out.nfe_per_row, algorithm=args.algorithm, prompt=args.prompt, gen=args.gen,
-                          block=args.block)
+                          block=args.block, window=window)
         stats = jax.devices()[0].memory_stats() or {}  # (None on CPU)
         peak_gb = stats.get("peak_bytes_in_use", float("nan")) / 2 ** 30
         rule = f"EB {args.entropy_bound:g}" if args.entropy_bound is not None else \
             (f"threshold {args.threshold:g}" if args.threshold is not None else "fixed")
+        if args.block_add_threshold is not None:
+            rule += f", next block at {args.block_add_threshold:g}"
         rows.append({"model": args.shape, "dtype": args.dtype, "algorithm": args.algorithm, "rule": rule, "batch": batch,
                      "prompt": args.prompt, "gen": args.gen, "block": args.block, "steps": steps,
                      "NFE": out.nfe, "first call s": first, "median s": t, "tokens/s": batch * args.gen / t,

@@ -3,7 +3,9 @@
 For each algorithm the server offers and each transfer schedule — the fixed schedule (one
 token per step: steps = gen_length), confidence threshold 0.7 / 0.8 / 0.9 / 0.95 and the
 factor rule 1-4, the EB-Sampler's entropy bound 0.05 / 0.15 / 0.5 / 1 / 2 (the dInfer decoders
-take thresholds, and dinfer_blockwise / dinfer_credit the entropy bound too) — at batch 1 and
+take thresholds, and dinfer_blockwise / dinfer_credit the entropy bound too), multi-block decoding
+(threshold 0.9 with block_add_threshold 0.1 / 0.25 / 0.5 / 0.75, threshold 0.95 and entropy bound
+0.15 with 0.25; not on the dInfer decoders) — at batch 1 and
 batch 16, on the
 held-out additions and the held-out counts: exact-match accuracy ("count to b": the reply starts
 with the right count, whether or not it stopped after b), mean NFE per request,
@@ -31,6 +33,7 @@ EB_DINFER = ("dinfer_blockwise", "dinfer_credit")  # the dInfer decoders that ta
 THRESHOLDS = (0.7, 0.8, 0.9, 0.95)
 FACTORS = (1.0, 2.0, 3.0, 4.0)
 ENTROPY_BOUNDS = (0.05, 0.15, 0.5, 1.0, 2.0)  # the EB-Sampler's gamma (SGLang's default: 0.15)
+BLOCK_ADDS = (0.1, 0.25, 0.5, 0.75)  # multi-block decoding's block_add_threshold (d3LLM's LLaDA runs: 0.1)
 
 
 def schedules(algorithm: str, quick: bool):
@@ -43,6 +46,13 @@ def schedules(algorithm: str, quick: bool):
     if algorithm not in DINFER or algorithm in EB_DINFER:
         bounds = (0.15,) if quick else ENTROPY_BOUNDS
         out += [(f"entropy bound {g:g}", {"threshold": None, "entropy_bound": g}) for g in bounds]
+    if algorithm not in DINFER:  # multi-block decoding: the next block starts at a share of this one
+        out += [(f"multi-block thr 0.9 add {a:g}", {"threshold": 0.9, "block_add_threshold": a})
+                for a in ((0.25,) if quick else BLOCK_ADDS)]
+        if not quick:
+            out += [("multi-block thr 0.95 add 0.25", {"threshold": 0.95, "block_add_threshold": 0.25}),
+                    ("multi-block eb 0.15 add 0.25", {"threshold": None, "entropy_bound": 0.15,
+                                                      "block_add_threshold": 0.25})]
     return out
 
 

@@ -6,7 +6,7 @@
 One panel per task (held-out additions: exact match; held-out counts: exact match, i.e. the
 count right and stopped at b), one point per (algorithm, schedule) at the chosen batch, x =
 tokens per forward (reply tokens / NFE, the decoder's speed on any hardware), y = accuracy.
-Points are coloured by schedule family (fixed, threshold, factor, entropy bound) and shaped by
+Points are coloured by schedule family (fixed, threshold, factor, entropy bound, multi-block) and shaped by
 algorithm; the Pareto front (no other point both faster and at least as accurate) is drawn as a
 step line and listed on stdout as a table. Needs matplotlib (the ``notebook`` extra).
 """
@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 
-FAMILIES = {"fixed": "tab:gray", "threshold": "tab:blue", "factor": "tab:orange", "entropy bound": "tab:green"}
+FAMILIES = {"fixed": "tab:gray", "threshold": "tab:blue", "factor": "tab:orange", "entropy bound": "tab:green",
+            "multi-block": "tab:red"}
 MARKERS = {"basic": "s", "no_cache": "D", "prefix_cache": "^", "dual_cache": "o", "dinfer_blockwise": "v",
            "dinfer_hierarchy": "P", "dinfer_credit": "X"}
 
