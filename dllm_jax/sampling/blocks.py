@@ -35,7 +35,7 @@ from flax import nnx
 
 from dllm_jax.sampling import head, lookahead, proposal, rules
 from dllm_jax.sampling.loops import step_loop, when
-from dllm_jax.sampling.twins import RefreshLoop, chunk_rows, copy_twins, same_forward
+from dllm_jax.sampling.twins import chunk_rows, gathered
 from dllm_jax.sampling.state import DecodeState
 
 # (annotations only: ``ProgramKey`` is dllm_jax.sampling.params' and ``BlockDecoder`` decoders';
@@ -194,25 +194,16 @@ class BlockProgram:
             sel = entering[:, None, None, None]
             cache = jax.tree.map(lambda old, new: jnp.where(sel, new.astype(old.dtype), old), st.cache, kv)
             return self.commit(model, st.replace(cache=cache), hb, entering)
-        lead = same_forward(st, entering, bs) if self.share else jnp.arange(b)  # [B]
-        twin = entering & (lead != jnp.arange(b))  # [B] rows that copy an earlier row's forward
 
-        def chunk(c: RefreshLoop) -> RefreshLoop:
-            rows = jnp.argsort(~c.pending, stable=True)[:self.chunk]  # [R] the first pending rows
-            taken = c.pending[rows]  # [R]
-            hb, kv = self.forward(model, self.forward_rows(st, rows), ws[rows], True)  # [R, W, D]
-            dest = jnp.where(taken, rows, b)  # padding rows: out of range, dropped
-            cache = jax.tree.map(lambda old, new: old.at[dest].set(new.astype(old.dtype), mode="drop"), c.cache, kv)
-            return RefreshLoop(cache, c.hidden.at[dest].set(hb, mode="drop"),
-                               c.pending.at[dest].set(False, mode="drop"), c.forwards + 1)
+        def scatter(cache, dest, kv):
+            return jax.tree.map(lambda old, new: old.at[dest].set(new.astype(old.dtype), mode="drop"), cache, kv)
 
         hidden0 = jnp.zeros((b, self.window, model.spec.d_model), model.embed[...].dtype)  # [B, W, D]
-        loop = jax.lax.while_loop(lambda c: jnp.any(c.pending), chunk,
-                                  RefreshLoop(st.cache, hidden0, entering & ~twin, jnp.int32(0)))
-        cache, hidden = copy_twins(loop.cache, loop.hidden, twin, lead, self.chunk) if self.share else \
-            (loop.cache, loop.hidden)
+        cache, hidden, forwards = gathered(
+            lambda rows: self.forward(model, self.forward_rows(st, rows), ws[rows], True), scatter, st, entering, bs,
+            hidden0, self.chunk, self.share)
         st = self.commit(model, st.replace(cache=cache), hidden, entering)
-        return st.replace(batch_nfe=st.batch_nfe + loop.forwards - 1)  # commit counted one
+        return st.replace(batch_nfe=st.batch_nfe + forwards - 1)  # commit counted one
 
     def cached_step(self, model, st: DecodeState, live) -> DecodeState:
         key, shift = self.key, self.shift

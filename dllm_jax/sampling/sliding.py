@@ -28,7 +28,7 @@ from dllm_jax.sampling import head, rules
 from dllm_jax.sampling.blocks import contains_stop, put, take
 from dllm_jax.sampling.loops import step_loop, when
 from dllm_jax.sampling.state import DecodeState
-from dllm_jax.sampling.twins import RefreshLoop, chunk_rows, copy_twins, same_forward
+from dllm_jax.sampling.twins import chunk_rows, gathered
 
 # (annotations only: ``ProgramKey`` is dllm_jax.sampling.params', which imports this module)
 
@@ -69,26 +69,15 @@ class SlidingProgram:
         copy its keys/values and context instead of running their own (``twins``). Block-causal: the
         prompt's keys/values never change afterwards, so one prefill serves the whole generation.
         Returns (state, prefill forwards run)."""
-        lp, b = self.key.prompt_len, self.key.batch
-        lead = same_forward(st, entering, st.progress.block) if self.share else jnp.arange(b)  # [B]
-        twin = entering & (lead != jnp.arange(b))
+        lp = self.key.prompt_len
 
         def scatter(cache, dest, kv):
             return jax.tree.map(lambda old, new: old.at[dest, :, :lp].set(new.astype(old.dtype), mode="drop"),
                                 cache, kv)
 
-        def chunk(c: RefreshLoop) -> RefreshLoop:
-            rows = jnp.argsort(~c.pending, stable=True)[:self.chunk]  # [R] the first pending rows
-            ctx, kv = self.prompt_forward(model, st, rows)
-            dest = jnp.where(c.pending[rows], rows, b)  # padding rows: out of range, dropped
-            return RefreshLoop(scatter(c.cache, dest, kv), c.hidden.at[dest].set(ctx.astype(c.hidden.dtype), mode="drop"),
-                               c.pending.at[dest].set(False, mode="drop"), c.forwards + 1)
-
-        loop = jax.lax.while_loop(lambda c: jnp.any(c.pending), chunk,
-                                  RefreshLoop(st.cache, st.window.ctx, entering & ~twin, jnp.int32(0)))
-        cache, ctx = copy_twins(loop.cache, loop.hidden, twin, lead, self.chunk) if self.share else \
-            (loop.cache, loop.hidden)
-        return st.replace(cache=cache).update(ctx=ctx), loop.forwards
+        cache, ctx, forwards = gathered(lambda rows: self.prompt_forward(model, st, rows), scatter, st, entering,
+                                        st.progress.block, st.window.ctx, self.chunk, self.share)
+        return st.replace(cache=cache).update(ctx=ctx), forwards
 
     def step(self, model, st: DecodeState) -> DecodeState:
         """One decode forward of every live row's window, then its commit and slide."""

@@ -95,3 +95,29 @@ def copy_twins(cache, hidden, twin, lead, chunk: int):
 
     cache, hidden, _ = jax.lax.while_loop(lambda c: jnp.any(c[2]), body, (cache, hidden, twin))
     return cache, hidden
+
+
+def gathered(forward, scatter, st: DecodeState, entering, match_start, hidden, chunk: int, share: bool):
+    """The forwards of the ``entering`` rows [B], ``chunk`` rows per forward (a while loop over the
+    chunks: a step pays for the rows that enter, not the batch); with ``share``, rows whose inputs
+    equal an earlier entering row's (``same_forward`` at ``match_start`` [B]) copy its results.
+
+    ``forward(rows [R]) -> (h [R, ...], kv)``; ``scatter(cache, dest [R], kv) -> cache`` writes the
+    rows' keys/values (``dest`` out of range for padding rows: dropped). ``hidden`` [B, ...] is what
+    non-entering rows keep. Returns (cache, hidden, forwards run)."""
+    b = entering.shape[0]
+    lead = same_forward(st, entering, match_start) if share else jnp.arange(b)  # [B]
+    twin = entering & (lead != jnp.arange(b))  # [B] rows that copy an earlier row's forward
+
+    def body(c: RefreshLoop) -> RefreshLoop:
+        rows = jnp.argsort(~c.pending, stable=True)[:chunk]  # [R] the first pending rows
+        h, kv = forward(rows)
+        dest = jnp.where(c.pending[rows], rows, b)  # padding rows: out of range, dropped
+        return RefreshLoop(scatter(c.cache, dest, kv), c.hidden.at[dest].set(h.astype(c.hidden.dtype), mode="drop"),
+                           c.pending.at[dest].set(False, mode="drop"), c.forwards + 1)
+
+    loop = jax.lax.while_loop(lambda c: jnp.any(c.pending), body,
+                              RefreshLoop(st.cache, hidden, entering & ~twin, jnp.int32(0)))
+    cache, hidden = copy_twins(loop.cache, loop.hidden, twin, lead, chunk) if share else (loop.cache, loop.hidden)
+    return cache, hidden, loop.forwards
+
