@@ -70,14 +70,20 @@ def test_block_add_threshold_1_is_single_block(llada_model, algorithm):
     np.testing.assert_array_equal(multi.nfe_per_row, single.nfe_per_row)
 
 
-def test_shifted_predictions_match_reference(llada_model, fwd):
+def test_shifted_predictions_and_full_logits_match_reference(llada_model, fwd):
+    """Shifted predictions, and a top_p row at T > 0: its program keeps the [B, W, V] logits
+    (not the lean head) for the whole batch."""
     prompts = _prompts(np.random.default_rng(11), [7, 10])
-    row = dict(threshold=0.3, block_add_threshold=0.25, shift_logits=True)
-    out = llada_model.generate(prompts, algorithm="dual_cache", gen_length=G, block_length=LB, **row)
+    rows = [dict(threshold=0.3), dict(threshold=0.4, temperature=0.7, top_p=0.9, seed=9)]
+    rows = [dict(r, block_add_threshold=0.25, shift_logits=True) for r in rows]
+    kwargs = {k: [r.get(k, d) for r in rows] for k, d in (("threshold", None), ("temperature", 0.0), ("top_p", 1.0),
+                                                           ("seed", 0))}
+    out = llada_model.generate(prompts, algorithm="dual_cache", gen_length=G, block_length=LB, block_add_threshold=0.25,
+                               shift_logits=True, **kwargs)
     for i, p in enumerate(prompts):
         tokens, nfe, _ = reference_multi_block(llada_model, p, SamplingParams(algorithm="dual_cache", gen_length=G,
-                                                                              block_length=LB, **row), fwd)
-        np.testing.assert_array_equal(out.tokens[i], tokens)
+                                                                              block_length=LB, **rows[i]), fwd)
+        np.testing.assert_array_equal(out.tokens[i], tokens, err_msg=f"row {i} {rows[i]}")
         assert out.nfe_per_row[i] == nfe
 
 
