@@ -281,6 +281,8 @@ def test_fields_are_checked_at_the_edge_and_named_as_sglang_names_them(http):
     assert err({"input_ids": [1, 2], "sampling_params": {"bogus": 1}}) == "sampling_params.bogus"
     assert err({"input_ids": [1, 2], "sampling_params": {"regex": "a+"}}) == "sampling_params.regex"
     assert err({"input_ids": [1, 2], "sampling_params": {"steps": 0}}) == "sampling_params.steps"
+    assert err({"input_ids": [1, 2], "sampling_params": {"block_add_threshold": 2}}) == \
+        "sampling_params.block_add_threshold"
     assert err({"input_ids": [1, 2], "lora_path": "x"}) == "lora_path"
     assert err({"input_ids": [1, 2], "text": "hi"}) in ("text", "input_ids")
     assert err({"input_ids": [10**9]}) == "input_ids"
@@ -291,6 +293,12 @@ def test_fields_are_checked_at_the_edge_and_named_as_sglang_names_them(http):
         "max_new_tokens": 4, "stop": None, "stop_token_ids": None, "frequency_penalty": 0.0, "top_k": -1,
         "spaces_between_special_tokens": False, "no_stop_trim": True, "skip_special_tokens": False}})
     assert ok.status_code == 200, ok.text
+    # multi-block decoding as a sampling param: the same tokens as the OpenAI route
+    sp = {"max_new_tokens": 64, "temperature": 0.0, "block_length": 16, "threshold": 0.5, "block_add_threshold": 0.25}
+    out = http.post("/generate", json={"input_ids": PROMPTS[0], "sampling_params": sp}).json()
+    comp = http.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 64, "temperature": 0,
+                                              "block_length": 16, "threshold": 0.5, "block_add_threshold": 0.25}).json()
+    assert out["text"] == comp["choices"][0]["text"]
     r = http.post("/update_weights_from_tensor", json={"serialized_named_tensors": ["x"], "flush_cache": False})
     assert r.status_code == 400 and "update_weights_from_disk" in r.json()["error"]["message"]
 
