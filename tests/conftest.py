@@ -29,6 +29,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ and os.environ.get("DLLM_TEST_C
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # tiny models compile in well under 1 s
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+import crash_rerun  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from helpers import LLADA_DIR, NEMOTRON_DIR  # noqa: E402
@@ -53,7 +54,7 @@ def nemotron_model():
 _NOTEBOOK_SECONDS: dict[str, float] = {}
 
 
-def pytest_runtest_logreport(report):
+def _collect_notebook_seconds(report):
     """Collect ``notebook_seconds`` (tests/test_notebooks.py); reports reach the controlling
     process under pytest-xdist too, with their user properties."""
     for name, value in getattr(report, "user_properties", ()):
@@ -66,3 +67,19 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "notebook execution times")
         for name, secs in sorted(_NOTEBOOK_SECONDS.items()):
             terminalreporter.write_line(f"{name}: {secs:.1f} s")
+
+
+# ---- a native crash of an xdist worker: the crashed tests run once more (tests/crash_rerun.py) ----
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_handlecrashitem(crashitem, report, sched):
+    crash_rerun.handlecrashitem(crashitem, sched)
+
+
+def pytest_runtest_logreport(report):
+    _collect_notebook_seconds(report)
+    crash_rerun.logreport(report)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    crash_rerun.sessionfinish(session)
