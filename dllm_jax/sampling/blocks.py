@@ -23,6 +23,10 @@ their block-start *refresh* forward, in gathered chunks of a static ``chunk_rows
 ceil(entering / chunk_rows) chunks, not a fixed batch), then every row past its refresh
 (including the ones just refreshed) runs one cached call. Both forwards run only when
 some row needs them (``when``), so a step without refreshes costs one cached call.
+
+Multi-block decoding (``key.lookahead``, ``lookahead.py``): every forward reads out a window of two
+blocks, the row's block and the next, which commits on its own merit once the block is far enough
+along (``transfer``); a next block filled that way is passed over (``advance``).
 """
 
 from __future__ import annotations
