@@ -69,7 +69,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, return_trace: bool = Fa
     key = program_key(model, max(map(len, prompts)), per_row[0], n)
     key = dataclasses.replace(key, cfg=any(p.cfg_scale > 0 for p in per_row),
                               lean_head=all(lean_head_ok(p) for p in per_row),  # no [B, Lb, V] logits
-                              lookahead=key.lookahead or any(p.block_add_threshold is not None for p in per_row)
+                              lookahead=any(p.block_add_threshold is not None for p in per_row)
                               and key.gen_length > key.block_length)
     session = DecodeSession(model, key)
     session.admit({i: Row(prompts[i], per_row[i]) for i in range(n)})

@@ -18,7 +18,6 @@ offset ``block_length`` in it and there is no look-ahead. Arrays here are [B, W]
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from dllm_jax.sampling import rules
@@ -39,36 +38,28 @@ def active(lookahead_on: bool, block, num_blocks: int, block_masks_now, block_le
 
 
 def current(x, offset, block_length: int):
-    """[B, Lb, ...] the current block's part of window-shaped ``x`` [B, W, ...] (``offset`` [B]: 0 or Lb)."""
-    return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, block_length, axis=0))(x, offset)
+    """[B, Lb] the current block's half of window-shaped ``x`` [B, W] (``offset`` [B]: 0 or Lb)."""
+    return jnp.where((offset == 0)[:, None], x[:, :block_length], x[:, block_length:])
 
 
 def combine(cur, ahead, offset, block_length: int):
-    """[B, W] bool: ``cur`` [B, Lb] at the current block's offset, ``ahead`` [B, Lb] in the second
-    half where the current block is the first (offset 0)."""
-    window = jnp.concatenate([jnp.zeros_like(cur), ahead & (offset == 0)[:, None]], axis=1)
-    return jax.vmap(lambda w, c, s: jax.lax.dynamic_update_slice_in_dim(
-        w, c | jax.lax.dynamic_slice_in_dim(w, s, block_length, axis=0), s, axis=0))(window, cur, offset)
+    """[B, W] bool: ``cur`` [B, Lb] at the current block's offset and, where that is the first half,
+    ``ahead`` [B, Lb] in the second."""
+    return jnp.where((offset == 0)[:, None], jnp.concatenate([cur, ahead], axis=1),
+                     jnp.concatenate([jnp.zeros_like(cur), cur], axis=1))
 
 
 def select(rule, conf, masked, threshold, factor, entropy, entropy_bound):
     """[B, Lb] bool: what an active look-ahead block commits: its row's rule [B] without the forced
-    first token. THRESHOLD: conf >= threshold; FACTOR: ranks 0..n-1 while c_r >= 1 - f/(r + 2),
-    from rank 0; ENTROPY_BOUND: ranks 0..n-1 while the summed entropy <= gamma, rank 0's
-    included; FIXED rows commit nothing ahead (their schedule is per block). Ranks are by
+    first token (``forced=False``). THRESHOLD: conf >= threshold; FACTOR: ranks 0..n-1 while
+    c_r >= 1 - f/(r + 2), from rank 0; ENTROPY_BOUND: ranks 0..n-1 while the summed entropy <= gamma,
+    rank 0's included; FIXED rows commit nothing ahead (their schedule is per block). Ranks are by
     confidence among the block's masked positions (``rules.ranks``)."""
-    lb = conf.shape[-1]
     rank = rules.ranks(conf, masked)  # [B, Lb]
-    r = jnp.arange(lb)
-    by_rank = rules.by_rank(conf, masked, rank)  # [B, Lb]
-    ok = (by_rank >= 1.0 - factor[:, None] / (r + 2.0)) & jnp.isfinite(by_rank)
-    factor_sel = masked & (rank < jnp.sum(jnp.cumprod(ok, axis=-1), axis=-1)[:, None])
     sel = jnp.where((rule == rules.THRESHOLD)[:, None], masked & (conf >= threshold[:, None]),
-                    jnp.where((rule == rules.FACTOR)[:, None], factor_sel, False))
+                    jnp.where((rule == rules.FACTOR)[:, None],
+                              rules.transfer_factor(conf, masked, factor, rank, forced=False), False))
     if entropy is None:
         return sel
-    h = jnp.zeros(conf.shape, jnp.float32).at[jnp.arange(conf.shape[0])[:, None], rank].set(
-        jnp.where(masked, entropy, 0.0).astype(jnp.float32), mode="drop")  # [B, Lb] by rank
-    spent = jax.lax.associative_scan(jnp.add, h, axis=1)  # (fixed order: batch-invariant sums)
-    count = jnp.sum((spent <= entropy_bound[:, None]) & (r[None, :] < jnp.sum(masked, -1)[:, None]), -1)
-    return jnp.where((rule == rules.ENTROPY_BOUND)[:, None], masked & (rank < count[:, None]), sel)
+    return jnp.where((rule == rules.ENTROPY_BOUND)[:, None],
+                     rules.transfer_entropy_bound(entropy, masked, entropy_bound, rank, forced=False), sel)

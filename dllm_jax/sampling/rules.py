@@ -82,7 +82,7 @@ def leading_run(sel, masked, rank):
     return sel & (rank < first_out[:, None])
 
 
-def by_rank(conf, masked, rank):
+def _by_rank(conf, masked, rank):
     """[B, Lb]: at r, the confidence of the masked position of rank r (-inf past the masked count)."""
     b, lb = conf.shape
     out = jnp.full((b, lb), NEG_INF, conf.dtype)
@@ -103,14 +103,16 @@ def transfer_threshold(conf, masked, threshold, rank=None):
     return masked & ((rank == 0) | (conf >= threshold[:, None]))
 
 
-def transfer_factor(conf, masked, factor, rank=None):
-    """Accept ranks 0..n-1 where n = 1 + the leading run of ranks r >= 1 with c_r >= 1 - f/(r+2)."""
+def transfer_factor(conf, masked, factor, rank=None, forced=True):
+    """Accept ranks 0..n-1 where n = 1 + the leading run of ranks r >= 1 with c_r >= 1 - f/(r+2)
+    (``forced`` False: rank 0 too must pass, n = the leading run from rank 0)."""
     lb = conf.shape[-1]
     rank = ranks(conf, masked) if rank is None else rank
-    c = by_rank(conf, masked, rank)  # [B, Lb] by rank (descending under confidence ranking)
+    c = _by_rank(conf, masked, rank)  # [B, Lb] by rank (descending under confidence ranking)
     r = jnp.arange(lb)
     ok = (c >= 1.0 - factor[:, None] / (r + 2.0)) & jnp.isfinite(c)
-    ok = ok.at[:, 0].set(True)
+    if forced:
+        ok = ok.at[:, 0].set(True)
     count = jnp.sum(jnp.cumprod(ok, axis=-1), axis=-1)
     return masked & (rank < count[:, None])
 
@@ -137,21 +139,24 @@ def transfer_hierarchy(conf, masked, threshold, low_threshold=HIERARCHY_LOW_THRE
     return masked & ((rank == 0) | (conf >= threshold[:, None]) | run_best)
 
 
-def transfer_entropy_bound(entropy, masked, bound, rank=None):
+def transfer_entropy_bound(entropy, masked, bound, rank=None, forced=True):
     """EB-Sampler: accept ranks 0..n-1, n the most with sum(H) - max(H) <= bound over ranks 0..n-1.
 
     ``entropy`` [B, Lb] of each position's predictive distribution; ``bound`` [B] (gamma >= 0).
     The spent budget sum - max never decreases along the ranks, so the accepted ranks are a
     prefix; rank 0 spends nothing and is always accepted. Ranked by entropy (ascending) this is
-    ``cumsum(H)[r - 1] <= gamma`` for rank r (SGLang's ``eb_sampling``)."""
+    ``cumsum(H)[r - 1] <= gamma`` for rank r (SGLang's ``eb_sampling``). ``forced`` False: the
+    summed entropy itself (rank 0's included) must stay <= bound, and nothing may be accepted."""
     b, lb = entropy.shape
     rank = ranks(-entropy, masked) if rank is None else rank
     h = jnp.zeros((b, lb), jnp.float32).at[jnp.arange(b)[:, None], rank].set(
         jnp.where(masked, entropy, 0.0).astype(jnp.float32), mode="drop")  # [B, Lb] by rank
     # (a scan of elementwise adds: its order depends on Lb only, so a row's sums are batch-invariant)
-    spent = jax.lax.associative_scan(jnp.add, h, axis=1) - jax.lax.cummax(h, axis=1)
+    spent = jax.lax.associative_scan(jnp.add, h, axis=1)
+    if forced:
+        spent = spent - jax.lax.cummax(h, axis=1)
     count = jnp.sum((spent <= bound[:, None]) & (jnp.arange(lb)[None, :] < jnp.sum(masked, -1)[:, None]), -1)
-    return masked & (rank < jnp.maximum(count, 1)[:, None])
+    return masked & (rank < (jnp.maximum(count, 1) if forced else count)[:, None])
 
 
 def credit_fuse(logits, credit, masked, first_iter):
