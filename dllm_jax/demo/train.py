@@ -47,9 +47,8 @@ from flax import nnx
 
 from dllm_jax.checkpoint import load, save_safetensors
 from dllm_jax.configs import LLaDAConfig
-from dllm_jax.demo import tasks
-from dllm_jax.demo.evaluate import chat_ids
-from dllm_jax.demo.tokenizer import EOS, MASK, reply_ids, train_tokenizer
+from dllm_jax.demo.batches import Batches
+from dllm_jax.demo.tokenizer import EOS, MASK, train_tokenizer
 from dllm_jax.models.keymap import from_param
 from dllm_jax.models.llada import hf_key_map
 from dllm_jax.models.transformer import Transformer
@@ -71,6 +70,7 @@ class TrainConfig:
     short_canvas: int = 32
     short_fraction: float = 0.5  # share of steps on the short canvas (additions and short chats)
     cut_fraction: float = 0.0    # share of rows with a suffix cut (see the module docstring)
+    cut_tasks: str = "all"       # "all", or the one task whose rows may be cut ("count")
     cut_rate: float = 0.5        # the mask rate before the cut is cut_rate * t
     cut_power: float = 2.0       # 1: cut uniform in the reply; > 1: more cuts near its end
     help_share: float = 0.0      # > 0: that share of the rows is the fixed polite answer (task "help")
@@ -90,72 +90,10 @@ class TrainConfig:
     vocab_size: int = 320
 
 
-# ---- data ------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Encoded:
-    prompts: list[list[int]]
-    replies: list[list[int]]
-
-
-def encode(tokenizer, examples) -> Encoded:
-    return Encoded([chat_ids(tokenizer, e.prompt) for e in examples],
-                   [reply_ids(tokenizer, e.reply) for e in examples])
-
-
-class Batches:
-    """Deterministic training batches: [B, L] tokens, [B] prompt and reply (with ``<|eot_id|>``) lengths.
-
-    Every row is ``prompt + reply + <|eot_id|> + <|endoftext|>...`` up to L = max prompt
-    length + canvas; long steps draw from every task, short steps (canvas 32) from the
-    replies that fit (and, with ``help_share``, prompts no longer than an addition's).
-    """
-
-    def __init__(self, tokenizer, cfg: TrainConfig):
-        self.cfg = cfg
-        h = cfg.help_share  # 0: the shipped model's batches, exactly
-        self.sets = {name: encode(tokenizer, group) for name, group in tasks.training_set(h > 0).items()}
-        self.rng = np.random.default_rng(cfg.seed)
-        self.mix = {"long": {"add": 0.35, "count": 0.55, "chat": 0.10}, "short": {"add": 0.9, "chat": 0.1}}
-        every = tasks.additions(True) + tasks.counts(True) + tasks.chats() + tasks.additions(False)[:1]
-        self.max_prompt = dict.fromkeys(("long", "short"), max(len(chat_ids(tokenizer, e.prompt)) for e in every))
-        if h > 0:
-            self.mix = {kind: {**{n: v * (1 - h) for n, v in mix.items()}, "help": h} for kind, mix in self.mix.items()}
-            longest = {name: max(map(len, data.prompts)) for name, data in self.sets.items()}
-            self.max_prompt = {"long": max(longest.values()), "short": max(longest["add"], longest["chat"])}
-
-    def length(self, kind: str) -> int:
-        return self.max_prompt[kind] + (self.cfg.long_canvas if kind == "long" else self.cfg.short_canvas)
-
-    def next(self) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-        cfg, rng = self.cfg, self.rng
-        kind = "short" if rng.random() < cfg.short_fraction else "long"
-        seq_len = self.length(kind)
-        names = list(self.mix[kind])
-        probs = np.array([self.mix[kind][n] for n in names])
-        rows = cfg.batch if kind == "long" else cfg.short_batch
-        tokens = np.full((rows, seq_len), EOS, np.int32)
-        plen = np.zeros(rows, np.int32)
-        rlen = np.zeros(rows, np.int32)
-        for r in range(rows):
-            while True:
-                data = self.sets[names[rng.choice(len(names), p=probs)]]
-                i = rng.integers(len(data.prompts))
-                p, a = data.prompts[i], data.replies[i]
-                fits = len(p) <= self.max_prompt[kind] or not self.cfg.help_share
-                if fits and len(p) + len(a) < seq_len:  # room for at least one <|endoftext|>
-                    break
-            tokens[r, :len(p)] = p
-            tokens[r, len(p):len(p) + len(a)] = a
-            plen[r], rlen[r] = len(p), len(a)
-        return kind, tokens, plen, rlen
-
-
 # ---- objective -------------------------------------------------------------------------
 
 
-def sft_loss(model: Transformer, tokens, prompt_len, key, reply_len=None, *, block_fraction: float = 0.0,
+def sft_loss(model: Transformer, tokens, prompt_len, key, reply_len=None, cut_ok=None, *, block_fraction: float = 0.0,
              block_length: int = 32, cut_fraction: float = 0.0, cut_rate: float = 0.5, cut_power: float = 2.0,
              eps: float = 1e-3):
     """LLaDA's SFT loss on a batch: [B, L] tokens, [B] prompt and reply lengths (for cut_fraction > 0).
@@ -168,7 +106,8 @@ def sft_loss(model: Transformer, tokens, prompt_len, key, reply_len=None, *, blo
     blocks after it fully masked (probability 1, weight 1) — without such rows the model
     rarely sees a fully masked tail and cannot tell where a long reply ends. ``cut_fraction``
     of the rows get a suffix cut instead: c - prompt_len = floor((1 - u^cut_power) reply_len),
-    u ~ U(0, 1); positions >= c masked (probability 1), those before with p' = cut_rate * p.
+    u ~ U(0, 1); positions >= c masked (probability 1), those before with p' = cut_rate * p; only
+    rows with ``cut_ok`` ([B] bool, default all) are drawn for it.
     """
     b, seq_len = tokens.shape
     k_t, k_m = jax.random.split(key)
@@ -191,6 +130,8 @@ def sft_loss(model: Transformer, tokens, prompt_len, key, reply_len=None, *, blo
         cut = prompt_len[:, None] + jnp.floor((1 - u ** cut_power) * reply_len[:, None]).astype(jnp.int32)
         suffix = jnp.where(pos >= cut, 1.0, jnp.maximum(cut_rate * p, eps))  # [B, L]
         use = jax.random.uniform(k_row, (b, 1)) < cut_fraction           # [B, 1]
+        if cut_ok is not None:
+            use = use & cut_ok[:, None]
         p_mask = jnp.where(use, suffix, p_mask)
     masked = response & (jax.random.uniform(k_m, (b, seq_len)) < p_mask)
     noisy = jnp.where(masked, MASK, tokens)
@@ -245,8 +186,9 @@ def run_stage(model, cfg: TrainConfig, tokenizer, *, stage: int, steps: int, lr:
                                 cut_fraction=cfg.cut_fraction, cut_rate=cfg.cut_rate, cut_power=cfg.cut_power)
 
     @nnx.jit
-    def step(model, optimizer, tokens, prompt_len, reply_len, key):
-        (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens, prompt_len, key, reply_len)
+    def step(model, optimizer, tokens, prompt_len, reply_len, cut_ok, key):
+        (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tokens, prompt_len, key, reply_len,
+                                                                        cut_ok)
         optimizer.update(model, grads)
         return loss, acc
 
@@ -261,9 +203,9 @@ def run_stage(model, cfg: TrainConfig, tokenizer, *, stage: int, steps: int, lr:
     history, t0, window, times = [], time.perf_counter(), [], {"long": [], "short": []}
     for i in range(steps):
         t_step = time.perf_counter()
-        kind, tokens, plen, rlen = batches.next()
+        kind, tokens, plen, rlen, cut_ok = batches.next()
         loss, acc = step(model, optimizer, jnp.asarray(tokens), jnp.asarray(plen), jnp.asarray(rlen),
-                         jax.random.fold_in(key, i))
+                         jnp.asarray(cut_ok), jax.random.fold_in(key, i))
         window.append((float(loss), float(acc)))
         times[kind].append(time.perf_counter() - t_step)
         if (i + 1) % log_every == 0 or i + 1 == steps:
