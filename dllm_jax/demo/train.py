@@ -73,6 +73,7 @@ class TrainConfig:
     cut_tasks: str = "all"       # "all", or the one task whose rows may be cut ("count")
     cut_rate: float = 0.5        # the mask rate before the cut is cut_rate * t
     cut_power: float = 2.0       # 1: cut uniform in the reply; > 1: more cuts near its end
+    cut_window: int = 0          # > 0: a cut row's loss counts only positions c .. c + cut_window - 1 after the cut
     help_share: float = 0.0      # > 0: that share of the rows is the fixed polite answer (task "help")
     # Optional stage 2 (off by default; see docs/performance.md "Demo model" for what it did):
     # the same objective with semi-autoregressive masks on block_fraction of the rows.
@@ -95,6 +96,7 @@ class TrainConfig:
 
 def sft_loss(model: Transformer, tokens, prompt_len, key, reply_len=None, cut_ok=None, *, block_fraction: float = 0.0,
              block_length: int = 32, cut_fraction: float = 0.0, cut_rate: float = 0.5, cut_power: float = 2.0,
+             cut_window: int = 0,
              eps: float = 1e-3):
     """LLaDA's SFT loss on a batch: [B, L] tokens, [B] prompt and reply lengths (for cut_fraction > 0).
 
@@ -107,9 +109,11 @@ def sft_loss(model: Transformer, tokens, prompt_len, key, reply_len=None, cut_ok
     rarely sees a fully masked tail and cannot tell where a long reply ends. ``cut_fraction``
     of the rows get a suffix cut instead: c - prompt_len = floor((1 - u^cut_power) reply_len),
     u ~ U(0, 1); positions >= c masked (probability 1), those before with p' = cut_rate * p; only
-    rows with ``cut_ok`` ([B] bool, default all) are drawn for it.
+    rows with ``cut_ok`` ([B] bool, default all) are drawn for it. ``cut_window`` > 0 scores only
+    the first ``cut_window`` positions from c in a cut row (the rest stay masked, unscored).
     """
     b, seq_len = tokens.shape
+    scored = True
     k_t, k_m = jax.random.split(key)
     t = jax.random.uniform(k_t, (b, 1))
     p = (1 - eps) * t + eps                                            # [B, 1]
@@ -133,6 +137,8 @@ def sft_loss(model: Transformer, tokens, prompt_len, key, reply_len=None, cut_ok
         if cut_ok is not None:
             use = use & cut_ok[:, None]
         p_mask = jnp.where(use, suffix, p_mask)
+        if cut_window > 0:
+            scored = jnp.where(use, pos < cut + cut_window, True)           # [B, L]
     masked = response & (jax.random.uniform(k_m, (b, seq_len)) < p_mask)
     noisy = jnp.where(masked, MASK, tokens)
     positions = jnp.broadcast_to(pos, (b, seq_len))
@@ -141,7 +147,7 @@ def sft_loss(model: Transformer, tokens, prompt_len, key, reply_len=None, cut_ok
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)  # [B, L]
     answer_len = jnp.sum(response, axis=-1, keepdims=True)             # [B, 1]
     p_safe = jnp.maximum(p_mask, eps)  # p >= eps already; 0 only at clean positions (never masked)
-    loss = jnp.sum(jnp.where(masked, ce / p_safe / answer_len, 0.0)) / b
+    loss = jnp.sum(jnp.where(masked & scored, ce / p_safe / answer_len, 0.0)) / b
     acc = jnp.sum(jnp.where(masked, jnp.argmax(logits, -1) == tokens, False)) / jnp.maximum(jnp.sum(masked), 1)
     return loss, acc
 
@@ -183,7 +189,8 @@ def run_stage(model, cfg: TrainConfig, tokenizer, *, stage: int, steps: int, lr:
                      optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     loss_fn = functools.partial(sft_loss, block_fraction=block_fraction, block_length=cfg.block_length,
-                                cut_fraction=cfg.cut_fraction, cut_rate=cfg.cut_rate, cut_power=cfg.cut_power)
+                                cut_fraction=cfg.cut_fraction, cut_rate=cfg.cut_rate, cut_power=cfg.cut_power,
+                                cut_window=cfg.cut_window)
 
     @nnx.jit
     def step(model, optimizer, tokens, prompt_len, reply_len, cut_ok, key):
