@@ -89,9 +89,9 @@ def test_training_opt_in_objectives_run():
     assert "help" in batches.mix["long"] and batches.next()[3].min() >= 2  # reply lengths, <|eot_id|> included
     _, _, history = demo_train.train(cfg, tok, log_every=1)
     assert [h[:2] for h in history] == [(1, 1), (1, 2)] and all(np.isfinite(h[2]) for h in history)
-    # Cuts on the count rows only: the rows allowed a cut are exactly the count rows.
+    # Cuts on the count rows only (the rows allowed a cut are exactly the count rows), two scored positions.
     counts = {tuple(p) for p in batches.sets["count"].prompts}
-    cfg = dataclasses.replace(cfg, cut_tasks="count", help_share=0.0)
+    cfg = dataclasses.replace(cfg, cut_tasks="count", help_share=0.0, cut_window=2)
     batches = demo_train.Batches(tok, cfg)
     for _ in range(4):
         _, tokens, plen, _, cut_ok = batches.next()

@@ -13,8 +13,9 @@ trained (128 positions like the server's default ``max_tokens``, and 32 for shor
 so the model learns where to stop whichever canvas it is given.
 
 Opt-in, off by default (the shipped model was trained without them; docs/performance.md, "Demo
-model", has what a short run did): the fixed polite answer (``--help-share``), and suffix-cut
-rows (``--cut-fraction``): a cut c in the reply, every response position >= c masked
+model", has what each run did): the fixed polite answer (``--help-share``), and suffix-cut
+rows (``--cut-fraction``; ``--cut-tasks count`` cuts only count rows, ``--cut-window N`` scores
+only the N positions from the cut): a cut c in the reply, every response position >= c masked
 (probability 1, weight 1), those before it i.i.d. — the state semi-autoregressive decoding
 visits when it decides where a count stops, which i.i.d. masks almost never show (any visible
 ``<|endoftext|>`` pad after the last number makes the stop trivial).
