@@ -1,0 +1,62 @@
+"""Score a demo-model candidate the way docs/performance.md's demo-model runs are scored.
+
+    python -m dllm_jax.demo.score PATH [PATH ...]
+
+At the server's defaults (dual cache, threshold 0.9, canvas 128, block 32, T=0, early stop),
+batch 16: 192 held-out additions (seed 0), all 147 held-out counts and 96 training additions
+(seed 0), exact match; counts also "to b" (right up to b, stopped or not). "EOT at b" probes
+the model directly on 32 held-out counts (seed 0): the reply shown up to b, every later
+position of the 128-position canvas masked (the state in which block decoding decides where a
+count stops), and how often the argmax right after b is ``<|eot_id|>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dllm_jax.demo import evaluate, tasks
+from dllm_jax.demo.tokenizer import EOT, MASK, reply_ids
+
+
+def eot_at_b(model, examples, canvas: int = 128) -> tuple[int, list[float]]:
+    """(how many argmaxes are <|eot_id|> right after b, p(<|eot_id|>) there per example)."""
+    net, tok = model.module(), model.tokenizer
+    hits, probs = 0, []
+    for e in examples:
+        prompt, reply = evaluate.chat_ids(tok, e.prompt), reply_ids(tok, e.reply)
+        ids = prompt + reply[:-1] + [MASK] * (canvas - len(reply) + 1)
+        n = len(ids)
+        logits = net(jnp.asarray([ids]), jnp.arange(n)[None], jnp.ones((1, n, n), bool))[0, len(prompt) + len(reply) - 1]
+        p = np.asarray(jax.nn.softmax(logits))
+        hits += int(p.argmax() == EOT)
+        probs.append(float(p[EOT]))
+    return hits, probs
+
+
+def score(path) -> str:
+    import dllm_jax
+
+    model = dllm_jax.load(path)
+    adds, counts = tasks.held_out_additions(192, seed=0), tasks.held_out_counts()
+    train_adds = random.Random(0).sample(tasks.additions(False), 96)
+    ra, rc, rt = (evaluate.run(model, s, batch=16) for s in (adds, counts, train_adds))
+    hits, probs = eot_at_b(model, tasks.held_out_counts(32, seed=0))
+    return (f"{path}: held-out adds {ra.accuracy:.1%}  training adds {rt.accuracy:.1%}  held-out counts exact "
+            f"{rc.accuracy:.1%} (to b {rc.prefix_accuracy:.1%})  EOT at b {hits}/32 "
+            f"(p(EOT) {min(probs):.3f}-{max(probs):.3f})")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("paths", nargs="+")
+    for path in ap.parse_args(argv).paths:
+        print(score(path), flush=True)
+
+
+if __name__ == "__main__":
+    main()
