@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dllm_jax.checkpoint import load
 from dllm_jax.demo import evaluate, tasks
 from dllm_jax.demo.tokenizer import EOT, MASK, reply_ids
 
@@ -39,9 +40,7 @@ def eot_at_b(model, examples, canvas: int = 128) -> tuple[int, list[float]]:
 
 
 def score(path) -> str:
-    import dllm_jax
-
-    model = dllm_jax.load(path)
+    model = load(path)
     adds, counts = tasks.held_out_additions(192, seed=0), tasks.held_out_counts()
     train_adds = random.Random(0).sample(tasks.additions(False), 96)
     ra, rc, rt = (evaluate.run(model, s, batch=16) for s in (adds, counts, train_adds))
