@@ -16,7 +16,6 @@ import argparse
 import random
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dllm_jax.checkpoint import load
@@ -26,14 +25,12 @@ from dllm_jax.demo.tokenizer import EOT, MASK, reply_ids
 
 def eot_at_b(model, examples, canvas: int = 128) -> tuple[int, list[float]]:
     """(how many argmaxes are <|eot_id|> right after b, p(<|eot_id|>) there per example)."""
-    net, tok = model.module(), model.tokenizer
+    tok = model.tokenizer
     hits, probs = 0, []
     for e in examples:
         prompt, reply = evaluate.chat_ids(tok, e.prompt), reply_ids(tok, e.reply)
         ids = prompt + reply[:-1] + [MASK] * (canvas - len(reply) + 1)
-        n = len(ids)
-        logits = net(jnp.asarray([ids]), jnp.arange(n)[None], jnp.ones((1, n, n), bool))[0, len(prompt) + len(reply) - 1]
-        p = np.asarray(jax.nn.softmax(logits))
+        p = np.asarray(jax.nn.softmax(model.logits(np.asarray([ids]))[0, len(prompt) + len(reply) - 1]))
         hits += int(p.argmax() == EOT)
         probs.append(float(p[EOT]))
     return hits, probs
