@@ -75,6 +75,8 @@ class TrainConfig:
     cut_rate: float = 0.5        # the mask rate before the cut is cut_rate * t
     cut_power: float = 2.0       # 1: cut uniform in the reply; > 1: more cuts near its end
     cut_window: int = 0          # > 0: a cut row's loss counts only positions c .. c + cut_window - 1 after the cut
+    tail_fraction: float = 0.0   # share of (cut_tasks) rows whose pads are all masked (see sft_loss)
+    tail_window: int = 0         # tail rows: how many pads after <|eot_id|> are scored (0: none)
     help_share: float = 0.0      # > 0: that share of the rows is the fixed polite answer (task "help")
     # Optional stage 2 (off by default; see docs/performance.md "Demo model" for what it did):
     # the same objective with semi-autoregressive masks on block_fraction of the rows.
@@ -97,7 +99,7 @@ class TrainConfig:
 
 def sft_loss(model: Transformer, tokens, prompt_len, key, reply_len=None, cut_ok=None, *, block_fraction: float = 0.0,
              block_length: int = 32, cut_fraction: float = 0.0, cut_rate: float = 0.5, cut_power: float = 2.0,
-             cut_window: int = 0,
+             cut_window: int = 0, tail_fraction: float = 0.0, tail_window: int = 0,
              eps: float = 1e-3):
     """LLaDA's SFT loss on a batch: [B, L] tokens, [B] prompt and reply lengths (for cut_fraction > 0).
 
@@ -112,6 +114,10 @@ def sft_loss(model: Transformer, tokens, prompt_len, key, reply_len=None, cut_ok
     u ~ U(0, 1); positions >= c masked (probability 1), those before with p' = cut_rate * p; only
     rows with ``cut_ok`` ([B] bool, default all) are drawn for it. ``cut_window`` > 0 scores only
     the first ``cut_window`` positions from c in a cut row (the rest stay masked, unscored).
+    ``tail_fraction`` of the ``cut_ok`` rows (drawn after the cut rows, overriding them) keep
+    i.i.d. masks on the reply and its ``<|eot_id|>`` but have every ``<|endoftext|>`` pad masked
+    (probability 1), so where the reply ends is decided from its content, never read off a
+    visible pad; only the first ``tail_window`` pads are scored.
     """
     b, seq_len = tokens.shape
     scored = True
@@ -122,24 +128,13 @@ def sft_loss(model: Transformer, tokens, prompt_len, key, reply_len=None, cut_ok
     response = pos >= prompt_len[:, None]                              # [B, L]
     p_mask = jnp.broadcast_to(p, (b, seq_len))                         # [B, L]
     if block_fraction > 0:
-        blk = (pos - prompt_len[:, None]) // block_length              # [B, L] response block index
-        n_blocks = (seq_len - prompt_len[:, None] + block_length - 1) // block_length  # [B, 1]
-        k_row, k_blk = jax.random.split(jax.random.fold_in(key, 1))
-        k = jnp.floor(jax.random.uniform(k_blk, (b, 1)) * n_blocks).astype(jnp.int32)  # [B, 1]
-        semi = jnp.where(blk < k, 0.0, jnp.where(blk == k, p, 1.0))    # [B, L]
-        use = jax.random.uniform(k_row, (b, 1)) < block_fraction       # [B, 1]
-        p_mask = jnp.where(use, semi, p_mask)
+        p_mask = _semi_autoregressive(key, pos, prompt_len, p, p_mask, block_fraction, block_length)
     if cut_fraction > 0:
-        k_row, k_cut = jax.random.split(jax.random.fold_in(key, 2))
-        u = jax.random.uniform(k_cut, (b, 1))
-        cut = prompt_len[:, None] + jnp.floor((1 - u ** cut_power) * reply_len[:, None]).astype(jnp.int32)
-        suffix = jnp.where(pos >= cut, 1.0, jnp.maximum(cut_rate * p, eps))  # [B, L]
-        use = jax.random.uniform(k_row, (b, 1)) < cut_fraction           # [B, 1]
-        if cut_ok is not None:
-            use = use & cut_ok[:, None]
-        p_mask = jnp.where(use, suffix, p_mask)
-        if cut_window > 0:
-            scored = jnp.where(use, pos < cut + cut_window, True)           # [B, L]
+        p_mask, scored = _suffix_cut(key, pos, prompt_len, reply_len, cut_ok, p, p_mask, scored, cut_fraction,
+                                     cut_rate, cut_power, cut_window, eps)
+    if tail_fraction > 0:
+        p_mask, scored = _masked_tail(key, pos, prompt_len, reply_len, cut_ok, p, p_mask, scored, tail_fraction,
+                                      tail_window)
     masked = response & (jax.random.uniform(k_m, (b, seq_len)) < p_mask)
     noisy = jnp.where(masked, MASK, tokens)
     positions = jnp.broadcast_to(pos, (b, seq_len))
@@ -151,6 +146,41 @@ def sft_loss(model: Transformer, tokens, prompt_len, key, reply_len=None, cut_ok
     loss = jnp.sum(jnp.where(masked & scored, ce / p_safe / answer_len, 0.0)) / b
     acc = jnp.sum(jnp.where(masked, jnp.argmax(logits, -1) == tokens, False)) / jnp.maximum(jnp.sum(masked), 1)
     return loss, acc
+
+
+def _rows(key, b, fraction, cut_ok):
+    use = jax.random.uniform(key, (b, 1)) < fraction                  # [B, 1]
+    return use if cut_ok is None else use & cut_ok[:, None]
+
+
+def _semi_autoregressive(key, pos, prompt_len, p, p_mask, block_fraction, block_length):
+    b, seq_len = p_mask.shape
+    blk = (pos - prompt_len[:, None]) // block_length                  # [B, L] response block index
+    n_blocks = (seq_len - prompt_len[:, None] + block_length - 1) // block_length  # [B, 1]
+    k_row, k_blk = jax.random.split(jax.random.fold_in(key, 1))
+    k = jnp.floor(jax.random.uniform(k_blk, (b, 1)) * n_blocks).astype(jnp.int32)  # [B, 1]
+    semi = jnp.where(blk < k, 0.0, jnp.where(blk == k, p, 1.0))        # [B, L]
+    return jnp.where(_rows(k_row, b, block_fraction, None), semi, p_mask)
+
+
+def _suffix_cut(key, pos, prompt_len, reply_len, cut_ok, p, p_mask, scored, cut_fraction, cut_rate, cut_power,
+                cut_window, eps):
+    b = p_mask.shape[0]
+    k_row, k_cut = jax.random.split(jax.random.fold_in(key, 2))
+    u = jax.random.uniform(k_cut, (b, 1))
+    cut = prompt_len[:, None] + jnp.floor((1 - u ** cut_power) * reply_len[:, None]).astype(jnp.int32)
+    suffix = jnp.where(pos >= cut, 1.0, jnp.maximum(cut_rate * p, eps))  # [B, L]
+    use = _rows(k_row, b, cut_fraction, cut_ok)
+    if cut_window > 0:
+        scored = jnp.where(use, pos < cut + cut_window, True)           # [B, L]
+    return jnp.where(use, suffix, p_mask), scored
+
+
+def _masked_tail(key, pos, prompt_len, reply_len, cut_ok, p, p_mask, scored, tail_fraction, tail_window):
+    b = p_mask.shape[0]
+    pads = pos - (prompt_len + reply_len)[:, None]                      # [B, L] >= 0 on the pads
+    use = _rows(jax.random.fold_in(key, 3), b, tail_fraction, cut_ok)
+    return jnp.where(use, jnp.where(pads >= 0, 1.0, p), p_mask), jnp.where(use, pads < tail_window, scored)
 
 
 def model_config(cfg: TrainConfig, vocab: int) -> LLaDAConfig:
@@ -191,7 +221,8 @@ def run_stage(model, cfg: TrainConfig, tokenizer, *, stage: int, steps: int, lr:
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     loss_fn = functools.partial(sft_loss, block_fraction=block_fraction, block_length=cfg.block_length,
                                 cut_fraction=cfg.cut_fraction, cut_rate=cfg.cut_rate, cut_power=cfg.cut_power,
-                                cut_window=cfg.cut_window)
+                                cut_window=cfg.cut_window, tail_fraction=cfg.tail_fraction,
+                                tail_window=cfg.tail_window)
 
     @nnx.jit
     def step(model, optimizer, tokens, prompt_len, reply_len, cut_ok, key):
