@@ -22,10 +22,15 @@ def demo():
 
 def test_tasks_split():
     held = tasks.additions(held_out=True)
-    assert len(held) == 1000 and all((int(a) + 2 * int(b)) % 10 == 3
-                                     for a, b in (e.prompt[8:-1].split("+") for e in held))
+    pairs = {tuple(map(int, e.prompt[8:-1].split("+"))) for e in held}
+    assert len(held) == 948 and all((b, a) in pairs for a, b in pairs)  # a+b and b+a on the same side
+    # every pair of units digits (and of tens digits) is trained, and held out somewhere
+    for digits in (lambda a, b: (a % 10, b % 10), lambda a, b: (a // 10, b // 10)):
+        assert len({digits(a, b) for a, b in pairs}) == 100
+        assert len({digits(a, b) for a in range(100) for b in range(100) if (a, b) not in pairs}) == 100
     train = tasks.training_set()
     assert not {e.prompt for e in held} & {e.prompt for e in train["add"]}
+    assert len(train["add"]) + len(held) == 10000
     assert not {e.prompt for e in tasks.counts(True)} & {e.prompt for e in train["count"]}
     assert tasks.count_reply(3, 6) == "3, 4, 5, 6"
     # the polite answer: held out by rule (and issue 25's examples), never an in-range task

@@ -7,7 +7,8 @@ batch 16: 192 held-out additions (seed 0), all 147 held-out counts and 96 traini
 (seed 0), exact match; counts also "to b" (right up to b, stopped or not). "EOT at b" probes
 the model directly on 32 held-out counts (seed 0): the reply shown up to b, every later
 position of the 128-position canvas masked (the state in which block decoding decides where a
-count stops), and how often the argmax right after b is ``<|eot_id|>``.
+count stops), and how often the argmax right after b is ``<|eot_id|>``; and how often it is
+``<|eot_id|>`` after b - 1 and after b - 3 (a stop too early).
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from dllm_jax.demo import evaluate, tasks
 from dllm_jax.demo.tokenizer import EOT, MASK, reply_ids
 
 
-def eot_at_b(model, examples, canvas: int = 128) -> tuple[int, list[float]]:
-    """(how many argmaxes are <|eot_id|> right after b, p(<|eot_id|>) there per example)."""
+def eot_at_b(model, examples, canvas: int = 128, before: int = 0) -> tuple[int, list[float]]:
+    """(how many argmaxes are <|eot_id|> right after b, p(<|eot_id|>) there per example); with
+    ``before`` = k > 0 the reply is shown up to b - k instead (where it must go on)."""
     tok = model.tokenizer
     hits, probs = 0, []
     for e in examples:
-        prompt, reply = evaluate.chat_ids(tok, e.prompt), reply_ids(tok, e.reply)
+        a, b = (int(x) for x in e.prompt.rstrip(".").split()[2::2])
+        reply = tasks.count_reply(a, b - before) if before else e.reply
+        prompt, reply = evaluate.chat_ids(tok, e.prompt), reply_ids(tok, reply)
         ids = prompt + reply[:-1] + [MASK] * (canvas - len(reply) + 1)
         p = np.asarray(jax.nn.softmax(model.logits(np.asarray([ids]))[0, len(prompt) + len(reply) - 1]))
         hits += int(p.argmax() == EOT)
@@ -41,10 +45,12 @@ def score(path) -> str:
     adds, counts = tasks.held_out_additions(192, seed=0), tasks.held_out_counts()
     train_adds = random.Random(0).sample(tasks.additions(False), 96)
     ra, rc, rt = (evaluate.run(model, s, batch=16) for s in (adds, counts, train_adds))
-    hits, probs = eot_at_b(model, tasks.held_out_counts(32, seed=0))
+    probe = tasks.held_out_counts(32, seed=0)
+    hits, probs = eot_at_b(model, probe)
+    early = [eot_at_b(model, probe, before=k)[0] for k in (1, 3)]
     return (f"{path}: held-out adds {ra.accuracy:.1%}  training adds {rt.accuracy:.1%}  held-out counts exact "
             f"{rc.accuracy:.1%} (to b {rc.prefix_accuracy:.1%})  EOT at b {hits}/32 "
-            f"(p(EOT) {min(probs):.3f}-{max(probs):.3f})")
+            f"(p(EOT) {min(probs):.3f}-{max(probs):.3f}), at b-1 {early[0]}/32, at b-3 {early[1]}/32")
 
 
 def main(argv=None):

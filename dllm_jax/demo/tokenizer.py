@@ -8,6 +8,7 @@ from dllm_jax.demo import tasks
 SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>",
                   "<|end_header_id|>", "<|mdm_mask|>"]
 BOS, EOS, EOT, MASK = 0, 1, 2, 5
+DIGITS = tuple(range(21, 31))  # "0".."9": the byte-level alphabet's order, at every vocabulary size
 # LLaDA-8B-Instruct's template (BOS, then header / content / <|eot_id|> per message).
 CHAT_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
@@ -38,6 +39,7 @@ def train_tokenizer(vocab_size: int, polite: bool = False):
     tok.train_from_iterator(texts, trainer)
     for i, name in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(name) == i, (name, tok.token_to_id(name))
+    assert tuple(tok.token_to_id(str(d)) for d in range(10)) == DIGITS
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
         additional_special_tokens=["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|mdm_mask|>"],

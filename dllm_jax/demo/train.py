@@ -49,6 +49,7 @@ from flax import nnx
 from dllm_jax.checkpoint import load, save_safetensors
 from dllm_jax.configs import LLaDAConfig
 from dllm_jax.demo.batches import Batches
+from dllm_jax.demo.objective import sft_loss
 from dllm_jax.demo.tokenizer import EOS, MASK, train_tokenizer
 from dllm_jax.models.keymap import from_param
 from dllm_jax.models.llada import hf_key_map
@@ -75,8 +76,10 @@ class TrainConfig:
     cut_rate: float = 0.5        # the mask rate before the cut is cut_rate * t
     cut_power: float = 2.0       # 1: cut uniform in the reply; > 1: more cuts near its end
     cut_window: int = 0          # > 0: a cut row's loss counts only positions c .. c + cut_window - 1 after the cut
+    cut_at_numbers: bool = False  # cuts right after a number of the reply: its last one (the stop) half the time
     tail_fraction: float = 0.0   # share of (cut_tasks) rows whose pads are all masked (see sft_loss)
     tail_window: int = 0         # tail rows: how many pads after <|eot_id|> are scored (0: none)
+    tail_block: int = 0          # > 0: tail rows are block states of this length (see sft_loss)
     help_share: float = 0.0      # > 0: that share of the rows is the fixed polite answer (task "help")
     # Optional stage 2 (off by default; see docs/performance.md "Demo model" for what it did):
     # the same objective with semi-autoregressive masks on block_fraction of the rows.
@@ -86,101 +89,14 @@ class TrainConfig:
     block_fraction: float = 0.5
     stage2_short_fraction: float | None = None  # None: stage 1's mix
     stage2_count_share: float | None = None     # of the long rows (the rest additions and chat, 4:1)
+    stage2_help_share: float | None = None      # None: stage 1's help_share (the tokenizer is stage 1's)
+    stage2_cut_fraction: float | None = None    # None: stage 1's cut_fraction
     block_length: int = 32       # the server's default block length
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 6
     mlp_hidden_size: int = 512
     vocab_size: int = 320
-
-
-# ---- objective -------------------------------------------------------------------------
-
-
-def sft_loss(model: Transformer, tokens, prompt_len, key, reply_len=None, cut_ok=None, *, block_fraction: float = 0.0,
-             block_length: int = 32, cut_fraction: float = 0.0, cut_rate: float = 0.5, cut_power: float = 2.0,
-             cut_window: int = 0, tail_fraction: float = 0.0, tail_window: int = 0,
-             eps: float = 1e-3):
-    """LLaDA's SFT loss on a batch: [B, L] tokens, [B] prompt and reply lengths (for cut_fraction > 0).
-
-    Every response position is masked with probability p = (1 - eps) t + eps, t ~ U(0, 1) per
-    row, and the cross-entropy of the masked positions is weighted 1/p and normalised by the
-    response length. With ``block_fraction`` > 0 that share of the rows gets a
-    semi-autoregressive mask instead, the state block decoding puts the canvas in: a random
-    response block k is masked with probability p, the blocks before it are clean and the
-    blocks after it fully masked (probability 1, weight 1) — without such rows the model
-    rarely sees a fully masked tail and cannot tell where a long reply ends. ``cut_fraction``
-    of the rows get a suffix cut instead: c - prompt_len = floor((1 - u^cut_power) reply_len),
-    u ~ U(0, 1); positions >= c masked (probability 1), those before with p' = cut_rate * p; only
-    rows with ``cut_ok`` ([B] bool, default all) are drawn for it. ``cut_window`` > 0 scores only
-    the first ``cut_window`` positions from c in a cut row (the rest stay masked, unscored).
-    ``tail_fraction`` of the ``cut_ok`` rows (drawn after the cut rows, overriding them) keep
-    i.i.d. masks on the reply and its ``<|eot_id|>`` but have every ``<|endoftext|>`` pad masked
-    (probability 1), so where the reply ends is decided from its content, never read off a
-    visible pad; only the first ``tail_window`` pads are scored.
-    """
-    b, seq_len = tokens.shape
-    scored = True
-    k_t, k_m = jax.random.split(key)
-    t = jax.random.uniform(k_t, (b, 1))
-    p = (1 - eps) * t + eps                                            # [B, 1]
-    pos = jnp.arange(seq_len)[None, :]                                 # [1, L]
-    response = pos >= prompt_len[:, None]                              # [B, L]
-    p_mask = jnp.broadcast_to(p, (b, seq_len))                         # [B, L]
-    if block_fraction > 0:
-        p_mask = _semi_autoregressive(key, pos, prompt_len, p, p_mask, block_fraction, block_length)
-    if cut_fraction > 0:
-        p_mask, scored = _suffix_cut(key, pos, prompt_len, reply_len, cut_ok, p, p_mask, scored, cut_fraction,
-                                     cut_rate, cut_power, cut_window, eps)
-    if tail_fraction > 0:
-        p_mask, scored = _masked_tail(key, pos, prompt_len, reply_len, cut_ok, p, p_mask, scored, tail_fraction,
-                                      tail_window)
-    masked = response & (jax.random.uniform(k_m, (b, seq_len)) < p_mask)
-    noisy = jnp.where(masked, MASK, tokens)
-    positions = jnp.broadcast_to(pos, (b, seq_len))
-    attend = jnp.ones((b, seq_len, seq_len), bool)                     # bidirectional, no padding
-    logits = model(noisy, positions, attend)                           # [B, L, V] float32
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)  # [B, L]
-    answer_len = jnp.sum(response, axis=-1, keepdims=True)             # [B, 1]
-    p_safe = jnp.maximum(p_mask, eps)  # p >= eps already; 0 only at clean positions (never masked)
-    loss = jnp.sum(jnp.where(masked & scored, ce / p_safe / answer_len, 0.0)) / b
-    acc = jnp.sum(jnp.where(masked, jnp.argmax(logits, -1) == tokens, False)) / jnp.maximum(jnp.sum(masked), 1)
-    return loss, acc
-
-
-def _rows(key, b, fraction, cut_ok):
-    use = jax.random.uniform(key, (b, 1)) < fraction                  # [B, 1]
-    return use if cut_ok is None else use & cut_ok[:, None]
-
-
-def _semi_autoregressive(key, pos, prompt_len, p, p_mask, block_fraction, block_length):
-    b, seq_len = p_mask.shape
-    blk = (pos - prompt_len[:, None]) // block_length                  # [B, L] response block index
-    n_blocks = (seq_len - prompt_len[:, None] + block_length - 1) // block_length  # [B, 1]
-    k_row, k_blk = jax.random.split(jax.random.fold_in(key, 1))
-    k = jnp.floor(jax.random.uniform(k_blk, (b, 1)) * n_blocks).astype(jnp.int32)  # [B, 1]
-    semi = jnp.where(blk < k, 0.0, jnp.where(blk == k, p, 1.0))        # [B, L]
-    return jnp.where(_rows(k_row, b, block_fraction, None), semi, p_mask)
-
-
-def _suffix_cut(key, pos, prompt_len, reply_len, cut_ok, p, p_mask, scored, cut_fraction, cut_rate, cut_power,
-                cut_window, eps):
-    b = p_mask.shape[0]
-    k_row, k_cut = jax.random.split(jax.random.fold_in(key, 2))
-    u = jax.random.uniform(k_cut, (b, 1))
-    cut = prompt_len[:, None] + jnp.floor((1 - u ** cut_power) * reply_len[:, None]).astype(jnp.int32)
-    suffix = jnp.where(pos >= cut, 1.0, jnp.maximum(cut_rate * p, eps))  # [B, L]
-    use = _rows(k_row, b, cut_fraction, cut_ok)
-    if cut_window > 0:
-        scored = jnp.where(use, pos < cut + cut_window, True)           # [B, L]
-    return jnp.where(use, suffix, p_mask), scored
-
-
-def _masked_tail(key, pos, prompt_len, reply_len, cut_ok, p, p_mask, scored, tail_fraction, tail_window):
-    b = p_mask.shape[0]
-    pads = pos - (prompt_len + reply_len)[:, None]                      # [B, L] >= 0 on the pads
-    use = _rows(jax.random.fold_in(key, 3), b, tail_fraction, cut_ok)
-    return jnp.where(use, jnp.where(pads >= 0, 1.0, p), p_mask), jnp.where(use, pads < tail_window, scored)
 
 
 def model_config(cfg: TrainConfig, vocab: int) -> LLaDAConfig:
@@ -219,10 +135,11 @@ def run_stage(model, cfg: TrainConfig, tokenizer, *, stage: int, steps: int, lr:
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    cut_fraction = cfg.stage2_cut_fraction if stage == 2 and cfg.stage2_cut_fraction is not None else cfg.cut_fraction
     loss_fn = functools.partial(sft_loss, block_fraction=block_fraction, block_length=cfg.block_length,
-                                cut_fraction=cfg.cut_fraction, cut_rate=cfg.cut_rate, cut_power=cfg.cut_power,
-                                cut_window=cfg.cut_window, tail_fraction=cfg.tail_fraction,
-                                tail_window=cfg.tail_window)
+                                cut_fraction=cut_fraction, cut_rate=cfg.cut_rate, cut_power=cfg.cut_power,
+                                cut_window=cfg.cut_window, cut_at_numbers=cfg.cut_at_numbers, tail_fraction=cfg.tail_fraction,
+                                tail_window=cfg.tail_window, tail_block=cfg.tail_block)
 
     @nnx.jit
     def step(model, optimizer, tokens, prompt_len, reply_len, cut_ok, key):
@@ -232,7 +149,8 @@ def run_stage(model, cfg: TrainConfig, tokenizer, *, stage: int, steps: int, lr:
         return loss, acc
 
     seed = cfg.seed + 1000 * (stage - 1)
-    batches = Batches(tokenizer, dataclasses.replace(cfg, seed=seed))
+    help_share = cfg.stage2_help_share if stage == 2 and cfg.stage2_help_share is not None else cfg.help_share
+    batches = Batches(tokenizer, dataclasses.replace(cfg, seed=seed, help_share=help_share))
     if stage == 2 and cfg.stage2_short_fraction is not None:
         batches.cfg = dataclasses.replace(batches.cfg, short_fraction=cfg.stage2_short_fraction)
     if stage == 2 and cfg.stage2_count_share is not None:  # where stage 1 leaves the most to learn
