@@ -5,14 +5,16 @@ random weights but writes plausible wrong tokens fails here)."""
 import dataclasses
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import dllm_jax
-from dllm_jax.demo import evaluate, tasks
+from dllm_jax.demo import evaluate, objective, tasks
 from dllm_jax.demo import train as demo_train
+from dllm_jax.demo.tokenizer import DIGITS, EOT
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +24,16 @@ def demo():
 
 def test_tasks_split():
     held = tasks.additions(held_out=True)
-    pairs = {tuple(map(int, e.prompt[8:-1].split("+"))) for e in held}
-    assert len(held) == 948 and all((b, a) in pairs for a, b in pairs)  # a+b and b+a on the same side
-    # every pair of units digits (and of tens digits) is trained, and held out somewhere
+    assert len(held) == 1000 and all((int(a) + 2 * int(b)) % 10 == 3
+                                     for a, b in (e.prompt[8:-1].split("+") for e in held))
+    train = tasks.training_set()
+    assert not {e.prompt for e in held} & {e.prompt for e in train["add"]}
+    # the split meant for the next model: a+b and b+a on the same side, every digit pair on both
+    pairs = {(a, b) for a in range(100) for b in range(100) if tasks.add_held_out_crc(a, b)}
+    assert len(pairs) == 948 and all((b, a) in pairs for a, b in pairs)
     for digits in (lambda a, b: (a % 10, b % 10), lambda a, b: (a // 10, b // 10)):
         assert len({digits(a, b) for a, b in pairs}) == 100
         assert len({digits(a, b) for a in range(100) for b in range(100) if (a, b) not in pairs}) == 100
-    train = tasks.training_set()
-    assert not {e.prompt for e in held} & {e.prompt for e in train["add"]}
-    assert len(train["add"]) + len(held) == 10000
     assert not {e.prompt for e in tasks.counts(True)} & {e.prompt for e in train["count"]}
     assert tasks.count_reply(3, 6) == "3, 4, 5, 6"
     # the polite answer: held out by rule (and issue 25's examples), never an in-range task
@@ -103,11 +106,23 @@ def test_training_opt_in_objectives_run():
         assert list(cut_ok) == [tuple(row[:n]) in counts for row, n in zip(tokens.tolist(), plen)]
     _, _, history = demo_train.train(cfg, tok, log_every=2)
     assert np.isfinite(history[-1][2])
+    # Number cuts: the masked suffix starts at <|eot_id|> (the stop) or at the ", " after a number.
+    kind, tokens, plen, rlen, cut_ok = batches.next()
+    pos = jnp.arange(tokens.shape[1])[None, :]
+    for i in range(3):
+        cut = np.asarray(objective._cut(jax.random.key(i), jnp.asarray(tokens), pos, jnp.asarray(plen),
+                                        jnp.asarray(rlen), 2.0, True))[:, 0]
+        for row, c, n in zip(tokens[cut_ok], cut[cut_ok], (plen + rlen)[cut_ok]):
+            assert row[c - 1] in DIGITS and (c == n - 1 and row[c] == EOT or tok.decode([row[c]]) == ", ")
+    # Number cuts and masked-tail rows (stage 2 only) train.
+    cfg = dataclasses.replace(cfg, cut_fraction=0.0, stage2_cut_fraction=0.5, cut_at_numbers=True, stage2_steps=2,
+                              stage2_warmup=1, tail_fraction=0.5, tail_block=8)
+    _, _, history = demo_train.train(cfg, tok, log_every=1)
+    assert [h[:2] for h in history] == [(1, 1), (1, 2), (2, 1), (2, 2)] and all(np.isfinite(h[2]) for h in history)
+    assert demo_train._flag("true") and not demo_train._flag("0")
 
 
 def jax_leaves(tree):
-    import jax
-
     return jax.tree.leaves(tree)
 
 

@@ -4,11 +4,11 @@ Every task is a (user message, assistant reply) pair generated from integers and
 so the whole data set is known, the held-out split is a rule, and accuracy is exact match of
 the reply.
 
-- ``What is {a}+{b}?`` -> ``{a+b}`` for 0 <= a, b <= 99. 948 pairs are held out from training:
-  those whose unordered pair ``"{min}+{max}"`` has crc32 % 10 == 3 (so a+b and b+a go to the same
-  side). Every pair of units digits is both trained and held out. (The first split, (a + 2b) % 10
-  == 3, held out whole units-digit pairs: 7+3, 1+1, 3+0, ... were never trained in the units
-  place, and the carry for them is what the first models missed; docs/performance.md.)
+- ``What is {a}+{b}?`` -> ``{a+b}`` for 0 <= a, b <= 99. Pairs with (a + 2b) % 10 == 3 are
+  held out from training (one pair in ten, spread over every a and b; this holds out whole
+  units-digit pairs, 7+3, 1+1, 3+0, ..., which is where the shipped model's misses are: the
+  carry for a units pair it never saw; ``add_held_out_crc`` is the split the next model is meant
+  to be trained on, docs/performance.md).
 - ``Count from {a} to {b}.`` -> ``{a}, {a+1}, ..., {b}`` for 0 <= a <= 69, 10 <= b - a <= 30
   (replies of 22-92 tokens: up to three 32-token blocks). Pairs with (3a + b) % 10 == 7 are held
   out.
@@ -50,6 +50,11 @@ def count_reply(a: int, b: int) -> str:
 
 
 def add_held_out(a: int, b: int) -> bool:
+    return (a + 2 * b) % 10 == 3
+
+
+def add_held_out_crc(a: int, b: int) -> bool:
+    """948 pairs, a+b and b+a on the same side, every units-digit pair on both sides."""
     return zlib.crc32(f"{min(a, b)}+{max(a, b)}".encode()) % 10 == 3
 
 

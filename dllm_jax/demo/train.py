@@ -212,6 +212,12 @@ def write(out: Path, config: LLaDAConfig, model: Transformer, tokenizer, meta: d
     return out
 
 
+def _flag(value: str) -> bool:
+    if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected true or false")
+    return value.lower() in ("1", "true", "yes")
+
+
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -220,8 +226,8 @@ def main(argv=None) -> Path:
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         default = getattr(defaults, f.name)
-        ap.add_argument("--" + f.name.replace("_", "-"), type=float if default is None else type(default),
-                        default=default)
+        kind = float if default is None else _flag if isinstance(default, bool) else type(default)
+        ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
