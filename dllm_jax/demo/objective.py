@@ -12,8 +12,8 @@ from dllm_jax.models.transformer import Transformer
 
 def sft_loss(model: Transformer, tokens, prompt_len, key, reply_len=None, cut_ok=None, *, block_fraction: float = 0.0,
              block_length: int = 32, cut_fraction: float = 0.0, cut_rate: float = 0.5, cut_power: float = 2.0,
-             cut_window: int = 0, cut_at_numbers: bool = False, tail_fraction: float = 0.0, tail_window: int = 0, tail_block: int = 0,
-             eps: float = 1e-3):
+             cut_window: int = 0, cut_at_numbers: bool = False, tail_fraction: float = 0.0, tail_window: int = 0,
+             tail_block: int = 0, eps: float = 1e-3):
     """LLaDA's SFT loss on a batch: [B, L] tokens, [B] prompt and reply lengths (for cut_fraction > 0).
 
     Every response position is masked with probability p = (1 - eps) t + eps, t ~ U(0, 1) per
@@ -49,8 +49,9 @@ def sft_loss(model: Transformer, tokens, prompt_len, key, reply_len=None, cut_ok
     if block_fraction > 0:
         p_mask = _semi_autoregressive(key, pos, prompt_len, p, p_mask, block_fraction, block_length)
     if cut_fraction > 0:
-        cut = _cut(key, tokens, pos, prompt_len, reply_len, cut_power, cut_at_numbers)
-        p_mask, scored = _suffix_cut(key, pos, cut, cut_ok, p, p_mask, scored, cut_fraction, cut_rate, cut_window,
+        k_row, k_cut = jax.random.split(jax.random.fold_in(key, 2))
+        cut = _cut(k_cut, tokens, pos, prompt_len, reply_len, cut_power, cut_at_numbers)
+        p_mask, scored = _suffix_cut(k_row, pos, cut, cut_ok, p, p_mask, scored, cut_fraction, cut_rate, cut_window,
                                      eps)
     if tail_fraction > 0:
         p_mask, scored = _masked_tail(key, pos, prompt_len, reply_len, cut_ok, p, p_mask, scored, tail_fraction,
@@ -83,10 +84,9 @@ def _semi_autoregressive(key, pos, prompt_len, p, p_mask, block_fraction, block_
     return jnp.where(_rows(k_row, b, block_fraction, None), semi, p_mask)
 
 
-def _cut(key, tokens, pos, prompt_len, reply_len, cut_power, cut_at_numbers):
+def _cut(k_cut, tokens, pos, prompt_len, reply_len, cut_power, cut_at_numbers):
     """[B, 1] the first position of each row's masked suffix."""
     b = tokens.shape[0]
-    k_cut = jax.random.split(jax.random.fold_in(key, 2))[1]
     u = jax.random.uniform(k_cut, (b, 1))
     if not cut_at_numbers:
         return prompt_len[:, None] + jnp.floor((1 - u ** cut_power) * reply_len[:, None]).astype(jnp.int32)
@@ -97,9 +97,8 @@ def _cut(key, tokens, pos, prompt_len, reply_len, cut_power, cut_at_numbers):
     return jnp.where(u < 0.5, prompt_len[:, None] + reply_len[:, None] - 1, after_one)
 
 
-def _suffix_cut(key, pos, cut, cut_ok, p, p_mask, scored, cut_fraction, cut_rate, cut_window, eps):
+def _suffix_cut(k_row, pos, cut, cut_ok, p, p_mask, scored, cut_fraction, cut_rate, cut_window, eps):
     b = p_mask.shape[0]
-    k_row = jax.random.split(jax.random.fold_in(key, 2))[0]
     suffix = jnp.where(pos >= cut, 1.0, jnp.maximum(cut_rate * p, eps))  # [B, L]
     use = _rows(k_row, b, cut_fraction, cut_ok)
     if cut_window > 0:

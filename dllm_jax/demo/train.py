@@ -15,10 +15,12 @@ so the model learns where to stop whichever canvas it is given.
 Opt-in, off by default (the shipped model was trained without them; docs/performance.md, "Demo
 model", has what each run did): the fixed polite answer (``--help-share``), and suffix-cut
 rows (``--cut-fraction``; ``--cut-tasks count`` cuts only count rows, ``--cut-window N`` scores
-only the N positions from the cut): a cut c in the reply, every response position >= c masked
-(probability 1, weight 1), those before it i.i.d. — the state semi-autoregressive decoding
-visits when it decides where a count stops, which i.i.d. masks almost never show (any visible
-``<|endoftext|>`` pad after the last number makes the stop trivial).
+only the N positions from the cut, ``--cut-at-numbers true`` cuts right after a number): a cut
+c in the reply, every response position >= c masked (probability 1, weight 1), those before it
+i.i.d. — the state semi-autoregressive decoding visits when it decides where a count stops,
+which i.i.d. masks almost never show (any visible ``<|endoftext|>`` pad after the last number
+makes the stop trivial); and masked-tail rows (``--tail-fraction``, ``--tail-block``), whose
+pads are all masked. ``dllm_jax.demo.objective`` has what each option masks and scores.
 
 The output is an HF-format directory (``config.json``, ``model.safetensors`` with LLaDA's
 key names, tokenizer files with a LLaDA chat template) that ``dllm_jax.load`` and
@@ -125,6 +127,12 @@ def train(cfg: TrainConfig, tokenizer, *, init: Transformer | None = None, log_e
     return config, model, history
 
 
+def _in_stage(cfg: TrainConfig, stage: int, name: str):
+    """``cfg.<name>``, or in stage 2 ``cfg.stage2_<name>`` where that is set."""
+    override = getattr(cfg, "stage2_" + name) if stage == 2 else None
+    return getattr(cfg, name) if override is None else override
+
+
 def run_stage(model, cfg: TrainConfig, tokenizer, *, stage: int, steps: int, lr: float, warmup: int,
               block_fraction: float, log_every: int):
     """AdamW (fresh state) with warm-up + cosine decay for ``steps`` steps; updates ``model``."""
@@ -135,11 +143,10 @@ def run_stage(model, cfg: TrainConfig, tokenizer, *, stage: int, steps: int, lr:
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    cut_fraction = cfg.stage2_cut_fraction if stage == 2 and cfg.stage2_cut_fraction is not None else cfg.cut_fraction
     loss_fn = functools.partial(sft_loss, block_fraction=block_fraction, block_length=cfg.block_length,
-                                cut_fraction=cut_fraction, cut_rate=cfg.cut_rate, cut_power=cfg.cut_power,
-                                cut_window=cfg.cut_window, cut_at_numbers=cfg.cut_at_numbers, tail_fraction=cfg.tail_fraction,
-                                tail_window=cfg.tail_window, tail_block=cfg.tail_block)
+                                cut_fraction=_in_stage(cfg, stage, "cut_fraction"), cut_rate=cfg.cut_rate,
+                                cut_power=cfg.cut_power, cut_window=cfg.cut_window, cut_at_numbers=cfg.cut_at_numbers,
+                                tail_fraction=cfg.tail_fraction, tail_window=cfg.tail_window, tail_block=cfg.tail_block)
 
     @nnx.jit
     def step(model, optimizer, tokens, prompt_len, reply_len, cut_ok, key):
@@ -149,8 +156,7 @@ def run_stage(model, cfg: TrainConfig, tokenizer, *, stage: int, steps: int, lr:
         return loss, acc
 
     seed = cfg.seed + 1000 * (stage - 1)
-    help_share = cfg.stage2_help_share if stage == 2 and cfg.stage2_help_share is not None else cfg.help_share
-    batches = Batches(tokenizer, dataclasses.replace(cfg, seed=seed, help_share=help_share))
+    batches = Batches(tokenizer, dataclasses.replace(cfg, seed=seed, help_share=_in_stage(cfg, stage, "help_share")))
     if stage == 2 and cfg.stage2_short_fraction is not None:
         batches.cfg = dataclasses.replace(batches.cfg, short_fraction=cfg.stage2_short_fraction)
     if stage == 2 and cfg.stage2_count_share is not None:  # where stage 1 leaves the most to learn
