@@ -43,6 +43,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -231,9 +232,15 @@ class Peer:
             self.proc.kill()
 
 
-def start_ours(model_dir: Path, max_batch: int, repo: Path = REPO, label: str = "ours") -> Peer:
+def start_ours(model_dir: Path, max_batch: int, repo: Path = REPO, label: str = "ours", extra: str = "") -> Peer:
+    """``extra``: more server arguments, ``NAME=value`` words for its environment, and ``cpus=0,1``
+    for the CPUs it is pinned to (``sched_setaffinity``)."""
+    words = shlex.split(extra)
+    env = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+    cpus = {int(c) for c in env.pop("cpus").split(",")} if "cpus" in env else None
+    args = [w for w in words if not ("=" in w and not w.startswith("-"))]
     proc, url = launch(["--model", str(model_dir), "--dtype", "float32", "--max-batch-size", str(max_batch),
-                        "--warmup-buckets", "none"], repo=repo)
+                        "--warmup-buckets", "none", *args], repo=repo, env=env, cpus=cpus)
     return Peer(label, proc, url)
 
 
@@ -356,14 +363,16 @@ def run_model(name: str, args, python: Path) -> list[dict]:
     prompts = chat_prompts(args.prompts)
     top = max(args.clients)
     ours = theirs = base = None
+    busy: list[subprocess.Popen] = []
     try:
         ours = start_ours(model_dir, args.max_batch_size,
                           export_revision(args.revision, args.venv) if args.revision else REPO,
-                          f"ours @ {args.revision}" if args.revision else "ours")
+                          f"ours @ {args.revision}" if args.revision else "ours", args.ours_args)
         ours.pause(True)
         if args.baseline:
             base = start_ours(model_dir, args.max_batch_size, export_revision(args.baseline, args.venv),
-                              f"ours @ {args.baseline}")
+                              f"ours @ {args.baseline}" + (f" ({args.baseline_args})" if args.baseline_args else ""),
+                              args.baseline_args)
             base.pause(True)
         theirs = start_dlmserve(python, model_dir, args.dlmserve_threads)
         theirs.pause(True)
@@ -379,6 +388,8 @@ def run_model(name: str, args, python: Path) -> list[dict]:
                      rounds=1 if args.quick else 6)
             p.pause(True)
         results: dict[tuple, list[dict]] = {}
+        # another job on the host during the measured passes: busy loops, one core each
+        busy += [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
         for i in range(args.passes):
             order = servers if i % 2 == 0 else servers[::-1]
             for p in order:
@@ -394,6 +405,8 @@ def run_model(name: str, args, python: Path) -> list[dict]:
         for p in (ours, base, theirs):
             if p is not None:
                 p.close()
+        for loop in busy:
+            loop.kill()
 
     def med(key, field):
         return statistics.median(r[field] for r in results[key])
@@ -435,6 +448,14 @@ def main(argv=None):
                         "passes: the before/after of a change")
     p.add_argument("--revision", default=None, metavar="REV",
                    help="serve ours from this git revision (exported under --venv) instead of the working tree")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="N busy loops (one core each) run beside the measured passes: a host with another job")
+    p.add_argument("--ours-args", default="", metavar="ARGS",
+                   help="more arguments for our server, and NAME=value words for its environment, e.g. "
+                        "'--batch-buckets 1,2,4,6,8', 'XLA_FLAGS=--xla_force_host_platform_device_count=2 --mesh 2', "
+                        "or 'cpus=0' (pinned to CPU 0)")
+    p.add_argument("--baseline-args", default="", metavar="ARGS", help="the same for --baseline's server (with "
+                   "--baseline equal to --revision: one revision, two settings)")
     args = p.parse_args(argv)
     if args.quick:
         args.passes = 1
@@ -456,7 +477,8 @@ def main(argv=None):
     print(f"\nsettings: {args.prompts} chat prompts, greedy, float32, clients {args.clients} (closed loop), "
           f"{args.passes} passes (medians; order alternating), max batch {args.max_batch_size} / dlmserve 8; "
           f"dlmserve {args.dlmserve_threads} torch thread(s), {versions}; ours jax {jax.__version__}; "
-          f"{os.cpu_count()} CPUs, load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+          f"{os.cpu_count()} CPUs, {args.busy} busy loop(s) beside the passes, load average at the end "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     from benchmarks.common import print_table
 
     print_table(rows, list(rows[0]))

@@ -125,13 +125,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(serve_args: list[str], timeout: float = 600, repo: Path = REPO) -> tuple[subprocess.Popen, str]:
-    """``python -m serve --port P *serve_args`` (from ``repo``'s source, this checkout by default)
-    on a free port; returns once /health says 200."""
+def launch(serve_args: list[str], timeout: float = 600, repo: Path = REPO,
+           env: dict[str, str] | None = None, cpus: set[int] | None = None) -> tuple[subprocess.Popen, str]:
+    """``python -m serve --port P *serve_args`` (from ``repo``'s source, this checkout by default;
+    ``env`` on top of this process's environment; pinned to ``cpus`` if given) on a free port;
+    returns once /health says 200."""
     port = free_port()
     cmd = [sys.executable, "-m", "serve", "--port", str(port), *serve_args]
-    env = dict(os.environ, PYTHONPATH=str(repo))
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, **(env or {}), PYTHONPATH=str(repo))
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=pin)
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url, timeout)
     return proc, url
