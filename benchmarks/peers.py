@@ -235,10 +235,13 @@ class Peer:
 def start_ours(model_dir: Path, max_batch: int, repo: Path = REPO, label: str = "ours", extra: str = "") -> Peer:
     """``extra``: more server arguments, ``NAME=value`` words for its environment, and ``cpus=0,1``
     for the CPUs it is pinned to (``sched_setaffinity``)."""
-    words = shlex.split(extra)
-    env = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+    env, args = {}, []
+    for w in shlex.split(extra):
+        if "=" in w and not w.startswith("-"):
+            env.update([w.split("=", 1)])
+        else:
+            args.append(w)
     cpus = {int(c) for c in env.pop("cpus").split(",")} if "cpus" in env else None
-    args = [w for w in words if not ("=" in w and not w.startswith("-"))]
     proc, url = launch(["--model", str(model_dir), "--dtype", "float32", "--max-batch-size", str(max_batch),
                         "--warmup-buckets", "none", *args], repo=repo, env=env, cpus=cpus)
     return Peer(label, proc, url)

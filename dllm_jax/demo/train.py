@@ -156,9 +156,8 @@ def run_stage(model, cfg: TrainConfig, tokenizer, *, stage: int, steps: int, lr:
         return loss, acc
 
     seed = cfg.seed + 1000 * (stage - 1)
-    batches = Batches(tokenizer, dataclasses.replace(cfg, seed=seed, help_share=_in_stage(cfg, stage, "help_share")))
-    if stage == 2 and cfg.stage2_short_fraction is not None:
-        batches.cfg = dataclasses.replace(batches.cfg, short_fraction=cfg.stage2_short_fraction)
+    batches = Batches(tokenizer, dataclasses.replace(cfg, seed=seed, help_share=_in_stage(cfg, stage, "help_share"),
+                                                     short_fraction=_in_stage(cfg, stage, "short_fraction")))
     if stage == 2 and cfg.stage2_count_share is not None:  # where stage 1 leaves the most to learn
         rest = 1.0 - cfg.stage2_count_share
         batches.mix["long"] = {"add": rest * 0.8, "count": cfg.stage2_count_share, "chat": rest * 0.2}
