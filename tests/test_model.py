@@ -2,8 +2,10 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import dllm_jax
 from dllm_jax.configs import LLaDAConfig, NemotronDiffusionConfig, UnsupportedConfigError, config_from_hf
@@ -153,3 +155,24 @@ def test_chat_prompt_matches_golden(llada_model):
     assert llada_model.chat_prompt(g["chat"]["messages"]) == g["chat"]["ids"]
     ids = llada_model.chat_prompt("What is 2+2?")
     assert ids[0] == 256 and ids[-3:] == [338, 10, 10]  # bos ... assistant header + "\n\n"
+
+
+@pytest.mark.parametrize("family", ["llada", "nemotron"])
+def test_trimmed_last_block_gives_the_window_logits(llada_model, nemotron_model, family):
+    """``hidden(out=(start, size))`` (the last block on a window of positions only, what the full
+    step runs) gives the upstream logits of those positions: per-row windows of 1, 8 and 16 positions,
+    against the golden full forward."""
+    model = llada_model if family == "llada" else nemotron_model
+    g = np.load((LLADA_DIR if family == "llada" else NEMOTRON_DIR) / "golden_forward.npz")
+    ids = g["input_ids_1"] if family == "llada" else g["fwd0_bidirectional/input_ids"]
+    want = g["logits_1"] if family == "llada" else g["fwd0_bidirectional/logits"]
+    b, t = ids.shape
+    module = nnx.merge(model.graphdef, model.params)
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    for size in (1, 8, 16):
+        start = (np.arange(b) * 3) % (t - size + 1)  # a different window per row
+        x, _ = module.hidden(jnp.asarray(ids), positions, jnp.ones((b, 1, t), bool), out=(jnp.asarray(start), size))
+        assert x.shape == (b, size, model.spec.d_model)
+        got = np.asarray(module.head(x))
+        rows = np.stack([want[i, s:s + size] for i, s in enumerate(start)])
+        assert _max_err(got, rows) < ATOL

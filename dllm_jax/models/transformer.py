@@ -162,6 +162,11 @@ def _linear(x, w, in_dims: int = 1):
     return y.reshape((b, t) + out)
 
 
+def rows(x, start, size):
+    """Per-row window x[b, start[b] : start[b] + size] along axis 1 (x [B, T, ...], start [B])."""
+    return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, size, axis=0))(x, start)
+
+
 def write_window(cache, fresh, start, write_mask=None):
     """Write fresh [B, K, T, H] into cache [B, K, S, H] at per-row offsets start [B].
 
@@ -245,7 +250,7 @@ class Transformer(nnx.Module):
     # -- forward pieces ----------------------------------------------------------------
 
     def hidden(self, tokens, positions, mask, *, cache: KVCache | None = None, write_start=None,
-               write_mask=None, return_kv: bool = False):
+               write_mask=None, return_kv: bool = False, out=None):
         """Residual stream after the last block (before the final norm).
 
         Args:
@@ -258,27 +263,36 @@ class Transformer(nnx.Module):
           write_mask: [B, T] bool, window positions whose fresh K/V enter the cache
             (default: all).
           return_kv: also return the keys/values (the updated cache, or the fresh ones).
+          out: (start [B], size): return only the query positions start .. start + size of each
+            row. The last block then runs its queries, attention, output projection and MLP on
+            those positions alone (its keys/values still cover all T): the same numbers per
+            position, for a fraction of the last block's work when size << T.
 
         Returns:
-          (x [B, T, D], KVCache or None)
+          (x [B, T or size, D], KVCache or None)
         """
         spec = self.spec
         x = jnp.take(self.embed[...], tokens, axis=0)
         cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta)
         eps = spec.norm_eps
 
-        def block(x, p, cache_kv):
+        def block(x, p, cache_kv, last):
             h = rms_norm(x, p["attn_norm"], eps)
-            q, k, v = _linear(h, p["q_proj"]), _linear(h, p["k_proj"]), _linear(h, p["v_proj"])
+            k, v = _linear(h, p["k_proj"]), _linear(h, p["v_proj"])
+            q_cos, q_sin, q_mask = cos, sin, mask
+            if last and out is not None:  # the output window's queries only (and its residual rows)
+                x, h, q_cos, q_sin = (rows(a, *out) for a in (x, h, cos, sin))
+                q_mask = mask if mask.shape[1] == 1 else rows(mask, *out)
+            q = _linear(h, p["q_proj"])
             if spec.qk_norm:
                 q = rms_norm(q, p["q_norm"], eps)
                 k = rms_norm(k, p["k_norm"], eps)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, q_cos, q_sin), apply_rope(k, cos, sin)
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
             if cache_kv is not None:
                 k = write_window(cache_kv[0], k, write_start, write_mask)
                 v = write_window(cache_kv[1], v, write_start, write_mask)
-            a = attention(q, k, v, mask)
+            a = attention(q, k, v, q_mask)
             x = x + _linear(a, p["o_proj"], in_dims=2)
             h = rms_norm(x, p["mlp_norm"], eps)
             gate, up = _linear(h, p["gate_proj"]), _linear(h, p["up_proj"])
@@ -287,7 +301,8 @@ class Transformer(nnx.Module):
 
         kvs = []
         for i, layer in enumerate(self.layers):
-            x, kv = block(x, layer.arrays(), None if cache is None else (cache.k[i], cache.v[i]))
+            x, kv = block(x, layer.arrays(), None if cache is None else (cache.k[i], cache.v[i]),
+                          i == len(self.layers) - 1)
             kvs.append(kv)
         if not return_kv:
             return x, None

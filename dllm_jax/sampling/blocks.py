@@ -160,12 +160,16 @@ class BlockProgram:
         mask_left = jnp.any(self.block_tokens(st) == self.mask_id, axis=-1)
         return (call >= 1) & ((call == 1) | mask_left) & (call < self.max_calls)  # [B]
 
-    def forward(self, model, rows, ws, want_kv: bool):
+    def forward(self, model, rows, ws, want_kv: bool, trim: bool = False):
         """Hidden states of the rows' windows from a full-canvas forward (and its K/V): [n, W, D],
         with CFG [n, 2, W, D] (cond, uncond; ``head.block_head`` guides their logits).
 
         ``rows``: (canvas, positions, valid, prompt, cfg_scale) of the n rows; ``ws``: [n] their
-        window starts (``window_start``)."""
+        window starts (``window_start``). ``trim``: the last block runs on the window alone
+        (``Transformer.hidden``'s ``out``). Only the plain full step trims: inside the refresh's
+        gathered loop a trimmed last block is not bitwise batch-invariant in bf16 (an MLP over
+        chunk x window rows in a while loop against one row's outside it; measured with
+        tests/test_batch_invariance.py), so the refresh keeps the whole-canvas last block."""
         canvas, positions, valid, prompt, _ = rows
         lb, shift = self.window, self.shift
         tokens, mask = canvas, valid[:, None, :]  # [n, L], [n, 1, L]
@@ -174,11 +178,16 @@ class BlockProgram:
             tokens = jnp.concatenate([canvas, uncond])  # [2n, L]
             positions = jnp.concatenate([positions, positions])
             mask = jnp.concatenate([mask, mask])
-        h, kv = model.hidden(tokens, positions, mask, return_kv=want_kv)  # [n or 2n, L, D]
+            ws = jnp.concatenate([ws, ws])
+        if trim:
+            h, kv = model.hidden(tokens, positions, mask, return_kv=want_kv, out=(ws - shift, lb))  # [n or 2n, W, D]
+        else:
+            h, kv = model.hidden(tokens, positions, mask, return_kv=want_kv)  # [n or 2n, L, D]
+            h = take(h, ws - shift, lb)
         if self.key.cfg:
             n = canvas.shape[0]
-            return jnp.stack([take(h[:n], ws - shift, lb), take(h[n:], ws - shift, lb)], axis=1), kv
-        return take(h, ws - shift, lb), kv
+            return jnp.stack([h[:n], h[n:]], axis=1), kv
+        return h, kv
 
     @staticmethod
     def forward_rows(st: DecodeState, rows=slice(None)):
@@ -187,7 +196,7 @@ class BlockProgram:
         return t.canvas[rows], t.positions[rows], t.valid[rows], t.prompt[rows], st.knobs.cfg_scale[rows]
 
     def full_step(self, model, st: DecodeState, live) -> DecodeState:
-        hb, _ = self.forward(model, self.forward_rows(st), self.window_start(st), want_kv=False)
+        hb, _ = self.forward(model, self.forward_rows(st), self.window_start(st), want_kv=False, trim=True)
         return self.commit(model, st, hb, live)
 
     def refresh_step(self, model, st: DecodeState, entering) -> DecodeState:
