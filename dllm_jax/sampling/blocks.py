@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dllm_jax.models.transformer import rows as take  # per-row window x[b, start[b] : start[b] + size]
 from dllm_jax.sampling import head, lookahead, proposal, rules
 from dllm_jax.sampling.loops import step_loop, when
 from dllm_jax.sampling.twins import chunk_rows, gathered
@@ -44,11 +45,6 @@ from dllm_jax.sampling.state import DecodeState
 
 # (annotations only: ``ProgramKey`` is dllm_jax.sampling.params' and ``BlockDecoder`` decoders';
 # those modules import this one)
-
-
-def take(x, start, size):
-    """Per-row window x[b, start[b] : start[b] + size]."""
-    return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, size, axis=0))(x, start)
 
 
 def put(x, start, values):
