@@ -3,6 +3,7 @@
     python -m benchmarks.demo_stop                                # fresh model, 600 steps
     python -m benchmarks.demo_stop --init dllm_jax/assets/demo_model --near 4
     python -m benchmarks.demo_stop --layers 8 --steps 1500
+    python -m benchmarks.demo_stop --d-model 256 --heads 16 --mlp 512 --near 4
 
 Issue 25's open problem in isolation. Every training row is a training-split count
 (``dllm_jax.demo.tasks``) shown up to right after one of its numbers, every later position of the
@@ -16,7 +17,8 @@ Every 100 steps it prints the training loss and accuracy (on that decision; 0.5 
 ``--near`` > 0) and the argmax accuracy on every held-out count shown up to b (want
 ``<|eot_id|>``), b - 1 and b - 3 (want ``, ``) and its middle number. AdamW, warm-up 50 steps, cosine
 from ``--lr``; batch ``--batch`` rows; the demo trainer's architecture (``TrainConfig``) with
-``--layers`` blocks; deterministic from ``--seed``. Results: docs/performance.md, "Demo model".
+``--layers`` blocks (``--d-model``, ``--heads``, ``--mlp``: its width); deterministic from
+``--seed``. Results: docs/performance.md, "Demo model".
 """
 
 from __future__ import annotations
@@ -101,12 +103,15 @@ def main(argv=None):
     ap.add_argument("--init", default=None, help="start from this demo-model dir (default: a fresh model)")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--layers", type=int, default=TrainConfig.n_layers)
+    ap.add_argument("--d-model", type=int, default=TrainConfig.d_model)
+    ap.add_argument("--heads", type=int, default=TrainConfig.n_heads)
+    ap.add_argument("--mlp", type=int, default=TrainConfig.mlp_hidden_size)
     ap.add_argument("--near", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    cfg = TrainConfig(n_layers=args.layers)
+    cfg = TrainConfig(n_layers=args.layers, d_model=args.d_model, n_heads=args.heads, mlp_hidden_size=args.mlp)
     tokenizer = train_tokenizer(cfg.vocab_size)
     if args.init:
         model = load(args.init).module()
