@@ -84,9 +84,6 @@ def _engine_args(p) -> None:
     p.add_argument("--batch-buckets", default=None,
                    help="compiled batch sizes, e.g. '1,8,32' (default: powers of two up to --max-batch-size)")
     p.add_argument("--prompt-buckets", default=None, help="compiled prompt lengths, e.g. '64,256,1024'")
-    p.add_argument("--length-classes", default=None,
-                   help="prompt lengths that split batches, e.g. '64': prompts of at most 64 tokens never share "
-                        "a batch with longer ones, so they are not padded to them (default: no split)")
     p.add_argument("--warmup-buckets", nargs="*", default=None,
                    help="BATCHxPROMPTxGEN programs to compile before ready, e.g. 1x128x128 32x128x128 "
                         "('none' for none; default: 1x128x128 and MAX_BATCHx128x128)")
@@ -157,12 +154,6 @@ def _check_ranges(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and (value <= 0 if name in positive else value < 0):
             p.error(f"--{name.replace('_', '-')} must be {'> 0' if name in positive else '>= 0'} (got {value})")
-    try:
-        classes = _ints(args.length_classes) or ()
-    except ValueError:
-        classes = (0,)
-    if any(c <= 0 for c in classes):
-        p.error(f"--length-classes must be positive prompt lengths, e.g. '64' (got {args.length_classes!r})")
 
 
 def _ints(text: str | None) -> tuple[int, ...] | None:
@@ -269,8 +260,7 @@ def _make_engine(args, load, multi: bool):
     options = EngineOptions(
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_sessions=args.max_sessions, batch_buckets=_ints(args.batch_buckets),
-        prompt_buckets=_ints(args.prompt_buckets), length_classes=_ints(args.length_classes) or (),
-        warmup=warmup_buckets(args.warmup_buckets, args.max_batch_size),
+        prompt_buckets=_ints(args.prompt_buckets), warmup=warmup_buckets(args.warmup_buckets, args.max_batch_size),
         max_score_tokens=args.max_score_tokens, heartbeat_s=10.0 if multi else None,
         background_compile=not multi, max_programs=args.max_programs or None, share_forwards=args.share_forwards, lean_head=args.lean_head,
         allow_weight_updates=args.allow_weight_updates, weights_root=args.weights_root,

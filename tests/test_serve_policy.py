@@ -12,7 +12,7 @@ import pytest
 
 from dllm_jax.sampling import program_key
 from serve.engine.engine import EngineOptions
-from serve.engine.policy import Policy, SessionView, Waiting, length_group
+from serve.engine.policy import Policy, SessionView, Waiting
 from serve.engine.defaults import default_params
 from test_serve_units import fake_model
 
@@ -96,23 +96,6 @@ def test_longer_prompts_join_by_growing_a_session_and_sessions_fit_their_rows():
     assert Policy.fit(key64, [16, 32], lambda key: False) is None        # not compiled: stays (compile starts)
     assert Policy.fit(key64, [16, 64], always) is None and Policy.fit(key64, [], always) is None
     assert Policy.fit(dataclasses.replace(key64, prompt_len=16), [16, 64], ready) == key64
-
-
-def test_length_classes_keep_short_prompts_out_of_long_batches():
-    """``--length-classes 64``: a prompt of bucket <= 64 and a longer one are different groups
-    (never one session, so the short one is never padded to the long one's bucket); within a
-    class, the usual rules (a shorter prompt joins a longer bucket of its class)."""
-    keys = {n: program_key(fake_model(), n, default_params("llada", 64), 1) for n in (10, 40, 60, 100, 300)}
-    assert {length_group(k) for k in keys.values()} == {GROUP}                   # (no classes: one group)
-    short, long = length_group(keys[10], (64,)), length_group(keys[100], (64,))
-    assert short != long and length_group(keys[60], (64,)) == short == dataclasses.replace(GROUP, prompt_len=64)
-    assert length_group(keys[300], (64,)) == long == dataclasses.replace(GROUP, prompt_len=0)
-    assert length_group(keys[100], (256, 64)) == dataclasses.replace(GROUP, prompt_len=256)  # (its bucket, 128, <= 256)
-    p = policy(max_batch_size=8, max_sessions=4)
-    a = session(0, 8, rows=2, group=long, prompt_len=128)        # a long-class session with room
-    b = session(1, 8, rows=7, group=short, prompt_len=64)
-    assert p.join_running([Waiting(short, 16), Waiting(short, 16), Waiting(long, 128)], [a, b], set()) == [1, None, 0]
-    assert p.draining([a, session(2, 1, rows=1, group=short)], {}, always) == set()  # (not beside the other class)
 
 
 def test_several_steps_per_call_only_when_nobody_can_join():

@@ -39,7 +39,6 @@ from serve.engine.engine_types import (
 from serve.engine.errors import ContextLengthExceeded, EngineDead, EngineNotReady
 from serve.engine.executor import Device, Executor, ServedModel
 from serve.engine.metrics import Metrics, live_array_bytes
-from serve.engine.policy import length_group
 from serve.engine.requests import ControlJob, Event, Handle, Inbox, SeqRequest
 from serve.engine.scheduler import Scheduler
 from serve.engine.weight_updates import WeightUpdates
@@ -121,8 +120,7 @@ class Engine(WeightUpdates):
                                   prompt_buckets=self.prompt_buckets(), batch_buckets=(1,))
             except ContextOverflow as e:  # the library's rule, reported in the server's terms
                 raise ContextLengthExceeded(e.prompt_tokens, e.gen_length, e.extra, e.context) from None
-            group = length_group(key, self.options.length_classes)
-            items.append(WeightedSeq(next(self._ids), index, req, handle, group, key.prompt_len, handle.arrival,
+            items.append(WeightedSeq(next(self._ids), index, req, handle, key.group(), key.prompt_len, handle.arrival,
                                      weights=weights))
         self.inbox.put(items)
         handle.seq_ids = [s.id for s in items]

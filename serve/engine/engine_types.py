@@ -73,9 +73,6 @@ class EngineOptions:
     batch_buckets: tuple[int, ...] | None = None    # default: powers of two up to max_batch_size
     demand_window_s: float = 2.0                    # new batches are sized for the recent peak demand
     prompt_buckets: tuple[int, ...] | None = None   # default: the sampler's
-    length_classes: tuple[int, ...] = ()            # prompt buckets that split batches: rows at or
-                                                    # under a split never share a batch with longer
-                                                    # ones (``Policy``'s groups; () : no split)
     warmup: tuple[tuple[int, int, int], ...] = ()   # (batch, prompt_len, gen_length), family defaults
     max_score_tokens: int = 4096                    # scored positions (L - 1 per prompt) per request
     heartbeat_s: float | None = None                # multi-host: a noop command when idle this long

@@ -53,15 +53,6 @@ Demand = dict[ProgramKey, tuple[int, float]]  # group -> (peak sequences, since 
 Ready = Callable[[ProgramKey], bool]  # is this program compiled (else its compile starts)
 
 
-def length_group(key: ProgramKey, classes: Sequence[int] = ()) -> ProgramKey:
-    """A request's group (its program key up to batch size and prompt bucket), split by prompt
-    length at ``classes`` (prompt buckets, ascending): rows of different classes never share a
-    session, so a short prompt is not padded to a long one's bucket at every step. The group
-    keeps the class's ceiling as its prompt_len (0: above every split)."""
-    ceiling = next((c for c in sorted(classes) if key.prompt_len <= c), 0)
-    return dataclasses.replace(key.group(), prompt_len=ceiling)
-
-
 @dataclasses.dataclass(frozen=True)
 class SessionView:
     """A running session as the policy sees it."""
