@@ -73,29 +73,36 @@ def child(records_path: str, serve_argv: list[str]) -> None:
 
     counts = Counter()
     spec_box: dict = {}
-    init = session_mod.DecodeSession.__init__
+    init, run, rebucket = (session_mod.DecodeSession.__init__, session_mod.DecodeSession._run,
+                           session_mod.DecodeSession.rebucket)
 
     def hooked_init(self, model, key, *a, **kw):
         init(self, model, key, *a, **kw)
-        program, merge = self.program, self.merge
-        tail = key.canvas_len - key.prompt_len
         if not spec_box:
             s = model.spec
             spec_box.update({f: int(getattr(s, f)) for f in ("d_model", "n_heads", "n_kv_heads", "head_dim",
                                                              "mlp_dim", "n_layers", "vocab")})
+        self.merge = counted(self.merge)
 
-        def recorded_program(*args):
-            live = [len(r.prompt) for slot, r in self.slots.items() if slot not in self._finished]
-            RECORDS.append((key.batch, key.prompt_len, tail, live))
-            return program(*args)
-
+    def counted(merge):
         def counted_merge(*args):
             counts["merge"] += 1
             return merge(*args)
+        return counted_merge
 
-        self.program, self.merge = recorded_program, counted_merge
+    def recorded_run(self, steps, exit_on_done):  # (on the method: ``rebucket`` swaps the program)
+        key = self.key
+        live = [len(r.prompt) for slot, r in self.slots.items() if slot not in self._finished]
+        RECORDS.append((key.batch, key.prompt_len, key.canvas_len - key.prompt_len, live, id(self)))
+        return run(self, steps, exit_on_done)
+
+    def hooked_rebucket(self, prompt_len):
+        rebucket(self, prompt_len)
+        self.merge = counted(self.merge)
 
     session_mod.DecodeSession.__init__ = hooked_init
+    session_mod.DecodeSession._run = recorded_run
+    session_mod.DecodeSession.rebucket = hooked_rebucket
 
     def dump(*_):
         tmp = records_path + ".tmp"
@@ -166,7 +173,7 @@ XLA_EXEC = re.compile(r"xla::cpu::.*(Thunk|Execute|Kernel)|Eigen::|xla::TfrtCpu.
 CATEGORIES = [
     (XLA, lambda fn, path: bool(XLA_EXEC.search(fn))),
     ("fetch (device -> host)", lambda fn, path: path.endswith("dllm_jax/sampling/session.py") and fn == "fetch"),
-    ("jit call (args, dispatch)", lambda fn, path: fn.rsplit(".", 1)[-1] in ("recorded_program", "counted_merge")
+    ("jit call (args, dispatch)", lambda fn, path: fn.rsplit(".", 1)[-1] in ("recorded_run", "counted_merge")
      or path.endswith("dllm_jax/sampling/session.py") and fn.endswith("._run")),
     ("tokenise / detokenise", lambda fn, path: any(m in path for m in (
         "/tokenizers/", "/transformers/", "/jinja2/", "serve/api/detok.py", "serve/api/chat_tokens.py",
@@ -271,7 +278,7 @@ def padding(records: list, spec: dict) -> tuple[float, float]:
 
     s = SimpleNamespace(**spec)
     pos_all = pos_real = fl_all = fl_real = 0.0
-    for batch, prompt_bucket, tail, live in records:
+    for batch, prompt_bucket, tail, live, _ in records:
         canvas = prompt_bucket + tail
         pos_all += batch * canvas
         pos_real += sum(p + tail for p in live)
@@ -279,6 +286,15 @@ def padding(records: list, spec: dict) -> tuple[float, float]:
         fl_real += sum(forward_flops(s, batch=1, q_tokens=p + tail, kv_len=p + tail, head_positions=p + tail)
                        for p in live)
     return 1 - pos_real / max(pos_all, 1), 1 - fl_real / max(fl_all, 1)
+
+
+def by_session(records: list) -> list[tuple[int, int, float]]:
+    """Per session of the pass, in order of its first call: (batch slots, step calls, mean rows decoding)."""
+    out: dict[int, list] = {}
+    for batch, _, _, live, sid in records:
+        calls = out.setdefault(sid, [batch, 0, 0])
+        calls[0], calls[1], calls[2] = max(calls[0], batch), calls[1] + 1, calls[2] + len(live)
+    return [(b, n, rows / n) for b, n, rows in out.values()]
 
 
 def profile_pass(server: Server, bodies: list[dict], clients: int, rate: int, workdir: Path,
@@ -334,6 +350,7 @@ def profile_pass(server: Server, bodies: list[dict], clients: int, rate: int, wo
     return {"clients": clients, "n": n, "wall": wall, "cpu": cpu1 - cpu0, "cats": dict(cats),
             "pad": (pad_pos, pad_flops), "step_calls": len(steps), "merge_calls": merges, "compiles": compiles,
             "rows": sum(len(r[3]) for r in steps) / max(len(steps), 1), "threads": per_thread,
+            "sessions": by_session(steps),
             "other_leaves": samples[-1][1].most_common(8), "pyspy": err.strip().splitlines()[-2:]}
 
 
@@ -362,6 +379,8 @@ def run_model(name: str, args) -> list[dict]:
             print(f"  {name} {c} clients: {r['n'] / r['wall']:.2f} req/s, {r['cpu'] / r['n']:.3f} CPU-s/req, "
                   f"{r['step_calls']} step calls, {r['compiles']:.0f} compiles; py-spy: {' '.join(r['pyspy'])}",
                   flush=True)
+            print("    step calls by session (batch, calls, mean rows decoding): "
+                  + ", ".join(f"{b} x {n} calls x {rows:.2f}" for b, n, rows in r["sessions"]), flush=True)
             if args.verbose:
                 for label, d, k in sorted(r["threads"], key=lambda t: -t[1]):
                     print(f"    thread {label}: {d:.2f} CPU-s, {k} samples")
