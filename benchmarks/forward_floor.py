@@ -32,6 +32,7 @@ scheduling, HTTP: ~2 % on these models, docs/performance.md "Where the CPU goes"
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -109,8 +110,7 @@ def measure_model(name: str, args) -> dict:
         with torch.inference_mode():
             return cpu_median(lambda: theirs(ids), args.repeats)
 
-    last = dataclass_layers(spec, 1)
-    rest = dataclass_layers(spec, spec.n_layers - 1)
+    last, rest = dataclasses.replace(spec, n_layers=1), dataclasses.replace(spec, n_layers=spec.n_layers - 1)
 
     def trimmed_flops(length: int) -> float:
         return (forward_flops(rest, batch=1, q_tokens=length, kv_len=length, head_positions=0)
@@ -144,12 +144,6 @@ def measure_model(name: str, args) -> dict:
             "lengths": (min(lengths), max(lengths), sum(lengths) / k),
             "cpu": {w: v / k for w, v in totals.items()}, "flops": {w: v / k for w, v in flops.items()},
             "layers": spec.n_layers, "d_model": spec.d_model}
-
-
-def dataclass_layers(spec, n_layers: int):
-    import dataclasses
-
-    return dataclasses.replace(spec, n_layers=n_layers)
 
 
 ROWS = [("dlmserve", "dlmserve: torch forward, prompt + gen exactly, logits everywhere"),

@@ -290,11 +290,12 @@ def padding(records: list, spec: dict) -> tuple[float, float]:
 
 def by_session(records: list) -> list[tuple[int, int, float]]:
     """Per session of the pass, in order of its first call: (batch slots, step calls, mean rows decoding)."""
-    out: dict[int, list] = {}
-    for batch, _, _, live, sid in records:
-        calls = out.setdefault(sid, [batch, 0, 0])
-        calls[0], calls[1], calls[2] = max(calls[0], batch), calls[1] + 1, calls[2] + len(live)
-    return [(b, n, rows / n) for b, n, rows in out.values()]
+    batch, calls, rows = {}, Counter(), Counter()  # (a session keeps its batch size: rebucket moves the prompt bucket)
+    for b, _, _, live, sid in records:
+        batch.setdefault(sid, b)
+        calls[sid] += 1
+        rows[sid] += len(live)
+    return [(batch[sid], calls[sid], rows[sid] / calls[sid]) for sid in batch]
 
 
 def profile_pass(server: Server, bodies: list[dict], clients: int, rate: int, workdir: Path,
