@@ -23,8 +23,7 @@ def encode(tokenizer, examples) -> Encoded:
 
 
 class Batches:
-    """Deterministic training batches: [B, L] tokens, [B] prompt and reply (with ``<|eot_id|>``)
-    lengths, and [B] whether the row may get a suffix cut (``cfg.cut_tasks``: "all" or a task name).
+    """Deterministic training batches: [B, L] tokens, [B] prompt and reply (with ``<|eot_id|>``) lengths.
 
     Every row is ``prompt + reply + <|eot_id|> + <|endoftext|>...`` up to L = max prompt
     length + canvas; long steps draw from every task, short steps (canvas ``cfg.short_canvas``)
@@ -47,7 +46,7 @@ class Batches:
     def length(self, kind: str) -> int:
         return self.max_prompt[kind] + (self.cfg.long_canvas if kind == "long" else self.cfg.short_canvas)
 
-    def next(self) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def next(self) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
         cfg, rng = self.cfg, self.rng
         kind = "short" if rng.random() < cfg.short_fraction else "long"
         seq_len = self.length(kind)
@@ -57,7 +56,6 @@ class Batches:
         tokens = np.full((rows, seq_len), EOS, np.int32)
         plen = np.zeros(rows, np.int32)
         rlen = np.zeros(rows, np.int32)
-        cut_ok = np.ones(rows, bool)
         for r in range(rows):
             while True:
                 name = names[rng.choice(len(names), p=probs)]
@@ -70,5 +68,4 @@ class Batches:
             tokens[r, :len(p)] = p
             tokens[r, len(p):len(p) + len(a)] = a
             plen[r], rlen[r] = len(p), len(a)
-            cut_ok[r] = cfg.cut_tasks in ("all", name)
-        return kind, tokens, plen, rlen, cut_ok
+        return kind, tokens, plen, rlen

@@ -3,9 +3,9 @@
     python -m dllm_jax.demo.score PATH [PATH ...]
 
 At the server's defaults (dual cache, threshold 0.9, canvas 128, block 32, T=0, early stop),
-batch 16: 192 held-out additions (seed 0), all 147 held-out counts and 96 training additions
-(seed 0), exact match; counts also "to b" (right up to b, stopped or not). "EOT at b" probes
-the model directly on 32 held-out counts (seed 0): the reply shown up to b, every later
+batch 16: every held-out addition, count and polite-answer prompt (``tasks.held_out_*``) and
+96 training additions (seed 0), exact match; counts also "to b" (right up to b, stopped or not).
+"EOT at b" probes the model directly on 32 held-out counts (seed 0): the reply shown up to b, every later
 position of the 128-position canvas masked (the state in which block decoding decides where a
 count stops), and how often the argmax right after b is ``<|eot_id|>``; and how often it is
 ``<|eot_id|>`` after b - 1 and after b - 3 (a stop too early).
@@ -31,6 +31,8 @@ def eot_at_b(model, examples, canvas: int = 128, before: int = 0) -> tuple[int, 
     hits, probs = 0, []
     for e in examples:
         a, b = (int(x) for x in e.prompt.rstrip(".").split()[2::2])
+        if b - before < a:
+            continue
         reply = tasks.count_reply(a, b - before) if before else e.reply
         prompt, reply = evaluate.chat_ids(tok, e.prompt), reply_ids(tok, reply)
         ids = prompt + reply[:-1] + [MASK] * (canvas - len(reply) + 1)
@@ -42,15 +44,16 @@ def eot_at_b(model, examples, canvas: int = 128, before: int = 0) -> tuple[int, 
 
 def score(path) -> str:
     model = load(path)
-    adds, counts = tasks.held_out_additions(192, seed=0), tasks.held_out_counts()
+    adds, counts, helps = tasks.held_out_additions(), tasks.held_out_counts(), tasks.held_out_helps()
     train_adds = random.Random(0).sample(tasks.additions(False), 96)
-    ra, rc, rt = (evaluate.run(model, s, batch=16) for s in (adds, counts, train_adds))
+    ra, rc, rh, rt = (evaluate.run(model, s, batch=16) for s in (adds, counts, helps, train_adds))
     probe = tasks.held_out_counts(32, seed=0)
     hits, probs = eot_at_b(model, probe)
-    early = [eot_at_b(model, probe, before=k)[0] for k in (1, 3)]
+    early = [eot_at_b(model, probe, before=k) for k in (1, 3)]
+    early = [f"{n}/{len(p)}" for n, p in early]
     return (f"{path}: held-out adds {ra.accuracy:.1%}  training adds {rt.accuracy:.1%}  held-out counts exact "
-            f"{rc.accuracy:.1%} (to b {rc.prefix_accuracy:.1%})  EOT at b {hits}/32 "
-            f"(p(EOT) {min(probs):.3f}-{max(probs):.3f}), at b-1 {early[0]}/32, at b-3 {early[1]}/32")
+            f"{rc.accuracy:.1%} (to b {rc.prefix_accuracy:.1%})  polite answer {rh.accuracy:.1%}  EOT at b {hits}/32 "
+            f"(p(EOT) {min(probs):.3f}-{max(probs):.3f}), at b-1 {early[0]}, at b-3 {early[1]}")
 
 
 def main(argv=None):
