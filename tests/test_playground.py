@@ -40,7 +40,7 @@ KEY = "playground-key-not-secret"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 MAX_TOKENS, BLOCK = 40, 16   # a canvas of 48 in 3 blocks, cut at 40
 CANVAS = -(-MAX_TOKENS // BLOCK) * BLOCK
-PROMPT = "Count from 1 to 30."  # 30 number tokens and <|eot_id|>: two of the three blocks
+PROMPT = "Count from 1 to 12."
 # PLAYGROUND_TEST_MODEL=<checkpoint>: serve that instead of the default model (local debugging)
 MODEL_ARGS = ["--model", os.environ["PLAYGROUND_TEST_MODEL"]] if os.environ.get("PLAYGROUND_TEST_MODEL") else []
 

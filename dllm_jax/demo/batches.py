@@ -27,23 +27,21 @@ class Batches:
 
     Every row is ``prompt + reply + <|eot_id|> + <|endoftext|>...`` up to L = max prompt
     length + canvas; long steps draw from every task, short steps (canvas ``cfg.short_canvas``)
-    from the replies that fit (and, with ``help_share``, prompts no longer than the short tasks').
+    from the replies that fit (and, with ``help_share``, prompts no longer than an addition's).
     """
 
     def __init__(self, tokenizer, cfg):
         self.cfg = cfg
-        h = cfg.help_share  # 0: no polite answer
+        h = cfg.help_share  # 0: the shipped model's batches, exactly
         self.sets = {name: encode(tokenizer, group) for name, group in tasks.training_set(h > 0).items()}
         self.rng = np.random.default_rng(cfg.seed)
-        self.mix = {"long": {"add": 0.35, "count": 0.55, "chat": 0.10},
-                    "short": {"add": 0.75, "count": 0.15, "chat": 0.10}}  # short: the counts that fit
+        self.mix = {"long": {"add": 0.35, "count": 0.55, "chat": 0.10}, "short": {"add": 0.9, "chat": 0.1}}
         every = tasks.additions(True) + tasks.counts(True) + tasks.chats() + tasks.additions(False)[:1]
         self.max_prompt = dict.fromkeys(("long", "short"), max(len(chat_ids(tokenizer, e.prompt)) for e in every))
         if h > 0:
             self.mix = {kind: {**{n: v * (1 - h) for n, v in mix.items()}, "help": h} for kind, mix in self.mix.items()}
             longest = {name: max(map(len, data.prompts)) for name, data in self.sets.items()}
-            self.max_prompt = {"long": max(longest.values()),
-                               "short": max(longest["add"], longest["count"], longest["chat"])}
+            self.max_prompt = {"long": max(longest.values()), "short": max(longest["add"], longest["chat"])}
 
     def length(self, kind: str) -> int:
         return self.max_prompt[kind] + (self.cfg.long_canvas if kind == "long" else self.cfg.short_canvas)
