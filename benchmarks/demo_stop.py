@@ -34,24 +34,26 @@ from flax import nnx
 
 from dllm_jax.checkpoint import load
 from dllm_jax.demo import evaluate, tasks
-from dllm_jax.demo.tokenizer import DIGITS, MASK, reply_ids, train_tokenizer
+from dllm_jax.demo.tokenizer import MASK, reply_ids, train_tokenizer
 from dllm_jax.demo.train import TrainConfig, model_config
 from dllm_jax.models.transformer import Transformer
 
 CANVAS = 128
 
 
-def number_ends(reply: list[int]) -> list[int]:
-    """Indices just past each number of a tokenised reply (its last is b's)."""
-    digit = [DIGITS[0] <= t <= DIGITS[-1] for t in reply] + [False]
-    return [i + 1 for i in range(len(reply)) if digit[i] and not digit[i + 1]]
+def number_ends(tokenizer, reply: list[int]) -> list[int]:
+    """Indices just past each number of a tokenised reply (its last is b's): after a token whose
+    text ends in a digit when the next one's does not start with one (a digit per token, or a
+    whole number per token)."""
+    text = [tokenizer.decode([t]) for t in reply] + [""]
+    return [i + 1 for i in range(len(reply)) if text[i][-1:].isdigit() and not text[i + 1][:1].isdigit()]
 
 
 def encode(tokenizer, examples) -> list[tuple[list[int], list[int], list[int]]]:
     out = []
     for e in examples:
         reply = reply_ids(tokenizer, e.reply)
-        out.append((evaluate.chat_ids(tokenizer, e.prompt), reply, number_ends(reply)))
+        out.append((evaluate.chat_ids(tokenizer, e.prompt), reply, number_ends(tokenizer, reply)))
     return out
 
 
@@ -118,6 +120,7 @@ def main(argv=None):
     else:
         model = Transformer(model_config(cfg, len(tokenizer)).spec(), dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
     train, held = encode(tokenizer, tasks.counts(False)), encode(tokenizer, tasks.counts(True))
+    held = [h for h in held if len(h[2]) >= 4]  # the b - 3 column needs four numbers
     length = max(len(p) for p, _, _ in train + held) + CANVAS
     warmup = min(50, args.steps // 2)
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(args.steps, warmup + 1),
