@@ -9,8 +9,8 @@ LLaDA's SFT objective — the prompt is never masked; every response position (t
 ``<|eot_id|>`` and the ``<|endoftext|>`` padding up to the canvas) is masked with probability
 t ~ U(0, 1]; cross-entropy on the masked positions weighted by 1/t, normalised by the
 response length — in JAX with optax (AdamW, warm-up + cosine). Two canvas lengths are
-trained (128 positions like the server's default ``max_tokens``, and 32 for short replies),
-so the model learns where to stop whichever canvas it is given.
+trained (128 positions like the server's default ``max_tokens``, and 32 for short replies).
+Where a count stops is not learnt by this recipe (docs/performance.md, "Demo model").
 
 Opt-in, off by default (the shipped model was trained without it): the fixed polite answer
 (``--help-share``). The recipes tried on top of this one and not kept (suffix cuts, masked tails,
