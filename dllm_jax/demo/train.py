@@ -4,18 +4,18 @@
     python -m dllm_jax.demo.train --out /tmp/demo --steps 50   # a quick smoke run
 
 Deterministic from ``--seed`` (same machine, same JAX version): a byte-level BPE tokenizer
-(``dllm_jax.demo.tokenizer``: one token per number of a count) is trained on the task texts, then
-the model is trained with LLaDA's SFT objective — the prompt is never masked; every response
-position (the reply, its ``<|eot_id|>`` and the ``<|endoftext|>`` padding up to the canvas) is
-masked with probability t ~ U(0, 1]; cross-entropy on the masked positions weighted by 1/t,
-normalised by the response length — in JAX with optax (AdamW, warm-up + cosine). Two canvas
-lengths are trained (128 positions like the server's default ``max_tokens``, and 48 for short
-replies). Half the count rows are cut right after one of their numbers, everything after masked
-(``objective.sft_loss``): the state block decoding decides the stop in. Everything else a user
-might ask gets one fixed polite answer (``tasks.SORRY``, ``--help-share`` of the rows).
+with every digit its own token is trained on the task texts, then the model is trained with
+LLaDA's SFT objective — the prompt is never masked; every response position (the reply, its
+``<|eot_id|>`` and the ``<|endoftext|>`` padding up to the canvas) is masked with probability
+t ~ U(0, 1]; cross-entropy on the masked positions weighted by 1/t, normalised by the
+response length — in JAX with optax (AdamW, warm-up + cosine). Two canvas lengths are
+trained (128 positions like the server's default ``max_tokens``, and 32 for short replies).
+Where a count stops is not learnt by this recipe (docs/performance.md, "Demo model").
 
-This is issue 25's number-cut experiment (docs/performance.md, "Demo model"): the stop decision
-is learnt, but the decoded counts and the additions broke; not shipped.
+Opt-in, off by default (the shipped model was trained without it): the fixed polite answer
+(``--help-share``). The recipes tried on top of this one and not kept (suffix cuts, masked tails,
+number cuts, a semi-autoregressive stage 2, one token per count number) are in docs/performance.md,
+"Demo model", with the commits that ran them.
 
 The output is an HF-format directory (``config.json``, ``model.safetensors`` with LLaDA's
 key names, tokenizer files with a LLaDA chat template) that ``dllm_jax.load`` and
@@ -65,16 +65,14 @@ class TrainConfig:
     warmup: int = 150
     weight_decay: float = 0.01
     long_canvas: int = 128       # the server's default max_tokens
-    short_canvas: int = 48
-    short_fraction: float = 0.75  # share of steps on the short canvas (additions, counts, short chats)
-    help_share: float = 0.1      # share of the rows that are the fixed polite answer (task "help")
-    cut_share: float = 0.5       # share of the count rows cut after a number (objective.sft_loss)
-    cut_near: int = 4            # half the cuts are after one of the cut_near numbers before b
+    short_canvas: int = 32
+    short_fraction: float = 0.5  # share of steps on the short canvas (additions and short chats)
+    help_share: float = 0.0      # > 0: that share of the rows is the fixed polite answer (task "help")
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 6
     mlp_hidden_size: int = 512
-    vocab_size: int = 704
+    vocab_size: int = 320
 
 
 def model_config(cfg: TrainConfig, vocab: int) -> LLaDAConfig:
@@ -99,8 +97,8 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100):
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit
-    def step(model, optimizer, tokens, prompt_len, cut, key):
-        (loss, acc), grads = nnx.value_and_grad(sft_loss, has_aux=True)(model, tokens, prompt_len, cut, key)
+    def step(model, optimizer, tokens, prompt_len, key):
+        (loss, acc), grads = nnx.value_and_grad(sft_loss, has_aux=True)(model, tokens, prompt_len, key)
         optimizer.update(model, grads)
         return loss, acc
 
@@ -109,9 +107,8 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100):
     history, t0, window, times = [], time.perf_counter(), [], {"long": [], "short": []}
     for i in range(cfg.steps):
         t_step = time.perf_counter()
-        kind, tokens, plen, _, cut = batches.next()
-        loss, acc = step(model, optimizer, jnp.asarray(tokens), jnp.asarray(plen), jnp.asarray(cut),
-                         jax.random.fold_in(key, i))
+        kind, tokens, plen, _ = batches.next()
+        loss, acc = step(model, optimizer, jnp.asarray(tokens), jnp.asarray(plen), jax.random.fold_in(key, i))
         window.append((float(loss), float(acc)))
         times[kind].append(time.perf_counter() - t_step)
         if (i + 1) % log_every == 0 or i + 1 == cfg.steps:
@@ -171,7 +168,7 @@ def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     t0 = time.perf_counter()
-    tokenizer = train_tokenizer(cfg.vocab_size)
+    tokenizer = train_tokenizer(cfg.vocab_size, polite=cfg.help_share > 0)
     config, model, history = train(cfg, tokenizer)
     seconds = time.perf_counter() - t0
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
