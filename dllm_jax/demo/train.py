@@ -58,11 +58,11 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    steps: int = 2600
+    steps: int = 4000
     batch: int = 32              # rows per step on the long canvas
     short_batch: int = 48        # rows per step on the short canvas
     add_batch: int = 128         # rows per step of additions
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup: int = 150
     weight_decay: float = 0.01
     long_canvas: int = 128       # the server's default max_tokens
