@@ -1,17 +1,26 @@
 """How fast does the demo model's architecture learn the additions, and what makes it faster?
 
     python -m benchmarks.demo_adds                                   # canvas 8, batch 128, lr 2e-3
-    python -m benchmarks.demo_adds --canvas 32 --batch 64            # the shipped recipe's short steps
-    python -m benchmarks.demo_adds --lr 5e-3 --steps 1500
+    python -m benchmarks.demo_adds --canvas 32 --batch 64            # the old recipe's short steps
+    python -m benchmarks.demo_adds --lr 1e-3 --steps 300 --eval-every 50 --objective whole
 
 Issue 25's first open question in isolation. Every training row is a training-split addition
-(``dllm_jax.demo.tasks``, the shipped split) on a ``--canvas``-position response, trained with
-the demo trainer's objective (``dllm_jax.demo.objective.sft_loss``: LLaDA's SFT loss, i.i.d.
-masks) and optimiser (AdamW, warm-up, cosine to 5 %, clip 1.0), the demo trainer's tokenizer
-(``--vocab-size``, a digit per token) and architecture (``--d-model``, ``--layers``, ``--heads``,
-``--mlp``). Nothing else is trained.
+(``dllm_jax.demo.tasks``) on a ``--canvas``-position response, with the demo trainer's optimiser
+(AdamW, warm-up, cosine to 5 %, clip 1.0), tokenizer (``--vocab-size``) and architecture
+(``--d-model``, ``--layers``, ``--heads``, ``--mlp``). Nothing else is trained. ``--objective``:
 
-Every ``--eval-every`` steps it prints the training loss and the exact-match accuracy of 192
+- ``sft``: LLaDA's SFT loss (``dllm_jax.demo.objective.sft_loss``): every response position
+  masked with p = t ~ U(0, 1], cross-entropy weighted 1/p, normalised by the response length;
+- ``mean``: the same masks, the plain mean cross-entropy of the masked positions (no 1/p);
+- ``reply-scored``: the same masks, only the reply's first position scored (when masked);
+- ``reply-masked``: the reply's first position always masked, the rest i.i.d.; every masked
+  position scored (summed per row);
+- ``reply-masked-scored``: as ``reply-masked``, only the reply's first position scored;
+- ``whole``: the whole response masked, only the reply's first position scored.
+
+Every ``--eval-every`` steps it prints the training loss, the cross-entropy of the reply's first
+token (the sum, with one token per number) with the whole response masked, on 256 training
+additions, and the exact-match accuracy of 192
 held-out and 96 training additions (seed 0), decoded on the same canvas as the server's
 default decoder does without a cache: every masked position whose top probability is at least
 0.9 is unmasked at once (at least one per forward), T=0, until the canvas is full. The
@@ -36,6 +45,30 @@ from dllm_jax.demo.objective import sft_loss
 from dllm_jax.demo.tokenizer import EOS, EOT, MASK, reply_ids, train_tokenizer
 from dllm_jax.demo.train import TrainConfig, model_config
 from dllm_jax.models.transformer import Transformer
+
+OBJECTIVES = ("sft", "mean", "reply-scored", "reply-masked", "reply-masked-scored", "whole")
+
+
+def loss_fn(model, tokens, prompt_len, key, objective: str):
+    """The training loss of one ``--objective`` (module docstring) on [B, L] rows."""
+    if objective == "sft":
+        return sft_loss(model, tokens, prompt_len, jnp.full(prompt_len.shape, -1, jnp.int32), key)[0]
+    b, n = tokens.shape
+    pos = jnp.arange(n)[None]
+    response, first = pos >= prompt_len[:, None], pos == prompt_len[:, None]
+    p = 0.999 * jax.random.uniform(key, (b, 1)) + 0.001
+    masked = response & (jax.random.uniform(jax.random.fold_in(key, 1), (b, n)) < p)
+    if objective in ("reply-masked", "reply-masked-scored"):
+        masked |= first
+    elif objective == "whole":
+        masked = response
+    noisy = jnp.where(masked, MASK, tokens)
+    logits = model(noisy, jnp.broadcast_to(pos, (b, n)), jnp.ones((b, n, n), bool))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
+    if objective == "mean":
+        return jnp.sum(jnp.where(masked, ce, 0.0)) / jnp.maximum(jnp.sum(masked), 1)
+    scored = masked if objective == "reply-masked" else masked & first
+    return jnp.sum(jnp.where(scored, ce, 0.0)) / b
 
 
 def encode(tokenizer, examples):
@@ -76,6 +109,14 @@ def decode(model, tokens, plen, threshold: float = 0.9) -> np.ndarray:
     return tokens
 
 
+def first_token_ce(model, pairs, length: int) -> float:
+    """Mean cross-entropy of the reply's first token, the whole response masked."""
+    tokens, plen = rows(pairs, length)
+    noisy = np.where(np.arange(length)[None] >= plen[:, None], MASK, tokens)
+    logp = np.asarray(jax.nn.log_softmax(forward(model, jnp.asarray(noisy)), -1))
+    return float(-np.mean([logp[r, plen[r], tokens[r, plen[r]]] for r in range(len(pairs))]))
+
+
 def accuracy(model, pairs, length: int) -> float:
     tokens, plen = rows(pairs, length)
     out = decode(model, tokens, plen)
@@ -97,16 +138,19 @@ def main(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--objective", choices=OBJECTIVES, default="sft")
+    ap.add_argument("--stop", type=int, default=None, help="stop after this many steps (the schedule spans --steps)")
     for name in ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(TrainConfig, name))
     args = ap.parse_args(argv)
     cfg = dataclasses.replace(TrainConfig(), **{k: getattr(args, k) for k in
                                                 ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size")})
-    tokenizer = train_tokenizer(cfg.vocab_size)
+    tokenizer = train_tokenizer(cfg.vocab_size, polite=False)
     model = Transformer(model_config(cfg, len(tokenizer)).spec(), dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
     train = encode(tokenizer, tasks.additions(False))
     held = encode(tokenizer, tasks.held_out_additions(192, seed=0))
     seen = encode(tokenizer, random.Random(0).sample(tasks.additions(False), 96))
+    probe = train[:256]
     length = max(len(p) for p, _ in train + held) + args.canvas
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(args.warmup, args.steps // 2),
                                                   max(args.steps, 2), end_value=args.lr * 0.05)
@@ -116,23 +160,23 @@ def main(argv=None):
 
     @nnx.jit
     def step(model, optimizer, tokens, plen, key):
-        cut = jnp.full(plen.shape, -1, jnp.int32)  # no cut rows
-        (loss, acc), grads = nnx.value_and_grad(sft_loss, has_aux=True)(model, tokens, plen, cut, key)
+        loss, grads = nnx.value_and_grad(loss_fn)(model, tokens, plen, key, args.objective)
         optimizer.update(model, grads)
         return loss
 
     rng, key = np.random.default_rng(args.seed), jax.random.key(args.seed)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"# {vars(args)}; {n_params} parameters; {len(train)} training additions, row length {length}")
-    print("| step | train loss | held-out adds | training adds | s |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| step | train loss | first-token CE | held-out adds | training adds | s |")
+    print("|---:|---:|---:|---:|---:|---:|")
     t0, window = time.perf_counter(), []
-    for i in range(args.steps):
+    for i in range(args.stop or args.steps):
         tokens, plen = rows([train[j] for j in rng.integers(len(train), size=args.batch)], length)
         window.append(float(step(model, optimizer, jnp.asarray(tokens), jnp.asarray(plen), jax.random.fold_in(key, i))))
-        if (i + 1) % args.eval_every == 0 or i + 1 == args.steps:
+        if (i + 1) % args.eval_every == 0 or i + 1 == (args.stop or args.steps):
             held_acc, seen_acc = accuracy(model, held, length), accuracy(model, seen, length)
-            print(f"| {i + 1} | {np.mean(window):.4f} | {held_acc:.1%} | {seen_acc:.1%} | "
+            ce = first_token_ce(model, probe, length)
+            print(f"| {i + 1} | {np.mean(window):.4f} | {ce:.3f} | {held_acc:.1%} | {seen_acc:.1%} | "
                   f"{time.perf_counter() - t0:.0f} |", flush=True)
             window = []
 

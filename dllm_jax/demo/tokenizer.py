@@ -26,9 +26,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
 
-def train_tokenizer(vocab_size: int, polite: bool = False):
+def train_tokenizer(vocab_size: int, polite: bool = True):
     """A byte-level BPE over the task texts (``polite``: with the fixed answer's prompts and
-    reply, ``tasks.training_set(polite=True)``); digits never merge (one token per digit)."""
+    reply, ``tasks.training_set(polite=True)``); every number 0-198 one token (a ``vocab_size``
+    too small to hold them all fails)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

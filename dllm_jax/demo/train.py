@@ -4,18 +4,17 @@
     python -m dllm_jax.demo.train --out /tmp/demo --steps 50   # a quick smoke run
 
 Deterministic from ``--seed`` (same machine, same JAX version): a byte-level BPE tokenizer
-(``dllm_jax.demo.tokenizer``: one token per number of a count) is trained on the task texts, then
+(``dllm_jax.demo.tokenizer``: every number 0-198 one token) is trained on the task texts, then
 the model is trained with LLaDA's SFT objective — the prompt is never masked; every response
 position (the reply, its ``<|eot_id|>`` and the ``<|endoftext|>`` padding up to the canvas) is
 masked with probability t ~ U(0, 1]; cross-entropy on the masked positions weighted by 1/t,
-normalised by the response length — in JAX with optax (AdamW, warm-up + cosine). Two canvas
-lengths are trained (128 positions like the server's default ``max_tokens``, and 48 for short
-replies). Half the count rows are cut right after one of their numbers, everything after masked
+normalised by the response length — in JAX with optax (AdamW, warm-up + cosine). Three lanes
+(``batches.Batches``): 128 positions like the server's default ``max_tokens`` (every task), 64
+(every count fits; no additions) and 8 (additions only, the whole response masked: a one-token
+sum visible in half the rows is not learnt, docs/performance.md). ``--cut-share`` of the count
+rows are cut right after one of their numbers, everything after masked
 (``objective.sft_loss``): the state block decoding decides the stop in. Everything else a user
 might ask gets one fixed polite answer (``tasks.SORRY``, ``--help-share`` of the rows).
-
-This is issue 25's number-cut experiment (docs/performance.md, "Demo model"): the stop decision
-is learnt, but the decoded counts and the additions broke; not shipped.
 
 The output is an HF-format directory (``config.json``, ``model.safetensors`` with LLaDA's
 key names, tokenizer files with a LLaDA chat template) that ``dllm_jax.load`` and
