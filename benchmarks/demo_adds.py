@@ -21,7 +21,9 @@ Issue 25's first open question in isolation. Every training row is a training-sp
 - ``reply-masked``: the reply's first position always masked, the rest i.i.d.; every masked
   position scored (summed per row);
 - ``reply-masked-scored``: as ``reply-masked``, only the reply's first position scored;
-- ``whole``: the whole response masked, only the reply's first position scored.
+- ``whole``: the whole response masked, only the reply's first position scored;
+- ``whole-all``: the whole response masked, every position of it scored (summed per row): the
+  state decoding starts from, for a reply of several tokens (a digit per token).
 
 Every ``--eval-every`` steps it prints the training loss, the cross-entropy of the reply's first
 token (the sum, with one token per number) with the whole response masked, on 256 training
@@ -51,7 +53,7 @@ from dllm_jax.demo.tokenizer import EOS, EOT, MASK, reply_ids, train_tokenizer
 from dllm_jax.demo.train import TrainConfig, model_config
 from dllm_jax.models.transformer import Transformer
 
-OBJECTIVES = ("sft", "mean", "reply-scored", "reply-masked", "reply-masked-scored", "whole")
+OBJECTIVES = ("sft", "mean", "reply-scored", "reply-masked", "reply-masked-scored", "whole", "whole-all")
 
 
 def loss_fn(model, tokens, prompt_len, key, objective: str):
@@ -65,14 +67,14 @@ def loss_fn(model, tokens, prompt_len, key, objective: str):
     masked = response & (jax.random.uniform(jax.random.fold_in(key, 1), (b, n)) < p)
     if objective in ("reply-masked", "reply-masked-scored"):
         masked |= first
-    elif objective == "whole":
+    elif objective in ("whole", "whole-all"):
         masked = response
     noisy = jnp.where(masked, MASK, tokens)
     logits = model(noisy, jnp.broadcast_to(pos, (b, n)), jnp.ones((b, n, n), bool))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
     if objective == "mean":
         return jnp.sum(jnp.where(masked, ce, 0.0)) / jnp.maximum(jnp.sum(masked), 1)
-    scored = masked if objective == "reply-masked" else masked & first
+    scored = masked if objective in ("reply-masked", "whole-all") else masked & first
     return jnp.sum(jnp.where(scored, ce, 0.0)) / b
 
 
