@@ -5,7 +5,7 @@
     python -m benchmarks.demo_adds --lr 1e-3 --steps 3000 --stop 250 --eval-every 50 --objective whole
 
 With the shipped tokenizer a sum is written a digit per token and "the reply's first token" below
-is its first digit; the table in docs/performance.md ("Why the additions were learnt late") was
+is its first digit; the table in docs/performance.md ("What stalls the additions") was
 measured at commit 0e07c0c, whose tokenizer makes every number 0-198 one token, so there the first
 token is the whole sum.
 
