@@ -50,9 +50,10 @@ from flax import nnx
 from dllm_jax.demo import evaluate, tasks
 from dllm_jax.demo.objective import sft_loss
 from dllm_jax.demo.tokenizer import EOS, EOT, MASK, reply_ids, train_tokenizer
-from dllm_jax.demo.train import TrainConfig, model_config
+from dllm_jax.demo.train import TrainConfig, make_optimizer, model_config
 from dllm_jax.models.transformer import Transformer
 
+ARCH = ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size")  # TrainConfig fields taken as options
 OBJECTIVES = ("sft", "mean", "reply-scored", "reply-masked", "reply-masked-scored", "whole", "whole-all")
 
 
@@ -147,11 +148,10 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--objective", choices=OBJECTIVES, default="sft")
     ap.add_argument("--stop", type=int, default=None, help="stop after this many steps (the schedule spans --steps)")
-    for name in ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size"):
+    for name in ARCH:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(TrainConfig, name))
     args = ap.parse_args(argv)
-    cfg = dataclasses.replace(TrainConfig(), **{k: getattr(args, k) for k in
-                                                ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size")})
+    cfg = dataclasses.replace(TrainConfig(), **{k: getattr(args, k) for k in ARCH})
     tokenizer = train_tokenizer(cfg.vocab_size, polite=False)
     model = Transformer(model_config(cfg, len(tokenizer)).spec(), dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
     train = encode(tokenizer, tasks.additions(False))
@@ -159,11 +159,7 @@ def main(argv=None):
     seen = encode(tokenizer, random.Random(0).sample(tasks.additions(False), 96))
     probe = train[:256]
     length = max(len(p) for p, _ in train + held) + args.canvas
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(args.warmup, args.steps // 2),
-                                                  max(args.steps, 2), end_value=args.lr * 0.05)
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=args.weight_decay))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    _, optimizer = make_optimizer(model, args.lr, args.warmup, args.steps, args.weight_decay)
 
     @nnx.jit
     def step(model, optimizer, tokens, plen, key):

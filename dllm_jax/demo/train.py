@@ -83,6 +83,14 @@ def model_config(cfg: TrainConfig, vocab: int) -> LLaDAConfig:
                        pad_token_id=EOS)
 
 
+def make_optimizer(model: Transformer, lr: float, warmup: int, steps: int, weight_decay: float):
+    """(schedule, optimizer): AdamW (clip 1.0) with linear warm-up and cosine decay to 5 % over ``steps``."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, max(steps // 2, 1)), max(steps, 2),
+                                                  end_value=lr * 0.05)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=weight_decay))
+    return schedule, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
 def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100):
     """AdamW with warm-up + cosine decay for ``cfg.steps`` steps from a fresh model.
 
@@ -90,11 +98,7 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100):
     """
     config = model_config(cfg, len(tokenizer))
     model = Transformer(config.spec(), dtype=jnp.float32, rngs=nnx.Rngs(cfg.seed))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup, max(cfg.steps // 2, 1)),
-                                                  max(cfg.steps, 2), end_value=cfg.lr * 0.05)
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    schedule, optimizer = make_optimizer(model, cfg.lr, cfg.warmup, cfg.steps, cfg.weight_decay)
 
     @nnx.jit
     def step(model, optimizer, tokens, prompt_len, key):
