@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import dllm_jax
+from benchmarks.demo_counts import outcome
 from dllm_jax.demo import evaluate, tasks
 from dllm_jax.demo import train as demo_train
 from dllm_jax.demo.tokenizer import EOT
@@ -124,3 +125,11 @@ def test_accuracy_per_algorithm(demo, algorithm, kwargs, add_bound):
     assert add_acc >= add_bound, wrong
     assert count_to_b >= 14 / 16, [(e.prompt, rep) for e, rep in zip(counts, r.replies[16:])
                                    if not tasks.prefix_match(rep, e)]
+
+
+def test_count_outcomes():
+    """benchmarks/demo_counts' classification of a decoded count."""
+    assert outcome("3, 4, 5, 6", 3, 6) == "exact"
+    assert outcome("3, 4, 5, 6, 7, 8", 3, 6) == "late"
+    assert outcome("3, 4, 5", 3, 6) == "early"
+    assert outcome("3, 4, 9, 6", 3, 6) == "content" and outcome("", 3, 6) == "content"
