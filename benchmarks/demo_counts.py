@@ -41,16 +41,11 @@ def outcome(reply: str, a: int, b: int) -> str:
     return "exact" if got == want else "late" if n == len(want) else "early" if n == len(got) else "content"
 
 
-def bounds(example) -> tuple[int, int]:
-    a, b = (int(x) for x in example.prompt.rstrip(".").split()[2::2])
-    return a, b
-
-
 def outcomes(model, examples) -> collections.Counter:
     replies = evaluate.run(model, examples, batch=16).replies
     out = collections.Counter()
     for e, rep in zip(examples, replies, strict=True):
-        a, b = bounds(e)
+        a, b = tasks.count_bounds(e.prompt)
         blocks = "one block" if len(reply_ids(model.tokenizer, e.reply)) <= 32 else "two blocks"
         out[(f"a {'<' if a < 10 else '>='} 10, {blocks}", outcome(rep, a, b))] += 1
     return out
@@ -110,9 +105,10 @@ def main(argv=None):
         for group in sorted({g for g, _ in out}) + ["all"]:
             row = total if group == "all" else {k: out[(group, k)] for k in ("exact", "late", "early", "content")}
             print(f"| {group} | " + " | ".join(str(row.get(k, 0)) for k in ("exact", "late", "early", "content")) + " |")
-        lengths = first_step_length(model, examples[:128])
+        probed = examples[:128]
+        lengths = first_step_length(model, probed)
         exact, near = lengths[0], sum(n for d, n in lengths.items() if abs(d) <= 2)
-        print(f"first-step length (128 of them): exact {exact}, within 2 tokens {near}, "
+        print(f"first-step length ({len(probed)} of them): exact {exact}, within 2 tokens {near}, "
               f"median error {np.median([d for d, n in lengths.items() for _ in range(n)]):+.0f} tokens\n", flush=True)
 
 

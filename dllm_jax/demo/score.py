@@ -30,7 +30,7 @@ def eot_at_b(model, examples, canvas: int = 128, before: int = 0) -> tuple[int, 
     tok = model.tokenizer
     hits, probs = 0, []
     for e in examples:
-        a, b = (int(x) for x in e.prompt.rstrip(".").split()[2::2])
+        a, b = tasks.count_bounds(e.prompt)
         if b - before < a:
             continue
         reply = tasks.count_reply(a, b - before) if before else e.reply

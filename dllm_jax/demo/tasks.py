@@ -45,6 +45,12 @@ def count_prompt(a: int, b: int) -> str:
     return f"Count from {a} to {b}."
 
 
+def count_bounds(prompt: str) -> tuple[int, int]:
+    """(a, b) of a ``count_prompt``."""
+    a, b = (int(x) for x in prompt.rstrip(".").split()[2::2])
+    return a, b
+
+
 def count_reply(a: int, b: int) -> str:
     return ", ".join(str(i) for i in range(a, b + 1))
 
