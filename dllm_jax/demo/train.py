@@ -58,21 +58,27 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    steps: int = 2600
+    steps: int = 4400
     batch: int = 32              # rows per step on the long canvas
-    short_batch: int = 64        # rows per step on the short canvas (4x shorter rows)
-    lr: float = 2e-3
+    short_batch: int = 48        # rows per step on the short canvas
+    add_batch: int = 128         # rows per step of additions
+    lr: float = 1e-3
     warmup: int = 150
     weight_decay: float = 0.01
     long_canvas: int = 128       # the server's default max_tokens
-    short_canvas: int = 32
-    short_fraction: float = 0.5  # share of steps on the short canvas (additions and short chats)
-    help_share: float = 0.0      # > 0: that share of the rows is the fixed polite answer (task "help")
+    short_canvas: int = 64       # holds every count
+    add_canvas: int = 8
+    add_fraction: float = 0.35   # share of steps that are additions only (batches.Batches)
+    short_fraction: float = 0.45  # share of steps on the short canvas (counts, chats, the polite answer)
+    help_share: float = 0.15     # share of the long and short rows that are the fixed polite answer
+    cut_share: float = 0.6       # share of the count rows cut (batches.Batches.cut, objective.sft_loss)
+    global_cut: float = 0.5      # share of the cut count rows cut at 0 or after any number
+    cut_near: int = 4            # most "go on" cuts are after one of the cut_near numbers before b
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 6
     mlp_hidden_size: int = 512
-    vocab_size: int = 320
+    vocab_size: int = 512
 
 
 def model_config(cfg: TrainConfig, vocab: int) -> LLaDAConfig:
@@ -101,27 +107,28 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100):
     schedule, optimizer = make_optimizer(model, cfg.lr, cfg.warmup, cfg.steps, cfg.weight_decay)
 
     @nnx.jit
-    def step(model, optimizer, tokens, prompt_len, key):
-        (loss, acc), grads = nnx.value_and_grad(sft_loss, has_aux=True)(model, tokens, prompt_len, key)
+    def step(model, optimizer, tokens, prompt_len, cut, key):
+        (loss, acc), grads = nnx.value_and_grad(sft_loss, has_aux=True)(model, tokens, prompt_len, cut, key)
         optimizer.update(model, grads)
         return loss, acc
 
     batches = Batches(tokenizer, cfg)
     key = jax.random.key(cfg.seed)
-    history, t0, window, times = [], time.perf_counter(), [], {"long": [], "short": []}
+    history, t0, window, times = [], time.perf_counter(), [], {"long": [], "short": [], "add": []}
     for i in range(cfg.steps):
         t_step = time.perf_counter()
-        kind, tokens, plen, _ = batches.next()
-        loss, acc = step(model, optimizer, jnp.asarray(tokens), jnp.asarray(plen), jax.random.fold_in(key, i))
+        kind, tokens, plen, _, cut = batches.next()
+        loss, acc = step(model, optimizer, jnp.asarray(tokens), jnp.asarray(plen), jnp.asarray(cut),
+                         jax.random.fold_in(key, i))
         window.append((float(loss), float(acc)))
         times[kind].append(time.perf_counter() - t_step)
         if (i + 1) % log_every == 0 or i + 1 == cfg.steps:
             l, a = np.mean(window, axis=0)
             history.append((i + 1, float(l), float(a)))
-            med = [float(np.median(times[k])) if times[k] else 0.0 for k in ("long", "short")]
+            med = [float(np.median(times[k])) if times[k] else 0.0 for k in ("long", "short", "add")]
             log.info("step %d/%d  loss %.4f  masked-token acc %.3f  lr %.2e  %.1f s  (median step: long %.2f s, "
-                     "short %.2f s)", i + 1, cfg.steps, l, a, float(schedule(i)), time.perf_counter() - t0, *med)
-            window, times = [], {"long": [], "short": []}
+                     "short %.2f s, add %.2f s)", i + 1, cfg.steps, l, a, float(schedule(i)), time.perf_counter() - t0, *med)
+            window, times = [], {"long": [], "short": [], "add": []}
     return config, model, history
 
 
