@@ -36,7 +36,7 @@ class Batches:
     prompt + its canvas. Three lanes: "long" (canvas ``cfg.long_canvas``, the server's default
     ``max_tokens``) draws from every task; "short" (``cfg.short_canvas``, which holds every count)
     from every task but the additions; "add" (``cfg.add_canvas``) only additions, whose reply is
-    one token, so that many of them fit a cheap step; every "add" row has its whole response
+    one to three digits, so that many of them fit a cheap step; every "add" row has its whole response
     masked (cut at 0, ``objective.sft_loss``): with i.i.d. masks a one-token reply is visible in
     about half the rows and the sums are not learnt in 1000 steps (docs/performance.md). A step is "add" with probability
     ``cfg.add_fraction``, else "short" with ``cfg.short_fraction``, else "long".

@@ -3,19 +3,19 @@
     python -m dllm_jax.demo.train                      # writes dllm_jax/assets/demo_model
     python -m dllm_jax.demo.train --out /tmp/demo --steps 50   # a quick smoke run
 
-Deterministic from ``--seed`` (same machine, same JAX version): a byte-level BPE tokenizer
-with every digit its own token is trained on the task texts, then the model is trained with
-LLaDA's SFT objective — the prompt is never masked; every response position (the reply, its
-``<|eot_id|>`` and the ``<|endoftext|>`` padding up to the canvas) is masked with probability
-t ~ U(0, 1]; cross-entropy on the masked positions weighted by 1/t, normalised by the
-response length — in JAX with optax (AdamW, warm-up + cosine). Two canvas lengths are
-trained (128 positions like the server's default ``max_tokens``, and 32 for short replies).
-Where a count stops is not learnt by this recipe (docs/performance.md, "Demo model").
-
-Opt-in, off by default (the shipped model was trained without it): the fixed polite answer
-(``--help-share``). The recipes tried on top of this one and not kept (suffix cuts, masked tails,
-number cuts, a semi-autoregressive stage 2, one token per count number) are in docs/performance.md,
-"Demo model", with the commits that ran them.
+Deterministic from ``--seed`` (same machine, same JAX version): a byte-level BPE tokenizer is
+trained on the task texts (a digit per token, but a count's numbers one token each,
+``dllm_jax.demo.tokenizer``), then the model is trained with LLaDA's SFT objective — the prompt
+is never masked; every response position (the reply, its ``<|eot_id|>`` and the
+``<|endoftext|>`` padding up to the canvas) is masked with probability t ~ U(0, 1];
+cross-entropy on the masked positions weighted by 1/t, normalised by the response length — in
+JAX with optax (AdamW, warm-up + cosine). Three lanes (``batches.Batches``): canvas 128 (the
+server's default ``max_tokens``) and 64 with every task, and 8 with additions only, their whole
+response masked. Some count rows are cut (``Batches.cut``, ``objective.sft_loss``): everything
+after a point masked, at 0 (the state decoding starts from) or after one of the count's numbers
+(where block decoding decides to go on or stop). Tasks, the fixed polite answer for everything
+else, and the held-out splits: ``dllm_jax.demo.tasks``. The recipes tried and not kept are in
+docs/performance.md, "Demo model", with the commits that ran them.
 
 The output is an HF-format directory (``config.json``, ``model.safetensors`` with LLaDA's
 key names, tokenizer files with a LLaDA chat template) that ``dllm_jax.load`` and
