@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import dllm_jax
+from benchmarks.demo_add_misses import kinds
 from benchmarks.demo_counts import outcome
 from dllm_jax.demo import evaluate, tasks
 from dllm_jax.demo import train as demo_train
@@ -133,3 +134,11 @@ def test_count_outcomes():
     assert outcome("3, 4, 5, 6, 7, 8", 3, 6) == "late"
     assert outcome("3, 4, 5", 3, 6) == "early"
     assert outcome("3, 4, 9, 6", 3, 6) == "content" and outcome("", 3, 6) == "content"
+
+
+def test_add_miss_kinds():
+    """benchmarks/demo_add_misses' classification of an addition."""
+    assert kinds(3, 4) == ("1-digit + 1-digit", "no units carry", "sum < 100")
+    assert kinds(9, 94) == ("1-digit + 2-digit", "units carry", "sum >= 100")
+    assert kinds(47, 35) == ("2-digit + 2-digit", "units carry", "sum < 100")
+    assert kinds(50, 50) == ("2-digit + 2-digit", "no units carry", "sum >= 100")
