@@ -48,7 +48,7 @@ class Batches:
         self.sets = {name: encode(tokenizer, group) for name, group in tasks.training_set(h > 0).items()}
         self.rng = np.random.default_rng(cfg.seed)
         self.ends = [number_ends(tokenizer, r) for r in self.sets["count"].replies]
-        mix = {"long": {"add": 0.25, "count": 0.60, "chat": 0.15}, "short": {"count": 0.85, "chat": 0.15}}
+        mix = {"long": {"add": 0.25, "count": 0.60, "chat": 0.15}, "short": {"add": 0.10, "count": 0.75, "chat": 0.15}}
         mix = {k: {**{n: v * (1 - h) for n, v in m.items()}, **({"help": h} if h else {})} for k, m in mix.items()}
         mix["add"] = {"add": 1.0}
         self.mix = {k: {n: v / sum(m.values()) for n, v in m.items()} for k, m in mix.items()}
@@ -100,7 +100,7 @@ class Batches:
                     break
             tokens[r, :len(p)] = p
             tokens[r, len(p):len(p) + len(a)] = a
-            # an "add" row is cut at 0: the whole response masked, the sum's cross-entropy weighted 1
-            plen[r], rlen[r], cut[r] = len(p), len(a), 0 if kind == "add" else self.cut(name, i)
+            # an addition is cut at 0 in every lane: the whole response masked, every position scored
+            plen[r], rlen[r], cut[r] = len(p), len(a), 0 if name == "add" else self.cut(name, i)
         self.step += 1
         return kind, tokens, plen, rlen, cut
