@@ -24,38 +24,48 @@ def demo():
 
 
 def test_tasks_split():
+    # additions: a+b and b+a on the same side, every units- and tens-digit pair on both sides
     held = tasks.additions(held_out=True)
-    assert len(held) == 1000 and all((int(a) + 2 * int(b)) % 10 == 3
-                                     for a, b in (e.prompt[8:-1].split("+") for e in held))
-    train = tasks.training_set()
-    assert not {e.prompt for e in held} & {e.prompt for e in train["add"]}
-    # the split meant for the next model: a+b and b+a on the same side, every digit pair on both
-    pairs = {(a, b) for a in range(100) for b in range(100) if tasks.add_held_out_crc(a, b)}
-    assert len(pairs) == 948 and all((b, a) in pairs for a, b in pairs)
+    pairs = {tuple(int(x) for x in e.prompt[8:-1].split("+")) for e in held}
+    assert len(pairs) == 948 and all((b, a) in pairs and tasks.add_held_out(a, b) for a, b in pairs)
     for digits in (lambda a, b: (a % 10, b % 10), lambda a, b: (a // 10, b // 10)):
         assert len({digits(a, b) for a, b in pairs}) == 100
         assert len({digits(a, b) for a in range(100) for b in range(100) if (a, b) not in pairs}) == 100
+    train = tasks.training_set()
+    assert not {e.prompt for e in held} & {e.prompt for e in train["add"]}
+    # counts: 0 <= a < b <= 99, b - a <= 30, one pair in ten held out
+    assert len(tasks.counts(True)) + len(tasks.counts(False)) == 2535 and len(tasks.counts(True)) == 255
     assert not {e.prompt for e in tasks.counts(True)} & {e.prompt for e in train["count"]}
     assert tasks.count_reply(3, 6) == "3, 4, 5, 6"
+    assert all(tasks.count_bounds(tasks.count_prompt(a, b)) == (a, b) for a in range(100) for b in range(100))
     # the polite answer: held out by rule (and issue 25's examples), never an in-range task
     helps = tasks.help_prompts()
-    polite = tasks.training_set(polite=True)
-    assert not {e.prompt for e in tasks.helps(True)} & {e.prompt for e in polite["help"]}
+    assert not {e.prompt for e in tasks.helps(True)} & {e.prompt for e in train["help"]}
     assert set(tasks.ISSUE_PROBES) <= {e.prompt for e in tasks.helps(True)}
     in_range = {e.prompt for e in tasks.additions(True) + tasks.additions(False) + tasks.counts(True)
                 + tasks.counts(False)}
     assert not set(helps) & in_range and len(helps) == len(set(helps))
-    assert all(e.reply == tasks.SORRY for e in polite["help"]) and "help" not in train
+    assert all(e.reply == tasks.SORRY for e in train["help"])
+    backwards = {tasks.count_prompt(a, b) for a in range(100) for b in range(a + 1)}  # b <= a: out of range
+    too_long = {tasks.count_prompt(a, b) for a in range(100) for b in range(a + 31, 100)}
+    assert len(backwards & set(helps)) > 300 and len(too_long & set(helps)) > 300
 
 
 def test_shipped_demo_model(demo):
     path = Path(dllm_jax.DEMO_MODEL)
     size = sum(f.stat().st_size for f in path.iterdir())
-    assert size <= 10 * 2 ** 20, f"demo model is {size / 2 ** 20:.1f} MiB"
+    assert size <= 20 * 2 ** 20, f"demo model is {size / 2 ** 20:.1f} MiB"
     assert demo.family == "llada" and demo.config.mask_token_id == demo.tokenizer.convert_tokens_to_ids("<|mdm_mask|>")
-    # every digit is its own token
-    ids = demo.tokenizer.encode("1234567890", add_special_tokens=False)
-    assert [demo.tokenizer.decode([i]) for i in ids] == list("1234567890")
+    # a digit per token, but a count's numbers: one token each, the same in the prompt and the reply
+    def pieces(text):
+        return [demo.tokenizer.decode([i]) for i in demo.tokenizer.encode(text, add_special_tokens=False)]
+
+    assert pieces("What is 47+35?") == ["What is ", "4", "7", "+", "3", "5", "?"] and pieces("82") == ["8", "2"]
+    assert pieces("Count from 3 to 15.") == ["Count from ", "3", " to ", "15", "."]
+    assert pieces("3, 4, 99") == ["3", ", ", "4", ", ", "99"]
+    # a longer number starts with its first two digits as one token: a sum >= 100 is (a+b)//10, units
+    assert pieces("153") == ["15", "3"] and pieces("100") == ["10", "0"] and pieces("7") == ["7"]
+    assert pieces("1234567890") == ["12", "34", "56", "78", "9", "0"]
     # the LLaDA chat template
     text = demo.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                               add_generation_prompt=True)
@@ -66,19 +76,31 @@ def test_shipped_demo_model(demo):
 def test_training_runs_and_round_trips(tmp_path):
     """A few steps of the real training script on a tiny shape: deterministic from the seed,
     and the written HF dir loads back to the same function."""
-    cfg = demo_train.TrainConfig(steps=3, batch=4, short_batch=4, d_model=32, n_layers=1, n_heads=2,
-                                 mlp_hidden_size=64, vocab_size=300, warmup=1, help_share=0.2)
-    tok = demo_train.train_tokenizer(cfg.vocab_size, polite=True)
+    cfg = demo_train.TrainConfig(steps=3, batch=4, short_batch=4, add_batch=4, d_model=32, n_layers=1, n_heads=2,
+                                 mlp_hidden_size=64, warmup=1, global_start=16)
+    tok = demo_train.train_tokenizer(cfg.vocab_size)
     assert tok.decode(tok.encode(tasks.SORRY, add_special_tokens=False)) == tasks.SORRY
     batches = demo_train.Batches(tok, cfg)
-    assert "help" in batches.mix["long"] and "help" in batches.mix["short"]
-    for _ in range(8):  # every row: prompt + reply (with <|eot_id|>) + at least one <|endoftext|>
-        kind, tokens, plen, rlen = batches.next()
+    assert "help" in batches.mix["long"] and "count" in batches.mix["short"] and batches.mix["add"] == {"add": 1.0}
+    decisions, kinds, starts = set(), set(), 0
+    for step in range(64):  # every row: prompt + reply (with <|eot_id|>) + at least one <|endoftext|>
+        kind, tokens, plen, rlen, cut = batches.next()
+        kinds.add(kind)
         assert tokens.shape[1] == batches.length(kind) and rlen.min() >= 2
+        assert kind != "add" or (cut == 0).all()  # an additions-lane row: the whole response masked
         assert all(row[n - 1] == EOT and row[n] == demo_train.EOS for row, n in zip(tokens, plen + rlen))
+        if kind != "add":  # a count cut at 0 (the first-step state): only from cfg.global_start on
+            starts += int(np.sum(cut == 0))
+            assert step >= cfg.global_start or not (cut == 0).any()
+        for row, p, c in zip(tokens, plen, cut):  # a cut row is cut right after one of its count's numbers
+            if c > 0:
+                shown, decided = tok.decode(row[p + c - 1:p + c]), tok.decode(row[p + c:p + c + 1])
+                assert shown[-1:].isdigit() and not decided[:1].isdigit()
+                decisions.add(int(row[p + c] == EOT))
+    assert decisions == {0, 1} and kinds == {"long", "short", "add"} and starts > 0  # stop at b, go on before it
     config, module, history = demo_train.train(cfg, tok, log_every=1)
     assert [h[0] for h in history] == [1, 2, 3] and all(np.isfinite(loss) for _, loss, _ in history)
-    _, again, _ = demo_train.train(cfg, demo_train.train_tokenizer(cfg.vocab_size, polite=True), log_every=3)
+    _, again, _ = demo_train.train(cfg, demo_train.train_tokenizer(cfg.vocab_size), log_every=3)
     a, b = nnx.state(module, nnx.Param).to_pure_dict(), nnx.state(again, nnx.Param).to_pure_dict()
     for x, y in zip(jax_leaves(a), jax_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -92,6 +114,8 @@ def test_training_runs_and_round_trips(tmp_path):
     want = module(tokens, pos, mask)
     got = loaded.logits(np.asarray([ids]))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="too small"):
+        demo_train.train_tokenizer(300)  # not room for every count number 10-99 as one token
 
 
 def jax_leaves(tree):

@@ -22,50 +22,85 @@ def encode(tokenizer, examples) -> Encoded:
                    [reply_ids(tokenizer, e.reply) for e in examples])
 
 
+def number_ends(tokenizer, reply: list[int]) -> list[int]:
+    """Indices just past each number of a tokenised reply (its last is b's): after a token whose
+    text ends in a digit when the next one's does not start with one."""
+    text = [tokenizer.decode([t]) for t in reply] + [""]
+    return [i + 1 for i in range(len(reply)) if text[i][-1:].isdigit() and not text[i + 1][:1].isdigit()]
+
+
 class Batches:
     """Deterministic training batches: [B, L] tokens, [B] prompt and reply (with ``<|eot_id|>``) lengths.
 
-    Every row is ``prompt + reply + <|eot_id|> + <|endoftext|>...`` up to L = max prompt
-    length + canvas; long steps draw from every task, short steps (canvas ``cfg.short_canvas``)
-    from the replies that fit (and, with ``help_share``, prompts no longer than an addition's).
+    Every row is ``prompt + reply + <|eot_id|> + <|endoftext|>...`` up to L = the lane's longest
+    prompt + its canvas. Three lanes: "long" (canvas ``cfg.long_canvas``, the server's default
+    ``max_tokens``) draws from every task; "short" (``cfg.short_canvas``, which holds every count)
+    from every task but the additions; "add" (``cfg.add_canvas``) only additions, whose reply is
+    one to three digits, so that many of them fit a cheap step; every "add" row has its whole response
+    masked (cut at 0, ``objective.sft_loss``): with i.i.d. masks a one-token reply is visible in
+    about half the rows and the sums are not learnt in 1000 steps (docs/performance.md). A step is "add" with probability
+    ``cfg.add_fraction``, else "short" with ``cfg.short_fraction``, else "long".
     """
 
     def __init__(self, tokenizer, cfg):
         self.cfg = cfg
-        h = cfg.help_share  # 0: the shipped model's batches, exactly
+        h = cfg.help_share
         self.sets = {name: encode(tokenizer, group) for name, group in tasks.training_set(h > 0).items()}
         self.rng = np.random.default_rng(cfg.seed)
-        self.mix = {"long": {"add": 0.35, "count": 0.55, "chat": 0.10}, "short": {"add": 0.9, "chat": 0.1}}
-        every = tasks.additions(True) + tasks.counts(True) + tasks.chats() + tasks.additions(False)[:1]
-        self.max_prompt = dict.fromkeys(("long", "short"), max(len(chat_ids(tokenizer, e.prompt)) for e in every))
-        if h > 0:
-            self.mix = {kind: {**{n: v * (1 - h) for n, v in mix.items()}, "help": h} for kind, mix in self.mix.items()}
-            longest = {name: max(map(len, data.prompts)) for name, data in self.sets.items()}
-            self.max_prompt = {"long": max(longest.values()), "short": max(longest["add"], longest["chat"])}
+        self.ends = [number_ends(tokenizer, r) for r in self.sets["count"].replies]
+        mix = {"long": {"add": 0.25, "count": 0.60, "chat": 0.15}, "short": {"add": 0.10, "count": 0.75, "chat": 0.15}}
+        mix = {k: {**{n: v * (1 - h) for n, v in m.items()}, **({"help": h} if h else {})} for k, m in mix.items()}
+        mix["add"] = {"add": 1.0}
+        self.mix = {k: {n: v / sum(m.values()) for n, v in m.items()} for k, m in mix.items()}
+        self.max_prompt = {k: max(max(map(len, self.sets[n].prompts)) for n in m) for k, m in self.mix.items()}
+        self.canvas = {"long": cfg.long_canvas, "short": cfg.short_canvas, "add": cfg.add_canvas}
+        self.rows = {"long": cfg.batch, "short": cfg.short_batch, "add": cfg.add_batch}
+        self.step = 0  # batches drawn so far
 
     def length(self, kind: str) -> int:
-        return self.max_prompt[kind] + (self.cfg.long_canvas if kind == "long" else self.cfg.short_canvas)
+        return self.max_prompt[kind] + self.canvas[kind]
 
-    def next(self) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    def cut(self, name: str, i: int) -> int:
+        """-1, or (a count row with probability ``cfg.cut_share``) where the row is cut. From step
+        ``cfg.global_start`` on, a share ``cfg.global_cut`` of them is the state decoding starts
+        from or passes through: cut at 0
+        (the whole reply masked, the first-step guess of the count's length) or after any of its
+        numbers, half each. The rest decide the stop: cut right after b (half of them) or after an
+        earlier number: one of the ``cfg.cut_near`` before b (three quarters of the rest), else any."""
+        if name != "count" or self.rng.random() >= self.cfg.cut_share:
+            return -1
+        ends = self.ends[i]
+        share = self.cfg.global_cut if self.step >= self.cfg.global_start else 0.0
+        if self.rng.random() < share:
+            return 0 if self.rng.random() < 0.5 else int(self.rng.choice(ends))
+        if self.rng.random() < 0.5 or len(ends) < 2:
+            return ends[-1]
+        near = min(self.cfg.cut_near, len(ends) - 1) if self.rng.random() < 0.75 else len(ends) - 1
+        return ends[-2 - int(self.rng.integers(near))]
+
+    def next(self) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         cfg, rng = self.cfg, self.rng
-        kind = "short" if rng.random() < cfg.short_fraction else "long"
+        u = rng.random()
+        kind = "add" if u < cfg.add_fraction else "short" if u < cfg.add_fraction + cfg.short_fraction else "long"
         seq_len = self.length(kind)
         names = list(self.mix[kind])
         probs = np.array([self.mix[kind][n] for n in names])
-        rows = cfg.batch if kind == "long" else cfg.short_batch
+        rows = self.rows[kind]
         tokens = np.full((rows, seq_len), EOS, np.int32)
         plen = np.zeros(rows, np.int32)
         rlen = np.zeros(rows, np.int32)
+        cut = np.full(rows, -1, np.int32)
         for r in range(rows):
             while True:
                 name = names[rng.choice(len(names), p=probs)]
                 data = self.sets[name]
                 i = rng.integers(len(data.prompts))
                 p, a = data.prompts[i], data.replies[i]
-                fits = len(p) <= self.max_prompt[kind] or not self.cfg.help_share
-                if fits and len(p) + len(a) < seq_len:  # room for at least one <|endoftext|>
+                if len(p) + len(a) < seq_len:  # room for at least one <|endoftext|>
                     break
             tokens[r, :len(p)] = p
             tokens[r, len(p):len(p) + len(a)] = a
-            plen[r], rlen[r] = len(p), len(a)
-        return kind, tokens, plen, rlen
+            # an addition is cut at 0 in every lane: the whole response masked, every position scored
+            plen[r], rlen[r], cut[r] = len(p), len(a), 0 if name == "add" else self.cut(name, i)
+        self.step += 1
+        return kind, tokens, plen, rlen, cut

@@ -4,20 +4,19 @@ Every task is a (user message, assistant reply) pair generated from integers and
 so the whole data set is known, the held-out split is a rule, and accuracy is exact match of
 the reply.
 
-- ``What is {a}+{b}?`` -> ``{a+b}`` for 0 <= a, b <= 99. Pairs with (a + 2b) % 10 == 3 are
-  held out from training (one pair in ten, spread over every a and b; this holds out whole
-  units-digit pairs, 7+3, 1+1, 3+0, ..., which is where the shipped model's misses are: the
-  carry for a units pair it never saw; ``add_held_out_crc`` is the split the next model is meant
-  to be trained on, docs/performance.md).
-- ``Count from {a} to {b}.`` -> ``{a}, {a+1}, ..., {b}`` for 0 <= a <= 69, 10 <= b - a <= 30
-  (replies of 22-92 tokens: up to three 32-token blocks). Pairs with (3a + b) % 10 == 7 are held
-  out.
+- ``What is {a}+{b}?`` -> ``{a+b}`` for 0 <= a, b <= 99. 948 pairs are held out from training
+  by crc32 of the unordered pair (a+b and b+a on the same side; every units-digit and tens-digit
+  pair is on both sides, so a held-out pair asks for digit sums the model has seen, in a new
+  combination). The model before issue 25 held out (a + 2b) % 10 == 3, which holds out whole
+  units-digit pairs (7+3, 1+1, ...): a carry it never saw.
+- ``Count from {a} to {b}.`` -> ``{a}, {a+1}, ..., {b}`` for 0 <= a < b <= 99, b - a <= 30 (with
+  one token per number after the first, replies of 2-32 tokens). Pairs with (3a + b) % 10 == 7
+  are held out.
 - A few fixed chat turns (greetings, "what can you do?") so the first reply a newcomer gets
   tells them what to ask.
-- Opt-in (``training_set(polite=True)``; the shipped model was trained without it, see
-  docs/performance.md): everything else gets one fixed polite answer, ``SORRY`` (task "help"):
-  additions or counts outside those ranges ("What is 100+250?", "Count from 5 to 80.", "Count
-  from 9 to 3."), other operators ("What is 7*8?") and assorted requests generated from
+- Everything else gets one fixed polite answer, ``SORRY`` (task "help"): additions or counts
+  outside those ranges ("What is 100+250?", "Count from 5 to 80.", "Count from 9 to 3."),
+  other operators ("What is 7*8?") and assorted requests generated from
   templates ("Tell me a joke"). Prompts with crc32 % 10 == 0 are held out, and so are the
   examples issue 25 was filed with.
 """
@@ -56,10 +55,6 @@ def count_reply(a: int, b: int) -> str:
 
 
 def add_held_out(a: int, b: int) -> bool:
-    return (a + 2 * b) % 10 == 3
-
-
-def add_held_out_crc(a: int, b: int) -> bool:
     """948 pairs, a+b and b+a on the same side, every units-digit pair on both sides."""
     return zlib.crc32(f"{min(a, b)}+{max(a, b)}".encode()) % 10 == 3
 
@@ -69,7 +64,7 @@ def count_held_out(a: int, b: int) -> bool:
 
 
 def count_in_range(a: int, b: int) -> bool:
-    return 0 <= a <= 69 and 10 <= b - a <= 30
+    return 0 <= a < b <= 99 and b - a <= 30
 
 
 def additions(held_out: bool) -> list[Example]:
@@ -79,12 +74,12 @@ def additions(held_out: bool) -> list[Example]:
 
 
 def counts(held_out: bool) -> list[Example]:
-    return [Example("count", count_prompt(a, a + n), count_reply(a, a + n))
-            for a in range(70) for n in range(10, 31) if count_held_out(a, a + n) == held_out]
+    return [Example("count", count_prompt(a, b), count_reply(a, b))
+            for a in range(100) for b in range(a + 1, min(a + 31, 100)) if count_held_out(a, b) == held_out]
 
 
-HELP = ("I am a tiny diffusion language model trained on two tasks. Ask me to add two numbers, "
-        "like: What is 12+34? Or ask me to count, like: Count from 5 to 20.")
+HELP = ("I am a tiny diffusion language model trained on two tasks. Ask me to add two numbers up to 99, "
+        "like: What is 12+34? Or ask me to count up to 99, at most 30 steps, like: Count from 5 to 20.")
 SORRY = "Sorry, I can't do that. " + HELP  # the one answer to everything outside the tasks
 CHAT = [
     ("Hi", "Hello! " + HELP),
@@ -164,8 +159,8 @@ def helps(held_out: bool) -> list[Example]:
     return [Example("help", p, SORRY) for p in help_prompts() if help_held_out(p) == held_out]
 
 
-def training_set(polite: bool = False) -> dict[str, list[Example]]:
-    """The training examples per task (with ``polite``: the fixed answer's prompts too)."""
+def training_set(polite: bool = True) -> dict[str, list[Example]]:
+    """The training examples per task (``polite``: the fixed answer's prompts too)."""
     out = {"add": additions(held_out=False), "count": counts(held_out=False), "chat": chats()}
     if polite:
         out["help"] = helps(held_out=False)
@@ -191,7 +186,7 @@ def _sample(items: list[Example], n: int | None, seed: int) -> list[Example]:
     return random.Random(seed).sample(items, n)
 
 
-def corpus(polite: bool = False) -> Iterable[str]:
+def corpus(polite: bool = True) -> Iterable[str]:
     """Every text the tokenizer should cover (prompts and replies of all tasks)."""
     for group in training_set(polite).values():
         for ex in group:

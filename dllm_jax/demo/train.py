@@ -3,19 +3,19 @@
     python -m dllm_jax.demo.train                      # writes dllm_jax/assets/demo_model
     python -m dllm_jax.demo.train --out /tmp/demo --steps 50   # a quick smoke run
 
-Deterministic from ``--seed`` (same machine, same JAX version): a byte-level BPE tokenizer
-with every digit its own token is trained on the task texts, then the model is trained with
-LLaDA's SFT objective — the prompt is never masked; every response position (the reply, its
-``<|eot_id|>`` and the ``<|endoftext|>`` padding up to the canvas) is masked with probability
-t ~ U(0, 1]; cross-entropy on the masked positions weighted by 1/t, normalised by the
-response length — in JAX with optax (AdamW, warm-up + cosine). Two canvas lengths are
-trained (128 positions like the server's default ``max_tokens``, and 32 for short replies).
-Where a count stops is not learnt by this recipe (docs/performance.md, "Demo model").
-
-Opt-in, off by default (the shipped model was trained without it): the fixed polite answer
-(``--help-share``). The recipes tried on top of this one and not kept (suffix cuts, masked tails,
-number cuts, a semi-autoregressive stage 2, one token per count number) are in docs/performance.md,
-"Demo model", with the commits that ran them.
+Deterministic from ``--seed`` (same machine, same JAX version): a byte-level BPE tokenizer is
+trained on the task texts (a digit per token, but a count's numbers one token each,
+``dllm_jax.demo.tokenizer``), then the model is trained with LLaDA's SFT objective — the prompt
+is never masked; every response position (the reply, its ``<|eot_id|>`` and the
+``<|endoftext|>`` padding up to the canvas) is masked with probability t ~ U(0, 1];
+cross-entropy on the masked positions weighted by 1/t, normalised by the response length — in
+JAX with optax (AdamW, warm-up + cosine). Three lanes (``batches.Batches``): canvas 128 (the
+server's default ``max_tokens``) and 64 with every task, and 8 with additions only, their whole
+response masked. Some count rows are cut (``Batches.cut``, ``objective.sft_loss``): everything
+after a point masked, at 0 (the state decoding starts from) or after one of the count's numbers
+(where block decoding decides to go on or stop). Tasks, the fixed polite answer for everything
+else, and the held-out splits: ``dllm_jax.demo.tasks``. The recipes tried and not kept are in
+docs/performance.md, "Demo model", with the commits that ran them.
 
 The output is an HF-format directory (``config.json``, ``model.safetensors`` with LLaDA's
 key names, tokenizer files with a LLaDA chat template) that ``dllm_jax.load`` and
@@ -58,21 +58,28 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    steps: int = 2600
+    steps: int = 4600
     batch: int = 32              # rows per step on the long canvas
-    short_batch: int = 64        # rows per step on the short canvas (4x shorter rows)
-    lr: float = 2e-3
+    short_batch: int = 48        # rows per step on the short canvas
+    add_batch: int = 128         # rows per step of additions
+    lr: float = 1e-3
     warmup: int = 150
     weight_decay: float = 0.01
     long_canvas: int = 128       # the server's default max_tokens
-    short_canvas: int = 32
-    short_fraction: float = 0.5  # share of steps on the short canvas (additions and short chats)
-    help_share: float = 0.0      # > 0: that share of the rows is the fixed polite answer (task "help")
+    short_canvas: int = 64       # holds every count
+    add_canvas: int = 8
+    add_fraction: float = 0.35   # share of steps that are additions only (batches.Batches)
+    short_fraction: float = 0.45  # share of steps on the short canvas (counts, chats, the polite answer)
+    help_share: float = 0.15     # share of the long and short rows that are the fixed polite answer
+    cut_share: float = 0.6       # share of the count rows cut (batches.Batches.cut, objective.sft_loss)
+    global_cut: float = 0.5      # share of the cut count rows cut at 0 or after any number ...
+    global_start: int = 2400     # ... from this step on (the sums are learnt first)
+    cut_near: int = 4            # most "go on" cuts are after one of the cut_near numbers before b
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 6
     mlp_hidden_size: int = 512
-    vocab_size: int = 320
+    vocab_size: int = 512
 
 
 def model_config(cfg: TrainConfig, vocab: int) -> LLaDAConfig:
@@ -101,27 +108,28 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100):
     schedule, optimizer = make_optimizer(model, cfg.lr, cfg.warmup, cfg.steps, cfg.weight_decay)
 
     @nnx.jit
-    def step(model, optimizer, tokens, prompt_len, key):
-        (loss, acc), grads = nnx.value_and_grad(sft_loss, has_aux=True)(model, tokens, prompt_len, key)
+    def step(model, optimizer, tokens, prompt_len, cut, key):
+        (loss, acc), grads = nnx.value_and_grad(sft_loss, has_aux=True)(model, tokens, prompt_len, cut, key)
         optimizer.update(model, grads)
         return loss, acc
 
     batches = Batches(tokenizer, cfg)
     key = jax.random.key(cfg.seed)
-    history, t0, window, times = [], time.perf_counter(), [], {"long": [], "short": []}
+    history, t0, window, times = [], time.perf_counter(), [], {"long": [], "short": [], "add": []}
     for i in range(cfg.steps):
         t_step = time.perf_counter()
-        kind, tokens, plen, _ = batches.next()
-        loss, acc = step(model, optimizer, jnp.asarray(tokens), jnp.asarray(plen), jax.random.fold_in(key, i))
+        kind, tokens, plen, _, cut = batches.next()
+        loss, acc = step(model, optimizer, jnp.asarray(tokens), jnp.asarray(plen), jnp.asarray(cut),
+                         jax.random.fold_in(key, i))
         window.append((float(loss), float(acc)))
         times[kind].append(time.perf_counter() - t_step)
         if (i + 1) % log_every == 0 or i + 1 == cfg.steps:
             l, a = np.mean(window, axis=0)
             history.append((i + 1, float(l), float(a)))
-            med = [float(np.median(times[k])) if times[k] else 0.0 for k in ("long", "short")]
+            med = [float(np.median(times[k])) if times[k] else 0.0 for k in ("long", "short", "add")]
             log.info("step %d/%d  loss %.4f  masked-token acc %.3f  lr %.2e  %.1f s  (median step: long %.2f s, "
-                     "short %.2f s)", i + 1, cfg.steps, l, a, float(schedule(i)), time.perf_counter() - t0, *med)
-            window, times = [], {"long": [], "short": []}
+                     "short %.2f s, add %.2f s)", i + 1, cfg.steps, l, a, float(schedule(i)), time.perf_counter() - t0, *med)
+            window, times = [], {"long": [], "short": [], "add": []}
     return config, model, history
 
 
