@@ -48,7 +48,7 @@ class Batches:
         self.sets = {name: encode(tokenizer, group) for name, group in tasks.training_set(h > 0).items()}
         self.rng = np.random.default_rng(cfg.seed)
         self.ends = [number_ends(tokenizer, r) for r in self.sets["count"].replies]
-        mix = {"long": {"add": 0.25, "count": 0.60, "chat": 0.15}, "short": {"count": 0.85, "chat": 0.15}}
+        mix = {"long": {"add": 0.25, "count": 0.60, "chat": 0.15}, "short": {"add": 0.10, "count": 0.75, "chat": 0.15}}
         mix = {k: {**{n: v * (1 - h) for n, v in m.items()}, **({"help": h} if h else {})} for k, m in mix.items()}
         mix["add"] = {"add": 1.0}
         self.mix = {k: {n: v / sum(m.values()) for n, v in m.items()} for k, m in mix.items()}
@@ -61,17 +61,12 @@ class Batches:
         return self.max_prompt[kind] + self.canvas[kind]
 
     def cut(self, name: str, i: int) -> int:
-        """-1, or where the row is cut. An addition or a polite-answer row outside the additions lane is
-        cut at 0 with probability ``cfg.cut0_share`` (the state decoding starts from; the rest
-        i.i.d., so the states where the pads come first stay trained). A count row is cut with
-        probability ``cfg.cut_share``. From step
+        """-1, or (a count row with probability ``cfg.cut_share``) where the row is cut. From step
         ``cfg.global_start`` on, a share ``cfg.global_cut`` of them is the state decoding starts
         from or passes through: cut at 0
         (the whole reply masked, the first-step guess of the count's length) or after any of its
         numbers, half each. The rest decide the stop: cut right after b (half of them) or after an
         earlier number: one of the ``cfg.cut_near`` before b (three quarters of the rest), else any."""
-        if name in ("add", "help"):
-            return 0 if self.rng.random() < self.cfg.cut0_share else -1
         if name != "count" or self.rng.random() >= self.cfg.cut_share:
             return -1
         ends = self.ends[i]
@@ -105,7 +100,7 @@ class Batches:
                     break
             tokens[r, :len(p)] = p
             tokens[r, len(p):len(p) + len(a)] = a
-            # an "add" lane row is cut at 0: the whole response masked, every position scored
-            plen[r], rlen[r], cut[r] = len(p), len(a), 0 if kind == "add" else self.cut(name, i)
+            # an addition is cut at 0 in every lane: the whole response masked, every position scored
+            plen[r], rlen[r], cut[r] = len(p), len(a), 0 if name == "add" else self.cut(name, i)
         self.step += 1
         return kind, tokens, plen, rlen, cut

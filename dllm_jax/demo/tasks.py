@@ -146,11 +146,6 @@ def help_prompts() -> list[str]:
             b = rng.randint(max(a + 1, 100), max(a + 1, 100) + rng.choice((5, 20, 100, 1000)))
         if not count_in_range(a, b):
             prompts.append(count_prompt(a, b))
-    for _ in range(800):  # counts just out of range: 31-38 steps, or b = a, a - 1, a - 2, a - 3
-        a = rng.randint(0, 68)
-        b = a + rng.randint(31, 38) if rng.random() < 0.6 else a - rng.randint(0, 3)
-        if 0 <= b <= 99:
-            prompts.append(count_prompt(a, b))
     prompts += ISSUE_PROBES
     seen, out = set(), []
     for p in prompts:

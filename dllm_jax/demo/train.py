@@ -70,8 +70,7 @@ class TrainConfig:
     add_canvas: int = 8
     add_fraction: float = 0.35   # share of steps that are additions only (batches.Batches)
     short_fraction: float = 0.45  # share of steps on the short canvas (counts, chats, the polite answer)
-    help_share: float = 0.2      # share of the long and short rows that are the fixed polite answer
-    cut0_share: float = 0.5      # share of the other lanes' addition and polite rows cut at 0
+    help_share: float = 0.15     # share of the long and short rows that are the fixed polite answer
     cut_share: float = 0.6       # share of the count rows cut (batches.Batches.cut, objective.sft_loss)
     global_cut: float = 0.5      # share of the cut count rows cut at 0 or after any number ...
     global_start: int = 2400     # ... from this step on (the sums are learnt first)
