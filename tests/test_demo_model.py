@@ -2,6 +2,7 @@
 sampling algorithm answers the held-out tasks correctly (a sampler bug that keeps parity on
 random weights but writes plausible wrong tokens fails here)."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -77,7 +78,7 @@ def test_training_runs_and_round_trips(tmp_path):
     """A few steps of the real training script on a tiny shape: deterministic from the seed,
     and the written HF dir loads back to the same function."""
     cfg = demo_train.TrainConfig(steps=3, batch=4, short_batch=4, add_batch=4, d_model=32, n_layers=1, n_heads=2,
-                                 mlp_hidden_size=64, warmup=1, global_start=16)
+                                 mlp_hidden_size=64, warmup=1, global_start=16, finetune_steps=2)
     tok = demo_train.train_tokenizer(cfg.vocab_size)
     assert tok.decode(tok.encode(tasks.SORRY, add_special_tokens=False)) == tasks.SORRY
     batches = demo_train.Batches(tok, cfg)
@@ -99,7 +100,7 @@ def test_training_runs_and_round_trips(tmp_path):
                 decisions.add(int(row[p + c] == EOT))
     assert decisions == {0, 1} and kinds == {"long", "short", "add"} and starts > 0  # stop at b, go on before it
     config, module, history = demo_train.train(cfg, tok, log_every=1)
-    assert [h[0] for h in history] == [1, 2, 3] and all(np.isfinite(loss) for _, loss, _ in history)
+    assert [h[0] for h in history] == [1, 2, 3, 4, 5] and all(np.isfinite(loss) for _, loss, _ in history)
     _, again, _ = demo_train.train(cfg, demo_train.train_tokenizer(cfg.vocab_size), log_every=3)
     a, b = nnx.state(module, nnx.Param).to_pure_dict(), nnx.state(again, nnx.Param).to_pure_dict()
     for x, y in zip(jax_leaves(a), jax_leaves(b)):
@@ -116,6 +117,32 @@ def test_training_runs_and_round_trips(tmp_path):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="too small"):
         demo_train.train_tokenizer(300)  # not room for every count number 10-99 as one token
+
+
+def test_second_phase(tmp_path):
+    """The second phase's batches cut some other-lane addition rows at 0 and leave the rest i.i.d.;
+    the two phases in one run equal the first phase written, loaded back and given as ``init``
+    (``--init``: how the second phase of the shipped model was checked on its own)."""
+    cfg = demo_train.TrainConfig(steps=2, batch=8, short_batch=4, add_batch=4, d_model=32, n_layers=1, n_heads=2,
+                                 mlp_hidden_size=64, warmup=1, finetune_steps=2, finetune_warmup=1)
+    tok = demo_train.train_tokenizer(cfg.vocab_size)
+    fine = dataclasses.replace(cfg, seed=cfg.finetune_seed, global_start=0)
+    first, later = demo_train.Batches(tok, cfg), demo_train.Batches(tok, fine, add_cut0=cfg.finetune_add_cut0)
+    seen = {True: set(), False: set()}
+    for batches, phase2 in ((first, False), (later, True)):
+        for _ in range(64):
+            kind, tokens, plen, _, cut = batches.next()
+            add = [bool(tok.decode(row[:p]).count("+")) for row, p in zip(tokens, plen)]  # an addition row
+            seen[phase2] |= {int(c) for c, a in zip(cut, add) if a and kind != "add"}
+    assert seen[False] == {-1} and seen[True] == {-1, 0}
+    _, both, _ = demo_train.train(cfg, tok)
+    config, one, _ = demo_train.train(dataclasses.replace(cfg, finetune_steps=0), tok)
+    loaded = dllm_jax.load(demo_train.write(tmp_path / "first", config, one, tok, {}))
+    _, resumed, history = demo_train.train(cfg, loaded.tokenizer, init=loaded.module())
+    assert [h[0] for h in history] == [1, 2]
+    a, b = nnx.state(both, nnx.Param).to_pure_dict(), nnx.state(resumed, nnx.Param).to_pure_dict()
+    for x, y in zip(jax_leaves(a), jax_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def jax_leaves(tree):

@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dllm_jax.checkpoint import save_safetensors
+from dllm_jax.checkpoint import load, save_safetensors
 from dllm_jax.configs import LLaDAConfig
 from dllm_jax.demo.batches import Batches
 from dllm_jax.demo.objective import sft_loss
@@ -75,6 +75,12 @@ class TrainConfig:
     global_cut: float = 0.5      # share of the cut count rows cut at 0 or after any number ...
     global_start: int = 2400     # ... from this step on (the sums are learnt first)
     cut_near: int = 4            # most "go on" cuts are after one of the cut_near numbers before b
+    finetune_steps: int = 600    # a second phase on the first one's model: a fresh AdamW schedule ...
+    finetune_lr: float = 3e-4
+    finetune_warmup: int = 50
+    finetune_seed: int = 1       # ... its own batches and masks, the global cuts from its first step ...
+    finetune_add_cut0: float = 0.5  # ... and this share of the other lanes' addition rows cut at 0
+    finetune_help_cut0: float = 0.5  # ... and of the polite rows but out-of-range sums and counts
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 6
@@ -98,14 +104,32 @@ def make_optimizer(model: Transformer, lr: float, warmup: int, steps: int, weigh
     return schedule, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
-def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100):
-    """AdamW with warm-up + cosine decay for ``cfg.steps`` steps from a fresh model.
+def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transformer | None = None):
+    """Two phases: AdamW with warm-up + cosine decay for ``cfg.steps`` steps from a fresh model
+    (or ``init``, which skips this phase), then ``cfg.finetune_steps`` more with a fresh schedule
+    (``cfg.finetune_lr``), where the global cuts start at once and a share
+    ``cfg.finetune_add_cut0`` of the long and short lanes' addition rows is cut at 0.
 
     Returns (LLaDAConfig, trained Transformer, history of (step, loss, masked-token acc)).
     """
     config = model_config(cfg, len(tokenizer))
-    model = Transformer(config.spec(), dtype=jnp.float32, rngs=nnx.Rngs(cfg.seed))
-    schedule, optimizer = make_optimizer(model, cfg.lr, cfg.warmup, cfg.steps, cfg.weight_decay)
+    history: list[tuple[int, float, float]] = []
+    model = init
+    if model is None:
+        model = Transformer(config.spec(), dtype=jnp.float32, rngs=nnx.Rngs(cfg.seed))
+        fit(model, Batches(tokenizer, cfg), cfg.steps, cfg.lr, cfg.warmup, cfg, history, log_every)
+    if cfg.finetune_steps > 0:
+        fine = dataclasses.replace(cfg, seed=cfg.finetune_seed, global_start=0)
+        batches = Batches(tokenizer, fine, add_cut0=cfg.finetune_add_cut0, help_cut0=cfg.finetune_help_cut0)
+        fit(model, batches, cfg.finetune_steps,
+            cfg.finetune_lr, cfg.finetune_warmup, fine, history, log_every)
+    return config, model, history
+
+
+def fit(model: Transformer, batches: Batches, steps: int, lr: float, warmup: int, cfg: TrainConfig,
+        history: list, log_every: int) -> None:
+    """One phase: ``steps`` AdamW updates of ``model`` in place on ``batches``, masks keyed by ``cfg.seed``."""
+    schedule, optimizer = make_optimizer(model, lr, warmup, steps, cfg.weight_decay)
 
     @nnx.jit
     def step(model, optimizer, tokens, prompt_len, cut, key):
@@ -113,24 +137,22 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100):
         optimizer.update(model, grads)
         return loss, acc
 
-    batches = Batches(tokenizer, cfg)
-    key = jax.random.key(cfg.seed)
-    history, t0, window, times = [], time.perf_counter(), [], {"long": [], "short": [], "add": []}
-    for i in range(cfg.steps):
+    key, first = jax.random.key(cfg.seed), len(history) and history[-1][0]
+    t0, window, times = time.perf_counter(), [], {"long": [], "short": [], "add": []}
+    for i in range(steps):
         t_step = time.perf_counter()
         kind, tokens, plen, _, cut = batches.next()
         loss, acc = step(model, optimizer, jnp.asarray(tokens), jnp.asarray(plen), jnp.asarray(cut),
                          jax.random.fold_in(key, i))
         window.append((float(loss), float(acc)))
         times[kind].append(time.perf_counter() - t_step)
-        if (i + 1) % log_every == 0 or i + 1 == cfg.steps:
+        if (i + 1) % log_every == 0 or i + 1 == steps:
             l, a = np.mean(window, axis=0)
-            history.append((i + 1, float(l), float(a)))
+            history.append((first + i + 1, float(l), float(a)))
             med = [float(np.median(times[k])) if times[k] else 0.0 for k in ("long", "short", "add")]
             log.info("step %d/%d  loss %.4f  masked-token acc %.3f  lr %.2e  %.1f s  (median step: long %.2f s, "
-                     "short %.2f s, add %.2f s)", i + 1, cfg.steps, l, a, float(schedule(i)), time.perf_counter() - t0, *med)
+                     "short %.2f s, add %.2f s)", i + 1, steps, l, a, float(schedule(i)), time.perf_counter() - t0, *med)
             window, times = [], {"long": [], "short": [], "add": []}
-    return config, model, history
 
 
 # ---- writing ---------------------------------------------------------------------------
@@ -172,6 +194,7 @@ def write(out: Path, config: LLaDAConfig, model: Transformer, tokenizer, meta: d
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--init", type=Path, help="skip the first phase: start the second from this written model")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         default = getattr(defaults, f.name)
@@ -180,11 +203,12 @@ def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     t0 = time.perf_counter()
-    tokenizer = train_tokenizer(cfg.vocab_size, polite=cfg.help_share > 0)
-    config, model, history = train(cfg, tokenizer)
+    init = load(args.init) if args.init else None
+    tokenizer = init.tokenizer if init else train_tokenizer(cfg.vocab_size, polite=cfg.help_share > 0)
+    config, model, history = train(cfg, tokenizer, init=init.module() if init else None)
     seconds = time.perf_counter() - t0
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    meta = {"train_config": dataclasses.asdict(cfg), "parameters": n_params, "train_seconds": round(seconds, 1),
+    meta = {"train_config": dataclasses.asdict(cfg), "init": str(args.init) if args.init else None, "parameters": n_params, "train_seconds": round(seconds, 1),
             "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "jax": jax.__version__,
             "history": history}
     path = write(args.out, config, model, tokenizer, meta)
