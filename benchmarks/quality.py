@@ -76,8 +76,8 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="checkpoint (default: dllm_jax.DEMO_MODEL)")
     ap.add_argument("--algorithms", nargs="+", default=list(CACHE_ALGORITHMS + DINFER))
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--add", type=int, default=96, help="held-out additions at batch >= 16 (of 1000)")
-    ap.add_argument("--count", type=int, default=32, help="held-out counts at batch >= 16 (of 147)")
+    ap.add_argument("--add", type=int, default=96, help="held-out additions at batch >= 16 (of 948)")
+    ap.add_argument("--count", type=int, default=32, help="held-out counts at batch >= 16 (of 255)")
     ap.add_argument("--small", type=int, default=4, help="at batch 1 use 1/small as many examples")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--schedules", nargs="+", default=None,

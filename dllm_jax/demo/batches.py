@@ -42,12 +42,11 @@ class Batches:
     ``cfg.add_fraction``, else "short" with ``cfg.short_fraction``, else "long".
     """
 
-    def __init__(self, tokenizer, cfg, add_cut0: float = 0.0, help_cut0: float = 0.0):
-        self.cfg, self.add_cut0, self.help_cut0 = cfg, add_cut0, help_cut0
+    def __init__(self, tokenizer, cfg, add_cut0: float = 0.0):
+        self.cfg, self.add_cut0 = cfg, add_cut0
         h = cfg.help_share
         self.sets = {name: encode(tokenizer, group) for name, group in tasks.training_set(h > 0).items()}
         self.rng = np.random.default_rng(cfg.seed)
-        self.help_tasklike = [tasks.like_a_task(e.prompt) for e in tasks.training_set(h > 0).get("help", [])]
         self.ends = [number_ends(tokenizer, r) for r in self.sets["count"].replies]
         mix = {"long": {"add": 0.25, "count": 0.60, "chat": 0.15}, "short": {"count": 0.85, "chat": 0.15}}
         mix = {k: {**{n: v * (1 - h) for n, v in m.items()}, **({"help": h} if h else {})} for k, m in mix.items()}
@@ -105,8 +104,6 @@ class Batches:
             # another lane's addition row is cut at 0 too with probability add_cut0 (its first state
             # in a long canvas; the rest keep i.i.d. masks, where the pads come first)
             add0 = kind == "add" or (name == "add" and self.add_cut0 > 0 and rng.random() < self.add_cut0)
-            add0 = add0 or (name == "help" and self.help_cut0 > 0 and not self.help_tasklike[i]
-                            and rng.random() < self.help_cut0)
             plen[r], rlen[r], cut[r] = len(p), len(a), 0 if add0 else self.cut(name, i)
         self.step += 1
         return kind, tokens, plen, rlen, cut

@@ -1,7 +1,8 @@
 """Train the demo model: a small LLaDA on the synthetic tasks of ``dllm_jax.demo.tasks``.
 
     python -m dllm_jax.demo.train                      # writes dllm_jax/assets/demo_model
-    python -m dllm_jax.demo.train --out /tmp/demo --steps 50   # a quick smoke run
+    python -m dllm_jax.demo.train --out /tmp/demo --steps 50 --finetune-steps 10  # a quick smoke run
+    python -m dllm_jax.demo.train --init PATH --out /tmp/demo  # the second phase alone, on PATH
 
 Deterministic from ``--seed`` (same machine, same JAX version): a byte-level BPE tokenizer is
 trained on the task texts (a digit per token, but a count's numbers one token each,
@@ -11,10 +12,14 @@ is never masked; every response position (the reply, its ``<|eot_id|>`` and the
 cross-entropy on the masked positions weighted by 1/t, normalised by the response length — in
 JAX with optax (AdamW, warm-up + cosine). Three lanes (``batches.Batches``): canvas 128 (the
 server's default ``max_tokens``) and 64 with every task, and 8 with additions only, their whole
-response masked. Some count rows are cut (``Batches.cut``, ``objective.sft_loss``): everything
-after a point masked, at 0 (the state decoding starts from) or after one of the count's numbers
-(where block decoding decides to go on or stop). Tasks, the fixed polite answer for everything
-else, and the held-out splits: ``dllm_jax.demo.tasks``. The recipes tried and not kept are in
+response masked. Some count rows are cut (``Batches.cut``, ``objective.sft_loss``), everything
+after a point masked: right after b or one of the numbers before it (where block decoding
+decides to go on or stop) and, from step ``global_start`` on, also at 0 (the state decoding
+starts from) or after any of its numbers (the global cuts). Then a second
+phase of ``finetune_steps`` with a fresh schedule: the global cuts at once, and half the long
+and short lanes' addition rows cut at 0 (the first state of a sum in a long canvas). Trained
+from the start, those rows keep the counts from learning where to stop (docs/performance.md).
+Tasks, the fixed polite answer for everything else, and the held-out splits: ``dllm_jax.demo.tasks``. The recipes tried and not kept are in
 docs/performance.md, "Demo model", with the commits that ran them.
 
 The output is an HF-format directory (``config.json``, ``model.safetensors`` with LLaDA's
@@ -80,7 +85,6 @@ class TrainConfig:
     finetune_warmup: int = 50
     finetune_seed: int = 1       # ... its own batches and masks, the global cuts from its first step ...
     finetune_add_cut0: float = 0.5  # ... and this share of the other lanes' addition rows cut at 0
-    finetune_help_cut0: float = 0.5  # ... and of the polite rows but out-of-range sums and counts
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 6
@@ -120,7 +124,7 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transforme
         fit(model, Batches(tokenizer, cfg), cfg.steps, cfg.lr, cfg.warmup, cfg, history, log_every)
     if cfg.finetune_steps > 0:
         fine = dataclasses.replace(cfg, seed=cfg.finetune_seed, global_start=0)
-        batches = Batches(tokenizer, fine, add_cut0=cfg.finetune_add_cut0, help_cut0=cfg.finetune_help_cut0)
+        batches = Batches(tokenizer, fine, add_cut0=cfg.finetune_add_cut0)
         fit(model, batches, cfg.finetune_steps,
             cfg.finetune_lr, cfg.finetune_warmup, fine, history, log_every)
     return config, model, history

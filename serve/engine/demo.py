@@ -1,6 +1,6 @@
 """The demo model ``python -m serve`` serves when no ``--model`` is given.
 
-``dllm_jax.DEMO_MODEL``: a 1.9M-parameter LLaDA trained in this repo (``python -m
+``dllm_jax.DEMO_MODEL``: a 2.0M-parameter LLaDA trained in this repo (``python -m
 dllm_jax.demo.train``) on additions (``What is 12+34?``), counting (``Count from 5 to 20.``)
 and a few chat turns, shipped as package data (an HF dir, ~8 MB). It needs no download,
 starts in seconds and answers its two tasks correctly, so the samplers' speed levers
