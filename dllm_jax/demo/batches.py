@@ -42,13 +42,15 @@ class Batches:
     ``cfg.add_fraction``, else "short" with ``cfg.short_fraction``, else "long".
     """
 
-    def __init__(self, tokenizer, cfg, add_cut0: float = 0.0):
+    def __init__(self, tokenizer, cfg, add_cut0: float = 0.0, short_adds: float = 0.0):
         self.cfg, self.add_cut0 = cfg, add_cut0
         h = cfg.help_share
         self.sets = {name: encode(tokenizer, group) for name, group in tasks.training_set(h > 0).items()}
         self.rng = np.random.default_rng(cfg.seed)
         self.ends = [number_ends(tokenizer, r) for r in self.sets["count"].replies]
         mix = {"long": {"add": 0.25, "count": 0.60, "chat": 0.15}, "short": {"count": 0.85, "chat": 0.15}}
+        if short_adds:
+            mix["short"] = {"add": short_adds, **{n: v * (1 - short_adds) for n, v in mix["short"].items()}}
         mix = {k: {**{n: v * (1 - h) for n, v in m.items()}, **({"help": h} if h else {})} for k, m in mix.items()}
         mix["add"] = {"add": 1.0}
         self.mix = {k: {n: v / sum(m.values()) for n, v in m.items()} for k, m in mix.items()}

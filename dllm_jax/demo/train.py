@@ -85,6 +85,7 @@ class TrainConfig:
     finetune_warmup: int = 50
     finetune_seed: int = 1       # ... its own batches and masks, the global cuts from its first step ...
     finetune_add_cut0: float = 0.5  # ... and this share of the other lanes' addition rows cut at 0
+    finetune_short_adds: float = 0.1  # experiment: additions in the short lane too
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 6
@@ -124,7 +125,7 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transforme
         fit(model, Batches(tokenizer, cfg), cfg.steps, cfg.lr, cfg.warmup, cfg, history, log_every)
     if cfg.finetune_steps > 0:
         fine = dataclasses.replace(cfg, seed=cfg.finetune_seed, global_start=0)
-        batches = Batches(tokenizer, fine, add_cut0=cfg.finetune_add_cut0)
+        batches = Batches(tokenizer, fine, add_cut0=cfg.finetune_add_cut0, short_adds=cfg.finetune_short_adds)
         fit(model, batches, cfg.finetune_steps,
             cfg.finetune_lr, cfg.finetune_warmup, fine, history, log_every)
     return config, model, history
