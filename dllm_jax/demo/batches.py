@@ -49,7 +49,7 @@ class Batches:
         self.rng = np.random.default_rng(cfg.seed)
         self.ends = [number_ends(tokenizer, r) for r in self.sets["count"].replies]
         mix = {"long": {"add": 0.25, "count": 0.60, "chat": 0.15}, "short": {"count": 0.85, "chat": 0.15}}
-        if short_adds:
+        if short_adds:  # (the second phase) additions in the short lane too
             mix["short"] = {"add": short_adds, **{n: v * (1 - short_adds) for n, v in mix["short"].items()}}
         mix = {k: {**{n: v * (1 - h) for n, v in m.items()}, **({"help": h} if h else {})} for k, m in mix.items()}
         mix["add"] = {"add": 1.0}

@@ -16,8 +16,9 @@ response masked. Some count rows are cut (``Batches.cut``, ``objective.sft_loss`
 after a point masked: right after b or one of the numbers before it (where block decoding
 decides to go on or stop) and, from step ``global_start`` on, also at 0 (the state decoding
 starts from) or after any of its numbers (the global cuts). Then a second
-phase of ``finetune_steps`` with a fresh schedule: the global cuts at once, and half the long
-and short lanes' addition rows cut at 0 (the first state of a sum in a long canvas). Trained
+phase of ``finetune_steps`` with a fresh schedule: the global cuts at once, 10 % of the short
+lane's rows additions, and half the long and short lanes' addition rows cut at 0 (the first state
+of a sum in those canvases). Trained
 from the start, those rows keep the counts from learning where to stop (docs/performance.md).
 Tasks, the fixed polite answer for everything else, and the held-out splits: ``dllm_jax.demo.tasks``. The recipes tried and not kept are in
 docs/performance.md, "Demo model", with the commits that ran them.
@@ -85,7 +86,7 @@ class TrainConfig:
     finetune_warmup: int = 50
     finetune_seed: int = 1       # ... its own batches and masks, the global cuts from its first step ...
     finetune_add_cut0: float = 0.5  # ... and this share of the other lanes' addition rows cut at 0
-    finetune_short_adds: float = 0.1  # experiment: additions in the short lane too
+    finetune_short_adds: float = 0.1  # ... and this share of the short lane's rows additions (canvas 64)
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 6
@@ -112,8 +113,9 @@ def make_optimizer(model: Transformer, lr: float, warmup: int, steps: int, weigh
 def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transformer | None = None):
     """Two phases: AdamW with warm-up + cosine decay for ``cfg.steps`` steps from a fresh model
     (or ``init``, which skips this phase), then ``cfg.finetune_steps`` more with a fresh schedule
-    (``cfg.finetune_lr``), where the global cuts start at once and a share
-    ``cfg.finetune_add_cut0`` of the long and short lanes' addition rows is cut at 0.
+    (``cfg.finetune_lr``), where the global cuts start at once, a share ``cfg.finetune_short_adds``
+    of the short lane's rows are additions and a share ``cfg.finetune_add_cut0`` of the long and
+    short lanes' addition rows is cut at 0.
 
     Returns (LLaDAConfig, trained Transformer, history of (step, loss, masked-token acc)).
     """
