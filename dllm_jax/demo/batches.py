@@ -35,11 +35,12 @@ class Batches:
     Every row is ``prompt + reply + <|eot_id|> + <|endoftext|>...`` up to L = the lane's longest
     prompt + its canvas. Three lanes: "long" (canvas ``cfg.long_canvas``, the server's default
     ``max_tokens``) draws from every task; "short" (``cfg.short_canvas``, which holds every count)
-    from every task but the additions; "add" (``cfg.add_canvas``) only additions, whose reply is
+    from every task but the additions (a share ``short_adds`` of additions in the second phase); "add" (``cfg.add_canvas``) only additions, whose reply is
     one to three digits, so that many of them fit a cheap step; every "add" row has its whole response
     masked (cut at 0, ``objective.sft_loss``): with i.i.d. masks a one-token reply is visible in
     about half the rows and the sums are not learnt in 1000 steps (docs/performance.md). A step is "add" with probability
-    ``cfg.add_fraction``, else "short" with ``cfg.short_fraction``, else "long".
+    ``cfg.add_fraction``, else "short" with ``cfg.short_fraction``, else "long". ``add_cut0``: the
+    share of the long and short lanes' addition rows also cut at 0 (the second phase).
     """
 
     def __init__(self, tokenizer, cfg, add_cut0: float = 0.0, short_adds: float = 0.0):
@@ -104,7 +105,8 @@ class Batches:
             tokens[r, len(p):len(p) + len(a)] = a
             # an "add" row is cut at 0: the whole response masked, the sum's cross-entropy weighted 1;
             # another lane's addition row is cut at 0 too with probability add_cut0 (its first state
-            # in a long canvas; the rest keep i.i.d. masks, where the pads come first)
+            # in a long canvas; the rest keep i.i.d. masks, where the pads come first). With add_cut0 = 0
+            # nothing is drawn, so the first phase's random stream is unchanged
             add0 = kind == "add" or (name == "add" and self.add_cut0 > 0 and rng.random() < self.add_cut0)
             plen[r], rlen[r], cut[r] = len(p), len(a), 0 if add0 else self.cut(name, i)
         self.step += 1

@@ -15,13 +15,13 @@ server's default ``max_tokens``) and 64 with every task, and 8 with additions on
 response masked. Some count rows are cut (``Batches.cut``, ``objective.sft_loss``), everything
 after a point masked: right after b or one of the numbers before it (where block decoding
 decides to go on or stop) and, from step ``global_start`` on, also at 0 (the state decoding
-starts from) or after any of its numbers (the global cuts). Then a second
-phase of ``finetune_steps`` with a fresh schedule: the global cuts at once, 10 % of the short
-lane's rows additions, and half the long and short lanes' addition rows cut at 0 (the first state
-of a sum in those canvases). Trained
-from the start, those rows keep the counts from learning where to stop (docs/performance.md).
-Tasks, the fixed polite answer for everything else, and the held-out splits: ``dllm_jax.demo.tasks``. The recipes tried and not kept are in
-docs/performance.md, "Demo model", with the commits that ran them.
+starts from) or after any of its numbers (the global cuts). Then a second phase of
+``finetune_steps`` with a fresh schedule: the global cuts at once, 10 % of the short lane's rows
+additions, and half the long and short lanes' addition rows cut at 0 (the first state of a sum in
+those canvases). Trained from the start, those rows keep the counts from learning where to stop
+(docs/performance.md). Tasks, the fixed polite answer for everything else, and the held-out
+splits: ``dllm_jax.demo.tasks``. The recipes tried and not kept are in docs/performance.md,
+"Demo model", with the commits that ran them.
 
 The output is an HF-format directory (``config.json``, ``model.safetensors`` with LLaDA's
 key names, tokenizer files with a LLaDA chat template) that ``dllm_jax.load`` and
@@ -128,8 +128,7 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transforme
     if cfg.finetune_steps > 0:
         fine = dataclasses.replace(cfg, seed=cfg.finetune_seed, global_start=0)
         batches = Batches(tokenizer, fine, add_cut0=cfg.finetune_add_cut0, short_adds=cfg.finetune_short_adds)
-        fit(model, batches, cfg.finetune_steps,
-            cfg.finetune_lr, cfg.finetune_warmup, fine, history, log_every)
+        fit(model, batches, cfg.finetune_steps, cfg.finetune_lr, cfg.finetune_warmup, fine, history, log_every)
     return config, model, history
 
 
@@ -215,8 +214,8 @@ def main(argv=None) -> Path:
     config, model, history = train(cfg, tokenizer, init=init.module() if init else None)
     seconds = time.perf_counter() - t0
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    meta = {"train_config": dataclasses.asdict(cfg), "init": str(args.init) if args.init else None, "parameters": n_params, "train_seconds": round(seconds, 1),
-            "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "jax": jax.__version__,
+    meta = {"train_config": dataclasses.asdict(cfg), "init": str(args.init) if args.init else None,
+            "parameters": n_params, "train_seconds": round(seconds, 1), "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "jax": jax.__version__,
             "history": history}
     path = write(args.out, config, model, tokenizer, meta)
     log.info("wrote %s (%d parameters, %.1f min)", path, n_params, seconds / 60)
