@@ -110,14 +110,17 @@ def make_optimizer(model: Transformer, lr: float, warmup: int, steps: int, weigh
     return schedule, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
-def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transformer | None = None):
+def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transformer | None = None,
+          after_first=None):
     """Two phases: AdamW with warm-up + cosine decay for ``cfg.steps`` steps from a fresh model
     (or ``init``, which skips this phase), then ``cfg.finetune_steps`` more with a fresh schedule
     (``cfg.finetune_lr``), where the global cuts start at once, a share ``cfg.finetune_short_adds``
     of the short lane's rows are additions and a share ``cfg.finetune_add_cut0`` of the long and
     short lanes' addition rows is cut at 0.
 
-    Returns (LLaDAConfig, trained Transformer, history of (step, loss, masked-token acc)).
+    ``after_first(config, model, history)``, if given, is called between the phases (not when
+    ``init`` skips the first). Returns (LLaDAConfig, trained Transformer, history of (step, loss,
+    masked-token acc)).
     """
     config = model_config(cfg, len(tokenizer))
     history: list[tuple[int, float, float]] = []
@@ -125,6 +128,8 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transforme
     if model is None:
         model = Transformer(config.spec(), dtype=jnp.float32, rngs=nnx.Rngs(cfg.seed))
         fit(model, Batches(tokenizer, cfg), cfg.steps, cfg.lr, cfg.warmup, cfg, history, log_every)
+        if after_first is not None:
+            after_first(config, model, history)
     if cfg.finetune_steps > 0:
         fine = dataclasses.replace(cfg, seed=cfg.finetune_seed, global_start=0)
         batches = Batches(tokenizer, fine, add_cut0=cfg.finetune_add_cut0, short_adds=cfg.finetune_short_adds)
@@ -201,6 +206,7 @@ def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--init", type=Path, help="skip the first phase: start the second from this written model")
+    ap.add_argument("--first-out", type=Path, help="also write the first phase's model here (for --init)")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         default = getattr(defaults, f.name)
@@ -211,7 +217,13 @@ def main(argv=None) -> Path:
     t0 = time.perf_counter()
     init = load(args.init) if args.init else None
     tokenizer = init.tokenizer if init else train_tokenizer(cfg.vocab_size, polite=cfg.help_share > 0)
-    config, model, history = train(cfg, tokenizer, init=init.module() if init else None)
+    after_first = None
+    if args.first_out:
+        def after_first(config, model, history):
+            first = dataclasses.replace(cfg, finetune_steps=0)
+            write(args.first_out, config, model, tokenizer, {"train_config": dataclasses.asdict(first),
+                                                             "history": history})
+    config, model, history = train(cfg, tokenizer, init=init.module() if init else None, after_first=after_first)
     seconds = time.perf_counter() - t0
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     meta = {"train_config": dataclasses.asdict(cfg), "init": str(args.init) if args.init else None,
