@@ -9,7 +9,7 @@ Three views, all at T=0:
   stop, batch 16; ``dllm_jax.demo.evaluate``), on the held-out counts and as many training counts
   (seed 0): exact, *late* (every number right up to b, then more), *early* (right as far as it
   goes, stops before b) or *content* (a wrong number), split by whether a starts with one digit
-  and whether the reply fits one 32-token block.
+  and whether the reply fits one 32-token block; and how many are exact per length b - a + 1.
 - **The length at the first step**: with the whole reply masked (the state block decoding
   starts from), the first position whose argmax is ``<|eot_id|>`` or ``<|endoftext|>`` against
   the reply's true length, in tokens (how well the model knows where the count ends before any
@@ -48,6 +48,7 @@ def outcomes(model, examples) -> collections.Counter:
         a, b = tasks.count_bounds(e.prompt)
         blocks = "one block" if len(reply_ids(model.tokenizer, e.reply)) <= 32 else "two blocks"
         out[(f"a {'<' if a < 10 else '>='} 10, {blocks}", outcome(rep, a, b))] += 1
+        out[(b - a + 1, outcome(rep, a, b) == "exact")] += 1  # by length (numbers in the count)
     return out
 
 
@@ -98,13 +99,17 @@ def main(argv=None):
     for name, examples in sets.items():
         out = outcomes(model, examples)
         total = collections.Counter()
-        for (_, kind), n in out.items():
-            total[kind] += n
+        for (group, kind), n in out.items():
+            if isinstance(group, str):
+                total[kind] += n
         print(f"# {args.path}: {name} counts (n={len(examples)}), server defaults")
         print("| group | exact | late | early | content |\n|---|---:|---:|---:|---:|")
-        for group in sorted({g for g, _ in out}) + ["all"]:
+        for group in sorted({g for g, _ in out if isinstance(g, str)}) + ["all"]:
             row = total if group == "all" else {k: out[(group, k)] for k in ("exact", "late", "early", "content")}
             print(f"| {group} | " + " | ".join(str(row.get(k, 0)) for k in ("exact", "late", "early", "content")) + " |")
+        lengths = sorted({g for g, _ in out if isinstance(g, int)})
+        print("exact by length (numbers in the count): " + ", ".join(
+            f"{n}: {out[(n, True)]}/{out[(n, True)] + out[(n, False)]}" for n in lengths))
         probed = examples[:128]
         lengths = first_step_length(model, probed)
         exact, near = lengths[0], sum(n for d, n in lengths.items() if abs(d) <= 2)
