@@ -16,7 +16,6 @@ from benchmarks.demo_add_misses import kinds
 from benchmarks.demo_counts import outcome
 from dllm_jax.demo import evaluate, tasks
 from dllm_jax.demo import train as demo_train
-from dllm_jax.demo.batches import FOCUS_LENGTHS
 from dllm_jax.demo.tokenizer import EOT
 
 
@@ -144,26 +143,6 @@ def test_second_phase(tmp_path):
     a, b = nnx.state(both, nnx.Param).to_pure_dict(), nnx.state(resumed, nnx.Param).to_pure_dict()
     for x, y in zip(jax_leaves(a), jax_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def test_second_phase_options():
-    """``count_focus``: that share of the count rows from ``FOCUS_LENGTHS`` (1.0: all of them);
-    ``help_cut0``: polite rows cut at 0, never one that looks like a sum or a count."""
-    cfg = dataclasses.replace(demo_train.TrainConfig(), batch=8, short_batch=8, global_start=0, seed=1)
-    tok = demo_train.train_tokenizer(cfg.vocab_size)
-    batches = demo_train.Batches(tok, cfg, count_focus=1.0, help_cut0=1.0)
-    lengths, polite = set(), {True: set(), False: set()}
-    for _ in range(48):
-        kind, tokens, plen, _, cut = batches.next()
-        for row, p, c in zip(tokens, plen, cut):
-            prompt = tok.decode(row[:p], skip_special_tokens=True).split("user\n\n")[-1].split("assistant")[0]
-            if prompt.startswith("Count from ") and tasks.count_in_range(*tasks.count_bounds(prompt)):
-                a, b = tasks.count_bounds(prompt)
-                lengths.add(b - a + 1)
-            elif kind != "add" and tok.decode(row[p:p + 4]) == tasks.SORRY[:len(tok.decode(row[p:p + 4]))]:
-                polite[tasks.like_a_task(prompt)].add(int(c))
-    assert lengths and lengths <= set(FOCUS_LENGTHS)
-    assert polite[False] == {0} and 0 not in polite[True]
 
 
 def jax_leaves(tree):

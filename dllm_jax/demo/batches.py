@@ -29,9 +29,6 @@ def number_ends(tokenizer, reply: list[int]) -> list[int]:
     return [i + 1 for i in range(len(reply)) if text[i][-1:].isdigit() and not text[i + 1][:1].isdigit()]
 
 
-FOCUS_LENGTHS = (2, 3, 4, 5, 15, 16, 17)  # counts of these many numbers: the shortest, and b at a block's end
-
-
 class Batches:
     """Deterministic training batches: [B, L] tokens, [B] prompt and reply (with ``<|eot_id|>``) lengths.
 
@@ -46,16 +43,12 @@ class Batches:
     share of the long and short lanes' addition rows also cut at 0 (the second phase).
     """
 
-    def __init__(self, tokenizer, cfg, add_cut0: float = 0.0, short_adds: float = 0.0, count_focus: float = 0.0,
-                 help_cut0: float = 0.0):
-        self.cfg, self.add_cut0, self.count_focus, self.help_cut0 = cfg, add_cut0, count_focus, help_cut0
+    def __init__(self, tokenizer, cfg, add_cut0: float = 0.0, short_adds: float = 0.0):
+        self.cfg, self.add_cut0 = cfg, add_cut0
         h = cfg.help_share
         self.sets = {name: encode(tokenizer, group) for name, group in tasks.training_set(h > 0).items()}
         self.rng = np.random.default_rng(cfg.seed)
         self.ends = [number_ends(tokenizer, r) for r in self.sets["count"].replies]
-        counted = [tasks.count_bounds(e.prompt) for e in tasks.training_set(h > 0)["count"]]
-        self.focus = [i for i, (a, b) in enumerate(counted) if b - a + 1 in FOCUS_LENGTHS]
-        self.help_tasklike = [tasks.like_a_task(e.prompt) for e in tasks.training_set(h > 0).get("help", [])]
         mix = {"long": {"add": 0.25, "count": 0.60, "chat": 0.15}, "short": {"count": 0.85, "chat": 0.15}}
         if short_adds:  # (the second phase) additions in the short lane too
             mix["short"] = {"add": short_adds, **{n: v * (1 - short_adds) for n, v in mix["short"].items()}}
@@ -104,10 +97,7 @@ class Batches:
             while True:
                 name = names[rng.choice(len(names), p=probs)]
                 data = self.sets[name]
-                if name == "count" and self.count_focus > 0 and rng.random() < self.count_focus:
-                    i = self.focus[rng.integers(len(self.focus))]
-                else:
-                    i = rng.integers(len(data.prompts))
+                i = rng.integers(len(data.prompts))
                 p, a = data.prompts[i], data.replies[i]
                 if len(p) + len(a) < seq_len:  # room for at least one <|endoftext|>
                     break
@@ -118,8 +108,6 @@ class Batches:
             # in a long canvas; the rest keep i.i.d. masks, where the pads come first). With add_cut0 = 0
             # nothing is drawn, so the first phase's random stream is unchanged
             add0 = kind == "add" or (name == "add" and self.add_cut0 > 0 and rng.random() < self.add_cut0)
-            add0 = add0 or (name == "help" and self.help_cut0 > 0 and not self.help_tasklike[i]
-                            and rng.random() < self.help_cut0)
             plen[r], rlen[r], cut[r] = len(p), len(a), 0 if add0 else self.cut(name, i)
         self.step += 1
         return kind, tokens, plen, rlen, cut

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import re
 import zlib
 from typing import Iterable, Sequence
 
@@ -43,11 +42,6 @@ def add_prompt(a: int, b: int) -> str:
 
 def count_prompt(a: int, b: int) -> str:
     return f"Count from {a} to {b}."
-
-
-def like_a_task(prompt: str) -> bool:
-    """An addition or a count prompt (in range or not)."""
-    return prompt.startswith("Count from ") or re.fullmatch(r"What is \d+\+\d+\?", prompt) is not None
 
 
 def count_bounds(prompt: str) -> tuple[int, int]:

@@ -87,8 +87,6 @@ class TrainConfig:
     finetune_seed: int = 1       # ... its own batches and masks, the global cuts from its first step ...
     finetune_add_cut0: float = 0.5  # ... and this share of the other lanes' addition rows cut at 0
     finetune_short_adds: float = 0.1  # ... and this share of the short lane's rows additions (canvas 64)
-    finetune_count_focus: float = 0.0  # ... and this share of count rows drawn from batches.FOCUS_LENGTHS
-    finetune_help_cut0: float = 0.0  # ... and this share of the polite rows but sums and counts cut at 0
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 6
@@ -134,8 +132,7 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transforme
             after_first(config, model, history)
     if cfg.finetune_steps > 0:
         fine = dataclasses.replace(cfg, seed=cfg.finetune_seed, global_start=0)
-        batches = Batches(tokenizer, fine, add_cut0=cfg.finetune_add_cut0, short_adds=cfg.finetune_short_adds,
-                          count_focus=cfg.finetune_count_focus, help_cut0=cfg.finetune_help_cut0)
+        batches = Batches(tokenizer, fine, add_cut0=cfg.finetune_add_cut0, short_adds=cfg.finetune_short_adds)
         fit(model, batches, cfg.finetune_steps, cfg.finetune_lr, cfg.finetune_warmup, fine, history, log_every)
     return config, model, history
 
