@@ -122,10 +122,11 @@ def test_training_runs_and_round_trips(tmp_path):
 def test_second_phase(tmp_path):
     """The second phase's batches cut some other-lane addition rows at 0 and leave the rest i.i.d.;
     the two phases in one run equal the first phase written, loaded back and given as ``init``
-    (``--init``: how the second phase of the shipped model was checked on its own)."""
+    (``--init``: how the second phase of the shipped model was checked on its own), and the command
+    line writes the same bytes, the first phase too with ``--first-out``."""
     cfg = demo_train.TrainConfig(steps=2, batch=8, short_batch=4, add_batch=4, d_model=32, n_layers=1, n_heads=2,
                                  mlp_hidden_size=64, warmup=1, finetune_steps=2, finetune_warmup=1)
-    tok = demo_train.train_tokenizer(cfg.vocab_size)
+    tok = demo_train.train_tokenizer(cfg.vocab_size, polite=True)  # as the command line trains it
     fine = dataclasses.replace(cfg, seed=cfg.finetune_seed, global_start=0)
     first, later = demo_train.Batches(tok, cfg), demo_train.Batches(tok, fine, add_cut0=cfg.finetune_add_cut0)
     seen = {True: set(), False: set()}
@@ -143,6 +144,15 @@ def test_second_phase(tmp_path):
     a, b = nnx.state(both, nnx.Param).to_pure_dict(), nnx.state(resumed, nnx.Param).to_pure_dict()
     for x, y in zip(jax_leaves(a), jax_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # the command line: --first-out writes the first phase's model on the way, the same bytes
+    demo_train.write(tmp_path / "both", config, both, tok, {})
+    demo_train.main(["--out", str(tmp_path / "cli"), "--first-out", str(tmp_path / "cli_first"), "--steps", "2",
+                     "--batch", "8", "--short-batch", "4", "--add-batch", "4", "--d-model", "32", "--n-layers", "1",
+                     "--n-heads", "2", "--mlp-hidden-size", "64", "--warmup", "1", "--finetune-steps", "2",
+                     "--finetune-warmup", "1"])
+    for cli, ours in (("cli_first", "first"), ("cli", "both")):
+        got, want = ((tmp_path / d / "model.safetensors").read_bytes() for d in (cli, ours))
+        assert got == want, cli
 
 
 def jax_leaves(tree):

@@ -227,7 +227,8 @@ def main(argv=None) -> Path:
     seconds = time.perf_counter() - t0
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     meta = {"train_config": dataclasses.asdict(cfg), "init": str(args.init) if args.init else None,
-            "parameters": n_params, "train_seconds": round(seconds, 1), "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "jax": jax.__version__,
+            "parameters": n_params, "train_seconds": round(seconds, 1),
+            "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "jax": jax.__version__,
             "history": history}
     path = write(args.out, config, model, tokenizer, meta)
     log.info("wrote %s (%d parameters, %.1f min)", path, n_params, seconds / 60)
