@@ -3,6 +3,7 @@
     python -m dllm_jax.demo.train                      # writes dllm_jax/assets/demo_model
     python -m dllm_jax.demo.train --out /tmp/demo --steps 50 --finetune-steps 10  # a quick smoke run
     python -m dllm_jax.demo.train --init PATH --out /tmp/demo  # the second phase alone, on PATH
+    python -m dllm_jax.demo.train --first-out /tmp/first      # also keep the first phase (for --init)
 
 Deterministic from ``--seed`` (same machine, same JAX version): a byte-level BPE tokenizer is
 trained on the task texts (a digit per token, but a count's numbers one token each,
