@@ -41,15 +41,17 @@ def outcome(reply: str, a: int, b: int) -> str:
     return "exact" if got == want else "late" if n == len(want) else "early" if n == len(got) else "content"
 
 
-def outcomes(model, examples) -> collections.Counter:
+def outcomes(model, examples) -> tuple[collections.Counter, collections.Counter]:
+    """((group, outcome) counts, (length b - a + 1, exact) counts)."""
     replies = evaluate.run(model, examples, batch=16).replies
-    out = collections.Counter()
+    out, by_length = collections.Counter(), collections.Counter()
     for e, rep in zip(examples, replies, strict=True):
         a, b = tasks.count_bounds(e.prompt)
         blocks = "one block" if len(reply_ids(model.tokenizer, e.reply)) <= 32 else "two blocks"
-        out[(f"a {'<' if a < 10 else '>='} 10, {blocks}", outcome(rep, a, b))] += 1
-        out[(b - a + 1, outcome(rep, a, b) == "exact")] += 1  # by length (numbers in the count)
-    return out
+        kind = outcome(rep, a, b)
+        out[(f"a {'<' if a < 10 else '>='} 10, {blocks}", kind)] += 1
+        by_length[(b - a + 1, kind == "exact")] += 1
+    return out, by_length
 
 
 def first_step_length(model, examples) -> collections.Counter:
@@ -97,19 +99,18 @@ def main(argv=None):
     sets = {"held-out": tasks.held_out_counts(args.n, seed=0),
             "training": random.Random(0).sample(tasks.counts(False), args.n)}
     for name, examples in sets.items():
-        out = outcomes(model, examples)
+        out, by_length = outcomes(model, examples)
         total = collections.Counter()
-        for (group, kind), n in out.items():
-            if isinstance(group, str):
-                total[kind] += n
+        for (_, kind), n in out.items():
+            total[kind] += n
         print(f"# {args.path}: {name} counts (n={len(examples)}), server defaults")
         print("| group | exact | late | early | content |\n|---|---:|---:|---:|---:|")
-        for group in sorted({g for g, _ in out if isinstance(g, str)}) + ["all"]:
+        for group in sorted({g for g, _ in out}) + ["all"]:
             row = total if group == "all" else {k: out[(group, k)] for k in ("exact", "late", "early", "content")}
             print(f"| {group} | " + " | ".join(str(row.get(k, 0)) for k in ("exact", "late", "early", "content")) + " |")
-        lengths = sorted({g for g, _ in out if isinstance(g, int)})
         print("exact by length (numbers in the count): " + ", ".join(
-            f"{n}: {out[(n, True)]}/{out[(n, True)] + out[(n, False)]}" for n in lengths))
+            f"{n}: {by_length[(n, True)]}/{by_length[(n, True)] + by_length[(n, False)]}"
+            for n in sorted({n for n, _ in by_length})))
         probed = examples[:128]
         lengths = first_step_length(model, probed)
         exact, near = lengths[0], sum(n for d, n in lengths.items() if abs(d) <= 2)
