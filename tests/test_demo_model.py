@@ -3,6 +3,9 @@ sampling algorithm answers the held-out tasks correctly (a sampler bug that keep
 random weights but writes plausible wrong tokens fails here)."""
 
 import dataclasses
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -153,6 +156,13 @@ def test_second_phase(tmp_path):
     for cli, ours in (("cli_first", "first"), ("cli", "both")):
         got, want = ((tmp_path / d / "model.safetensors").read_bytes() for d in (cli, ours))
         assert got == want, cli
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory():
+    """The command line's allocator settings take (in a child process: this one keeps its own)."""
+    code = "import sys; from dllm_jax.demo.train import keep_freed_memory; sys.exit(0 if keep_freed_memory() else 1)"
+    assert subprocess.run([sys.executable, "-c", code], check=False, timeout=300).returncode == 0
 
 
 def jax_leaves(tree):
