@@ -286,6 +286,9 @@ def test_32_concurrent_mixed_requests_equal_generate(server, client, llada_model
         # a warm-up pass: on a cold server (this test alone, or re-run after a worker crash) the
         # first programs compile while rows go through the bucket that is ready, one at a time
         list(pool.map(lambda r: _send(client, r), reqs))
+        deadline = time.monotonic() + 120  # and the programs it started compiling are ready
+        while scrape(server).get("dllm_compiles_in_flight", 0) and time.monotonic() < deadline:
+            time.sleep(0.2)
         before = scrape(server)
         got = list(pool.map(lambda r: _send(client, r), reqs))
         after = scrape(server)
