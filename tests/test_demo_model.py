@@ -53,6 +53,11 @@ def test_tasks_split():
     backwards = {tasks.count_prompt(a, b) for a in range(100) for b in range(a + 1)}  # b <= a: out of range
     too_long = {tasks.count_prompt(a, b) for a in range(100) for b in range(a + 31, 100)}
     assert len(backwards & set(helps)) > 300 and len(too_long & set(helps)) > 300
+    # what a polite-answer prompt looks like (the second phase cuts some kinds at 0)
+    assert [tasks.help_kind(p) for p in ("What is 100+250?", "Count from 5 to 80.", "Count from 9 to 3.",
+                                         "Count from 90 to 120.", "What is 7*8?", "Tell me a joke", "What is a+b?")] \
+        == ["sum", "count", "count", "count_big", "op", "other", "other"]
+    assert {tasks.help_kind(p) for p in helps} == {"sum", "count", "count_big", "op", "other"}
 
 
 def test_shipped_demo_model(demo):
@@ -123,22 +128,35 @@ def test_training_runs_and_round_trips(tmp_path):
 
 
 def test_second_phase(tmp_path):
-    """The second phase's batches cut some other-lane addition rows at 0 and leave the rest i.i.d.;
-    the two phases in one run equal the first phase written, loaded back and given as ``init``
+    """The second phase's batches cut some other-lane addition rows at 0 and leave the rest i.i.d.,
+    cut polite-answer rows at 0 by kind (never a count out of range in 0-99), and put out-of-range
+    sums in the addition lane with the polite answer's first tokens; the two phases in one run equal the first phase written, loaded back and given as ``init``
     (``--init``: how the second phase of the shipped model was checked on its own), and the command
     line writes the same bytes, the first phase too with ``--first-out``."""
     cfg = demo_train.TrainConfig(steps=2, batch=8, short_batch=4, add_batch=4, d_model=32, n_layers=1, n_heads=2,
                                  mlp_hidden_size=64, warmup=1, finetune_steps=2, finetune_warmup=1)
     tok = demo_train.train_tokenizer(cfg.vocab_size, polite=True)  # as the command line trains it
     fine = dataclasses.replace(cfg, seed=cfg.finetune_seed, global_start=0)
-    first, later = demo_train.Batches(tok, cfg), demo_train.Batches(tok, fine, add_cut0=cfg.finetune_add_cut0)
+    help_cut0 = {"sum": 0.5, "count_big": 0.5, "op": 0.5, "other": 0.5}
+    first = demo_train.Batches(tok, cfg)
+    later = demo_train.Batches(tok, fine, add_cut0=cfg.finetune_add_cut0, help_cut0=help_cut0, add_help=0.25)
     seen = {True: set(), False: set()}
+    polite = {True: set(), False: set()}  # (lane is "add", the prompt's kind, cut)
     for batches, phase2 in ((first, False), (later, True)):
-        for _ in range(64):
+        for _ in range(96):
             kind, tokens, plen, _, cut = batches.next()
-            add = [bool(tok.decode(row[:p]).count("+")) for row, p in zip(tokens, plen)]  # an addition row
-            seen[phase2] |= {int(c) for c, a in zip(cut, add) if a and kind != "add"}
+            for row, p, c in zip(tokens, plen, cut):
+                prompt = tok.decode(row[:p]).split("\n\n")[1].split("<|eot_id|>")[0]
+                if tok.decode(row[p:p + 1]).startswith("Sorry"):
+                    polite[phase2].add((kind == "add", tasks.help_kind(prompt), int(c)))
+                    assert kind != "add" or tok.decode(row[p:]) == tasks.SORRY[:len(tok.decode(row[p:]))]
+                elif "+" in prompt and kind != "add":  # an addition row of another lane
+                    seen[phase2].add(int(c))
     assert seen[False] == {-1} and seen[True] == {-1, 0}
+    assert {(lane, c) for lane, _, c in polite[False]} == {(False, -1)}
+    assert {k for lane, k, _ in polite[True] if lane} == {"sum"}
+    assert {(k, c) for lane, k, c in polite[True] if not lane} == {(k, c) for k in help_cut0 for c in (-1, 0)} | {
+        ("count", -1)}
     _, both, _ = demo_train.train(cfg, tok)
     config, one, _ = demo_train.train(dataclasses.replace(cfg, finetune_steps=0), tok)
     loaded = dllm_jax.load(demo_train.write(tmp_path / "first", config, one, tok, {}))

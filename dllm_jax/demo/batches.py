@@ -41,19 +41,28 @@ class Batches:
     about half the rows and the sums are not learnt in 1000 steps (docs/performance.md). A step is "add" with probability
     ``cfg.add_fraction``, else "short" with ``cfg.short_fraction``, else "long". ``add_cut0``: the
     share of the long and short lanes' addition rows also cut at 0 (the second phase).
+    ``help_cut0``: per kind of polite-answer prompt (``tasks.help_kind``), the share of those rows
+    in the long and short lanes cut at 0. ``add_help``: the share of the "add" lane's rows that are
+    out-of-range sums, their reply the polite answer's first tokens, as many as the canvas holds
+    (the second phase: the first state of a prompt that looks like a sum, where the sums are learnt).
     """
 
-    def __init__(self, tokenizer, cfg, add_cut0: float = 0.0, short_adds: float = 0.0):
-        self.cfg, self.add_cut0 = cfg, add_cut0
+    def __init__(self, tokenizer, cfg, add_cut0: float = 0.0, short_adds: float = 0.0,
+                 help_cut0: dict[str, float] | None = None, add_help: float = 0.0):
+        self.cfg, self.add_cut0, self.help_cut0 = cfg, add_cut0, help_cut0 or {}
         h = cfg.help_share
-        self.sets = {name: encode(tokenizer, group) for name, group in tasks.training_set(h > 0).items()}
+        training = tasks.training_set(h > 0)
+        self.sets = {name: encode(tokenizer, group) for name, group in training.items()}
+        self.help_kind = [tasks.help_kind(e.prompt) for e in training.get("help", [])]
+        if add_help:
+            self.sets["sum_help"] = encode(tokenizer, [e for e in training["help"] if tasks.help_kind(e.prompt) == "sum"])
         self.rng = np.random.default_rng(cfg.seed)
         self.ends = [number_ends(tokenizer, r) for r in self.sets["count"].replies]
         mix = {"long": {"add": 0.25, "count": 0.60, "chat": 0.15}, "short": {"count": 0.85, "chat": 0.15}}
         if short_adds:  # (the second phase) additions in the short lane too
             mix["short"] = {"add": short_adds, **{n: v * (1 - short_adds) for n, v in mix["short"].items()}}
         mix = {k: {**{n: v * (1 - h) for n, v in m.items()}, **({"help": h} if h else {})} for k, m in mix.items()}
-        mix["add"] = {"add": 1.0}
+        mix["add"] = {"add": 1.0 - add_help, **({"sum_help": add_help} if add_help else {})}
         self.mix = {k: {n: v / sum(m.values()) for n, v in m.items()} for k, m in mix.items()}
         self.max_prompt = {k: max(max(map(len, self.sets[n].prompts)) for n in m) for k, m in self.mix.items()}
         self.canvas = {"long": cfg.long_canvas, "short": cfg.short_canvas, "add": cfg.add_canvas}
@@ -99,6 +108,9 @@ class Batches:
                 data = self.sets[name]
                 i = rng.integers(len(data.prompts))
                 p, a = data.prompts[i], data.replies[i]
+                if name == "sum_help":  # as much of the polite answer as the canvas holds, no end
+                    a = a[:seq_len - len(p)]
+                    break
                 if len(p) + len(a) < seq_len:  # room for at least one <|endoftext|>
                     break
             tokens[r, :len(p)] = p
@@ -108,6 +120,9 @@ class Batches:
             # in a long canvas; the rest keep i.i.d. masks, where the pads come first). With add_cut0 = 0
             # nothing is drawn, so the first phase's random stream is unchanged
             add0 = kind == "add" or (name == "add" and self.add_cut0 > 0 and rng.random() < self.add_cut0)
+            share = self.help_cut0.get(self.help_kind[i], 0.0) if name == "help" else 0.0
+            if share > 0:  # (the second phase) a polite-answer row's first state, by the prompt's kind
+                add0 = rng.random() < share
             plen[r], rlen[r], cut[r] = len(p), len(a), 0 if add0 else self.cut(name, i)
         self.step += 1
         return kind, tokens, plen, rlen, cut

@@ -4,7 +4,9 @@
 
 At the server's defaults (dual cache, threshold 0.9, canvas 128, block 32, T=0, early stop),
 batch 16: every held-out addition, count and polite-answer prompt (``tasks.held_out_*``) and
-96 training additions (seed 0), exact match; counts also "to b" (right up to b, stopped or not).
+96 training additions (seed 0), exact match; counts also "to b" (right up to b, stopped or not);
+the polite answer also by the prompt's kind (``tasks.help_kind``: an out-of-range sum, a count
+with a number past 99, another count out of range, another operator, anything else).
 "EOT at b" probes the model directly on 32 held-out counts (seed 0): the reply shown up to b,
 every later position of the 128-position canvas masked (the state in which block decoding
 decides where a count stops), and how often the argmax right after b is ``<|eot_id|>``; and how often it is
@@ -50,8 +52,12 @@ def score(path) -> str:
     probe = tasks.held_out_counts(32, seed=0)
     hits, probs = eot_at_b(model, probe)
     early = [f"{n}/{len(p)}" for n, p in (eot_at_b(model, probe, before=k) for k in (1, 3))]
+    kinds = [tasks.help_kind(e.prompt) for e in helps]
+    by_kind = ", ".join(f"{k} {sum(c for c, j in zip(rh.correct, kinds) if j == k)}/{kinds.count(k)}"
+                        for k in ("sum", "count_big", "count", "op", "other"))
     return (f"{path}: held-out adds {ra.accuracy:.1%}  training adds {rt.accuracy:.1%}  held-out counts exact "
-            f"{rc.accuracy:.1%} (to b {rc.prefix_accuracy:.1%})  polite answer {rh.accuracy:.1%}  EOT at b {hits}/32 "
+            f"{rc.accuracy:.1%} (to b {rc.prefix_accuracy:.1%})  polite answer {rh.accuracy:.1%} ({by_kind})  "
+            f"EOT at b {hits}/32 "
             f"(p(EOT) {min(probs):.3f}-{max(probs):.3f}), at b-1 {early[0]}, at b-3 {early[1]}")
 
 

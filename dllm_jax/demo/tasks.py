@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import zlib
 from typing import Iterable, Sequence
 
@@ -114,6 +115,18 @@ _QUESTIONS = ("How are you?", "Who made you?", "Why is the sky blue?", "Where am
               "Good night", "Tell me more", "ok", "yes", "no", "?", "asdf", "hmm", "test", "Add numbers",
               "Count", "Count to ten.", "What is?", "Count from a to b.", "What is a+b?", "Translate hello",
               "Speak French", "Play a game", "Sum 3 and 4", "How do I count?", "What is one plus two?")
+
+
+def help_kind(prompt: str) -> str:
+    """What a polite-answer prompt looks like: "sum" (an addition with a number past 99), "count"
+    (a count out of range), "count_big" (one with a number past 99), "op" (another operator on
+    numbers) or "other"."""
+    if re.fullmatch(r"What is \d+\+\d+\?", prompt):
+        return "sum"
+    m = re.fullmatch(r"Count from (\d+) to (\d+)\.", prompt)
+    if m:
+        return "count_big" if max(int(m[1]), int(m[2])) > 99 else "count"
+    return "op" if re.fullmatch(r"What is \d+[-*/x]\d+\?", prompt) else "other"
 
 
 def help_held_out(prompt: str) -> bool:

@@ -19,8 +19,11 @@ decides to go on or stop) and, from step ``global_start`` on, also at 0 (the sta
 starts from) or after any of its numbers (the global cuts). Then a second phase of
 ``finetune_steps`` with a fresh schedule: the global cuts at once, 10 % of the short lane's rows
 additions, and half the long and short lanes' addition rows cut at 0 (the first state of a sum in
-those canvases). Trained from the start, those rows keep the counts from learning where to stop
-(docs/performance.md). Tasks, the fixed polite answer for everything else, and the held-out
+those canvases); and the first state of the polite answer to an out-of-range sum: 10 % of the
+addition lane's rows are such sums (their reply the polite answer's first tokens), and half of
+their polite rows in the long and short lanes are cut at 0. Trained from the start, the cuts at
+0 keep the counts from learning where to stop; other polite rows cut at 0 cost the counts too
+(``finetune_big_cut0``, ``finetune_other_cut0``: docs/performance.md). Tasks, the fixed polite answer for everything else, and the held-out
 splits: ``dllm_jax.demo.tasks``. The recipes tried and not kept are in docs/performance.md,
 "Demo model", with the commits that ran them.
 
@@ -84,12 +87,16 @@ class TrainConfig:
     global_cut: float = 0.5      # share of the cut count rows cut at 0 or after any number ...
     global_start: int = 2400     # ... from this step on (the sums are learnt first)
     cut_near: int = 4            # most "go on" cuts are after one of the cut_near numbers before b
-    finetune_steps: int = 1200   # a second phase on the first one's model: a fresh AdamW schedule ...
+    finetune_steps: int = 1500   # a second phase on the first one's model: a fresh AdamW schedule ...
     finetune_lr: float = 3e-4
     finetune_warmup: int = 50
     finetune_seed: int = 1       # ... its own batches and masks, the global cuts from its first step ...
     finetune_add_cut0: float = 0.5  # ... and this share of the other lanes' addition rows cut at 0
-    finetune_short_adds: float = 0.1  # ... and this share of the short lane's rows additions (canvas 64)
+    finetune_short_adds: float = 0.1  # ... and this share of the short lane's rows additions (canvas 64) ...
+    finetune_add_help: float = 0.1  # ... and this share of the addition lane's rows out-of-range sums ...
+    finetune_sum_cut0: float = 0.5  # ... and these shares of the polite rows cut at 0: out-of-range sums,
+    finetune_big_cut0: float = 0.0  # counts with a number past 99 (0.5 costs the counts' target: docs),
+    finetune_other_cut0: float = 0.0  # other operators and requests (the same)
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 6
@@ -119,7 +126,9 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transforme
     (or ``init``, which skips this phase), then ``cfg.finetune_steps`` more with a fresh schedule
     (``cfg.finetune_lr``), where the global cuts start at once, a share ``cfg.finetune_short_adds``
     of the short lane's rows are additions and a share ``cfg.finetune_add_cut0`` of the long and
-    short lanes' addition rows is cut at 0.
+    short lanes' addition rows is cut at 0; a share ``cfg.finetune_add_help`` of the addition
+    lane's rows are out-of-range sums, and the polite rows are cut at 0 by the prompt's kind
+    (``cfg.finetune_sum_cut0``, ``finetune_big_cut0``, ``finetune_other_cut0``).
 
     ``after_first(config, model, history)``, if given, is called between the phases (not when
     ``init`` skips the first). Returns (LLaDAConfig, trained Transformer, history of (step, loss,
@@ -135,7 +144,10 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transforme
             after_first(config, model, history)
     if cfg.finetune_steps > 0:
         fine = dataclasses.replace(cfg, seed=cfg.finetune_seed, global_start=0)
-        batches = Batches(tokenizer, fine, add_cut0=cfg.finetune_add_cut0, short_adds=cfg.finetune_short_adds)
+        help_cut0 = {"sum": cfg.finetune_sum_cut0, "count_big": cfg.finetune_big_cut0,
+                     "op": cfg.finetune_other_cut0, "other": cfg.finetune_other_cut0}
+        batches = Batches(tokenizer, fine, add_cut0=cfg.finetune_add_cut0, short_adds=cfg.finetune_short_adds,
+                          help_cut0=help_cut0, add_help=cfg.finetune_add_help)
         fit(model, batches, cfg.finetune_steps, cfg.finetune_lr, cfg.finetune_warmup, fine, history, log_every)
     return config, model, history
 
