@@ -130,9 +130,10 @@ def test_training_runs_and_round_trips(tmp_path):
 def test_second_phase(tmp_path):
     """The second phase's batches cut some other-lane addition rows at 0 and leave the rest i.i.d.,
     cut polite-answer rows at 0 by kind (never a count out of range in 0-99), and put out-of-range
-    sums in the addition lane with the polite answer's first tokens; the two phases in one run equal the first phase written, loaded back and given as ``init``
-    (``--init``: how the second phase of the shipped model was checked on its own), and the command
-    line writes the same bytes, the first phase too with ``--first-out``."""
+    sums in the addition lane with the polite answer's first tokens; the two phases in one run
+    equal the first phase written, loaded back and given as ``init`` (``--init``: how the second
+    phase of the shipped model was checked on its own), and the command line writes the same
+    bytes, the first phase too with ``--first-out``."""
     cfg = demo_train.TrainConfig(steps=2, batch=8, short_batch=4, add_batch=4, d_model=32, n_layers=1, n_heads=2,
                                  mlp_hidden_size=64, warmup=1, finetune_steps=2, finetune_warmup=1)
     tok = demo_train.train_tokenizer(cfg.vocab_size, polite=True)  # as the command line trains it
@@ -192,15 +193,15 @@ def jax_leaves(tree):
 # match (a count must stop at b). Bounds: (additions, counts, polite answer) out of 16, what each
 # setting got on the shipped model (docs/performance.md, "Demo model") less two misses.
 CASES = [
-    ("basic", {"threshold": None}, (13, 14, 9)),
-    ("no_cache", {"threshold": 0.9}, (14, 14, 6)),
-    ("prefix_cache", {"threshold": 0.9}, (14, 14, 6)),
-    ("dual_cache", {"threshold": None}, (14, 14, 8)),
-    ("dual_cache", {"threshold": 0.9}, (14, 14, 6)),
-    ("dual_cache", {"threshold": None, "factor": 2.0}, (14, 13, 6)),
-    ("dinfer_blockwise", {}, (14, 14, 6)),
-    ("dinfer_hierarchy", {}, (14, 14, 6)),
-    ("dinfer_credit", {}, (14, 12, 5)),
+    ("basic", {"threshold": None}, (14, 14, 10)),
+    ("no_cache", {"threshold": 0.9}, (14, 13, 10)),
+    ("prefix_cache", {"threshold": 0.9}, (14, 13, 10)),
+    ("dual_cache", {"threshold": None}, (14, 14, 11)),
+    ("dual_cache", {"threshold": 0.9}, (14, 13, 10)),
+    ("dual_cache", {"threshold": None, "factor": 2.0}, (14, 12, 11)),
+    ("dinfer_blockwise", {}, (14, 13, 10)),
+    ("dinfer_hierarchy", {}, (14, 13, 10)),
+    ("dinfer_credit", {}, (14, 13, 9)),
 ]
 
 
