@@ -23,9 +23,9 @@ those canvases); and the first state of the polite answer to an out-of-range sum
 addition lane's rows are such sums (their reply the polite answer's first tokens), and half of
 their polite rows in the long and short lanes are cut at 0. Trained from the start, the cuts at
 0 keep the counts from learning where to stop; other polite rows cut at 0 cost the counts too
-(``finetune_big_cut0``, ``finetune_other_cut0``: docs/performance.md). Tasks, the fixed polite answer for everything else, and the held-out
-splits: ``dllm_jax.demo.tasks``. The recipes tried and not kept are in docs/performance.md,
-"Demo model", with the commits that ran them.
+(``finetune_big_cut0``, ``finetune_other_cut0``: docs/performance.md). Tasks, the fixed polite
+answer for everything else, and the held-out splits: ``dllm_jax.demo.tasks``. The recipes
+tried and not kept are in docs/performance.md, "Demo model", with the commits that ran them.
 
 The output is an HF-format directory (``config.json``, ``model.safetensors`` with LLaDA's
 key names, tokenizer files with a LLaDA chat template) that ``dllm_jax.load`` and
