@@ -55,7 +55,8 @@ class Batches:
         self.sets = {name: encode(tokenizer, group) for name, group in training.items()}
         self.help_kind = [tasks.help_kind(e.prompt) for e in training.get("help", [])]
         if add_help:
-            self.sets["sum_help"] = encode(tokenizer, [e for e in training["help"] if tasks.help_kind(e.prompt) == "sum"])
+            sums = [e for e, k in zip(training["help"], self.help_kind, strict=True) if k == "sum"]
+            self.sets["sum_help"] = encode(tokenizer, sums)
         self.rng = np.random.default_rng(cfg.seed)
         self.ends = [number_ends(tokenizer, r) for r in self.sets["count"].replies]
         mix = {"long": {"add": 0.25, "count": 0.60, "chat": 0.15}, "short": {"count": 0.85, "chat": 0.15}}
