@@ -19,6 +19,7 @@ from benchmarks.demo_add_misses import kinds
 from benchmarks.demo_counts import outcome
 from dllm_jax.demo import evaluate, tasks
 from dllm_jax.demo import train as demo_train
+from dllm_jax.demo.score import subkind
 from dllm_jax.demo.tokenizer import EOT
 
 
@@ -58,6 +59,8 @@ def test_tasks_split():
                                          "Count from 90 to 120.", "What is 7*8?", "Tell me a joke", "What is a+b?")] \
         == ["sum", "count", "count", "count_big", "op", "other", "other"]
     assert {tasks.help_kind(p) for p in helps} == {"sum", "count", "count_big", "op", "other"}
+    assert [subkind(p) for p in ("Count from 5 to 80.", "Count from 9 to 3.", "Count from 7 to 7.", "Hi")] \
+        == ["count_long", "count_back", "count_back", "other"]
 
 
 def test_shipped_demo_model(demo):
@@ -129,8 +132,8 @@ def test_training_runs_and_round_trips(tmp_path):
 
 def test_second_phase(tmp_path):
     """The second phase's batches cut some other-lane addition rows at 0 and leave the rest i.i.d.,
-    cut polite-answer rows at 0 by kind (never a count out of range in 0-99), and put out-of-range
-    sums in the addition lane with the polite answer's first tokens; the two phases in one run
+    cut polite-answer rows at 0 by kind, and put in the addition lane out-of-range sums and counts
+    with the polite answer's first tokens and training counts with theirs; the two phases in one run
     equal the first phase written, loaded back and given as ``init`` (``--init``: how the second
     phase of the shipped model was checked on its own), and the command line writes the same
     bytes, the first phase too with ``--first-out``."""
@@ -138,26 +141,33 @@ def test_second_phase(tmp_path):
                                  mlp_hidden_size=64, warmup=1, finetune_steps=2, finetune_warmup=1)
     tok = demo_train.train_tokenizer(cfg.vocab_size, polite=True)  # as the command line trains it
     fine = dataclasses.replace(cfg, seed=cfg.finetune_seed, global_start=0)
-    help_cut0 = {"sum": 0.5, "count_big": 0.5, "op": 0.5, "other": 0.5}
+    help_cut0 = {"sum": 0.5, "count_big": 0.5, "count": 0.5, "op": 0.5, "other": 0.5}
     first = demo_train.Batches(tok, cfg)
-    later = demo_train.Batches(tok, fine, add_cut0=cfg.finetune_add_cut0, help_cut0=help_cut0, add_help=0.25)
+    later = demo_train.Batches(tok, fine, add_cut0=cfg.finetune_add_cut0, help_cut0=help_cut0, add_help=0.25,
+                               count_help=0.25, count_in=0.25)
     seen = {True: set(), False: set()}
     polite = {True: set(), False: set()}  # (lane is "add", the prompt's kind, cut)
+    counted = {True: 0, False: 0}  # training counts in the addition lane
     for batches, phase2 in ((first, False), (later, True)):
         for _ in range(96):
             kind, tokens, plen, _, cut = batches.next()
             for row, p, c in zip(tokens, plen, cut):
                 prompt = tok.decode(row[:p]).split("\n\n")[1].split("<|eot_id|>")[0]
+                reply = tok.decode(row[p:], skip_special_tokens=True)
                 if tok.decode(row[p:p + 1]).startswith("Sorry"):
                     polite[phase2].add((kind == "add", tasks.help_kind(prompt), int(c)))
                     assert kind != "add" or tok.decode(row[p:]) == tasks.SORRY[:len(tok.decode(row[p:]))]
                 elif "+" in prompt and kind != "add":  # an addition row of another lane
                     seen[phase2].add(int(c))
+                elif prompt.startswith("Count") and kind == "add":
+                    assert c == 0 and tasks.count_in_range(*tasks.count_bounds(prompt))
+                    assert reply == tasks.count_reply(*tasks.count_bounds(prompt)), (prompt, reply)
+                    counted[phase2] += 1
     assert seen[False] == {-1} and seen[True] == {-1, 0}
     assert {(lane, c) for lane, _, c in polite[False]} == {(False, -1)}
-    assert {k for lane, k, _ in polite[True] if lane} == {"sum"}
-    assert {(k, c) for lane, k, c in polite[True] if not lane} == {(k, c) for k in help_cut0 for c in (-1, 0)} | {
-        ("count", -1)}
+    assert {k for lane, k, _ in polite[True] if lane} == {"sum", "count"}
+    assert counted[False] == 0 and counted[True] > 0
+    assert {(k, c) for lane, k, c in polite[True] if not lane} == {(k, c) for k in help_cut0 for c in (-1, 0)}
     _, both, _ = demo_train.train(cfg, tok)
     config, one, _ = demo_train.train(dataclasses.replace(cfg, finetune_steps=0), tok)
     loaded = dllm_jax.load(demo_train.write(tmp_path / "first", config, one, tok, {}))

@@ -45,10 +45,15 @@ class Batches:
     in the long and short lanes cut at 0. ``add_help``: the share of the "add" lane's rows that are
     out-of-range sums, their reply the polite answer's first tokens, as many as the canvas holds
     (the second phase: the first state of a prompt that looks like a sum, where the sums are learnt).
+    ``count_help``: the share of the "add" lane's rows that are counts out of range within 0-99
+    (backwards or too long, ``help_kind`` "count"), their reply the polite answer's first tokens;
+    ``count_in``: the share that are training counts whose whole reply fits the canvas (the first
+    state of both, told apart by comparing the prompt's numbers).
     """
 
     def __init__(self, tokenizer, cfg, add_cut0: float = 0.0, short_adds: float = 0.0,
-                 help_cut0: dict[str, float] | None = None, add_help: float = 0.0):
+                 help_cut0: dict[str, float] | None = None, add_help: float = 0.0, count_help: float = 0.0,
+                 count_in: float = 0.0):
         self.cfg, self.add_cut0, self.help_cut0 = cfg, add_cut0, help_cut0 or {}
         h = cfg.help_share
         training = tasks.training_set(h > 0)
@@ -57,13 +62,17 @@ class Batches:
         if add_help:
             sums = [e for e, k in zip(training["help"], self.help_kind, strict=True) if k == "sum"]
             self.sets["sum_help"] = encode(tokenizer, sums)
+        if count_help:
+            outside = [e for e, k in zip(training["help"], self.help_kind, strict=True) if k == "count"]
+            self.sets["count_help"] = encode(tokenizer, outside)
         self.rng = np.random.default_rng(cfg.seed)
         self.ends = [number_ends(tokenizer, r) for r in self.sets["count"].replies]
         mix = {"long": {"add": 0.25, "count": 0.60, "chat": 0.15}, "short": {"count": 0.85, "chat": 0.15}}
         if short_adds:  # (the second phase) additions in the short lane too
             mix["short"] = {"add": short_adds, **{n: v * (1 - short_adds) for n, v in mix["short"].items()}}
         mix = {k: {**{n: v * (1 - h) for n, v in m.items()}, **({"help": h} if h else {})} for k, m in mix.items()}
-        mix["add"] = {"add": 1.0 - add_help, **({"sum_help": add_help} if add_help else {})}
+        mix["add"] = {"add": 1.0 - add_help - count_help - count_in, **({"sum_help": add_help} if add_help else {}),
+                      **({"count_help": count_help} if count_help else {}), **({"count": count_in} if count_in else {})}
         self.mix = {k: {n: v / sum(m.values()) for n, v in m.items()} for k, m in mix.items()}
         self.max_prompt = {k: max(max(map(len, self.sets[n].prompts)) for n in m) for k, m in self.mix.items()}
         self.canvas = {"long": cfg.long_canvas, "short": cfg.short_canvas, "add": cfg.add_canvas}
@@ -109,7 +118,7 @@ class Batches:
                 data = self.sets[name]
                 i = rng.integers(len(data.prompts))
                 p, a = data.prompts[i], data.replies[i]
-                if name == "sum_help":  # as much of the polite answer as the canvas holds, no end
+                if name.endswith("_help"):  # as much of the polite answer as the canvas holds, no end
                     a = a[:seq_len - len(p)]
                     break
                 if len(p) + len(a) < seq_len:  # room for at least one <|endoftext|>

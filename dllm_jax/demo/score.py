@@ -6,7 +6,8 @@ At the server's defaults (dual cache, threshold 0.9, canvas 128, block 32, T=0, 
 batch 16: every held-out addition, count and polite-answer prompt (``tasks.held_out_*``) and
 96 training additions (seed 0), exact match; counts also "to b" (right up to b, stopped or not);
 the polite answer also by the prompt's kind (``tasks.help_kind``: an out-of-range sum, a count
-with a number past 99, another count out of range, another operator, anything else).
+with a number past 99, another count out of range, backwards or too long, another operator,
+anything else).
 "EOT at b" probes the model directly on 32 held-out counts (seed 0): the reply shown up to b,
 every later position of the 128-position canvas masked (the state in which block decoding
 decides where a count stops), and how often the argmax right after b is ``<|eot_id|>``; and how often it is
@@ -44,6 +45,15 @@ def eot_at_b(model, examples, canvas: int = 128, before: int = 0) -> tuple[int, 
     return hits, probs
 
 
+def subkind(prompt: str) -> str:
+    """``tasks.help_kind``, a count out of range within 0-99 split: backwards or too long."""
+    kind = tasks.help_kind(prompt)
+    if kind != "count":
+        return kind
+    a, b = tasks.count_bounds(prompt)
+    return "count_back" if b <= a else "count_long"
+
+
 def score(path) -> str:
     model = load(path)
     adds, counts, helps = tasks.held_out_additions(), tasks.held_out_counts(), tasks.held_out_helps()
@@ -52,9 +62,9 @@ def score(path) -> str:
     probe = tasks.held_out_counts(32, seed=0)
     hits, probs = eot_at_b(model, probe)
     early = [f"{n}/{len(p)}" for n, p in (eot_at_b(model, probe, before=k) for k in (1, 3))]
-    kinds = [tasks.help_kind(e.prompt) for e in helps]
+    kinds = [subkind(e.prompt) for e in helps]
     by_kind = ", ".join(f"{k} {sum(c for c, j in zip(rh.correct, kinds) if j == k)}/{kinds.count(k)}"
-                        for k in ("sum", "count_big", "count", "op", "other"))
+                        for k in ("sum", "count_big", "count_back", "count_long", "op", "other"))
     return (f"{path}: held-out adds {ra.accuracy:.1%}  training adds {rt.accuracy:.1%}  held-out counts exact "
             f"{rc.accuracy:.1%} (to b {rc.prefix_accuracy:.1%})  polite answer {rh.accuracy:.1%} ({by_kind})  "
             f"EOT at b {hits}/32 "

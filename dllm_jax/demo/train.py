@@ -96,7 +96,10 @@ class TrainConfig:
     finetune_add_help: float = 0.1  # ... and this share of the addition lane's rows out-of-range sums ...
     finetune_sum_cut0: float = 0.5  # ... and these shares of the polite rows cut at 0: out-of-range sums,
     finetune_big_cut0: float = 0.0  # counts with a number past 99 (0.5 costs the counts' target: docs),
-    finetune_other_cut0: float = 0.0  # other operators and requests (the same)
+    finetune_other_cut0: float = 0.0  # other operators and requests (the same),
+    finetune_count_cut0: float = 0.0  # counts out of range within 0-99 (backwards or too long) ...
+    finetune_count_help: float = 0.0  # ... and these shares of the addition lane's rows: those counts,
+    finetune_count_in: float = 0.0  # training counts that fit its canvas
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 6
@@ -127,8 +130,9 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transforme
     (``cfg.finetune_lr``), where the global cuts start at once, a share ``cfg.finetune_short_adds``
     of the short lane's rows are additions and a share ``cfg.finetune_add_cut0`` of the long and
     short lanes' addition rows is cut at 0; a share ``cfg.finetune_add_help`` of the addition
-    lane's rows are out-of-range sums, and the polite rows are cut at 0 by the prompt's kind
-    (``cfg.finetune_sum_cut0``, ``finetune_big_cut0``, ``finetune_other_cut0``).
+    lane's rows are out-of-range sums (``finetune_count_help``: counts out of range within 0-99;
+    ``finetune_count_in``: training counts), and the polite rows are cut at 0 by the prompt's kind
+    (``cfg.finetune_sum_cut0``, ``finetune_big_cut0``, ``finetune_count_cut0``, ``finetune_other_cut0``).
 
     ``after_first(config, model, history)``, if given, is called between the phases (not when
     ``init`` skips the first). Returns (LLaDAConfig, trained Transformer, history of (step, loss,
@@ -145,9 +149,10 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transforme
     if cfg.finetune_steps > 0:
         fine = dataclasses.replace(cfg, seed=cfg.finetune_seed, global_start=0)
         help_cut0 = {"sum": cfg.finetune_sum_cut0, "count_big": cfg.finetune_big_cut0,
-                     "op": cfg.finetune_other_cut0, "other": cfg.finetune_other_cut0}
+                     "count": cfg.finetune_count_cut0, "op": cfg.finetune_other_cut0, "other": cfg.finetune_other_cut0}
         batches = Batches(tokenizer, fine, add_cut0=cfg.finetune_add_cut0, short_adds=cfg.finetune_short_adds,
-                          help_cut0=help_cut0, add_help=cfg.finetune_add_help)
+                          help_cut0=help_cut0, add_help=cfg.finetune_add_help, count_help=cfg.finetune_count_help,
+                          count_in=cfg.finetune_count_in)
         fit(model, batches, cfg.finetune_steps, cfg.finetune_lr, cfg.finetune_warmup, fine, history, log_every)
     return config, model, history
 
