@@ -99,7 +99,7 @@ class TrainConfig:
     finetune_other_cut0: float = 0.0  # other operators and requests (the same),
     finetune_count_cut0: float = 0.0  # counts out of range within 0-99 (backwards or too long) ...
     finetune_count_help: float = 0.0  # ... and these shares of the addition lane's rows: those counts,
-    finetune_count_in: float = 0.0  # training counts that fit its canvas
+    finetune_count_in: float = 0.0  # training counts that fit its canvas (off: every setting tried costs the counts)
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 6
