@@ -59,20 +59,20 @@ class Batches:
         training = tasks.training_set(h > 0)
         self.sets = {name: encode(tokenizer, group) for name, group in training.items()}
         self.help_kind = [tasks.help_kind(e.prompt) for e in training.get("help", [])]
-        if add_help:
-            sums = [e for e, k in zip(training["help"], self.help_kind, strict=True) if k == "sum"]
-            self.sets["sum_help"] = encode(tokenizer, sums)
-        if count_help:
-            outside = [e for e, k in zip(training["help"], self.help_kind, strict=True) if k == "count"]
-            self.sets["count_help"] = encode(tokenizer, outside)
+        # the "add" lane's rows besides the additions: polite rows of one kind, and training counts
+        extra = {"sum_help": ("sum", add_help), "count_help": ("count", count_help), "count": (None, count_in)}
+        for name, (help_kind, share) in extra.items():
+            if share and help_kind:
+                rows = [e for e, k in zip(training["help"], self.help_kind, strict=True) if k == help_kind]
+                self.sets[name] = encode(tokenizer, rows)
         self.rng = np.random.default_rng(cfg.seed)
         self.ends = [number_ends(tokenizer, r) for r in self.sets["count"].replies]
         mix = {"long": {"add": 0.25, "count": 0.60, "chat": 0.15}, "short": {"count": 0.85, "chat": 0.15}}
         if short_adds:  # (the second phase) additions in the short lane too
             mix["short"] = {"add": short_adds, **{n: v * (1 - short_adds) for n, v in mix["short"].items()}}
         mix = {k: {**{n: v * (1 - h) for n, v in m.items()}, **({"help": h} if h else {})} for k, m in mix.items()}
-        mix["add"] = {"add": 1.0 - add_help - count_help - count_in, **({"sum_help": add_help} if add_help else {}),
-                      **({"count_help": count_help} if count_help else {}), **({"count": count_in} if count_in else {})}
+        mix["add"] = {"add": 1.0 - add_help - count_help - count_in,
+                      **{name: share for name, (_, share) in extra.items() if share}}
         self.mix = {k: {n: v / sum(m.values()) for n, v in m.items()} for k, m in mix.items()}
         self.max_prompt = {k: max(max(map(len, self.sets[n].prompts)) for n in m) for k, m in self.mix.items()}
         self.canvas = {"long": cfg.long_canvas, "short": cfg.short_canvas, "add": cfg.add_canvas}
@@ -118,7 +118,7 @@ class Batches:
                 data = self.sets[name]
                 i = rng.integers(len(data.prompts))
                 p, a = data.prompts[i], data.replies[i]
-                if name.endswith("_help"):  # as much of the polite answer as the canvas holds, no end
+                if name in ("sum_help", "count_help"):  # as much of the polite answer as the canvas holds, no end
                     a = a[:seq_len - len(p)]
                     break
                 if len(p) + len(a) < seq_len:  # room for at least one <|endoftext|>
