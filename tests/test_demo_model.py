@@ -187,6 +187,30 @@ def test_second_phase(tmp_path):
         assert got == want, cli
 
 
+def test_first_phase_count_rows():
+    """The first phase's ``count_help`` and ``count_cut0`` apply from ``global_start`` on: before it
+    the addition lane holds only additions and no polite row is cut at 0; after it, counts out of
+    range within 0-99 with the polite answer's first tokens, and their other rows cut at 0 too. Off
+    (the shipped recipe), the batches are the plain ones, draw for draw."""
+    cfg = demo_train.TrainConfig(batch=8, short_batch=4, add_batch=8, global_start=40)
+    tok = demo_train.train_tokenizer(cfg.vocab_size, polite=True)
+    on = demo_train.Batches(tok, cfg, help_cut0={"count": 1.0}, count_help=0.5, extra_from=cfg.global_start)
+    found = {False: set(), True: set()}  # (lane is "add", cut) of the polite count rows, before / after
+    for step in range(80):
+        kind, tokens, plen, _, cut = on.next()
+        for row, p, c in zip(tokens, plen, cut):
+            prompt = tok.decode(row[:p]).split("\n\n")[1].split("<|eot_id|>")[0]
+            if kind == "add" and step < cfg.global_start:
+                assert "+" in prompt, prompt
+            if tasks.help_kind(prompt) == "count" and tok.decode(row[p:p + 1]).startswith("Sorry"):
+                found[step >= cfg.global_start].add((kind == "add", int(c)))
+    assert found[False] == {(False, -1)} and found[True] == {(True, 0), (False, 0)}
+    off = [demo_train.Batches(tok, cfg), demo_train.Batches(tok, cfg, help_cut0={"count": 0.0}, extra_from=40)]
+    for _ in range(60):
+        a, b = (x.next() for x in off)
+        assert a[0] == b[0] and all(np.array_equal(x, y) for x, y in zip(a[1:], b[1:]))
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_keep_freed_memory():
     """The command line's allocator settings take (in a child process: this one keeps its own)."""

@@ -48,13 +48,15 @@ class Batches:
     ``count_help``: the share of the "add" lane's rows that are counts out of range within 0-99
     (backwards or too long, ``help_kind`` "count"), their reply the polite answer's first tokens;
     ``count_in``: the share that are training counts whose whole reply fits the canvas (the first
-    state of both, told apart by comparing the prompt's numbers).
+    state of both, told apart by comparing the prompt's numbers). ``extra_from``: the step from
+    which ``help_cut0``, ``add_help``, ``count_help`` and ``count_in`` apply (before it, nothing of
+    theirs is drawn; the first phase's ``count_help`` and ``count_cut0``).
     """
 
     def __init__(self, tokenizer, cfg, add_cut0: float = 0.0, short_adds: float = 0.0,
                  help_cut0: dict[str, float] | None = None, add_help: float = 0.0, count_help: float = 0.0,
-                 count_in: float = 0.0):
-        self.cfg, self.add_cut0, self.help_cut0 = cfg, add_cut0, help_cut0 or {}
+                 count_in: float = 0.0, extra_from: int = 0):
+        self.cfg, self.add_cut0, self.help_cut0, self.extra_from = cfg, add_cut0, help_cut0 or {}, extra_from
         h = cfg.help_share
         training = tasks.training_set(h > 0)
         self.sets = {name: encode(tokenizer, group) for name, group in training.items()}
@@ -71,6 +73,8 @@ class Batches:
         if short_adds:  # (the second phase) additions in the short lane too
             mix["short"] = {"add": short_adds, **{n: v * (1 - short_adds) for n, v in mix["short"].items()}}
         mix = {k: {**{n: v * (1 - h) for n, v in m.items()}, **({"help": h} if h else {})} for k, m in mix.items()}
+        self.base_mix = {**{k: {n: v / sum(m.values()) for n, v in m.items()} for k, m in mix.items()},
+                         "add": {"add": 1.0}}
         mix["add"] = {"add": 1.0 - add_help - count_help - count_in,
                       **{name: share for name, (_, share) in extra.items() if share}}
         self.mix = {k: {n: v / sum(m.values()) for n, v in m.items()} for k, m in mix.items()}
@@ -105,8 +109,10 @@ class Batches:
         u = rng.random()
         kind = "add" if u < cfg.add_fraction else "short" if u < cfg.add_fraction + cfg.short_fraction else "long"
         seq_len = self.length(kind)
-        names = list(self.mix[kind])
-        probs = np.array([self.mix[kind][n] for n in names])
+        extra = self.step >= self.extra_from
+        mix = (self.mix if extra else self.base_mix)[kind]
+        names = list(mix)
+        probs = np.array([mix[n] for n in names])
         rows = self.rows[kind]
         tokens = np.full((rows, seq_len), EOS, np.int32)
         plen = np.zeros(rows, np.int32)
@@ -130,7 +136,7 @@ class Batches:
             # in a long canvas; the rest keep i.i.d. masks, where the pads come first). With add_cut0 = 0
             # nothing is drawn, so the first phase's random stream is unchanged
             add0 = kind == "add" or (name == "add" and self.add_cut0 > 0 and rng.random() < self.add_cut0)
-            share = self.help_cut0.get(self.help_kind[i], 0.0) if name == "help" else 0.0
+            share = self.help_cut0.get(self.help_kind[i], 0.0) if name == "help" and extra else 0.0
             if share > 0:  # (the second phase) a polite-answer row's first state, by the prompt's kind
                 add0 = rng.random() < share
             plen[r], rlen[r], cut[r] = len(p), len(a), 0 if add0 else self.cut(name, i)

@@ -10,7 +10,7 @@ the reply.
   combination). The model before issue 25 held out (a + 2b) % 10 == 3, which holds out whole
   units-digit pairs (7+3, 1+1, ...): a carry it never saw.
 - ``Count from {a} to {b}.`` -> ``{a}, {a+1}, ..., {b}`` for 0 <= a < b <= 99, b - a <= 30 (with
-  one token per number after the first, replies of 2-32 tokens). Pairs with (3a + b) % 10 == 7
+  one token per number and per ", ", replies of 3-61 tokens and the <|eot_id|>). Pairs with (3a + b) % 10 == 7
   are held out.
 - A few fixed chat turns (greetings, "what can you do?") so the first reply a newcomer gets
   tells them what to ask.

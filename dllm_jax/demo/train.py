@@ -87,6 +87,8 @@ class TrainConfig:
     global_cut: float = 0.5      # share of the cut count rows cut at 0 or after any number ...
     global_start: int = 2400     # ... from this step on (the sums are learnt first)
     cut_near: int = 4            # most "go on" cuts are after one of the cut_near numbers before b
+    count_help: float = 0.0      # from global_start, this share of the addition lane's rows counts out of
+    count_cut0: float = 0.0      # range within 0-99, and this share of their polite rows cut at 0 (off: docs)
     finetune_steps: int = 1500   # a second phase on the first one's model: a fresh AdamW schedule ...
     finetune_lr: float = 3e-4
     finetune_warmup: int = 50
@@ -133,6 +135,8 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transforme
     lane's rows are out-of-range sums (``finetune_count_help``: counts out of range within 0-99;
     ``finetune_count_in``: training counts), and the polite rows are cut at 0 by the prompt's kind
     (``cfg.finetune_sum_cut0``, ``finetune_big_cut0``, ``finetune_count_cut0``, ``finetune_other_cut0``).
+    The first phase's ``cfg.count_help`` and ``cfg.count_cut0`` (off by default) do the same for
+    counts out of range within 0-99 from step ``cfg.global_start`` on.
 
     ``after_first(config, model, history)``, if given, is called between the phases (not when
     ``init`` skips the first). Returns (LLaDAConfig, trained Transformer, history of (step, loss,
@@ -143,7 +147,9 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transforme
     model = init
     if model is None:
         model = Transformer(config.spec(), dtype=jnp.float32, rngs=nnx.Rngs(cfg.seed))
-        fit(model, Batches(tokenizer, cfg), cfg.steps, cfg.lr, cfg.warmup, cfg, history, log_every)
+        batches = Batches(tokenizer, cfg, help_cut0={"count": cfg.count_cut0}, count_help=cfg.count_help,
+                          extra_from=cfg.global_start)
+        fit(model, batches, cfg.steps, cfg.lr, cfg.warmup, cfg, history, log_every)
         if after_first is not None:
             after_first(config, model, history)
     if cfg.finetune_steps > 0:
