@@ -29,6 +29,11 @@ def number_ends(tokenizer, reply: list[int]) -> list[int]:
     return [i + 1 for i in range(len(reply)) if text[i][-1:].isdigit() and not text[i + 1][:1].isdigit()]
 
 
+def normalised(mix: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Each lane's shares scaled to sum to 1."""
+    return {k: {n: v / sum(m.values()) for n, v in m.items()} for k, m in mix.items()}
+
+
 class Batches:
     """Deterministic training batches: [B, L] tokens, [B] prompt and reply (with ``<|eot_id|>``) lengths.
 
@@ -73,11 +78,10 @@ class Batches:
         if short_adds:  # (the second phase) additions in the short lane too
             mix["short"] = {"add": short_adds, **{n: v * (1 - short_adds) for n, v in mix["short"].items()}}
         mix = {k: {**{n: v * (1 - h) for n, v in m.items()}, **({"help": h} if h else {})} for k, m in mix.items()}
-        self.base_mix = {**{k: {n: v / sum(m.values()) for n, v in m.items()} for k, m in mix.items()},
-                         "add": {"add": 1.0}}
+        self.base_mix = normalised({**mix, "add": {"add": 1.0}})
         mix["add"] = {"add": 1.0 - add_help - count_help - count_in,
                       **{name: share for name, (_, share) in extra.items() if share}}
-        self.mix = {k: {n: v / sum(m.values()) for n, v in m.items()} for k, m in mix.items()}
+        self.mix = normalised(mix)
         self.max_prompt = {k: max(max(map(len, self.sets[n].prompts)) for n in m) for k, m in self.mix.items()}
         self.canvas = {"long": cfg.long_canvas, "short": cfg.short_canvas, "add": cfg.add_canvas}
         self.rows = {"long": cfg.batch, "short": cfg.short_batch, "add": cfg.add_batch}
