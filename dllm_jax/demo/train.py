@@ -104,7 +104,6 @@ class TrainConfig:
     finetune_count_cut0: float = 0.0  # counts out of range within 0-99 (backwards or too long) ...
     finetune_count_help: float = 0.0  # ... and these shares of the addition lane's rows: those counts,
     finetune_count_in: float = 0.0  # training counts that fit its canvas (off: every setting tried costs the counts)
-    number_init: float = 0.0     # the numbers 0-99 start with their value along one embedding direction (0: off)
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 6
@@ -150,8 +149,6 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transforme
     model = init
     if model is None:
         model = Transformer(config.spec(), dtype=jnp.float32, rngs=nnx.Rngs(cfg.seed))
-        if cfg.number_init > 0:
-            number_features(model, tokenizer, cfg.number_init, cfg.seed)
         batches = Batches(tokenizer, cfg, help_cut0={"count": cfg.count_cut0}, count_help=cfg.count_help,
                           extra_from=cfg.global_start)
         fit(model, batches, cfg.steps, cfg.lr, cfg.warmup, cfg, history, log_every)
@@ -166,21 +163,6 @@ def train(cfg: TrainConfig, tokenizer, *, log_every: int = 100, init: Transforme
                           count_in=cfg.finetune_count_in)
         fit(model, batches, cfg.finetune_steps, cfg.finetune_lr, cfg.finetune_warmup, fine, history, log_every)
     return config, model, history
-
-
-def number_features(model: Transformer, tokenizer, scale: float, seed: int) -> None:
-    """Give the tokens of the numbers 0-99 (the digits and a count's numbers) their value along one
-    random unit direction u of the embedding, from -scale (0) to +scale (99), in place of their
-    random component along u; everything else keeps its random start. Whether a count is backwards
-    or too long is then a linear function of its two numbers' embeddings from the first step."""
-    ids = np.array([tokenizer.convert_tokens_to_ids(str(n)) for n in range(100)])
-    u = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 100), (model.spec.d_model,), jnp.float32)
-    u = u / jnp.linalg.norm(u)
-    embed = model.embed[...]
-    rows = embed[ids]
-    value = scale * (2.0 * jnp.arange(100, dtype=jnp.float32) / 99.0 - 1.0)
-    rows = rows - (rows @ u)[:, None] * u[None, :] + value[:, None] * u[None, :]
-    model.embed[...] = embed.at[ids].set(rows.astype(embed.dtype))
 
 
 def fit(model: Transformer, batches: Batches, steps: int, lr: float, warmup: int, cfg: TrainConfig,
