@@ -25,9 +25,9 @@ their polite rows in the long and short lanes are cut at 0, and so are half the 
 counts past 99, other operators and other requests (``finetune_big_cut0``,
 ``finetune_other_cut0``: at 1500 steps these cost the counts' target, at 2000 they do not,
 docs/performance.md). Trained from the start, the cuts at 0 keep the counts from learning where
-to stop. Tasks, the fixed polite
-answer for everything else, and the held-out splits: ``dllm_jax.demo.tasks``. The recipes
-tried and not kept are in docs/performance.md, "Demo model", with the commits that ran them.
+to stop. Tasks, the fixed polite answer for everything else, and the held-out splits:
+``dllm_jax.demo.tasks``. The recipes tried and not kept are in docs/performance.md, "Demo
+model", with the commits that ran them.
 
 The output is an HF-format directory (``config.json``, ``model.safetensors`` with LLaDA's
 key names, tokenizer files with a LLaDA chat template) that ``dllm_jax.load`` and
